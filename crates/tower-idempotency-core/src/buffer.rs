@@ -1,0 +1,128 @@
+//! Reading the request body into one buffer, up to the policy's limit.
+//!
+//! Over the limit, the rest of the body is read and discarded up to a drain cap before the
+//! 413 goes out: a server that answers while the client is still sending, then closes,
+//! makes the client's TCP stack see a reset instead of the 413.
+
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::Body;
+use http_body_util::BodyExt;
+
+/// Why a body could not be buffered.
+#[derive(Debug)]
+pub(crate) enum BufferError {
+    /// Over the limit; the rest was drained (or the drain cap was hit).
+    TooLarge,
+    /// The body failed while it was read.
+    Unreadable(crate::body::BoxError),
+}
+
+pub(crate) struct Limits {
+    pub(crate) max: usize,
+    pub(crate) drain_bytes: usize,
+    pub(crate) drain_time: Duration,
+}
+
+/// Buffers `body` whole, or drains it and reports [`BufferError::TooLarge`].
+pub(crate) async fn buffer<B>(body: B, limits: &Limits) -> Result<Bytes, BufferError>
+where
+    B: Body + Unpin,
+    B::Error: Into<crate::body::BoxError>,
+{
+    let mut body = body;
+    // A declared length over the limit is rejected before reading anything.
+    if body.size_hint().lower() > limits.max as u64 {
+        drain(&mut body, limits).await;
+        return Err(BufferError::TooLarge);
+    }
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BufferError::Unreadable(e.into()))?;
+        let Ok(mut data) = frame.into_data() else {
+            continue; // trailers are not part of the payload
+        };
+        len = len.saturating_add(data.remaining());
+        if len > limits.max {
+            drain(&mut body, limits).await;
+            return Err(BufferError::TooLarge);
+        }
+        // Most bodies arrive as one chunk: keep it without copying.
+        if first.is_none() && buf.is_empty() {
+            first = Some(data.copy_to_bytes(data.remaining()));
+        } else {
+            if let Some(first) = first.take() {
+                buf.extend_from_slice(&first);
+            }
+            while data.has_remaining() {
+                let chunk = data.chunk();
+                buf.extend_from_slice(chunk);
+                let n = chunk.len();
+                data.advance(n);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| buf.freeze()))
+}
+
+/// Reads and discards up to the drain cap, in bytes and time. Errors end the drain.
+async fn drain<B>(body: &mut B, limits: &Limits)
+where
+    B: Body + Unpin,
+{
+    let drained = async {
+        let mut total = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                total = total.saturating_add(data.remaining());
+                if total > limits.drain_bytes {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limits.drain_time, drained).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{Full, StreamBody};
+    use http_body::Frame;
+
+    fn limits(max: usize) -> Limits {
+        Limits { max, drain_bytes: 1 << 20, drain_time: Duration::from_secs(1) }
+    }
+
+    #[tokio::test]
+    async fn joins_chunks_and_skips_empty_ones() {
+        let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Ok(Frame::data(Bytes::new())),
+            Ok(Frame::data(Bytes::from_static(b"cd"))),
+        ];
+        let body = StreamBody::new(futures_util::stream::iter(chunks));
+        assert_eq!(buffer(body, &limits(10)).await.unwrap(), Bytes::from_static(b"abcd"));
+    }
+
+    #[tokio::test]
+    async fn over_limit_by_length_or_by_reading() {
+        let body = Full::new(Bytes::from_static(b"hello"));
+        assert!(matches!(buffer(body, &limits(4)).await, Err(BufferError::TooLarge)));
+        let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> =
+            vec![Ok(Frame::data(Bytes::from_static(b"abc"))), Ok(Frame::data(Bytes::from_static(b"de")))];
+        let body = StreamBody::new(futures_util::stream::iter(chunks));
+        assert!(matches!(buffer(body, &limits(4)).await, Err(BufferError::TooLarge)));
+    }
+
+    #[tokio::test]
+    async fn body_error_is_unreadable() {
+        let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> =
+            vec![Ok(Frame::data(Bytes::from_static(b"a"))), Err(std::io::Error::other("reset"))];
+        let body = StreamBody::new(futures_util::stream::iter(chunks));
+        assert!(matches!(buffer(body, &limits(4)).await, Err(BufferError::Unreadable(_))));
+    }
+}

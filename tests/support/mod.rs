@@ -1,0 +1,33 @@
+//! Shared support for the integration tests; include it with `mod support;` at the top of
+//! a test file. [`redis`] finds or spawns Redis servers, [`cluster`] starts a 3-master
+//! cluster, [`proxy`] is a fault-injection TCP proxy for network failure tests.
+
+// Each test binary compiles its own copy of this module and uses only part of it, so
+// without this every binary would warn about the helpers it happens not to call.
+#![allow(dead_code)]
+
+pub mod cluster;
+pub mod proxy;
+pub mod redis;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A key prefix unique to this call, e.g. `tidem-test:replay:4242-1718000000123456789-7:`.
+///
+/// Tests share one Redis server (and never `FLUSHALL` it), so every test puts its keys
+/// under its own prefix; the test name keeps leftovers readable in `redis-cli --scan`.
+pub fn unique_prefix(test: &str) -> String {
+    format!("tidem-test:{test}:{}:", unique_suffix())
+}
+
+/// `{pid}-{nanos}-{counter}`: unique across processes and across calls in one process.
+fn unique_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{}-{nanos}-{n}", std::process::id())
+}

@@ -1,0 +1,223 @@
+//! Tests of the test support itself (tests/support/): Redis discovery, throwaway servers,
+//! the cluster and the fault proxy. Run with `-- --test-threads=1` for tidy timings.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::cluster::RedisCluster;
+use support::proxy::FaultProxy;
+use support::redis::{redis_cli, redis_server_available, redis_url, RedisServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
+
+#[derive(Debug, PartialEq)]
+enum Reply {
+    /// Exactly these bytes, then the connection was closed or reset.
+    ClosedAfter(Vec<u8>),
+    /// `+PONG\r\n`.
+    Pong,
+    /// Nothing complete within the timeout.
+    Timeout,
+}
+
+/// Sends a raw RESP PING on `s` and reads the reply for up to `within`.
+async fn ping(s: &mut TcpStream, within: Duration) -> Reply {
+    if s.write_all(PING).await.is_err() {
+        return Reply::ClosedAfter(Vec::new());
+    }
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return Reply::ClosedAfter(got.clone()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            if got == b"+PONG\r\n" {
+                return Reply::Pong;
+            }
+        }
+    });
+    read.await.unwrap_or(Reply::Timeout)
+}
+
+async fn connect(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr)
+        .await
+        .expect("connect to the proxy")
+}
+
+#[test]
+fn unique_prefixes_differ() {
+    let a = support::unique_prefix("t");
+    let b = support::unique_prefix("t");
+    assert_ne!(a, b);
+    assert!(a.starts_with("tidem-test:t:") && a.ends_with(':'), "{a}");
+}
+
+#[tokio::test]
+async fn redis_url_answers_ping() {
+    let url = redis_url().await;
+    eprintln!("redis_url() = {url}");
+    let hostport = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let mut s = TcpStream::connect(hostport)
+        .await
+        .expect("connect to redis_url()");
+    assert_eq!(
+        ping(&mut s, Duration::from_secs(2)).await,
+        Reply::Pong,
+        "{url}"
+    );
+}
+
+#[test]
+fn server_restart_keeps_data_only_with_aof() {
+    if !redis_server_available() {
+        eprintln!("skipping: redis-server is not on PATH");
+        return;
+    }
+    let mut aof = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let dir = aof.dir().to_path_buf();
+    let port = aof.port();
+    assert_eq!(redis_cli(port, &["set", "k", "v"]).trim(), "OK");
+    aof.restart();
+    assert_eq!(aof.port(), port);
+    assert_eq!(
+        redis_cli(port, &["get", "k"]).trim(),
+        "v",
+        "AOF data lost on restart"
+    );
+    assert_eq!(redis_cli(port, &["debug", "sleep", "0"]).trim(), "OK");
+
+    let mut plain = RedisServer::start();
+    assert_eq!(redis_cli(plain.port(), &["set", "k", "v"]).trim(), "OK");
+    plain.restart();
+    assert_eq!(
+        redis_cli(plain.port(), &["get", "k"]).trim(),
+        "",
+        "no persistence expected"
+    );
+
+    drop(aof);
+    assert!(!dir.exists(), "dir not removed on drop");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "server still up after drop"
+    );
+}
+
+#[test]
+fn cluster_starts() {
+    let Some(cluster) = RedisCluster::start_or_skip() else {
+        return;
+    };
+    let [a, b, c] = cluster.ports();
+    for p in [a, b, c] {
+        assert!(redis_cli(p, &["cluster", "info"]).contains("cluster_state:ok"));
+    }
+    assert_eq!(
+        cluster.url(),
+        format!("redis-cluster://127.0.0.1:{a}?node=127.0.0.1:{b}&node=127.0.0.1:{c}")
+    );
+}
+
+#[tokio::test]
+async fn proxy_faults() {
+    if !redis_server_available() {
+        eprintln!("skipping: redis-server is not on PATH");
+        return;
+    }
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(([127, 0, 0, 1], server.port()).into()).await;
+    let addr = proxy.addr();
+    assert_eq!(proxy.url(), format!("redis://{addr}"));
+    let short = Duration::from_millis(300); // for hangs we expect
+    let ok = Duration::from_secs(3); // for replies and cuts we expect (slack for a busy CI)
+
+    // pass
+    let mut c1 = connect(addr).await;
+    assert_eq!(ping(&mut c1, ok).await, Reply::Pong);
+
+    // delay: both directions, so a round trip takes at least 2 * 150 ms
+    proxy.delay(Duration::from_millis(150));
+    let t = Instant::now();
+    assert_eq!(ping(&mut c1, ok).await, Reply::Pong);
+    assert!(
+        t.elapsed() >= Duration::from_millis(290),
+        "delay too short: {:?}",
+        t.elapsed()
+    );
+    proxy.pass();
+
+    // blackhole: live and new connections hang; after pass both work again
+    proxy.blackhole();
+    assert_eq!(ping(&mut c1, short).await, Reply::Timeout);
+    let mut c2 = connect(addr).await;
+    assert_eq!(ping(&mut c2, short).await, Reply::Timeout);
+    proxy.pass();
+    assert_eq!(ping(&mut c1, ok).await, Reply::Pong);
+    assert_eq!(ping(&mut c2, ok).await, Reply::Pong);
+
+    // reset: live connections die, new ones are reset after accept, until pass
+    proxy.reset();
+    assert_eq!(ping(&mut c1, ok).await, Reply::ClosedAfter(vec![]));
+    let mut c3 = connect(addr).await;
+    assert_eq!(ping(&mut c3, ok).await, Reply::ClosedAfter(vec![]));
+    proxy.pass();
+    let mut c4 = connect(addr).await;
+    assert_eq!(ping(&mut c4, ok).await, Reply::Pong);
+
+    // cut_after: the PING (14 bytes) and 3 bytes of the reply get through, then a cut
+    let pings_before = ping_calls(server.port());
+    proxy.cut_after(PING.len() as u64 + 3);
+    assert_eq!(ping(&mut c4, ok).await, Reply::ClosedAfter(b"+PO".to_vec()));
+    assert_eq!(
+        ping_calls(server.port()),
+        pings_before + 1,
+        "the PING reached the server"
+    );
+    let mut c5 = connect(addr).await;
+    assert_eq!(
+        ping(&mut c5, ok).await,
+        Reply::ClosedAfter(vec![]),
+        "reset until pass"
+    );
+    proxy.pass();
+    let mut c6 = connect(addr).await;
+    assert_eq!(ping(&mut c6, ok).await, Reply::Pong);
+
+    // refuse: live connections die, the port is closed; pass re-opens the same port
+    proxy.refuse();
+    assert_eq!(ping(&mut c6, ok).await, Reply::ClosedAfter(vec![]));
+    let err = TcpStream::connect(addr)
+        .await
+        .expect_err("connect while refusing");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    proxy.pass();
+    let mut c7 = connect(addr).await;
+    assert_eq!(ping(&mut c7, ok).await, Reply::Pong);
+    assert_eq!(proxy.connections_accepted(), 7);
+
+    // drop: live connections die and the port is closed
+    drop(proxy);
+    assert_eq!(ping(&mut c7, ok).await, Reply::ClosedAfter(vec![]));
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+fn ping_calls(port: u16) -> u64 {
+    let stats = redis_cli(port, &["info", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_ping:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
