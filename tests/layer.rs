@@ -1,0 +1,245 @@
+//! HTTP-level tests of the layer that do not depend on the store: how it attaches to a
+//! `Router`, what passes through, real sockets, and hostile input.
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, Method, Request, StatusCode};
+use axum::routing::{get, post, put};
+use axum::Router;
+use common::app::{assert_problem, send};
+use proptest::prelude::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tower::{service_fn, Layer, ServiceExt};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, RequestBody};
+
+fn counted() -> (Arc<AtomicUsize>, impl Fn() -> std::future::Ready<(StatusCode, String)> + Clone) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let handler = move || {
+        let n = r.fetch_add(1, Ordering::SeqCst) + 1;
+        std::future::ready((StatusCode::CREATED, format!("run {n}")))
+    };
+    (runs, handler)
+}
+
+fn req(method: Method, path: &str, key: Option<&str>) -> Request<Body> {
+    let mut b = Request::builder().method(method).uri(path);
+    if let Some(key) = key {
+        b = b.header("idempotency-key", key);
+    }
+    b.body(Body::empty()).unwrap()
+}
+
+fn layer() -> IdempotencyLayer<MemoryStore> {
+    IdempotencyLayer::new(MemoryStore::default()).global_scope()
+}
+
+#[tokio::test]
+async fn works_as_router_layer_and_passes_through_gets_fallbacks_and_405s() {
+    let (runs, h) = counted();
+    let app = Router::new()
+        .route("/pay", post(h.clone()))
+        .route("/items", get(|| async { "items" }))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "nope") })
+        .layer(layer().require_key());
+    let first = send(&app, req(Method::POST, "/pay", Some("k"))).await;
+    let retry = send(&app, req(Method::POST, "/pay", Some("k"))).await;
+    assert!(retry.replayed() && retry.body == first.body);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // GET is not covered: it passes through before any key check.
+    assert_eq!(send(&app, req(Method::GET, "/items", None)).await.status, StatusCode::OK);
+    // A POST to the fallback is covered too under Router::layer (the SPEC's caveat).
+    let r = send(&app, req(Method::POST, "/nowhere", None)).await;
+    assert_problem(&r, StatusCode::BAD_REQUEST, "idempotency-key-missing");
+    // 405 for a covered method on a GET-only route goes through the layer as well.
+    let r = send(&app, req(Method::POST, "/items", Some("k2"))).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn works_as_route_layer() {
+    let (runs, h) = counted();
+    let app = Router::new()
+        .route("/pay", post(h))
+        .route_layer(layer().require_key())
+        .fallback(|| async { (StatusCode::NOT_FOUND, "nope") });
+    send(&app, req(Method::POST, "/pay", Some("k"))).await;
+    assert!(send(&app, req(Method::POST, "/pay", Some("k"))).await.replayed());
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // route_layer does not wrap the fallback: no key needed there.
+    assert_eq!(send(&app, req(Method::POST, "/nowhere", None)).await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn nested_routers_scope_by_the_full_original_path() {
+    let (runs, h) = counted();
+    let inner = || Router::new().route("/pay", post(h.clone())).layer(layer());
+    let app = Router::new().nest("/v1", inner()).nest("/v2", inner());
+    let a = send(&app, req(Method::POST, "/v1/pay", Some("k"))).await;
+    let b = send(&app, req(Method::POST, "/v2/pay", Some("k"))).await;
+    assert!(!a.replayed() && !b.replayed(), "two prefixes, two scopes");
+    assert!(send(&app, req(Method::POST, "/v2/pay", Some("k"))).await.replayed());
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn per_route_policies_and_configured_methods() {
+    let (runs, h) = counted();
+    let app = Router::new()
+        .route("/a", put(h.clone()).layer(layer().methods([Method::PUT])))
+        .route("/b", put(h.clone()).layer(layer()));
+    send(&app, req(Method::PUT, "/a", Some("k"))).await;
+    assert!(send(&app, req(Method::PUT, "/a", Some("k"))).await.replayed(), "PUT covered on /a");
+    send(&app, req(Method::PUT, "/b", Some("k"))).await;
+    assert!(!send(&app, req(Method::PUT, "/b", Some("k"))).await.replayed(), "PUT not covered by default");
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+#[should_panic(expected = "only POST, PUT, PATCH and DELETE")]
+fn get_cannot_be_covered() {
+    let _ = layer().methods([Method::GET]);
+}
+
+#[test]
+#[should_panic(expected = "must not be shorter than the lease")]
+fn ttl_shorter_than_lease_is_rejected() {
+    let _ = layer().ttl(std::time::Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn service_error_releases_the_key() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let inner = service_fn(move |_req: Request<RequestBody<Body>>| {
+        let n = r.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                Err::<axum::response::Response, _>("backend down")
+            } else {
+                Ok(axum::response::Response::new(Body::from("ok")))
+            }
+        }
+    });
+    let svc = layer().layer(inner);
+    let err = svc.clone().oneshot(req(Method::POST, "/x", Some("k"))).await;
+    assert_eq!(err.unwrap_err(), "backend down");
+    let ok = svc.oneshot(req(Method::POST, "/x", Some("k"))).await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK, "released: the retry ran");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// The layer's service fits axum's `Router::layer` bounds (Clone, Send, Sync, Infallible).
+#[allow(dead_code)]
+fn bounds_hold() {
+    fn assert_layer<L: Clone + Send + Sync + 'static>(_: &L) {}
+    assert_layer(&layer());
+    let _: Router = Router::new().layer(layer());
+    let _: Result<(), Infallible> = Ok(());
+}
+
+/// A 32 MiB body over a real TCP socket reads back a 413, not a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_body_over_tcp_reads_back_413() {
+    let app = Router::new().route("/pay", post(|| async { "never" }).layer(layer()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    for chunked in [false, true] {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let size = 32 * 1024 * 1024;
+        let head = if chunked {
+            "POST /pay HTTP/1.1\r\nhost: x\r\nidempotency-key: k\r\ntransfer-encoding: chunked\r\n\r\n".to_string()
+        } else {
+            format!("POST /pay HTTP/1.1\r\nhost: x\r\nidempotency-key: k\r\ncontent-length: {size}\r\n\r\n")
+        };
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let (mut rd, mut wr) = stream.into_split();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..size / chunk.len() {
+                let sent = if chunked {
+                    wr.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.and(wr.write_all(&chunk).await).and(wr.write_all(b"\r\n").await)
+                } else {
+                    wr.write_all(&chunk).await
+                };
+                if sent.is_err() {
+                    return wr;
+                }
+            }
+            if chunked {
+                let _ = wr.write_all(b"0\r\n\r\n").await;
+            }
+            // Keep the write half open: hyper closes at once on a half-close by default.
+            wr
+        });
+        let mut response = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(30), rd.read_to_end(&mut response)).await;
+        drop(writer.await);
+        let text = String::from_utf8_lossy(&response);
+        assert!(read.is_ok(), "response read in time");
+        assert!(text.starts_with("HTTP/1.1 413"), "chunked={chunked}: {text:.200}");
+        assert!(text.contains("request-body-too-large"));
+        assert!(text.to_ascii_lowercase().contains("connection: close"));
+    }
+    server.abort();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// No header value, key, method, path or body makes the layer panic; every answer is a
+    /// response (the handler's or a problem).
+    #[test]
+    fn hostile_input_never_panics(
+        key in proptest::collection::vec(any::<u8>(), 0..300),
+        second_key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
+        body in proptest::collection::vec(any::<u8>(), 0..2048),
+        chunks in proptest::collection::vec(0usize..64, 0..8),
+        content_type in proptest::collection::vec(any::<u8>(), 0..40),
+        method in prop_oneof![Just(Method::POST), Just(Method::PATCH), Just(Method::PUT), Just(Method::GET), Just(Method::DELETE)],
+        path in "/[a-z0-9%/]{0,20}",
+        lie_length in any::<bool>(),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let app = Router::new()
+                .route("/{*rest}", post(|b: axum::body::Bytes| async move { (StatusCode::CREATED, b) }).patch(|| async { "p" }))
+                .layer(layer().max_body(1024));
+            let mut builder = Request::builder().method(method).uri(if path.is_empty() { "/".into() } else { path });
+            if let Ok(v) = HeaderValue::from_bytes(&key) {
+                builder = builder.header("idempotency-key", v);
+            }
+            if let Some(Ok(v)) = second_key.map(|k| HeaderValue::from_bytes(&k)) {
+                builder = builder.header("idempotency-key", v);
+            }
+            if let Ok(v) = HeaderValue::from_bytes(&content_type) {
+                builder = builder.header("content-type", v);
+            }
+            if lie_length {
+                builder = builder.header("content-length", "7");
+            }
+            // Split the body into chunks (including empty ones), streamed without a length.
+            let mut parts: Vec<Result<Vec<u8>, std::io::Error>> = Vec::new();
+            let mut rest = &body[..];
+            for c in chunks {
+                let n = c.min(rest.len());
+                parts.push(Ok(rest[..n].to_vec()));
+                rest = &rest[n..];
+            }
+            parts.push(Ok(rest.to_vec()));
+            let req = builder.body(Body::from_stream(futures_util::stream::iter(parts))).unwrap();
+            let response = app.oneshot(req).await.unwrap();
+            let status = response.status();
+            assert!(status.as_u16() >= 200, "a final response");
+            if status.is_client_error() && status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED {
+                assert_eq!(response.headers()["content-type"], "application/problem+json");
+            }
+        });
+    }
+}
