@@ -84,19 +84,23 @@ impl Observer {
     }
 
     pub(crate) fn outcome(&self, outcome: Outcome) {
-        let labels = [("outcome", outcome.as_str().to_owned()), ("route", self.route.to_string())];
-        metrics::counter!("idempotency_requests_total", &labels).increment(1);
-        metrics::histogram!("idempotency_request_duration_seconds", &labels)
+        // Static outcome and shared route: labels cost no allocation of their own.
+        let labels = [
+            metrics::Label::from_static_parts("outcome", outcome.as_str()),
+            metrics::Label::new("route", self.route.clone()),
+        ];
+        metrics::counter!("idempotency_requests_total", labels.iter()).increment(1);
+        metrics::histogram!("idempotency_request_duration_seconds", labels.iter())
             .record(self.started.elapsed().as_secs_f64());
         tracing::debug!(outcome = outcome.as_str(), route = %self.route, "idempotency outcome");
     }
 
     pub(crate) fn lease_lost(&self) {
-        metrics::counter!("idempotency_lease_lost_total", "route" => self.route.to_string()).increment(1);
+        metrics::counter!("idempotency_lease_lost_total", "route" => self.route.clone()).increment(1);
     }
 
     pub(crate) fn complete_failed(&self) {
-        metrics::counter!("idempotency_complete_failed_total", "route" => self.route.to_string())
+        metrics::counter!("idempotency_complete_failed_total", "route" => self.route.clone())
             .increment(1);
     }
 }
