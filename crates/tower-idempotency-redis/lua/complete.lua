@@ -1,0 +1,20 @@
+-- complete: replace the token's pending lease with the completed record.
+--
+-- KEYS[1]  the scope's hash
+-- ARGV[1]  fencing token (16 raw bytes)
+-- ARGV[2]  the record blob (opaque bytes)
+-- ARGV[3]  TTL of the record in milliseconds
+-- ARGV[4]  the scope's wake-up channel (same hash tag as KEYS[1])
+--
+-- Returns 1 (stored, or already stored by this token: a retry after a lost reply) or
+-- 0 (fenced: the token no longer holds the scope, nothing written).
+local h = redis.call('HMGET', KEYS[1], 'st', 'tok')
+if h[2] ~= ARGV[1] then
+  return 0
+end
+if h[1] == 'p' then
+  redis.call('HSET', KEYS[1], 'st', 'c', 'rec', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('SPUBLISH', ARGV[4], 'c')
+end
+return 1

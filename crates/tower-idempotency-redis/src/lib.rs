@@ -1,0 +1,81 @@
+//! A Redis store for [`tower-idempotency`](tower_idempotency_core): [`RedisStore`], on
+//! the [`fred`] client the application already has.
+//!
+//! Every operation of the [`Store`](tower_idempotency_core::Store) trait is one atomic Lua
+//! script on one key, so:
+//!
+//! - of any number of concurrent first requests with one key, on any number of app
+//!   servers, exactly one is told to run the handler;
+//! - a new request costs 2 round trips (reserve, complete), a replay 1 (the completed
+//!   record comes back with the reservation attempt), a lease renewal 1;
+//! - leases and TTLs are `PEXPIRE`s, so Redis's clock decides, not the app servers';
+//! - it runs unchanged on Redis Cluster: each script touches one key, and wake-ups for
+//!   waiters use sharded pub/sub on a channel in the same slot.
+//!
+//! It needs Redis 7.0 or newer (the scripts use `SPUBLISH`) and should run with
+//! `maxmemory-policy noeviction`: under any other policy a full Redis evicts records and
+//! the next retry runs the handler again. [`RedisStore::check`] (also run by
+//! [`RedisStore::init`]) reports both.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower_idempotency_core::{FencingToken, Fingerprint, Reservation, ScopeHash, Store};
+//! use tower_idempotency_redis::fred::prelude::*;
+//! use tower_idempotency_redis::RedisStore;
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! // The application's own client (or a `Pool`; a `redis-cluster://` or
+//! // `redis-sentinel://` URL works the same way).
+//! let client = Builder::from_config(Config::from_url("redis://127.0.0.1:6379")?).build()?;
+//! client.init().await?;
+//!
+//! // Loads the scripts on every primary and logs what `check()` warns about.
+//! let store = RedisStore::new(client)
+//!     .prefix("payments:")
+//!     .command_timeout(Duration::from_secs(1))
+//!     .init()
+//!     .await?;
+//! println!("{}", store.check().await?);
+//!
+//! // The layer drives the store; this is what it does for a new request.
+//! let scope = ScopeHash::from_bytes([7; 32]);
+//! let fingerprint = Fingerprint::from_bytes([1; 32]);
+//! let token = FencingToken::generate();
+//! let reservation = store
+//!     .reserve(&scope, &fingerprint, token, Duration::from_secs(30))
+//!     .await?;
+//! assert_eq!(reservation, Reservation::Reserved);
+//! assert_eq!(store.round_trips().reserve, 1);
+//! # Ok(()) }
+//! ```
+//!
+//! # Features
+//!
+//! `enable-rustls` and `enable-native-tls` turn on fred's TLS support of the same names
+//! (for `rediss://` URLs).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![warn(
+    clippy::all,
+    rust_2018_idioms,
+    missing_debug_implementations,
+    unreachable_pub
+)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod check;
+mod error;
+pub mod round_trip;
+mod scripts;
+pub mod store;
+pub mod subscriber;
+
+pub use check::CheckReport;
+pub use error::RedisStoreError;
+pub use fred;
+pub use round_trip::RoundTrips;
+pub use store::{RedisStore, DEFAULT_COMMAND_TIMEOUT, DEFAULT_PREFIX};
+pub use subscriber::RedisSubscription;

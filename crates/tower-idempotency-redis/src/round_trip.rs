@@ -1,0 +1,110 @@
+//! Counting the commands the store sends: [`RoundTrips`].
+//!
+//! A round trip is one command the client sends to Redis; the commands a script runs
+//! inside Redis do not count. A new request costs 2 (reserve, complete), a replay 1
+//! (reserve), a renewal 1; the `EVAL` that follows a `NOSCRIPT` reply counts as one more.
+//! Every command is also counted through the `metrics` facade as
+//! `idempotency_store_commands_total{op="reserve"|"renew"|"complete"|"release"|"subscribe"|"unsubscribe"}`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The commands a [`RedisStore`](crate::RedisStore) (and all its clones) sent so far, per
+/// operation, from [`RedisStore::round_trips`](crate::RedisStore::round_trips).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RoundTrips {
+    /// `EVALSHA`/`EVAL` of the reserve script.
+    pub reserve: u64,
+    /// `EVALSHA`/`EVAL` of the renew script.
+    pub renew: u64,
+    /// `EVALSHA`/`EVAL` of the complete script.
+    pub complete: u64,
+    /// `EVALSHA`/`EVAL` of the release script.
+    pub release: u64,
+    /// `SSUBSCRIBE` on the shared subscriber connection (first local waiter of a scope,
+    /// and re-subscriptions after a reconnect).
+    pub subscribe: u64,
+    /// `SUNSUBSCRIBE` after the last local waiter of a scope went away.
+    pub unsubscribe: u64,
+    /// The sum of all of the above.
+    pub total: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Op {
+    Reserve,
+    Renew,
+    Complete,
+    Release,
+    Subscribe,
+    Unsubscribe,
+}
+
+impl Op {
+    const ALL: [Op; 6] = [
+        Op::Reserve,
+        Op::Renew,
+        Op::Complete,
+        Op::Release,
+        Op::Subscribe,
+        Op::Unsubscribe,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Op::Reserve => "reserve",
+            Op::Renew => "renew",
+            Op::Complete => "complete",
+            Op::Release => "release",
+            Op::Subscribe => "subscribe",
+            Op::Unsubscribe => "unsubscribe",
+        }
+    }
+}
+
+/// Per-operation counters shared by every clone of a store.
+#[derive(Debug, Default)]
+pub(crate) struct Counters([AtomicU64; Op::ALL.len()]);
+
+impl Counters {
+    /// Counts one command sent for `op`, here and through `metrics`.
+    pub(crate) fn count(&self, op: Op) {
+        self.0[op as usize].fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("idempotency_store_commands_total", "op" => op.as_str()).increment(1);
+    }
+
+    pub(crate) fn snapshot(&self) -> RoundTrips {
+        let get = |op: Op| self.0[op as usize].load(Ordering::Relaxed);
+        let mut out = RoundTrips {
+            reserve: get(Op::Reserve),
+            renew: get(Op::Renew),
+            complete: get(Op::Complete),
+            release: get(Op::Release),
+            subscribe: get(Op::Subscribe),
+            unsubscribe: get(Op::Unsubscribe),
+            total: 0,
+        };
+        out.total = Op::ALL.iter().map(|&op| get(op)).sum();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_per_operation_and_in_total() {
+        let counters = Counters::default();
+        counters.count(Op::Reserve);
+        counters.count(Op::Reserve);
+        counters.count(Op::Complete);
+        counters.count(Op::Unsubscribe);
+        let rt = counters.snapshot();
+        assert_eq!(
+            (rt.reserve, rt.complete, rt.unsubscribe, rt.renew),
+            (2, 1, 1, 0)
+        );
+        assert_eq!(rt.total, 4);
+    }
+}

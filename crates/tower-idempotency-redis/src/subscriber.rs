@@ -1,0 +1,380 @@
+//! Wait mode across processes: one shared subscriber connection per store, fanned out
+//! locally to every waiter.
+//!
+//! The complete and release scripts `SPUBLISH` on the scope's channel,
+//! `{prefix}done:{<scope hex>}`, which carries the data key's hash tag: on Redis Cluster
+//! the message is published on the node that owns the key, and the subscriber's
+//! `SSUBSCRIBE` is routed there too. A store opens its subscriber connection (a fred
+//! [`Client`] built from the user's client configuration) on the first
+//! [`subscribe`](tower_idempotency_core::Store::subscribe), so stores that never wait
+//! never open it.
+//!
+//! Locally, each channel has a [`watch`] counter and a reference count: the first waiter
+//! of a channel sends `SSUBSCRIBE` and every later one shares it; when the last
+//! [`RedisSubscription`] of a channel is dropped, a background task sends `SUNSUBSCRIBE`.
+//! A per-channel async lock orders a channel's `SSUBSCRIBE` and `SUNSUBSCRIBE`, so a
+//! late unsubscription never cancels a newer waiter's subscription.
+//!
+//! After the subscriber reconnects, every channel is subscribed again and every waiter is
+//! woken: a message published while the connection was down is lost, and waking all
+//! waiters makes them re-read their scope instead (a spurious wake-up, never a lost one).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+use std::time::Duration;
+
+use fred::clients::Client;
+use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+use fred::types::config::ReconnectPolicy;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{mpsc, watch, OnceCell};
+use tokio::task::JoinHandle;
+use tower_idempotency_core::Subscription;
+
+use crate::error::{within, DisplayChain, RedisStoreError};
+use crate::round_trip::{Counters, Op};
+
+/// Messages fred keeps for a slow reader of the subscriber's message stream; past that
+/// the reader lags and every waiter is woken (the layer re-reads, nothing is lost).
+const MESSAGE_BUFFER: usize = 1024;
+
+type Channels = Arc<Mutex<HashMap<String, Channel>>>;
+
+/// The local state of one pub/sub channel.
+struct Channel {
+    /// Bumped on every message (and on reconnects); waiters hold receivers.
+    wake: watch::Sender<u64>,
+    /// Live [`RedisSubscription`]s of this channel.
+    refs: usize,
+    /// Whether the server has our `SSUBSCRIBE`; the lock orders (un)subscriptions.
+    subscribed: Arc<tokio::sync::Mutex<bool>>,
+}
+
+impl Channel {
+    fn new() -> Self {
+        Channel {
+            wake: watch::channel(0).0,
+            refs: 0,
+            subscribed: Arc::default(),
+        }
+    }
+
+    fn wake(&self) {
+        self.wake.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+/// A poisoned lock only means a panic happened while it was held; every mutation below
+/// leaves the map consistent at each step.
+fn lock(channels: &Mutex<HashMap<String, Channel>>) -> MutexGuard<'_, HashMap<String, Channel>> {
+    channels
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn wake_all(channels: &Mutex<HashMap<String, Channel>>) {
+    for channel in lock(channels).values() {
+        channel.wake();
+    }
+}
+
+/// The shared subscriber of one store (and its clones).
+pub(crate) struct Hub {
+    channels: Channels,
+    connection: OnceCell<Connection>,
+    counters: Arc<Counters>,
+}
+
+/// The subscriber connection and the tasks that serve it.
+struct Connection {
+    client: Client,
+    unsubscribe: mpsc::UnboundedSender<String>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Hub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub")
+            .field("channels", &lock(&self.channels).len())
+            .field("connected", &self.connection.initialized())
+            .finish()
+    }
+}
+
+impl Hub {
+    pub(crate) fn new(counters: Arc<Counters>) -> Self {
+        Hub {
+            channels: Arc::default(),
+            connection: OnceCell::new(),
+            counters,
+        }
+    }
+
+    /// Registers interest in `channel` and returns once the server acknowledged the
+    /// subscription (at once if another local waiter already holds it).
+    ///
+    /// `config` is the user's client, whose configuration the subscriber connection
+    /// copies the first time. Cancelling this future (e.g. by a timeout) leaves no
+    /// waiter behind.
+    pub(crate) async fn subscribe<C: ClientLike>(
+        &self,
+        config: &C,
+        channel: String,
+        timeout: Duration,
+    ) -> Result<RedisSubscription, RedisStoreError> {
+        let connection = self
+            .connection
+            .get_or_try_init(|| self.connect(config, timeout))
+            .await?;
+        let (wake, subscribed) = {
+            let mut channels = lock(&self.channels);
+            let entry = channels.entry(channel.clone()).or_insert_with(Channel::new);
+            entry.refs += 1;
+            (entry.wake.subscribe(), entry.subscribed.clone())
+        };
+        // From here on, dropping `subscription` (on an error or a cancellation) gives the
+        // reference back.
+        let subscription = RedisSubscription {
+            channel,
+            wake,
+            channels: self.channels.clone(),
+            unsubscribe: connection.unsubscribe.clone(),
+        };
+        let mut subscribed = subscribed.lock().await;
+        if !*subscribed {
+            self.counters.count(Op::Subscribe);
+            within(
+                timeout,
+                connection.client.ssubscribe(subscription.channel.clone()),
+            )
+            .await?;
+            *subscribed = true;
+        }
+        Ok(subscription)
+    }
+
+    /// Opens the subscriber connection and starts its tasks.
+    async fn connect<C: ClientLike>(
+        &self,
+        config: &C,
+        timeout: Duration,
+    ) -> Result<Connection, RedisStoreError> {
+        let mut perf = config.perf_config();
+        perf.broadcast_channel_capacity = perf.broadcast_channel_capacity.max(MESSAGE_BUFFER);
+        // The subscriber must come back after a disconnect even if the user's client was
+        // built without a reconnect policy: waiters depend on it for their wake-ups.
+        let policy = config
+            .client_reconnect_policy()
+            .unwrap_or_else(|| ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
+        let client = Client::new(
+            config.client_config(),
+            Some(perf),
+            Some(config.connection_config().clone()),
+            Some(policy),
+        );
+        let messages = client.message_rx();
+        // Register for the first connection's outcome before starting to connect, so it
+        // cannot be missed (what `ClientLike::init` does, but keeping the task handle).
+        let (router, outcome) = {
+            let connected = client.wait_for_connect();
+            tokio::pin!(connected);
+            let registered =
+                std::future::poll_fn(|cx| Poll::Ready(connected.as_mut().poll(cx))).await;
+            let router = client.connect();
+            let outcome = match registered {
+                Poll::Ready(result) => result.map_err(RedisStoreError::from),
+                Poll::Pending => within(timeout, connected).await,
+            };
+            (router, outcome)
+        };
+        if let Err(err) = outcome {
+            // Stop the connection task (it would retry forever under the reconnect
+            // policy): the next subscribe starts afresh.
+            router.abort();
+            return Err(err);
+        }
+        let reconnects = client.reconnect_rx();
+        let (unsubscribe, unsubscribe_rx) = mpsc::unbounded_channel();
+        let tasks = vec![
+            tokio::spawn(dispatch(messages, self.channels.clone())),
+            tokio::spawn(resubscribe(
+                reconnects,
+                client.clone(),
+                self.channels.clone(),
+                self.counters.clone(),
+                timeout,
+            )),
+            tokio::spawn(unsubscribe_idle(
+                unsubscribe_rx,
+                client.clone(),
+                self.channels.clone(),
+                self.counters.clone(),
+                timeout,
+            )),
+        ];
+        tracing::debug!(id = client.id(), "idempotency subscriber connected");
+        Ok(Connection {
+            client,
+            unsubscribe,
+            tasks,
+        })
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            for task in &connection.tasks {
+                task.abort();
+            }
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let client = connection.client;
+                runtime.spawn(async move {
+                    let _ = client.quit().await;
+                });
+            }
+        }
+    }
+}
+
+/// Wakes the waiters of each message's channel.
+async fn dispatch(
+    mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+    channels: Channels,
+) {
+    loop {
+        match messages.recv().await {
+            Ok(message) => {
+                if let Some(channel) = lock(&channels).get(&*message.channel) {
+                    channel.wake();
+                }
+            }
+            // Some messages were dropped: wake everyone so they re-read their scope.
+            Err(RecvError::Lagged(_)) => wake_all(&channels),
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// After every reconnect: `SSUBSCRIBE` again to every channel that was subscribed, then
+/// wake every waiter (messages sent while disconnected are gone).
+async fn resubscribe(
+    mut reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
+    client: Client,
+    channels: Channels,
+    counters: Arc<Counters>,
+    timeout: Duration,
+) {
+    loop {
+        match reconnects.recv().await {
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+        let snapshot: Vec<(String, Arc<tokio::sync::Mutex<bool>>)> = lock(&channels)
+            .iter()
+            .map(|(name, channel)| (name.clone(), channel.subscribed.clone()))
+            .collect();
+        for (name, subscribed) in snapshot {
+            let mut subscribed = subscribed.lock().await;
+            if !*subscribed {
+                continue;
+            }
+            counters.count(Op::Subscribe);
+            if let Err(err) = within(timeout, client.ssubscribe(name.clone())).await {
+                tracing::warn!(
+                    channel = %name,
+                    error = %DisplayChain(&err),
+                    "idempotency subscriber could not resubscribe after a reconnect; waiters fall back to polling"
+                );
+                // The next waiter of this channel subscribes again.
+                *subscribed = false;
+            }
+        }
+        wake_all(&channels);
+    }
+}
+
+/// Unsubscribes channels whose last local waiter went away.
+async fn unsubscribe_idle(
+    mut idle: mpsc::UnboundedReceiver<String>,
+    client: Client,
+    channels: Channels,
+    counters: Arc<Counters>,
+    timeout: Duration,
+) {
+    let is_idle = |name: &str, state: &Arc<tokio::sync::Mutex<bool>>| matches!(lock(&channels).get(name), Some(c) if c.refs == 0 && Arc::ptr_eq(&c.subscribed, state));
+    while let Some(name) = idle.recv().await {
+        let state = match lock(&channels).get(&name) {
+            Some(channel) if channel.refs == 0 => channel.subscribed.clone(),
+            _ => continue,
+        };
+        let mut subscribed = state.lock().await;
+        // A new waiter may have come while we waited for the lock: it keeps the channel.
+        if !is_idle(&name, &state) {
+            continue;
+        }
+        if *subscribed {
+            counters.count(Op::Unsubscribe);
+            if let Err(err) = within(timeout, client.sunsubscribe(name.clone())).await {
+                // Harmless: messages for a channel nobody waits on are ignored.
+                tracing::debug!(channel = %name, error = %DisplayChain(&err), "SUNSUBSCRIBE failed");
+            }
+            *subscribed = false;
+        }
+        // Still holding the channel's lock: a waiter that arrived meanwhile keeps the
+        // entry and subscribes again once we release it.
+        let mut map = lock(&channels);
+        if matches!(map.get(&name), Some(c) if c.refs == 0 && Arc::ptr_eq(&c.subscribed, &state)) {
+            map.remove(&name);
+        }
+    }
+}
+
+/// A live interest in one scope of a [`RedisStore`](crate::RedisStore), from
+/// [`Store::subscribe`](tower_idempotency_core::Store::subscribe).
+///
+/// [`changed`](Subscription::changed) resolves when the scope was completed or released
+/// (by any process) since the subscription started or since the previous call returned,
+/// and also after the subscriber connection reconnected (a spurious wake-up, so that a
+/// message lost while disconnected is never a lost wake-up). Dropping the last
+/// subscription of a scope unsubscribes in the background.
+pub struct RedisSubscription {
+    channel: String,
+    wake: watch::Receiver<u64>,
+    channels: Channels,
+    unsubscribe: mpsc::UnboundedSender<String>,
+}
+
+impl fmt::Debug for RedisSubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSubscription")
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscription for RedisSubscription {
+    async fn changed(&mut self) {
+        if self.wake.changed().await.is_err() {
+            // The sender lives as long as this subscription holds a reference, so this
+            // does not happen; never resolving keeps a caller's loop from spinning.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for RedisSubscription {
+    fn drop(&mut self) {
+        let mut channels = lock(&self.channels);
+        if let Some(channel) = channels.get_mut(&self.channel) {
+            channel.refs = channel.refs.saturating_sub(1);
+            if channel.refs == 0 {
+                // If the store (and its worker) is gone, the connection is closing anyway.
+                let _ = self.unsubscribe.send(self.channel.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,981 @@
+//! `RedisStore` at the store level, against real Redis: the semantics table of
+//! `Store`, fencing, TTLs, binary records, round trips, NOSCRIPT recovery, wake-ups across
+//! processes, `check()`, and the same core cases on a 3-master Redis Cluster.
+//!
+//! The shared server (`support::redis::redis_url`) is only ever touched under a
+//! per-test prefix; tests that flush scripts, read `INFO commandstats`, restart or
+//! reconfigure Redis use a throwaway `RedisServer`. Run with
+//! `cargo test --features redis --test redis_store`.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use tower_idempotency::redis::fred::prelude::*;
+use tower_idempotency::redis::fred::types::{ClusterHash, CustomCommand};
+use tower_idempotency::redis::{RedisStore, RedisStoreError};
+use tower_idempotency::{
+    Completion, DecodeError, FencingToken, Fingerprint, Record, Reservation, ScopeHash, Store,
+    StoreError, StoredResponse, Subscription,
+};
+
+use support::cluster::RedisCluster;
+use support::redis::{redis_cli, redis_url, RedisServer};
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(600);
+/// How long a wake-up may take before the test fails (it takes about a millisecond).
+const WAKE: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------------------
+// Fixtures
+// ---------------------------------------------------------------------------------------
+
+/// A fresh scope: random bytes, so keys spread over the cluster's three masters.
+fn scope() -> ScopeHash {
+    let mut bytes = [0u8; 32];
+    bytes[..16].copy_from_slice(&FencingToken::generate().to_bytes());
+    bytes[16..].copy_from_slice(&FencingToken::generate().to_bytes());
+    ScopeHash::from_bytes(bytes)
+}
+
+const FP: Fingerprint = Fingerprint::from_bytes([0x5a; 32]);
+const OTHER_FP: Fingerprint = Fingerprint::from_bytes([0xa5; 32]);
+
+fn response(body: impl Into<Bytes>) -> Record {
+    Record::Response(StoredResponse {
+        status: StatusCode::CREATED,
+        headers: vec![
+            (
+                HeaderName::from_static("link"),
+                HeaderValue::from_static("</a>"),
+            ),
+            (
+                HeaderName::from_static("link"),
+                HeaderValue::from_static("</b>"),
+            ),
+            (
+                HeaderName::from_static("x-bin"),
+                HeaderValue::from_bytes(&[0x80, 0xff, b'a', 0xfe]).unwrap(),
+            ),
+        ],
+        body: body.into(),
+    })
+}
+
+/// Every byte value, twice, so any text decoding or escaping would show.
+fn all_bytes() -> Vec<u8> {
+    (0..=255u8).chain((0..=255u8).rev()).collect()
+}
+
+/// A fred client on `url` that reconnects every 100 ms, connected.
+async fn client(url: &str) -> Client {
+    let config = Config::from_url(url).unwrap_or_else(|e| panic!("bad redis url {url}: {e}"));
+    let client = Builder::from_config(config)
+        .set_policy(ReconnectPolicy::new_constant(0, 100))
+        .build()
+        .unwrap();
+    client
+        .init()
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+    client
+}
+
+/// A store on its own client, with a prefix unique to this test, scripts loaded.
+async fn store(url: &str, prefix: &str) -> RedisStore<Client> {
+    RedisStore::new(client(url).await)
+        .prefix(prefix)
+        .init()
+        .await
+        .unwrap()
+}
+
+/// Two stores with the same prefix on two independent clients: two "app servers".
+async fn two_stores(url: &str, test: &str) -> (RedisStore<Client>, RedisStore<Client>) {
+    let prefix = support::unique_prefix(test);
+    (store(url, &prefix).await, store(url, &prefix).await)
+}
+
+async fn standalone_pair(test: &str) -> Option<(RedisStore<Client>, RedisStore<Client>)> {
+    Some(two_stores(&redis_url().await, test).await)
+}
+
+/// One cluster for the whole test process (a few seconds to start); each test keeps to
+/// its own prefix. `None` (reason printed once) where redis-server/redis-cli are missing.
+fn shared_cluster() -> Option<&'static RedisCluster> {
+    static CLUSTER: OnceLock<Option<RedisCluster>> = OnceLock::new();
+    CLUSTER.get_or_init(RedisCluster::start_or_skip).as_ref()
+}
+
+async fn cluster_url() -> Option<String> {
+    tokio::task::spawn_blocking(|| shared_cluster().map(RedisCluster::url))
+        .await
+        .unwrap()
+}
+
+async fn cluster_pair(test: &str) -> Option<(RedisStore<Client>, RedisStore<Client>)> {
+    let Some(url) = cluster_url().await else {
+        eprintln!("skipping cluster::{test}: no Redis Cluster could be started");
+        return None;
+    };
+    Some(two_stores(&url, test).await)
+}
+
+async fn reserve(store: &impl Store, scope: &ScopeHash, token: FencingToken) -> Reservation {
+    store.reserve(scope, &FP, token, LEASE).await.unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// The shared cases: plain generic functions, stamped below for standalone and cluster
+// ---------------------------------------------------------------------------------------
+
+/// Every row of the table in core's `store.rs`.
+async fn semantics_table(store: impl Store) {
+    let s = scope();
+    let owner = FencingToken::generate();
+    let stranger = FencingToken::generate();
+
+    // absent
+    assert!(
+        !store.renew(&s, owner, LEASE).await.unwrap(),
+        "renew on absent"
+    );
+    assert!(
+        !store.release(&s, owner).await.unwrap(),
+        "release on absent"
+    );
+    let rec = response(Bytes::from_static(b"{\"id\":1}"));
+    let done = store.complete(&s, owner, &rec, TTL).await.unwrap();
+    assert_eq!(done, Completion::Fenced, "complete on absent");
+    assert_eq!(reserve(&store, &s, owner).await, Reservation::Reserved);
+
+    // pending, other token
+    assert_eq!(reserve(&store, &s, stranger).await, Reservation::InFlight);
+    let mismatch = store.reserve(&s, &OTHER_FP, stranger, LEASE).await.unwrap();
+    assert_eq!(
+        mismatch,
+        Reservation::Mismatch,
+        "other payload while in flight"
+    );
+    assert!(!store.renew(&s, stranger, LEASE).await.unwrap());
+    let fenced = store.complete(&s, stranger, &rec, TTL).await.unwrap();
+    assert_eq!(fenced, Completion::Fenced);
+    assert!(!store.release(&s, stranger).await.unwrap());
+
+    // pending, same token
+    assert!(store.renew(&s, owner, LEASE).await.unwrap());
+    let stored = store.complete(&s, owner, &rec, TTL).await.unwrap();
+    assert_eq!(stored, Completion::Stored);
+
+    // completed
+    let again = store
+        .complete(&s, owner, &response("other"), TTL)
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Completion::Stored,
+        "a retried complete is idempotent"
+    );
+    assert!(
+        store.renew(&s, owner, LEASE).await.unwrap(),
+        "renew after complete"
+    );
+    assert!(!store.renew(&s, stranger, LEASE).await.unwrap());
+    assert!(
+        !store.release(&s, owner).await.unwrap(),
+        "completed is never released"
+    );
+    let fenced = store.complete(&s, stranger, &rec, TTL).await.unwrap();
+    assert_eq!(fenced, Completion::Fenced);
+    assert_eq!(
+        reserve(&store, &s, stranger).await,
+        Reservation::Completed(rec.clone()),
+        "the first record is replayed, not the retried one"
+    );
+    let mismatch = store.reserve(&s, &OTHER_FP, stranger, LEASE).await.unwrap();
+    assert_eq!(
+        mismatch,
+        Reservation::Mismatch,
+        "other payload when completed"
+    );
+
+    // release: deletes the lease and the fingerprint
+    let s = scope();
+    assert_eq!(reserve(&store, &s, owner).await, Reservation::Reserved);
+    assert!(store.release(&s, owner).await.unwrap());
+    assert!(!store.release(&s, owner).await.unwrap(), "released once");
+    let next = FencingToken::generate();
+    let fresh = store.reserve(&s, &OTHER_FP, next, LEASE).await.unwrap();
+    assert_eq!(
+        fresh,
+        Reservation::Reserved,
+        "released key: any payload may reserve"
+    );
+    let fenced = store.complete(&s, owner, &rec, TTL).await.unwrap();
+    assert_eq!(fenced, Completion::Fenced, "the released token is dead");
+    let stored = store
+        .complete(&s, next, &Record::NotReplayable, TTL)
+        .await
+        .unwrap();
+    assert_eq!(stored, Completion::Stored);
+    let replay = store.reserve(&s, &OTHER_FP, owner, LEASE).await.unwrap();
+    assert_eq!(replay, Reservation::Completed(Record::NotReplayable));
+}
+
+/// Records come back byte for byte: every byte value in body and headers, and 4 MiB.
+async fn binary_records(store: impl Store) {
+    let big: Vec<u8> = (0..4 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(31) % 251) as u8)
+        .collect();
+    for body in [Vec::new(), all_bytes(), big] {
+        let s = scope();
+        let token = FencingToken::generate();
+        assert_eq!(reserve(&store, &s, token).await, Reservation::Reserved);
+        let rec = response(body.clone());
+        let stored = store.complete(&s, token, &rec, TTL).await.unwrap();
+        assert_eq!(stored, Completion::Stored);
+        match reserve(&store, &s, FencingToken::generate()).await {
+            Reservation::Completed(Record::Response(got)) => {
+                assert_eq!(got.body.len(), body.len());
+                assert!(got.body == body, "body of {} bytes changed", body.len());
+                assert_eq!(Record::Response(got), rec);
+            }
+            other => panic!("expected the stored record, got {other:?}"),
+        }
+    }
+}
+
+/// A lease taken over after expiry: the stale owner can neither store nor delete.
+async fn fencing_after_lease_expiry(store: impl Store) {
+    let short = Duration::from_millis(150);
+    let s = scope();
+    let stale = FencingToken::generate();
+    assert_eq!(
+        store.reserve(&s, &FP, stale, short).await.unwrap(),
+        Reservation::Reserved
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    let newer = FencingToken::generate();
+    assert_eq!(
+        store.reserve(&s, &FP, newer, LEASE).await.unwrap(),
+        Reservation::Reserved
+    );
+    assert!(
+        !store.renew(&s, stale, LEASE).await.unwrap(),
+        "the stale lease is lost"
+    );
+    let stale_rec = response("stale");
+    let fenced = store.complete(&s, stale, &stale_rec, TTL).await.unwrap();
+    assert_eq!(fenced, Completion::Fenced);
+    assert!(
+        !store.release(&s, stale).await.unwrap(),
+        "the stale owner cannot delete"
+    );
+    assert_eq!(
+        reserve(&store, &s, FencingToken::generate()).await,
+        Reservation::InFlight
+    );
+
+    let rec = response("newer");
+    assert_eq!(
+        store.complete(&s, newer, &rec, TTL).await.unwrap(),
+        Completion::Stored
+    );
+    let fenced = store.complete(&s, stale, &stale_rec, TTL).await.unwrap();
+    assert_eq!(
+        fenced,
+        Completion::Fenced,
+        "not even over a completed record"
+    );
+    assert_eq!(
+        reserve(&store, &s, FencingToken::generate()).await,
+        Reservation::Completed(rec)
+    );
+}
+
+/// Leases and TTLs end on Redis's clock; renewals extend a lease.
+async fn ttl_expiry(store: impl Store) {
+    // A completed record lives its TTL, then the key is free again.
+    let s = scope();
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&store, &s, token).await, Reservation::Reserved);
+    let rec = response("short-lived");
+    let stored = store
+        .complete(&s, token, &rec, Duration::from_millis(300))
+        .await;
+    assert_eq!(stored.unwrap(), Completion::Stored);
+    let replay = reserve(&store, &s, FencingToken::generate()).await;
+    assert_eq!(replay, Reservation::Completed(rec));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        reserve(&store, &s, FencingToken::generate()).await,
+        Reservation::Reserved
+    );
+
+    // A renewed lease outlives its first length; an unrenewed one does not.
+    let s = scope();
+    let token = FencingToken::generate();
+    let lease = Duration::from_millis(300);
+    assert_eq!(
+        store.reserve(&s, &FP, token, lease).await.unwrap(),
+        Reservation::Reserved
+    );
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(store.renew(&s, token, lease).await.unwrap());
+    }
+    // 450 ms after the reservation, with a 300 ms lease: still held thanks to renewals.
+    assert_eq!(
+        reserve(&store, &s, FencingToken::generate()).await,
+        Reservation::InFlight
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        !store.renew(&s, token, lease).await.unwrap(),
+        "lease ran out"
+    );
+    assert_eq!(
+        reserve(&store, &s, FencingToken::generate()).await,
+        Reservation::Reserved
+    );
+}
+
+/// 64 concurrent first requests for one scope from two app servers: one owner.
+async fn concurrent_reserves_one_winner(a: impl Store, b: impl Store) {
+    let s = scope();
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let (a, b) = (a.clone(), b.clone());
+            tokio::spawn(async move {
+                let token = FencingToken::generate();
+                if i % 2 == 0 {
+                    a.reserve(&s, &FP, token, LEASE).await
+                } else {
+                    b.reserve(&s, &FP, token, LEASE).await
+                }
+            })
+        })
+        .collect();
+    let mut reserved = 0;
+    for task in tasks {
+        match task.await.unwrap().unwrap() {
+            Reservation::Reserved => reserved += 1,
+            Reservation::InFlight => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        reserved, 1,
+        "exactly one of 64 concurrent reserves owns the scope"
+    );
+}
+
+/// A waiter on app server B is woken by A's complete and by A's release; two waiters on
+/// one scope share the subscription; unsubscribing and subscribing again works.
+async fn wake_across_processes<A: Store, B: Store>(a: A, b: B) {
+    // complete
+    let s = scope();
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&a, &s, token).await, Reservation::Reserved);
+    let mut first = b.subscribe(&s).await.unwrap();
+    let mut second = b.subscribe(&s).await.unwrap();
+    assert_eq!(
+        reserve(&b, &s, FencingToken::generate()).await,
+        Reservation::InFlight
+    );
+    // Spurious wake-ups are allowed, but this store has none while nothing happens: so
+    // the wake-ups below come from the published messages, not from a timer or a
+    // reconnect.
+    let quiet = tokio::time::timeout(Duration::from_millis(200), first.changed()).await;
+    assert!(quiet.is_err(), "woken before anything happened");
+    let rec = response("done");
+    assert_eq!(
+        a.complete(&s, token, &rec, TTL).await.unwrap(),
+        Completion::Stored
+    );
+    tokio::time::timeout(WAKE, first.changed())
+        .await
+        .expect("B's waiter woken by A's complete");
+    tokio::time::timeout(WAKE, second.changed())
+        .await
+        .expect("B's second waiter woken by the same message");
+    assert_eq!(
+        reserve(&b, &s, FencingToken::generate()).await,
+        Reservation::Completed(rec)
+    );
+    drop((first, second));
+
+    // release
+    let s = scope();
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&a, &s, token).await, Reservation::Reserved);
+    let mut waiter = b.subscribe(&s).await.unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(200), waiter.changed()).await;
+    assert!(quiet.is_err(), "woken before anything happened");
+    assert!(a.release(&s, token).await.unwrap());
+    tokio::time::timeout(WAKE, waiter.changed())
+        .await
+        .expect("B's waiter woken by A's release");
+    drop(waiter);
+
+    // The last waiter's drop unsubscribes in the background; a new waiter subscribes
+    // again and is woken as before.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&a, &s, token).await, Reservation::Reserved);
+    let mut waiter = b.subscribe(&s).await.unwrap();
+    assert_eq!(
+        a.complete(&s, token, &response("x"), TTL).await.unwrap(),
+        Completion::Stored
+    );
+    tokio::time::timeout(WAKE, waiter.changed())
+        .await
+        .expect("woken after unsubscribe and subscribe again");
+}
+
+macro_rules! store_cases {
+    ($pair:path) => {
+        use super::*;
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn semantics_table() {
+            if let Some((a, _)) = $pair("semantics_table").await {
+                super::semantics_table(a).await
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn binary_records() {
+            if let Some((a, _)) = $pair("binary_records").await {
+                super::binary_records(a).await
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn fencing_after_lease_expiry() {
+            if let Some((a, _)) = $pair("fencing_after_lease_expiry").await {
+                super::fencing_after_lease_expiry(a).await
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn ttl_expiry() {
+            if let Some((a, _)) = $pair("ttl_expiry").await {
+                super::ttl_expiry(a).await
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_reserves_one_winner() {
+            if let Some((a, b)) = $pair("concurrent_reserves_one_winner").await {
+                super::concurrent_reserves_one_winner(a, b).await
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn wake_across_processes() {
+            if let Some((a, b)) = $pair("wake_across_processes").await {
+                super::wake_across_processes(a, b).await
+            }
+        }
+    };
+}
+
+mod standalone {
+    store_cases!(standalone_pair);
+}
+
+mod cluster {
+    store_cases!(cluster_pair);
+
+    /// After `SCRIPT FLUSH` on every primary each reserve still works, through the
+    /// `EVAL` fallback (2 commands) that caches the script on its node again (then 1).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn noscript_recovery_and_round_trips() {
+        let Some((store, _)) = cluster_pair("noscript_recovery_and_round_trips").await else {
+            return;
+        };
+        // Round trips per operation (store counters; commandstats are shared by tests).
+        let before = store.round_trips();
+        let s = scope();
+        let token = FencingToken::generate();
+        assert_eq!(reserve(&store, &s, token).await, Reservation::Reserved);
+        let stored = store
+            .complete(&s, token, &response("r"), TTL)
+            .await
+            .unwrap();
+        assert_eq!(stored, Completion::Stored);
+        assert_eq!(
+            store.round_trips().total - before.total,
+            2,
+            "new request = 2"
+        );
+        let before = store.round_trips();
+        let replay = reserve(&store, &s, FencingToken::generate()).await;
+        assert!(matches!(replay, Reservation::Completed(_)));
+        assert_eq!(store.round_trips().total - before.total, 1, "replay = 1");
+
+        store.client().script_flush_cluster(false).await.unwrap();
+        let scopes: Vec<ScopeHash> = (0..12).map(|_| scope()).collect();
+        let before = store.round_trips();
+        for s in &scopes {
+            assert_eq!(
+                reserve(&store, s, FencingToken::generate()).await,
+                Reservation::Reserved
+            );
+        }
+        let spent = store.round_trips().reserve - before.reserve;
+        // One fallback per master at least (12 random scopes cover the 3 masters with
+        // overwhelming probability; at least one certainly needed it).
+        assert!(
+            (13..=24).contains(&spent),
+            "{spent} commands for 12 reserves after flush"
+        );
+        let before = store.round_trips();
+        for s in &scopes {
+            assert_eq!(
+                reserve(&store, s, FencingToken::generate()).await,
+                Reservation::InFlight
+            );
+        }
+        assert_eq!(
+            store.round_trips().reserve - before.reserve,
+            12,
+            "scripts cached again"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Standalone only: commandstats, NOSCRIPT, check(), decode errors, faults, Pool
+// ---------------------------------------------------------------------------------------
+
+/// Client commands of `name` (`evalsha`, `eval`) seen by the server on `port`, from
+/// `INFO commandstats` (`calls` plus `rejected_calls`, so an error reply counts too).
+fn client_commands(port: u16, name: &str) -> u64 {
+    let stats = redis_cli(port, &["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{name}:");
+    let Some(line) = stats.lines().find_map(|l| l.trim().strip_prefix(&prefix)) else {
+        return 0;
+    };
+    line.split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k == "calls" || *k == "rejected_calls")
+        .map(|(_, v)| v.parse::<u64>().unwrap())
+        .sum()
+}
+
+fn scripts_run(port: u16) -> u64 {
+    client_commands(port, "evalsha") + client_commands(port, "eval")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_match_commandstats() {
+    let server = RedisServer::start();
+    let store = store(&server.url(), "rt:").await;
+    let port = server.port();
+    let measure = |server_before: u64, store_before: u64| {
+        (
+            scripts_run(port) - server_before,
+            store.round_trips().total - store_before,
+        )
+    };
+
+    // New request: reserve + complete.
+    let (server_before, store_before) = (scripts_run(port), store.round_trips().total);
+    let s = scope();
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&store, &s, token).await, Reservation::Reserved);
+    let rec = response(all_bytes());
+    assert_eq!(
+        store.complete(&s, token, &rec, TTL).await.unwrap(),
+        Completion::Stored
+    );
+    assert_eq!(
+        measure(server_before, store_before),
+        (2, 2),
+        "new request = 2 commands"
+    );
+    assert_eq!(
+        client_commands(port, "eval"),
+        0,
+        "no EVAL fallback after init"
+    );
+
+    // Replay.
+    let (server_before, store_before) = (scripts_run(port), store.round_trips().total);
+    let replay = reserve(&store, &s, FencingToken::generate()).await;
+    assert_eq!(replay, Reservation::Completed(rec));
+    assert_eq!(
+        measure(server_before, store_before),
+        (1, 1),
+        "replay = 1 command"
+    );
+
+    // Renewal and release: 1 each.
+    let s = scope();
+    let token = FencingToken::generate();
+    reserve(&store, &s, token).await;
+    let (server_before, store_before) = (scripts_run(port), store.round_trips().total);
+    assert!(store.renew(&s, token, LEASE).await.unwrap());
+    assert_eq!(
+        measure(server_before, store_before),
+        (1, 1),
+        "renewal = 1 command"
+    );
+    let (server_before, store_before) = (scripts_run(port), store.round_trips().total);
+    assert!(store.release(&s, token).await.unwrap());
+    assert_eq!(
+        measure(server_before, store_before),
+        (1, 1),
+        "release = 1 command"
+    );
+
+    let rt = store.round_trips();
+    assert_eq!(
+        (rt.reserve, rt.complete, rt.renew, rt.release),
+        (3, 1, 1, 1)
+    );
+    assert_eq!(rt.total, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noscript_falls_back_to_eval_and_recaches() {
+    let server = RedisServer::start();
+    let port = server.port();
+    let store = store(&server.url(), "noscript:").await;
+    assert_eq!(
+        reserve(&store, &scope(), FencingToken::generate()).await,
+        Reservation::Reserved
+    );
+
+    assert_eq!(redis_cli(port, &["SCRIPT", "FLUSH"]).trim(), "OK");
+    let (server_before, store_before) = (scripts_run(port), store.round_trips());
+    let s = scope();
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&store, &s, token).await, Reservation::Reserved);
+    assert_eq!(
+        scripts_run(port) - server_before,
+        2,
+        "EVALSHA (NOSCRIPT) + EVAL"
+    );
+    assert_eq!(store.round_trips().reserve - store_before.reserve, 2);
+    assert_eq!(client_commands(port, "eval"), 1);
+
+    // EVAL cached the reserve script: the next reserve is one EVALSHA again.
+    let before = scripts_run(port);
+    assert_eq!(
+        reserve(&store, &scope(), FencingToken::generate()).await,
+        Reservation::Reserved
+    );
+    assert_eq!(scripts_run(port) - before, 1);
+
+    // The other scripts recover the same way, and the data they act on is intact.
+    let rec = response("after flush");
+    assert_eq!(
+        store.complete(&s, token, &rec, TTL).await.unwrap(),
+        Completion::Stored
+    );
+    assert_eq!(
+        reserve(&store, &s, FencingToken::generate()).await,
+        Reservation::Completed(rec)
+    );
+
+    // load_scripts() puts them all back.
+    redis_cli(port, &["SCRIPT", "FLUSH"]);
+    store.load_scripts().await.unwrap();
+    let before = scripts_run(port);
+    let s = scope();
+    let token = FencingToken::generate();
+    reserve(&store, &s, token).await;
+    assert!(store.renew(&s, token, LEASE).await.unwrap());
+    assert!(store.release(&s, token).await.unwrap());
+    assert_eq!(scripts_run(port) - before, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_record_version_is_a_decode_error() {
+    let store = store(&redis_url().await, &support::unique_prefix("decode")).await;
+    let hset = CustomCommand::new_static("HSET", ClusterHash::FirstKey, false);
+    for (blob, expected) in [
+        (vec![9u8, 0, 0, 201], DecodeError::UnknownVersion(9)),
+        (vec![1u8, 0, 0], DecodeError::Truncated),
+        (Vec::new(), DecodeError::Truncated),
+    ] {
+        let s = scope();
+        let key = store.key(&s);
+        let args: Vec<Value> = vec![
+            key.clone().into(),
+            "st".into(),
+            "c".into(),
+            "tok".into(),
+            Value::Bytes(Bytes::copy_from_slice(&FencingToken::generate().to_bytes())),
+            "fp".into(),
+            Value::Bytes(Bytes::copy_from_slice(FP.as_bytes())),
+            "rec".into(),
+            Value::Bytes(Bytes::from(blob)),
+        ];
+        let _: Value = store.client().custom(hset.clone(), args).await.unwrap();
+        let _: Value = store
+            .client()
+            .custom(
+                CustomCommand::new_static("PEXPIRE", ClusterHash::FirstKey, false),
+                vec![Value::from(key), Value::Integer(60_000)],
+            )
+            .await
+            .unwrap();
+        match store
+            .reserve(&s, &FP, FencingToken::generate(), LEASE)
+            .await
+        {
+            Err(StoreError::Decode(err)) => assert_eq!(err, expected),
+            other => panic!("expected a decode error, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_about_eviction_policies() {
+    let server = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+    let store = store(&server.url(), "check:").await;
+    let report = store.check().await.unwrap();
+    assert_eq!(report.maxmemory_policy(), Some("allkeys-lru"));
+    assert!(!report.is_ok());
+    assert!(
+        report.warnings().iter().any(|w| w.contains("allkeys-lru")),
+        "{report}"
+    );
+    assert!(
+        report.to_string().contains("warning: maxmemory-policy"),
+        "{report}"
+    );
+
+    redis_cli(
+        server.port(),
+        &["CONFIG", "SET", "maxmemory-policy", "volatile-lru"],
+    );
+    let report = store.check().await.unwrap();
+    assert!(
+        report.warnings().iter().any(|w| w.contains("volatile-lru")),
+        "{report}"
+    );
+
+    redis_cli(
+        server.port(),
+        &["CONFIG", "SET", "maxmemory-policy", "noeviction"],
+    );
+    let report = store.check().await.unwrap();
+    assert!(report.is_ok(), "{report}");
+    assert_eq!(report.maxmemory_policy(), Some("noeviction"));
+    let version = report.server_version().expect("INFO answered");
+    assert!(
+        version.starts_with(|c: char| c.is_ascii_digit()),
+        "{version}"
+    );
+    assert!(report.to_string().contains(version), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_cannot_verify_without_config_and_is_not_an_error() {
+    // As on managed Redis: CONFIG renamed away.
+    let server = RedisServer::start_with(&["--rename-command", "CONFIG", ""]);
+    let store = store(&server.url(), "check:").await;
+    let report = store
+        .check()
+        .await
+        .expect("an unverifiable policy is not an error");
+    assert_eq!(report.maxmemory_policy(), None);
+    assert!(
+        report
+            .warnings()
+            .iter()
+            .any(|w| w.contains("cannot verify")),
+        "{report}"
+    );
+    assert!(report.to_string().contains("cannot verify"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_on_unreachable_redis_is_an_error() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = Config::from_url(&format!("redis://127.0.0.1:{port}")).unwrap();
+    let client = Builder::from_config(config).build().unwrap();
+    assert!(client.init().await.is_err(), "nothing listens on {port}");
+    let store = RedisStore::new(client).command_timeout(Duration::from_millis(500));
+    let started = Instant::now();
+    assert!(store.check().await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(store.clone().init().await.is_err());
+    let err = store
+        .reserve(&scope(), &FP, FencingToken::generate(), LEASE)
+        .await;
+    assert!(matches!(err, Err(StoreError::Backend(_))), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn black_holed_connection_times_out_as_backend_error() {
+    let server = RedisServer::start();
+    let upstream = ([127, 0, 0, 1], server.port()).into();
+    let proxy = support::proxy::FaultProxy::start(upstream).await;
+    let store = store(&proxy.url(), "blackhole:")
+        .await
+        .command_timeout(Duration::from_millis(300));
+    assert_eq!(
+        reserve(&store, &scope(), FencingToken::generate()).await,
+        Reservation::Reserved
+    );
+
+    proxy.blackhole();
+    let started = Instant::now();
+    let result = store
+        .reserve(&scope(), &FP, FencingToken::generate(), LEASE)
+        .await;
+    let elapsed = started.elapsed();
+    match result {
+        Err(StoreError::Backend(source)) => {
+            let source = source.downcast_ref::<RedisStoreError>();
+            assert!(
+                matches!(source, Some(RedisStoreError::Timeout(_))),
+                "{source:?}"
+            );
+        }
+        other => panic!("expected a backend error, got {other:?}"),
+    }
+    assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
+    let subscribe = store.subscribe(&scope()).await;
+    assert!(
+        matches!(subscribe, Err(StoreError::Backend(_))),
+        "{subscribe:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_resubscribes_after_a_reconnect() {
+    let mut server = RedisServer::start();
+    let (a, b) = two_stores(&server.url(), "reconnect").await;
+    let s = scope();
+    let mut waiter = b.subscribe(&s).await.unwrap();
+    let subscribes = b.round_trips().subscribe;
+
+    tokio::task::block_in_place(|| server.restart());
+    // The reconnect wakes every waiter (a message may have been lost meanwhile)...
+    tokio::time::timeout(Duration::from_secs(15), waiter.changed())
+        .await
+        .expect("waiters are woken after the subscriber reconnects");
+    assert!(
+        b.round_trips().subscribe > subscribes,
+        "SSUBSCRIBE sent again"
+    );
+
+    // ...and the subscription is live again: A's complete reaches B.
+    let token = FencingToken::generate();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match a.reserve(&s, &FP, token, LEASE).await {
+            Ok(r) => {
+                assert_eq!(r, Reservation::Reserved);
+                break;
+            }
+            Err(err) if Instant::now() < deadline => {
+                eprintln!("A not reconnected yet: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => panic!("A did not reconnect: {err}"),
+        }
+    }
+    assert_eq!(
+        a.complete(&s, token, &response("y"), TTL).await.unwrap(),
+        Completion::Stored
+    );
+    tokio::time::timeout(WAKE, waiter.changed())
+        .await
+        .expect("woken through the resubscribed channel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn works_on_a_pool() {
+    let url = redis_url().await;
+    let pool = Builder::from_config(Config::from_url(&url).unwrap())
+        .build_pool(3)
+        .unwrap();
+    pool.init().await.unwrap();
+    let prefix = support::unique_prefix("pool");
+    let on_pool = RedisStore::new(pool).prefix(&prefix).init().await.unwrap();
+    semantics_table(on_pool.clone()).await;
+    // The pool's subscriber (built from the pool's config) is woken by a plain client's
+    // store, and the other way round.
+    let on_client = store(&url, &prefix).await;
+    wake_across_processes(on_client.clone(), on_pool.clone()).await;
+    wake_across_processes(on_pool, on_client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_share_one_subscription_and_the_last_one_unsubscribes() {
+    let server = RedisServer::start();
+    let store = store(&server.url(), "refs:").await;
+    let s = scope();
+    let channel = store.channel(&s);
+    let server_subscribers = || {
+        redis_cli(server.port(), &["PUBSUB", "SHARDNUMSUB", &channel])
+            .lines()
+            .nth(1)
+            .map(str::to_owned)
+    };
+
+    let first = store.subscribe(&s).await.unwrap();
+    let second = store.subscribe(&s).await.unwrap();
+    assert_eq!(
+        server_subscribers().as_deref(),
+        Some("1"),
+        "one SSUBSCRIBE on the server"
+    );
+    assert_eq!(
+        store.round_trips().subscribe,
+        1,
+        "the second waiter shares it"
+    );
+
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        server_subscribers().as_deref(),
+        Some("1"),
+        "a waiter is left"
+    );
+    assert_eq!(store.round_trips().unsubscribe, 0);
+
+    drop(second);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server_subscribers().as_deref() != Some("0") {
+        assert!(
+            Instant::now() < deadline,
+            "the last waiter's drop did not unsubscribe"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.round_trips().unsubscribe, 1);
+
+    // Subscribing again after that works and costs one SSUBSCRIBE more.
+    let mut again = store.subscribe(&s).await.unwrap();
+    assert_eq!(server_subscribers().as_deref(), Some("1"));
+    assert_eq!(store.round_trips().subscribe, 2);
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&store, &s, token).await, Reservation::Reserved);
+    assert!(store.release(&s, token).await.unwrap());
+    tokio::time::timeout(WAKE, again.changed())
+        .await
+        .expect("woken");
+}
