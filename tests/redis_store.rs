@@ -25,6 +25,7 @@ use tower_idempotency::{
 
 use support::cluster::RedisCluster;
 use support::redis::{redis_cli, redis_url, RedisServer};
+use support::store::store;
 
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(600);
@@ -70,29 +71,6 @@ fn response(body: impl Into<Bytes>) -> Record {
 /// Every byte value, twice, so any text decoding or escaping would show.
 fn all_bytes() -> Vec<u8> {
     (0..=255u8).chain((0..=255u8).rev()).collect()
-}
-
-/// A fred client on `url` that reconnects every 100 ms, connected.
-async fn client(url: &str) -> Client {
-    let config = Config::from_url(url).unwrap_or_else(|e| panic!("bad redis url {url}: {e}"));
-    let client = Builder::from_config(config)
-        .set_policy(ReconnectPolicy::new_constant(0, 100))
-        .build()
-        .unwrap();
-    client
-        .init()
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
-    client
-}
-
-/// A store on its own client, with a prefix unique to this test, scripts loaded.
-async fn store(url: &str, prefix: &str) -> RedisStore<Client> {
-    RedisStore::new(client(url).await)
-        .prefix(prefix)
-        .init()
-        .await
-        .unwrap()
 }
 
 /// Two stores with the same prefix on two independent clients: two "app servers".

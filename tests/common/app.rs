@@ -26,9 +26,21 @@ pub struct Harness {
 
 impl Harness {
     pub fn new<St: Store>(layer: IdempotencyLayer<St>) -> Self {
-        let runs = Arc::new(AtomicUsize::new(0));
-        let started = Arc::new(Notify::new());
-        let finished = Arc::new(Notify::new());
+        let counters = (Arc::default(), Arc::default(), Arc::default());
+        Self::with_counters(layer, counters)
+    }
+
+    /// A second app server with its own layer (its own store client) whose handler counts
+    /// into this one's counters.
+    pub fn sharing_counters<St: Store>(&self, layer: IdempotencyLayer<St>) -> Self {
+        let counters = (self.runs.clone(), self.started.clone(), self.finished.clone());
+        Self::with_counters(layer, counters)
+    }
+
+    fn with_counters<St: Store>(
+        layer: IdempotencyLayer<St>,
+        (runs, started, finished): (Arc<AtomicUsize>, Arc<Notify>, Arc<Notify>),
+    ) -> Self {
         let handler = {
             let (runs, started, finished) = (runs.clone(), started.clone(), finished.clone());
             move |req: Request<Body>| {

@@ -9,6 +9,8 @@
 pub mod cluster;
 pub mod proxy;
 pub mod redis;
+#[cfg(feature = "redis")]
+pub mod store;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -1,0 +1,76 @@
+//! The shared suite on `RedisStore` against real Redis, plus layer-level checks that only
+//! make sense with a store shared between processes: two app servers on two clients, and
+//! the round trips one request costs.
+#![cfg(feature = "redis")]
+
+mod common;
+mod support;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use common::app::{assert_problem, post, send, Harness, Reply};
+use futures_util::future::join_all;
+use tower_idempotency::{IdempotencyLayer, InFlight};
+
+store_suite!(|| async { support::store::test_store("suite").await });
+
+/// 64 concurrent first requests with one key, split over two app servers with their own
+/// fred clients, execute the handler exactly once; all 64 get the same answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_app_servers_run_one_key_once() {
+    let url = support::redis::redis_url().await;
+    let prefix = support::unique_prefix("two-servers");
+    let wait = InFlight::Wait(Duration::from_secs(10));
+    let a = support::store::store(&url, &prefix).await;
+    let b = support::store::store(&url, &prefix).await;
+    let server_a = Harness::new(IdempotencyLayer::new(a).global_scope().in_flight(wait));
+    let server_b = server_a.sharing_counters(IdempotencyLayer::new(b).global_scope().in_flight(wait));
+    let requests = (0..64).map(|i| {
+        let router = if i % 2 == 0 { server_a.router.clone() } else { server_b.router.clone() };
+        tokio::spawn(async move {
+            send(&router, common::app::delayed(post("/pay", Some("k"), "{}"), 100)).await
+        })
+    });
+    let replies: Vec<Reply> = join_all(requests).await.into_iter().map(Result::unwrap).collect();
+    assert_eq!(server_a.runs(), 1, "exactly one execution across both servers");
+    assert!(replies.iter().all(|r| r.status == StatusCode::CREATED && r.body == replies[0].body));
+    assert_eq!(replies.iter().filter(|r| !r.replayed()).count(), 1);
+}
+
+/// A new request costs exactly 2 Redis commands (reserve, complete), a replay 1, a
+/// conflict 1, a release 2 (reserve, release), counted by the store itself.
+#[tokio::test]
+async fn round_trips_per_request() {
+    let store = support::store::test_store("round-trips").await;
+    let h = Harness::new(IdempotencyLayer::new(store.clone()).global_scope());
+    let mut last = store.round_trips().total;
+    let mut step = |reply: Reply, expected: u64, what: &str| {
+        let now = store.round_trips().total;
+        assert_eq!(now - last, expected, "{what}: {reply:?}");
+        last = now;
+    };
+    step(send(&h.router, post("/pay", Some("k"), "{}")).await, 2, "new request");
+    step(send(&h.router, post("/pay", Some("k"), "{}")).await, 1, "replay");
+    step(send(&h.router, post("/pay", Some("k"), "{\"x\":1}")).await, 1, "mismatch");
+    let bad = common::app::with_header(post("/pay", Some("k2"), "{}"), "x-status", "400");
+    step(send(&h.router, bad).await, 2, "released 4xx");
+}
+
+/// An unreachable Redis answers 503 `store-unavailable` (fail closed), or passes the
+/// request through (fail open); the handler never runs in the first case.
+#[tokio::test]
+async fn unreachable_redis_is_503_or_pass_through() {
+    let mut server = support::redis::RedisServer::start();
+    let store = support::store::store(&server.url(), &support::unique_prefix("down")).await;
+    server.stop();
+    let closed = Harness::new(IdempotencyLayer::new(store.clone()).global_scope());
+    let r = send(&closed.router, post("/pay", Some("k"), "{}")).await;
+    assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(closed.runs(), 0);
+    let open = Harness::new(IdempotencyLayer::new(store).global_scope().fail_open());
+    let r = send(&open.router, post("/pay", Some("k"), "{}")).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(open.runs(), 1);
+}
