@@ -191,7 +191,7 @@ async fn huge_body_over_tcp_reads_back_413() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// No header value, key, method, path or body makes the layer panic; every answer is a
     /// response (the handler's or a problem).
@@ -240,6 +240,62 @@ proptest! {
             if status.is_client_error() && status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED {
                 assert_eq!(response.headers()["content-type"], "application/problem+json");
             }
+        });
+    }
+}
+
+#[tokio::test]
+async fn ten_kilobyte_and_control_byte_keys_are_400() {
+    let app = Router::new().route("/pay", post(|| async { "ran" }).layer(layer()));
+    let long = "k".repeat(10 * 1024);
+    let r = send(&app, req(Method::POST, "/pay", Some(&long))).await;
+    assert_problem(&r, StatusCode::BAD_REQUEST, "idempotency-key-invalid");
+    for bad in [&b"k\x01"[..], b"\x7fk", b"\"k\x00\""] {
+        let mut request = req(Method::POST, "/pay", None);
+        // Control bytes other than TAB are not valid header values at all, so build them
+        // through the one route that allows arbitrary bytes and skip what http refuses.
+        if let Ok(value) = HeaderValue::from_bytes(bad) {
+            request.headers_mut().insert("idempotency-key", value);
+            let r = send(&app, request).await;
+            assert_problem(&r, StatusCode::BAD_REQUEST, "idempotency-key-invalid");
+        }
+    }
+    let mut tab = req(Method::POST, "/pay", None);
+    tab.headers_mut().insert("idempotency-key", HeaderValue::from_bytes(b"a\tb").unwrap());
+    assert_problem(&send(&app, tab).await, StatusCode::BAD_REQUEST, "idempotency-key-invalid");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Tenant ids full of scope separators and hash-tag braces never make two tenants
+    /// share a scope: the second tenant's request runs, it is never handed the first's
+    /// response.
+    #[test]
+    fn no_cross_tenant_replay(
+        t1 in "[{}: a-z/\\\\]{0,12}",
+        t2 in "[{}: a-z/\\\\]{0,12}",
+        key in "[!#-~][!-~]{0,39}", // a leading `\"` would make it a quoted string
+    ) {
+        prop_assume!(t1 != t2);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let layer = IdempotencyLayer::new(MemoryStore::default()).tenant(|parts| {
+                parts.headers.get("x-tenant").and_then(|v| v.to_str().ok()).map(str::to_owned)
+            });
+            let (runs, h) = counted();
+            let app = Router::new().route("/pay", post(h).layer(layer));
+            let as_tenant = |t: &str| {
+                let mut r = req(Method::POST, "/pay", None);
+                r.headers_mut().insert("idempotency-key", HeaderValue::from_str(&key).unwrap());
+                r.headers_mut().insert("x-tenant", HeaderValue::from_str(t).unwrap());
+                r
+            };
+            let a = send(&app, as_tenant(&t1)).await;
+            let b = send(&app, as_tenant(&t2)).await;
+            assert!(!a.replayed() && !b.replayed(), "{t1:?} / {t2:?}");
+            assert_ne!(a.body, b.body);
+            assert_eq!(runs.load(Ordering::SeqCst), 2);
         });
     }
 }

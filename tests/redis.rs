@@ -74,3 +74,45 @@ async fn unreachable_redis_is_503_or_pass_through() {
     assert_eq!(r.status, StatusCode::CREATED);
     assert_eq!(open.runs(), 1);
 }
+
+/// Tenants and keys made of separators and Cluster hash-tag braces: never a cross-tenant
+/// replay, and every Redis key is `{prefix}{<64 hex>}`: raw client keys and tenant ids
+/// never reach Redis key names.
+#[tokio::test]
+async fn hostile_tenants_never_share_scopes_or_reach_key_names() {
+    use tower_idempotency::redis::fred::prelude::*;
+    let url = support::redis::redis_url().await;
+    let prefix = support::unique_prefix("hostile");
+    let store = support::store::store(&url, &prefix).await;
+    let layer = IdempotencyLayer::new(store).tenant(|parts| {
+        parts.headers.get("x-tenant").and_then(|v| v.to_str().ok()).map(str::to_owned)
+    });
+    let h = Harness::new(layer);
+    let tenants = ["a", "a:", ":a", "{a}", "}{", "{", "a:b", "a}:{b", ""];
+    let keys = ["b", ":b", "{b}", "b}{", "x:y:z"];
+    let mut bodies = std::collections::HashSet::new();
+    for tenant in tenants {
+        for key in keys {
+            let req = common::app::with_header(post("/pay", Some(key), "{}"), "x-tenant", tenant);
+            let r = send(&h.router, req).await;
+            assert_eq!(r.status, StatusCode::CREATED, "{tenant:?} {key:?}");
+            assert!(!r.replayed(), "{tenant:?} {key:?} replayed another scope");
+            assert!(bodies.insert(r.body.clone()));
+        }
+    }
+    assert_eq!(h.runs(), tenants.len() * keys.len());
+    let client = support::store::client(&url).await;
+    let found: Vec<String> = client
+        .custom(
+            tower_idempotency::redis::fred::types::CustomCommand::new_static("KEYS", None::<u16>, false),
+            vec![format!("{prefix}*")],
+        )
+        .await
+        .expect("KEYS");
+    assert_eq!(found.len(), tenants.len() * keys.len());
+    for key in found {
+        let rest = key.strip_prefix(&prefix).expect("prefixed");
+        let hex = rest.strip_prefix('{').and_then(|r| r.strip_suffix('}')).expect("hash tag");
+        assert!(hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()), "{key}");
+    }
+}
