@@ -109,7 +109,24 @@ fn get_cannot_be_covered() {
 #[test]
 #[should_panic(expected = "must not be shorter than the lease")]
 fn ttl_shorter_than_lease_is_rejected() {
-    let _ = layer().ttl(std::time::Duration::from_secs(5));
+    let _: axum::routing::MethodRouter = post(|| async {}).layer(layer().ttl(std::time::Duration::from_secs(5)));
+}
+
+#[test]
+fn ttl_and_lease_may_be_set_in_either_order() {
+    let five = std::time::Duration::from_secs(5);
+    let _: axum::routing::MethodRouter = post(|| async {}).layer(layer().ttl(five).lease(five));
+    let _: axum::routing::MethodRouter = post(|| async {}).layer(layer().lease(five).ttl(five));
+}
+
+#[tokio::test]
+async fn the_longest_ttl_does_not_overflow_the_memory_store() {
+    let (runs, h) = counted();
+    let max = tower_idempotency::policy::MAX_TTL;
+    let app = Router::new().route("/pay", post(h).layer(layer().ttl(max).lease(max)));
+    assert_eq!(send(&app, req(Method::POST, "/pay", Some("k"))).await.status, StatusCode::CREATED);
+    assert!(send(&app, req(Method::POST, "/pay", Some("k"))).await.replayed());
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

@@ -53,12 +53,15 @@ impl<St: Store> IdempotencyLayer<St> {
     ///
     /// # Panics
     ///
-    /// If `ttl` is shorter than the [lease](Self::lease).
+    /// If `ttl` is longer than [`MAX_TTL`](crate::policy::MAX_TTL). Applying the layer
+    /// panics if the TTL is shorter than the [lease](Self::lease) (checked then, so the
+    /// two may be set in either order).
     pub fn ttl(self, ttl: Duration) -> Self {
-        self.with(|p| {
-            p.ttl = ttl;
-            p.check_ttl_and_lease();
-        })
+        assert!(
+            ttl <= crate::policy::MAX_TTL,
+            "tower-idempotency: the TTL {ttl:?} is longer than MAX_TTL"
+        );
+        self.with(|p| p.ttl = ttl)
     }
 
     /// How long a reservation lasts without renewal. Default 30 s. Renewal (if on) is
@@ -66,9 +69,13 @@ impl<St: Store> IdempotencyLayer<St> {
     ///
     /// # Panics
     ///
-    /// If `lease` is zero or longer than the [TTL](Self::ttl).
+    /// If `lease` is zero or longer than [`MAX_TTL`](crate::policy::MAX_TTL). Applying
+    /// the layer panics if the lease is longer than the [TTL](Self::ttl).
     pub fn lease(self, lease: Duration) -> Self {
-        assert!(!lease.is_zero(), "tower-idempotency: the lease must not be zero");
+        assert!(
+            !lease.is_zero() && lease <= crate::policy::MAX_TTL,
+            "tower-idempotency: the lease {lease:?} must be positive and at most MAX_TTL"
+        );
         self.with(|p| {
             p.lease = lease;
             if let Some(every) = p.renew_every {
@@ -76,7 +83,6 @@ impl<St: Store> IdempotencyLayer<St> {
                     p.renew_every = Some(lease / 3);
                 }
             }
-            p.check_ttl_and_lease();
         })
     }
 
@@ -232,6 +238,10 @@ impl<St: Store> IdempotencyLayer<St> {
 impl<S, St: Store> Layer<S> for IdempotencyLayer<St> {
     type Service = Idempotency<S, St>;
 
+    /// # Panics
+    ///
+    /// If the policy's TTL is shorter than its lease: a record must outlive the
+    /// reservation it completes.
     fn layer(&self, inner: S) -> Self::Service {
         Idempotency::from_layer(inner, self)
     }

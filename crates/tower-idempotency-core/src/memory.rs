@@ -189,6 +189,14 @@ impl MemoryStoreBuilder {
     }
 }
 
+/// `now + d`, saturating far in the future instead of overflowing: the trait accepts
+/// any `Duration`, and a store must not panic on one.
+fn deadline(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(crate::policy::MAX_TTL))
+        .unwrap_or(now)
+}
+
 /// A poisoned shard only means a panic happened while it was locked; every mutation
 /// below leaves the map consistent at each step, so the data is still sound.
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
@@ -276,7 +284,7 @@ impl MemoryStore {
                 fingerprint: *fingerprint,
                 token,
                 state: State::Pending,
-                expires: now + lease,
+                expires: deadline(now, lease),
                 notify: None,
             },
         );
@@ -316,7 +324,7 @@ impl Store for MemoryStore {
         Ok(match shard.entries.get_mut(scope) {
             Some(entry) if entry.token == token && entry.expires > now => {
                 if matches!(entry.state, State::Pending) {
-                    entry.expires = now + lease;
+                    entry.expires = deadline(now, lease);
                 }
                 true
             }
@@ -337,7 +345,7 @@ impl Store for MemoryStore {
             Some(entry) if entry.token == token && entry.expires > now => {
                 if matches!(entry.state, State::Pending) {
                     entry.state = State::Completed(record.clone());
-                    entry.expires = now + ttl;
+                    entry.expires = deadline(now, ttl);
                     wake(entry);
                 }
                 Completion::Stored

@@ -27,6 +27,10 @@ use http::{HeaderName, Method, StatusCode};
 
 use crate::key::IDEMPOTENCY_KEY;
 
+/// The longest TTL (and lease) a policy accepts: ten years. Far beyond any retry window,
+/// and small enough that every store can add it to its clock without overflow.
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// What a request does when its key is in flight elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InFlight {

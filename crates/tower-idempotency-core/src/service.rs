@@ -44,6 +44,7 @@ impl<S, St: Store> Idempotency<S, St> {
     }
 
     pub(crate) fn from_layer(inner: S, layer: &IdempotencyLayer<St>) -> Self {
+        layer.policy.check_ttl_and_lease();
         Idempotency {
             inner,
             store: layer.store.clone(),
