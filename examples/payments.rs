@@ -1,0 +1,694 @@
+//! A small payments API behind `tower-idempotency`: retry a POST with the same
+//! `Idempotency-Key` and the first response comes back, the handler having run once.
+//!
+//! # Run it
+//!
+//! ```text
+//! cargo run --example payments                        # in-memory store, 127.0.0.1:3000
+//! docker compose up -d redis
+//! REDIS_URL=redis://127.0.0.1:6379 cargo run --example payments
+//! ```
+//!
+//! Environment (a bad value stops it at start-up with a message on stderr, exit code 2):
+//!
+//! | variable | default | meaning |
+//! | --- | --- | --- |
+//! | `BIND` | `127.0.0.1:3000` | socket address to listen on |
+//! | `PAYMENTS_TTL_SECS` | `86400` | how long a `POST /payments` response is replayed |
+//! | `REDIS_URL` | unset: in-memory store | use the Redis store |
+//! | `RUST_LOG` | `info` | log filter (`tracing-subscriber` env filter) |
+//!
+//! # Routes
+//!
+//! Every route needs `Authorization: Bearer <token>`; the token *is* the tenant here (a
+//! real app would verify it), else 401 problem+json. The idempotency layer sits inside auth,
+//! so one tenant's key never replays another tenant's response.
+//!
+//! | route | idempotency policy | answer |
+//! | --- | --- | --- |
+//! | `POST /payments` `{"amount", "currency", "delay_ms"?}` | key required, TTL 24 h (`PAYMENTS_TTL_SECS`), in flight: wait up to 10 s | 201 payment |
+//! | `GET /payments` | none | the tenant's payments, oldest first |
+//! | `POST /orders` `{"item", "quantity"?, "delay_ms"?}` | key required, TTL 12 h, in flight: 409 | 201 order |
+//! | `POST /orders/{id}/cancel` | as orders | 200 `{"order_id", "cancelled": true}` |
+//! | `GET /orders` | none | `{"orders": [..], "cancelled": [..]}` |
+//! | `POST /webhooks/{source}` (any body) | key optional, TTL 30 min | 202 `{"received": true, "source"}` |
+//! | `GET /webhooks` | none | `{"total", "by_source": {..}}` deliveries |
+//!
+//! A body the handler cannot parse is a 400 problem (and releases the key, so a corrected
+//! retry with the same key runs); a 422 therefore always means a reused key.
+//!
+//! # Try it
+//!
+//! ```text
+//! # Pay; retry with the same key: same id, and `Idempotent-Replayed: true` on the retry.
+//! curl -i localhost:3000/payments -H 'Authorization: Bearer alice' \
+//!   -H 'Idempotency-Key: 7f3a9c' -H 'Content-Type: application/json' \
+//!   -d '{"amount": 1000, "currency": "EUR"}'
+//! # (run it again)
+//!
+//! # Same key, another amount: 422 idempotency-key-reused.
+//! curl -i localhost:3000/payments -H 'Authorization: Bearer alice' \
+//!   -H 'Idempotency-Key: 7f3a9c' -H 'Content-Type: application/json' \
+//!   -d '{"amount": 2000, "currency": "EUR"}'
+//!
+//! # A slow payment and a concurrent retry: the retry waits, then gets the same payment.
+//! for i in 1 2; do curl -s localhost:3000/payments -H 'Authorization: Bearer alice' \
+//!   -H 'Idempotency-Key: slow-1' -H 'Content-Type: application/json' \
+//!   -d '{"amount": 500, "currency": "EUR", "delay_ms": 3000}' & done; wait
+//!
+//! # One execution each: two payments.
+//! curl -s localhost:3000/payments -H 'Authorization: Bearer alice'
+//!
+//! # Orders answer 409 request-in-flight (with Retry-After) instead of waiting.
+//! curl -i localhost:3000/orders -H 'Authorization: Bearer alice' \
+//!   -H 'Idempotency-Key: o-1' -H 'Content-Type: application/json' \
+//!   -d '{"item": "book", "delay_ms": 3000}' & sleep 0.5
+//! curl -i localhost:3000/orders -H 'Authorization: Bearer alice' \
+//!   -H 'Idempotency-Key: o-1' -H 'Content-Type: application/json' \
+//!   -d '{"item": "book", "delay_ms": 3000}'
+//! ```
+//!
+//! `tests/example.rs` runs all of this in-process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::{Deserialize, Serialize};
+use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore, Store};
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+
+/// TTL of `POST /payments` responses unless `PAYMENTS_TTL_SECS` says otherwise.
+pub const PAYMENTS_TTL: Duration = Duration::from_secs(24 * 3600);
+/// TTL of the order routes.
+pub const ORDERS_TTL: Duration = Duration::from_secs(12 * 3600);
+/// TTL of webhook deliveries.
+pub const WEBHOOKS_TTL: Duration = Duration::from_secs(30 * 60);
+/// How long a payment retry waits for the same key in flight before a 409.
+pub const PAYMENTS_WAIT: Duration = Duration::from_secs(10);
+/// The longest `delay_ms` accepted.
+pub const MAX_DELAY: Duration = Duration::from_secs(60);
+/// The longest `PAYMENTS_TTL_SECS` accepted (a year).
+const MAX_TTL_SECS: u64 = 366 * 24 * 3600;
+
+
+/// The prefix of this app's own problem `type` URIs (the layer has its own).
+pub const APP_PROBLEM_BASE: &str = "https://payments.example/problems/";
+
+// ---------------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------------
+
+/// Start-up configuration, read from the environment by [`Config::from_env`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// `BIND`.
+    pub bind: SocketAddr,
+    /// `PAYMENTS_TTL_SECS`.
+    pub payments_ttl: Duration,
+    /// `REDIS_URL`: `None` is the in-memory store.
+    pub redis_url: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            payments_ttl: PAYMENTS_TTL,
+            redis_url: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `BIND`, `PAYMENTS_TTL_SECS` and `REDIS_URL`. A bad value is an error, never
+    /// a silent default.
+    pub fn from_env() -> Result<Self, String> {
+        Self::from_vars(|name| std::env::var_os(name))
+    }
+
+    /// [`Config::from_env`] over any source of variables (tests pass a map).
+    pub fn from_vars(var: impl Fn(&str) -> Option<OsString>) -> Result<Self, String> {
+        let text = |name: &str| -> Result<Option<String>, String> {
+            var(name)
+                .map(|v| {
+                    v.into_string()
+                        .map_err(|_| format!("{name} is not valid UTF-8"))
+                })
+                .transpose()
+        };
+        let mut config = Config::default();
+        if let Some(bind) = text("BIND")? {
+            config.bind = bind.parse().map_err(|_| {
+                format!("BIND={bind:?} is not a socket address (expected e.g. 127.0.0.1:3000)")
+            })?;
+        }
+        if let Some(ttl) = text("PAYMENTS_TTL_SECS")? {
+            let secs = ttl.parse::<u64>().ok().filter(|s| *s > 0).ok_or_else(|| {
+                format!("PAYMENTS_TTL_SECS={ttl:?} is not a positive integer number of seconds")
+            })?;
+            if secs > MAX_TTL_SECS {
+                return Err(format!(
+                    "PAYMENTS_TTL_SECS={secs} is more than a year ({MAX_TTL_SECS} seconds)"
+                ));
+            }
+            config.payments_ttl = Duration::from_secs(secs);
+        }
+        if let Some(url) = text("REDIS_URL")? {
+            if url.trim().is_empty() {
+                return Err(
+                    "REDIS_URL is set but empty: unset it to use the in-memory store".to_string(),
+                );
+            }
+            config.redis_url = Some(url);
+        }
+        Ok(config)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The app
+// ---------------------------------------------------------------------------------------
+
+/// The whole API on `store`: auth outside, one idempotency policy per route inside.
+pub fn app<St: Store>(store: St, config: &Config) -> Router {
+    // Every policy resolves the tenant from the extension the auth layer sets, and covers
+    // POST only: `MethodRouter::layer` also wraps the route's 405 fallback, so with the
+    // default (POST and PATCH) a keyless PATCH would get 400 instead of 405.
+    let policy = |ttl: Duration| {
+        let layer = IdempotencyLayer::new(store.clone())
+            .methods([Method::POST])
+            .tenant_from_extension::<Tenant>();
+        // The builder refuses a TTL shorter than the lease (30 s): shorten the lease too.
+        if ttl < layer.policy().lease() {
+            layer.lease(ttl).ttl(ttl)
+        } else {
+            layer.ttl(ttl)
+        }
+    };
+    let payments = policy(config.payments_ttl)
+        .require_key()
+        .in_flight(InFlight::Wait(PAYMENTS_WAIT));
+    let orders = policy(ORDERS_TTL)
+        .require_key()
+        .in_flight(InFlight::Conflict);
+    let webhooks = policy(WEBHOOKS_TTL);
+
+    Router::new()
+        .route(
+            "/payments",
+            post(create_payment).layer(payments).get(list_payments),
+        )
+        .route(
+            "/orders",
+            post(create_order).layer(orders.clone()).get(list_orders),
+        )
+        .route("/orders/{id}/cancel", post(cancel_order).layer(orders))
+        .route("/webhooks/{source}", post(receive_webhook).layer(webhooks))
+        .route("/webhooks", get(webhook_counts))
+        .layer(middleware::from_fn(auth))
+        .with_state(AppState::default())
+}
+
+/// The caller, set by [`auth`] and read by the idempotency layer
+/// (`.tenant_from_extension::<Tenant>()`) and the handlers.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Tenant(pub String);
+
+impl AsRef<str> for Tenant {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The outer layer: `Authorization: Bearer <token>` → [`Tenant`], else 401.
+async fn auth(mut request: Request, next: Next) -> Response {
+    match bearer_token(request.headers()).map(str::to_owned) {
+        Ok(token) => {
+            request.extensions_mut().insert(Tenant(token));
+            next.run(request).await
+        }
+        Err(why) => {
+            let mut response =
+                AppError::new(StatusCode::UNAUTHORIZED, "unauthorized", why).into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        }
+    }
+}
+
+/// The token of a single `Authorization: Bearer <token>` field (RFC 6750 `b64token`).
+fn bearer_token(headers: &HeaderMap) -> Result<&str, &'static str> {
+    const MALFORMED: &str = "malformed Authorization header: expected `Bearer <token>`";
+    let mut fields = headers.get_all(header::AUTHORIZATION).iter();
+    let value = fields
+        .next()
+        .ok_or("missing Authorization header: send `Authorization: Bearer <token>`")?;
+    if fields.next().is_some() {
+        return Err("more than one Authorization header");
+    }
+    let value = value.to_str().map_err(|_| MALFORMED)?;
+    let (scheme, token) = value.split_once(' ').ok_or(MALFORMED)?;
+    let token = token.trim_start_matches(' ');
+    let body = token.trim_end_matches('=');
+    let valid = scheme.eq_ignore_ascii_case("bearer")
+        && !body.is_empty()
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b));
+    if valid {
+        Ok(token)
+    } else {
+        Err(MALFORMED)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// State
+// ---------------------------------------------------------------------------------------
+
+/// Everything the handlers did, per tenant: each entry is one execution.
+#[derive(Clone, Debug, Default)]
+pub struct AppState {
+    tenants: Arc<Mutex<HashMap<String, TenantData>>>,
+}
+
+#[derive(Debug, Default)]
+struct TenantData {
+    payments: Vec<Payment>,
+    orders: Vec<Order>,
+    cancelled: Vec<String>,
+    webhooks: BTreeMap<String, u64>,
+}
+
+impl AppState {
+    fn with<T>(&self, tenant: &Tenant, f: impl FnOnce(&mut TenantData) -> T) -> T {
+        // A handler never panics while holding the lock; recover the data if one did.
+        let mut tenants = self
+            .tenants
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(tenants.entry(tenant.0.clone()).or_default())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Handlers
+// ---------------------------------------------------------------------------------------
+
+/// `POST /payments` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewPayment {
+    amount: u64,
+    currency: String,
+    #[serde(default)]
+    delay_ms: u64,
+}
+
+/// A created payment.
+#[derive(Clone, Debug, Serialize)]
+pub struct Payment {
+    id: String,
+    amount: u64,
+    currency: String,
+    created_at: String,
+}
+
+async fn create_payment(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    body: Result<Json<NewPayment>, JsonRejection>,
+) -> Result<(StatusCode, Json<Payment>), AppError> {
+    let Json(new) = body?;
+    if new.amount == 0 {
+        return Err(AppError::invalid("`amount` must be a positive integer"));
+    }
+    if new.currency.len() != 3 || !new.currency.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(AppError::invalid(
+            "`currency` must be a three-letter code such as EUR",
+        ));
+    }
+    delay(new.delay_ms).await?;
+    let payment = Payment {
+        id: random_id("pay_")?,
+        amount: new.amount,
+        currency: new.currency,
+        created_at: now_rfc3339(),
+    };
+    state.with(&tenant, |t| t.payments.push(payment.clone()));
+    tracing::info!(id = %payment.id, amount = payment.amount, "payment created");
+    Ok((StatusCode::CREATED, Json(payment)))
+}
+
+async fn list_payments(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+) -> Json<Vec<Payment>> {
+    Json(state.with(&tenant, |t| t.payments.clone()))
+}
+
+/// `POST /orders` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrder {
+    item: String,
+    #[serde(default = "one")]
+    quantity: u32,
+    #[serde(default)]
+    delay_ms: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A created order.
+#[derive(Clone, Debug, Serialize)]
+pub struct Order {
+    id: String,
+    item: String,
+    quantity: u32,
+    created_at: String,
+}
+
+async fn create_order(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    body: Result<Json<NewOrder>, JsonRejection>,
+) -> Result<(StatusCode, Json<Order>), AppError> {
+    let Json(new) = body?;
+    if new.item.trim().is_empty() || new.quantity == 0 {
+        return Err(AppError::invalid(
+            "`item` must not be empty and `quantity` must be positive",
+        ));
+    }
+    delay(new.delay_ms).await?;
+    let order = Order {
+        id: random_id("ord_")?,
+        item: new.item,
+        quantity: new.quantity,
+        created_at: now_rfc3339(),
+    };
+    state.with(&tenant, |t| t.orders.push(order.clone()));
+    tracing::info!(id = %order.id, "order created");
+    Ok((StatusCode::CREATED, Json(order)))
+}
+
+/// Records the cancellation; to keep the example about idempotency it does not look the
+/// order up.
+async fn cancel_order(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    Path(id): Path<String>,
+) -> Json<serde_json::Value> {
+    state.with(&tenant, |t| t.cancelled.push(id.clone()));
+    tracing::info!(order_id = %id, "order cancelled");
+    Json(serde_json::json!({ "order_id": id, "cancelled": true }))
+}
+
+async fn list_orders(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+) -> Json<serde_json::Value> {
+    state.with(&tenant, |t| {
+        Json(serde_json::json!({ "orders": t.orders, "cancelled": t.cancelled }))
+    })
+}
+
+async fn receive_webhook(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    Path(source): Path<String>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    state.with(&tenant, |t| {
+        *t.webhooks.entry(source.clone()).or_default() += 1
+    });
+    tracing::info!(%source, "webhook received");
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "received": true, "source": source })),
+    )
+}
+
+async fn webhook_counts(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+) -> Json<serde_json::Value> {
+    state.with(&tenant, |t| {
+        let total: u64 = t.webhooks.values().sum();
+        Json(serde_json::json!({ "total": total, "by_source": t.webhooks }))
+    })
+}
+
+/// Sleeps `delay_ms`, to show what a retry does while the first request runs.
+async fn delay(ms: u64) -> Result<(), AppError> {
+    let delay = Duration::from_millis(ms);
+    if delay > MAX_DELAY {
+        return Err(AppError::invalid("`delay_ms` must be at most 60000"));
+    }
+    tokio::time::sleep(delay).await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors: application/problem+json
+// ---------------------------------------------------------------------------------------
+
+/// An error of the app itself, answered as RFC 9457 problem+json.
+#[derive(Debug)]
+pub struct AppError {
+    status: StatusCode,
+    slug: &'static str,
+    detail: String,
+}
+
+impl AppError {
+    fn new(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Self {
+        AppError {
+            status,
+            slug,
+            detail: detail.into(),
+        }
+    }
+
+    fn invalid(detail: impl Into<String>) -> Self {
+        AppError::new(StatusCode::BAD_REQUEST, "invalid-request", detail)
+    }
+}
+
+/// Any JSON rejection (syntax, shape, content type) is a 400, so a 422 from this API
+/// always means a reused idempotency key.
+impl From<JsonRejection> for AppError {
+    fn from(rejection: JsonRejection) -> Self {
+        AppError::invalid(rejection.body_text())
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "type": format!("{APP_PROBLEM_BASE}{}", self.slug),
+            "title": self.status.canonical_reason().unwrap_or("Error"),
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        (
+            self.status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/problem+json"),
+            )],
+            body.to_string(),
+        )
+            .into_response()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Ids and time, std only
+// ---------------------------------------------------------------------------------------
+
+/// `prefix` + 24 random hex digits: unique across restarts, which matters once the Redis
+/// store replays responses from an earlier run.
+fn random_id(prefix: &str) -> Result<String, AppError> {
+    let mut bytes = [0u8; 12];
+    getrandom::fill(&mut bytes).map_err(|e| {
+        tracing::error!(error = %e, "no randomness for an id");
+        AppError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "could not generate an id",
+        )
+    })?;
+    Ok(bytes
+        .iter()
+        .fold(prefix.to_owned(), |id, b| id + &format!("{b:02x}")))
+}
+
+/// Now as RFC 3339 UTC with milliseconds, e.g. `2025-05-01T12:00:00.123Z`.
+pub fn now_rfc3339() -> String {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(since)
+}
+
+/// `since_epoch` as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(since_epoch: Duration) -> String {
+    let secs = since_epoch.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since_epoch.subsec_millis()
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Start-up
+// ---------------------------------------------------------------------------------------
+
+/// Why the server could not start: a bad setting (exit 2) or a failure (exit 1).
+#[derive(Debug)]
+enum StartError {
+    Config(String),
+    Runtime(String),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match start().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(StartError::Config(message)) => {
+            eprintln!("payments: configuration error: {message}");
+            ExitCode::from(2)
+        }
+        Err(StartError::Runtime(message)) => {
+            eprintln!("payments: error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn start() -> Result<(), StartError> {
+    let filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .from_env()
+        .map_err(|e| StartError::Config(format!("RUST_LOG is not a valid filter: {e}")))?;
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    let config = Config::from_env().map_err(StartError::Config)?;
+    match &config.redis_url {
+        None => serve(MemoryStore::default(), "memory", &config).await,
+        Some(url) => {
+            let store = redis_store(url).await.map_err(StartError::Config)?;
+            serve(store, "redis", &config).await
+        }
+    }
+}
+
+/// The Redis store for `REDIS_URL`: connected, scripts loaded on every primary, and its
+/// start-up check logged (a warning unless `maxmemory-policy` is `noeviction`). An invalid
+/// or unreachable URL is an error, never a silent fallback to memory.
+///
+/// The example uses `tower-idempotency-redis` directly (a dev-dependency), so the one
+/// command `cargo run --example payments` serves either store; an application enables
+/// the facade's `redis` feature instead.
+async fn redis_store(url: &str) -> Result<impl Store, String> {
+    use tower_idempotency_redis::fred::prelude::{Builder, ClientLike, ReconnectPolicy};
+    use tower_idempotency_redis::fred::types::config::Config as RedisConfig;
+    use tower_idempotency_redis::RedisStore;
+
+    let redis_config = RedisConfig::from_url(url)
+        .map_err(|e| format!("REDIS_URL={url:?} is not a Redis URL: {e}"))?;
+    let client = Builder::from_config(redis_config)
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+        .build()
+        .map_err(|e| format!("REDIS_URL={url:?}: {e}"))?;
+    // `init` resolves once the first connection is up; an unreachable server would keep
+    // it retrying, so bound the start-up wait.
+    match tokio::time::timeout(Duration::from_secs(5), client.init()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(format!("cannot connect to REDIS_URL={url:?}: {e}")),
+        Err(_) => return Err(format!("cannot connect to REDIS_URL={url:?} within 5 s")),
+    }
+    let store = RedisStore::new(client)
+        .prefix("payments:idem:")
+        .init()
+        .await
+        .map_err(|e| format!("Redis at REDIS_URL={url:?} is not usable: {e}"))?;
+    let report = store.check().await.map_err(|e| format!("Redis check failed: {e}"))?;
+    tracing::info!(%report, "redis store ready");
+    Ok(store)
+}
+
+async fn serve<St: Store>(store: St, kind: &str, config: &Config) -> Result<(), StartError> {
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .map_err(|e| StartError::Runtime(format!("cannot listen on {}: {e}", config.bind)))?;
+    let addr = listener.local_addr().unwrap_or(config.bind);
+    tracing::info!(
+        store = kind,
+        payments_ttl_secs = config.payments_ttl.as_secs(),
+        "payments example listening on http://{addr}"
+    );
+    axum::serve(listener, app(store, config))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| StartError::Runtime(format!("server failed: {e}")))?;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
