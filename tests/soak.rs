@@ -7,7 +7,7 @@
 //! answer; then executions must equal the distinct (tenant, key) pairs and every retry
 //! must have got the first answer. Prints one summary line.
 //!
-//! Default 30 s; `SOAK_SECS=600 cargo test --all-features --test soak -- --nocapture` for
+//! Redis is killed halfway and kept down for 2.5 s. Default 30 s; `SOAK_SECS=600 cargo test --all-features --test soak -- --nocapture` for
 //! a longer run.
 #![cfg(feature = "redis")]
 
@@ -170,12 +170,14 @@ async fn soak_with_a_redis_restart() {
     // Restart Redis once, halfway.
     tokio::time::sleep_until(started + Duration::from_secs(secs / 2)).await;
     let requests_before = ledger.lock().unwrap().requests;
-    server.restart().await;
-    println!("soak: redis restarted after {requests_before} requests");
+    // Down for longer than the store's command timeout (2 s): some callers get 503.
+    server.restart(Duration::from_millis(2500)).await;
+    println!("soak: redis restarted after {requests_before} requests, at {:?}", started.elapsed());
     for c in clients {
         c.await.expect("client task");
     }
 
+    println!("soak: clients done at {:?}", started.elapsed());
     // Drain: every key without an answer yet is retried until it has one.
     let pending: Vec<((usize, String), Payload)> = {
         let l = ledger.lock().unwrap();
@@ -195,6 +197,7 @@ async fn soak_with_a_redis_restart() {
         }
     }
 
+    println!("soak: drained at {:?}", started.elapsed());
     // Executions, as the app recorded them.
     let mut executions: HashMap<String, usize> = HashMap::new();
     let mut total_executions = 0;
@@ -240,7 +243,12 @@ impl RedisServerHandle {
         RedisServerHandle { url: server.url(), server: Arc::new(Mutex::new(server)) }
     }
 
-    async fn restart(&self) {
+    /// Kills the server (as a crash would), keeps it down for `down`, starts it again on
+    /// the same port and data directory.
+    async fn restart(&self, down: Duration) {
+        let server = self.server.clone();
+        tokio::task::spawn_blocking(move || server.lock().unwrap().stop()).await.expect("stop");
+        tokio::time::sleep(down).await;
         let server = self.server.clone();
         tokio::task::spawn_blocking(move || server.lock().unwrap().restart()).await.expect("restart");
     }
