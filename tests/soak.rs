@@ -35,6 +35,9 @@ const CLIENTS: usize = 16;
 
 type Http = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
+/// (tenant, key) and what it was first sent with, plus the id of its first 201.
+type KeyState = ((usize, String), (Payload, Option<String>));
+
 #[derive(Default)]
 struct Ledger {
     /// (tenant, key) → (payload, the id of the first 201 seen).
@@ -113,7 +116,7 @@ async fn client(id: usize, http: Http, addr: SocketAddr, ledger: Arc<Mutex<Ledge
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1));
     while Instant::now() < until {
         let roll = rng.next() % 100;
-        let known: Vec<((usize, String), (Payload, Option<String>))> = {
+        let known: Vec<KeyState> = {
             let ledger = ledger.lock().unwrap();
             ledger.keys.iter().map(|(k, v)| (k.clone(), v.clone())).take(64).collect()
         };

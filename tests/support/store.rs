@@ -28,5 +28,9 @@ pub async fn store(url: &str, prefix: &str) -> RedisStore<Client> {
 
 /// A store on the test Redis (`super::redis::redis_url`) with a prefix unique to `test`.
 pub async fn test_store(test: &str) -> RedisStore<Client> {
-    store(&super::redis::redis_url().await, &super::unique_prefix(test)).await
+    store(
+        &super::redis::redis_url().await,
+        &super::unique_prefix(test),
+    )
+    .await
 }
