@@ -525,7 +525,7 @@ impl IntoResponse for AppError {
 /// store replays responses from an earlier run.
 fn random_id(prefix: &str) -> Result<String, AppError> {
     let mut bytes = [0u8; 12];
-    getrandom::fill(&mut bytes).map_err(|e| {
+    getrandom::getrandom(&mut bytes).map_err(|e| {
         tracing::error!(error = %e, "no randomness for an id");
         AppError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

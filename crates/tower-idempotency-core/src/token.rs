@@ -29,7 +29,7 @@ impl FencingToken {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let key = KEY.get_or_init(|| {
             let mut key = [0u8; 32];
-            if getrandom::fill(&mut key).is_err() {
+            if getrandom::getrandom(&mut key).is_err() {
                 // No OS randomness: fall back to the time and the process id, which still
                 // differ between processes; the counter keeps tokens distinct in this one.
                 let nanos = std::time::SystemTime::now()
