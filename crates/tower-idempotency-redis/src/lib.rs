@@ -6,8 +6,9 @@
 //!
 //! - of any number of concurrent first requests with one key, on any number of app
 //!   servers, exactly one is told to run the handler;
-//! - a new request costs 2 round trips (reserve, complete), a replay 1 (the completed
-//!   record comes back with the reservation attempt), a lease renewal 1;
+//! - a new request costs 2 round trips (reserve, complete; 3 with
+//!   [`wait_replicas`](RedisStore::wait_replicas)), a replay 1 (the completed record comes
+//!   back with the reservation attempt), a lease renewal 1;
 //! - leases and TTLs are `PEXPIRE`s, so Redis's clock decides, not the app servers';
 //! - it runs unchanged on Redis Cluster: each script touches one key, and wake-ups for
 //!   waiters use sharded pub/sub on a channel in the same slot.
@@ -52,6 +53,33 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Replication and failover
+//!
+//! Redis replicates asynchronously: a record the primary has stored can be lost if the
+//! primary fails before a replica received it, and after the failover the client's retry
+//! finds no record and runs the handler again. [`RedisStore::wait_replicas`] (off by
+//! default) sends `WAIT n timeout` after each complete, on the same dedicated connection,
+//! so the request's response waits until `n` replicas acknowledged the record. That
+//! narrows the window for a lost record to the replicas' acknowledgement, at the cost of
+//! one more round trip and the acknowledgement latency per new request (replays are
+//! unaffected). It is not a guarantee: `WAIT` does not make Redis strongly consistent,
+//! and a failover may still promote a replica that had not acknowledged. If fewer than
+//! `n` replicas answer within the timeout, the record still counts as stored (it is on
+//! the primary); the store logs `warn!` and counts
+//! `idempotency_store_wait_replicas_short_total`.
+//!
+//! ```no_run
+//! # use std::time::Duration;
+//! # use tower_idempotency_redis::fred::prelude::*;
+//! # use tower_idempotency_redis::RedisStore;
+//! # async fn f(client: Client) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let store = RedisStore::new(client)
+//!     .wait_replicas(1, Duration::from_millis(100))
+//!     .init()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
 //! # Features
 //!
 //! `enable-rustls` and `enable-native-tls` turn on fred's TLS support of the same names
@@ -67,7 +95,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod check;
+mod connection;
 mod error;
+pub mod replication;
 pub mod round_trip;
 mod scripts;
 pub mod store;
@@ -76,6 +106,7 @@ pub mod subscriber;
 pub use check::CheckReport;
 pub use error::RedisStoreError;
 pub use fred;
+pub use replication::DEFAULT_WAIT_CONNECTIONS;
 pub use round_trip::RoundTrips;
 pub use store::{RedisStore, DEFAULT_COMMAND_TIMEOUT, DEFAULT_PREFIX};
 pub use subscriber::RedisSubscription;

@@ -3,8 +3,11 @@
 //! A round trip is one command the client sends to Redis; the commands a script runs
 //! inside Redis do not count. A new request costs 2 (reserve, complete), a replay 1
 //! (reserve), a renewal 1; the `EVAL` that follows a `NOSCRIPT` reply counts as one more.
+//! With [`wait_replicas`](crate::RedisStore::wait_replicas), a new request costs at most
+//! one more: a `WAIT` after its complete (completes that finish while a `WAIT` is under
+//! way on their connection share the next one).
 //! Every command is also counted through the `metrics` facade as
-//! `idempotency_store_commands_total{op="reserve"|"renew"|"complete"|"release"|"subscribe"|"unsubscribe"}`.
+//! `idempotency_store_commands_total{op="reserve"|"renew"|"complete"|"release"|"subscribe"|"unsubscribe"|"wait"}`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -26,6 +29,9 @@ pub struct RoundTrips {
     pub subscribe: u64,
     /// `SUNSUBSCRIBE` after the last local waiter of a scope went away.
     pub unsubscribe: u64,
+    /// `WAIT` for replicas after a complete, with
+    /// [`wait_replicas`](crate::RedisStore::wait_replicas) (0 without it).
+    pub wait: u64,
     /// The sum of all of the above.
     pub total: u64,
 }
@@ -38,16 +44,18 @@ pub(crate) enum Op {
     Release,
     Subscribe,
     Unsubscribe,
+    Wait,
 }
 
 impl Op {
-    const ALL: [Op; 6] = [
+    const ALL: [Op; 7] = [
         Op::Reserve,
         Op::Renew,
         Op::Complete,
         Op::Release,
         Op::Subscribe,
         Op::Unsubscribe,
+        Op::Wait,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -58,6 +66,7 @@ impl Op {
             Op::Release => "release",
             Op::Subscribe => "subscribe",
             Op::Unsubscribe => "unsubscribe",
+            Op::Wait => "wait",
         }
     }
 }
@@ -82,6 +91,7 @@ impl Counters {
             release: get(Op::Release),
             subscribe: get(Op::Subscribe),
             unsubscribe: get(Op::Unsubscribe),
+            wait: get(Op::Wait),
             total: 0,
         };
         out.total = Op::ALL.iter().map(|&op| get(op)).sum();

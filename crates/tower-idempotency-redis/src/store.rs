@@ -22,6 +22,13 @@
 //! was flushed, or it is a new or failed-over node), the store sends the script's source
 //! with `EVAL`, which runs it on the node that owns the key and caches it there: a second
 //! command, counted. See [`RoundTrips`].
+//!
+//! # Replication
+//!
+//! Off by default. With [`wait_replicas`](RedisStore::wait_replicas), each complete that
+//! stores a record is followed by a `WAIT` for replicas on the same dedicated connection:
+//! one more round trip per new request at most. See the
+//! [`replication`](crate::replication) module.
 
 use std::fmt;
 use std::sync::Arc;
@@ -36,6 +43,7 @@ use tower_idempotency_core::{
 
 use crate::check::{self, CheckReport};
 use crate::error::{within, DisplayChain, RedisStoreError};
+use crate::replication::{Replication, DEFAULT_WAIT_CONNECTIONS};
 use crate::round_trip::{Counters, Op, RoundTrips};
 use crate::scripts::{Lua, SCRIPTS};
 use crate::subscriber::{Hub, RedisSubscription};
@@ -60,6 +68,9 @@ pub struct RedisStore<C> {
     prefix: Arc<str>,
     command_timeout: Duration,
     shared: Arc<Shared>,
+    /// `Some` with [`wait_replicas`](RedisStore::wait_replicas); shared by clones.
+    replication: Option<Arc<Replication>>,
+    wait_connections: usize,
 }
 
 /// State shared by every clone of a store.
@@ -76,6 +87,7 @@ impl<C> fmt::Debug for RedisStore<C> {
             .field("command_timeout", &self.command_timeout)
             .field("round_trips", &self.shared.counters.snapshot())
             .field("subscriber", &self.shared.hub)
+            .field("wait_replicas", &self.replication)
             .finish_non_exhaustive()
     }
 }
@@ -98,6 +110,8 @@ where
                 hub: Hub::new(counters.clone()),
                 counters,
             }),
+            replication: None,
+            wait_connections: DEFAULT_WAIT_CONNECTIONS,
         }
     }
 
@@ -142,9 +156,70 @@ where
         self
     }
 
+    /// After each complete that stores a record, waits until `replicas` replicas
+    /// acknowledged it, or `timeout` passed (Redis `WAIT replicas timeout`). Off by
+    /// default; `replicas == 0` turns it off again. A `timeout` of zero waits 1 ms (Redis's
+    /// `WAIT n 0` would wait forever).
+    ///
+    /// Redis replicates asynchronously, so a failover can lose a record the primary had
+    /// already acknowledged; a lost record means the client's retry runs the handler
+    /// again. `WAIT` narrows that window to the replicas' acknowledgement, at the cost of
+    /// one more round trip and the replicas' acknowledgement latency on each new request
+    /// (replays and renewals are unaffected). It is not a guarantee — `WAIT` does not make
+    /// Redis strongly consistent: a failover may still promote a replica that had not
+    /// acknowledged yet.
+    ///
+    /// If fewer than `replicas` acknowledge within `timeout` (or the `WAIT` fails), the
+    /// complete still answers [`Completion::Stored`] — the record is on the primary — after
+    /// logging `warn!` and counting `idempotency_store_wait_replicas_short_total` (and
+    /// [`wait_replicas_short`](Self::wait_replicas_short)). So with no replica attached,
+    /// every new request takes `timeout` longer.
+    ///
+    /// `WAIT` covers only writes made on its own connection and holds up everything queued
+    /// behind it there, so the store opens dedicated connections for complete + `WAIT`
+    /// (built from the client's configuration, like the subscriber connection; see
+    /// [`wait_replicas_connections`](Self::wait_replicas_connections)), in
+    /// [`init`](Self::init) or on the first complete (a complete that cannot open them
+    /// fails like any store error, and the layer retries it). Works on standalone,
+    /// Sentinel and Cluster configurations (on a cluster the `WAIT` goes to the key's
+    /// primary). See the [`replication`](crate::replication) module for the design and
+    /// its limits.
+    pub fn wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replication = (replicas > 0)
+            .then(|| Arc::new(Replication::new(replicas, timeout, self.wait_connections)));
+        self
+    }
+
+    /// How many dedicated connections [`wait_replicas`](Self::wait_replicas) opens; default
+    /// [`DEFAULT_WAIT_CONNECTIONS`] (2), at least 1. Completes take them in turn, and
+    /// completes that finish while a `WAIT` is under way on their connection share the
+    /// next `WAIT`, so a few connections serve any request rate; more connections mean
+    /// fewer completes queued behind a `WAIT` in Redis.
+    pub fn wait_replicas_connections(mut self, connections: usize) -> Self {
+        self.wait_connections = connections.max(1);
+        if let Some(replication) = &self.replication {
+            self.replication = Some(Arc::new(Replication::new(
+                replication.replicas(),
+                replication.timeout(),
+                self.wait_connections,
+            )));
+        }
+        self
+    }
+
+    /// Completions whose `WAIT` came back with fewer replicas than
+    /// [`wait_replicas`](Self::wait_replicas) asked for (or failed), by this store and
+    /// its clones; also counted as the metric `idempotency_store_wait_replicas_short_total`.
+    /// Always 0 without `wait_replicas`.
+    pub fn wait_replicas_short(&self) -> u64 {
+        self.replication.as_ref().map_or(0, |r| r.short())
+    }
+
     /// Waits (within the [`command_timeout`](Self::command_timeout)) for the client to be
     /// connected, loads the scripts on every primary ([`load_scripts`](Self::load_scripts)),
     /// runs [`check`](Self::check) and logs each of its warnings with `tracing::warn!`.
+    /// With [`wait_replicas`](Self::wait_replicas), also opens the dedicated connections
+    /// and warns if the primary has fewer replicas attached than asked for.
     ///
     /// Connect the client before (`client.init().await?`): a client that was never told
     /// to connect fails here with [`RedisStoreError::Timeout`].
@@ -159,6 +234,11 @@ where
                 version = report.server_version().unwrap_or("unknown"),
                 "idempotency store: {warning}"
             );
+        }
+        if let Some(replication) = &self.replication {
+            replication
+                .init(&self.client, &self.shared.counters, self.command_timeout)
+                .await?;
         }
         Ok(self)
     }
@@ -213,9 +293,7 @@ where
         format!("{}done:{{{}}}", self.prefix, scope.to_hex())
     }
 
-    /// Runs `lua` on `key` with `EVALSHA`, falling back to `EVAL` on `NOSCRIPT`; each
-    /// command counts as one round trip of `op`. The whole call is bounded by the
-    /// command timeout.
+    /// Runs `lua` on `key` on the store's client; see [`eval_on`].
     async fn eval(
         &self,
         op: Op,
@@ -223,25 +301,46 @@ where
         key: String,
         args: Vec<Value>,
     ) -> Result<Value, RedisStoreError> {
-        let counters = &self.shared.counters;
-        let run = async {
-            counters.count(op);
-            let sha = lua.script.sha1().clone();
-            match self
-                .client
-                .evalsha::<Value, _, _, _>(sha, key.clone(), args.clone())
-                .await
-            {
-                Err(err) if err.details().starts_with("NOSCRIPT") => {
-                    tracing::debug!(script = lua.name, "NOSCRIPT: sending the script with EVAL");
-                    counters.count(op);
-                    self.client.eval(lua.source, key, args).await
-                }
-                other => other,
-            }
-        };
-        within(self.command_timeout, run).await
+        eval_on(
+            &self.client,
+            &self.shared.counters,
+            op,
+            lua,
+            key,
+            args,
+            self.command_timeout,
+        )
+        .await
     }
+}
+
+/// Runs `lua` on `key` with `EVALSHA` on `client`, falling back to `EVAL` on `NOSCRIPT`;
+/// each command counts as one round trip of `op`. The whole call is bounded by `timeout`.
+pub(crate) async fn eval_on<L: LuaInterface>(
+    client: &L,
+    counters: &Counters,
+    op: Op,
+    lua: &'static Lua,
+    key: String,
+    args: Vec<Value>,
+    timeout: Duration,
+) -> Result<Value, RedisStoreError> {
+    let run = async {
+        counters.count(op);
+        let sha = lua.script.sha1().clone();
+        match client
+            .evalsha::<Value, _, _, _>(sha, key.clone(), args.clone())
+            .await
+        {
+            Err(err) if err.details().starts_with("NOSCRIPT") => {
+                tracing::debug!(script = lua.name, "NOSCRIPT: sending the script with EVAL");
+                counters.count(op);
+                client.eval(lua.source, key, args).await
+            }
+            other => other,
+        }
+    };
+    within(timeout, run).await
 }
 
 fn millis(duration: Duration) -> Value {
@@ -327,9 +426,24 @@ where
             millis(ttl),
             Value::from(self.channel(scope)),
         ];
-        let reply = self
-            .eval(Op::Complete, &SCRIPTS.complete, self.key(scope), args)
-            .await?;
+        let key = self.key(scope);
+        let reply = match &self.replication {
+            None => {
+                self.eval(Op::Complete, &SCRIPTS.complete, key, args)
+                    .await?
+            }
+            Some(replication) => {
+                replication
+                    .complete(
+                        &self.client,
+                        &self.shared.counters,
+                        self.command_timeout,
+                        key,
+                        args,
+                    )
+                    .await?
+            }
+        };
         Ok(if flag(reply, "complete")? {
             Completion::Stored
         } else {

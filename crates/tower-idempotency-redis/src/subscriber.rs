@@ -21,19 +21,17 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
 use std::time::Duration;
 
 use fred::clients::Client;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
-use fred::types::config::ReconnectPolicy;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch, OnceCell};
 use tokio::task::JoinHandle;
 use tower_idempotency_core::Subscription;
 
+use crate::connection;
 use crate::error::{within, DisplayChain, RedisStoreError};
 use crate::round_trip::{Counters, Op};
 
@@ -166,36 +164,10 @@ impl Hub {
         perf.broadcast_channel_capacity = perf.broadcast_channel_capacity.max(MESSAGE_BUFFER);
         // The subscriber must come back after a disconnect even if the user's client was
         // built without a reconnect policy: waiters depend on it for their wake-ups.
-        let policy = config
-            .client_reconnect_policy()
-            .unwrap_or_else(|| ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
-        let client = Client::new(
-            config.client_config(),
-            Some(perf),
-            Some(config.connection_config().clone()),
-            Some(policy),
-        );
+        let client = connection::dedicated(config, config.client_config(), perf);
         let messages = client.message_rx();
-        // Register for the first connection's outcome before starting to connect, so it
-        // cannot be missed (what `ClientLike::init` does, but keeping the task handle).
-        let (router, outcome) = {
-            let connected = client.wait_for_connect();
-            tokio::pin!(connected);
-            let registered =
-                std::future::poll_fn(|cx| Poll::Ready(connected.as_mut().poll(cx))).await;
-            let router = client.connect();
-            let outcome = match registered {
-                Poll::Ready(result) => result.map_err(RedisStoreError::from),
-                Poll::Pending => within(timeout, connected).await,
-            };
-            (router, outcome)
-        };
-        if let Err(err) = outcome {
-            // Stop the connection task (it would retry forever under the reconnect
-            // policy): the next subscribe starts afresh.
-            router.abort();
-            return Err(err);
-        }
+        // On failure the next subscribe starts afresh.
+        connection::connect(&client, timeout).await?;
         let reconnects = client.reconnect_rx();
         let (unsubscribe, unsubscribe_rx) = mpsc::unbounded_channel();
         let tasks = vec![
