@@ -19,7 +19,9 @@ use tower_idempotency::{IdempotencyLayer, MemoryStore, Store};
 
 const BODY: &str = r#"{"amount":1250,"currency":"EUR","reference":"order-8e03978e"}"#;
 
-async fn handler(body: axum::body::Bytes) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+async fn handler(
+    body: axum::body::Bytes,
+) -> (StatusCode, [(&'static str, &'static str); 1], String) {
     (
         StatusCode::CREATED,
         [("content-type", "application/json")],

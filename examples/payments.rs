@@ -101,7 +101,6 @@ pub const MAX_DELAY: Duration = Duration::from_secs(60);
 /// The longest `PAYMENTS_TTL_SECS` accepted (a year).
 const MAX_TTL_SECS: u64 = 366 * 24 * 3600;
 
-
 /// The prefix of this app's own problem `type` URIs (the layer has its own).
 pub const APP_PROBLEM_BASE: &str = "https://payments.example/problems/";
 
@@ -642,7 +641,10 @@ async fn redis_store(url: &str) -> Result<impl Store, String> {
         .init()
         .await
         .map_err(|e| format!("Redis at REDIS_URL={url:?} is not usable: {e}"))?;
-    let report = store.check().await.map_err(|e| format!("Redis check failed: {e}"))?;
+    let report = store
+        .check()
+        .await
+        .map_err(|e| format!("Redis check failed: {e}"))?;
     tracing::info!(%report, "redis store ready");
     Ok(store)
 }

@@ -82,7 +82,12 @@
 //! [axum]: https://docs.rs/axum
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
-#![warn(clippy::all, rust_2018_idioms, missing_debug_implementations, unreachable_pub)]
+#![warn(
+    clippy::all,
+    rust_2018_idioms,
+    missing_debug_implementations,
+    unreachable_pub
+)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use tower_idempotency_core::*;

@@ -34,14 +34,21 @@ struct Rig {
 impl Rig {
     async fn start(test: &str) -> Rig {
         let server = RedisServer::start();
-        let upstream = format!("127.0.0.1:{}", server.port()).parse().expect("addr");
+        let upstream = format!("127.0.0.1:{}", server.port())
+            .parse()
+            .expect("addr");
         let proxy = FaultProxy::start(upstream).await;
         let prefix = support::unique_prefix(test);
         let proxied = support::store::store(&proxy.url(), &prefix)
             .await
             .command_timeout(Duration::from_millis(500));
         let direct = support::store::store(&server.url(), &prefix).await;
-        Rig { server, proxy, proxied, direct }
+        Rig {
+            server,
+            proxy,
+            proxied,
+            direct,
+        }
     }
 }
 
@@ -56,13 +63,27 @@ async fn unreachable_before_reserve_fails_closed_or_open() {
     assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
     assert!(r.headers.contains_key("retry-after"));
     assert_eq!(closed.runs(), 0);
-    let open = Harness::new(IdempotencyLayer::new(rig.proxied.clone()).global_scope().fail_open());
-    assert_eq!(send(&open.router, post("/pay", Some("k"), "{}")).await.status, StatusCode::CREATED);
+    let open = Harness::new(
+        IdempotencyLayer::new(rig.proxied.clone())
+            .global_scope()
+            .fail_open(),
+    );
+    assert_eq!(
+        send(&open.router, post("/pay", Some("k"), "{}"))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
     assert_eq!(open.runs(), 1);
     // Back up: the same layer works again without a restart.
     rig.proxy.pass();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(send(&closed.router, post("/pay", Some("k2"), "{}")).await.status, StatusCode::CREATED);
+    assert_eq!(
+        send(&closed.router, post("/pay", Some("k2"), "{}"))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
 }
 
 /// The link drops after reserve, while the handler runs, and comes back within the
@@ -72,8 +93,12 @@ async fn unreachable_before_reserve_fails_closed_or_open() {
 async fn cut_between_reserve_and_complete_then_restored() {
     let rig = Rig::start("cut-restored").await;
     let server_a = Harness::new(IdempotencyLayer::new(rig.proxied.clone()).global_scope());
-    let server_b = server_a.sharing_counters(IdempotencyLayer::new(rig.direct.clone()).global_scope());
-    let first = spawn_send(&server_a.router, delayed(post("/pay", Some("k"), "{}"), 300));
+    let server_b =
+        server_a.sharing_counters(IdempotencyLayer::new(rig.direct.clone()).global_scope());
+    let first = spawn_send(
+        &server_a.router,
+        delayed(post("/pay", Some("k"), "{}"), 300),
+    );
     server_a.started.notified().await;
     rig.proxy.refuse(); // reserve went through; renewals and complete will fail
     let during = send(&server_b.router, post("/pay", Some("k"), "{}")).await;
@@ -83,7 +108,11 @@ async fn cut_between_reserve_and_complete_then_restored() {
     assert_problem(&still, StatusCode::CONFLICT, "request-in-flight");
     rig.proxy.pass();
     let first = first.await.expect("caller");
-    assert_eq!(first.status, StatusCode::CREATED, "the caller gets its response");
+    assert_eq!(
+        first.status,
+        StatusCode::CREATED,
+        "the caller gets its response"
+    );
     let retry = send(&server_b.router, post("/pay", Some("k"), "{}")).await;
     assert!(retry.replayed(), "the record landed once the link was back");
     assert_eq!(retry.body, first.body);
@@ -104,21 +133,38 @@ async fn cut_longer_than_complete_bound_is_the_documented_window() {
     };
     let server_a = Harness::new(layer(rig.proxied.clone()));
     let server_b = server_a.sharing_counters(layer(rig.direct.clone()));
-    let first = spawn_send(&server_a.router, delayed(post("/pay", Some("k"), "{}"), 200));
+    let first = spawn_send(
+        &server_a.router,
+        delayed(post("/pay", Some("k"), "{}"), 200),
+    );
     server_a.started.notified().await;
     rig.proxy.refuse();
     let started = Instant::now(); // about when the lease was taken
     let first = first.await.expect("caller");
-    assert_eq!(first.status, StatusCode::CREATED, "the caller still gets its response");
-    assert!(started.elapsed() < Duration::from_secs(5), "complete gave up at its bound");
+    assert_eq!(
+        first.status,
+        StatusCode::CREATED,
+        "the caller still gets its response"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "complete gave up at its bound"
+    );
     // Within the lease, retries still see the reservation: 409, no second run.
     let r = send(&server_b.router, post("/pay", Some("k"), "{}")).await;
     assert_problem(&r, StatusCode::CONFLICT, "request-in-flight");
     tokio::time::sleep_until(started + Duration::from_millis(4300)).await; // the lease lapses
     let after = send(&server_b.router, post("/pay", Some("k"), "{}")).await;
     assert_eq!(after.status, StatusCode::CREATED);
-    assert!(!after.replayed(), "no record was stored: the retry ran again");
-    assert_eq!(server_a.runs(), 2, "the one second execution SPEC section 6 allows");
+    assert!(
+        !after.replayed(),
+        "no record was stored: the retry ran again"
+    );
+    assert_eq!(
+        server_a.runs(),
+        2,
+        "the one second execution SPEC section 6 allows"
+    );
     rig.proxy.pass();
 }
 
@@ -128,7 +174,12 @@ async fn cut_longer_than_complete_bound_is_the_documented_window() {
 async fn redis_restart_with_data_loss_recovers() {
     let mut rig = Rig::start("restart").await;
     let h = Harness::new(IdempotencyLayer::new(rig.direct.clone()).global_scope());
-    assert_eq!(send(&h.router, post("/pay", Some("before"), "{}")).await.status, StatusCode::CREATED);
+    assert_eq!(
+        send(&h.router, post("/pay", Some("before"), "{}"))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
     rig.server.restart();
     // fred reconnects on its own; allow it a moment, then every request must work.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -141,7 +192,9 @@ async fn redis_restart_with_data_loss_recovers() {
         assert!(Instant::now() < deadline, "recovered within 5 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(send(&h.router, post("/pay", Some("after"), "{}")).await.replayed());
+    assert!(send(&h.router, post("/pay", Some("after"), "{}"))
+        .await
+        .replayed());
     let before = rig.direct.round_trips();
     assert!(before.total > 0);
 }
@@ -153,26 +206,37 @@ async fn injected_latency_keeps_correctness_and_wait_bound() {
     let rig = Rig::start("latency").await;
     rig.proxy.delay(Duration::from_millis(100)); // each way: 200 ms per round trip
     let wait = |bound| {
-        IdempotencyLayer::new(rig.proxied.clone()
-            .command_timeout(Duration::from_secs(2)))
+        IdempotencyLayer::new(rig.proxied.clone().command_timeout(Duration::from_secs(2)))
             .global_scope()
             .in_flight(InFlight::Wait(bound))
     };
     let h = Harness::new(wait(Duration::from_secs(10)));
-    let replies = join_all((0..8).map(|_| spawn_send(&h.router, post("/pay", Some("k"), "{}")))).await;
+    let replies =
+        join_all((0..8).map(|_| spawn_send(&h.router, post("/pay", Some("k"), "{}")))).await;
     assert_eq!(h.runs(), 1, "one execution under latency");
-    assert!(replies.iter().all(|r| r.as_ref().unwrap().status == StatusCode::CREATED));
+    assert!(replies
+        .iter()
+        .all(|r| r.as_ref().unwrap().status == StatusCode::CREATED));
 
     let bounded = Harness::new(wait(Duration::from_millis(500)));
-    let slow = spawn_send(&bounded.router, delayed(post("/pay", Some("slow"), "{}"), 3000));
+    let slow = spawn_send(
+        &bounded.router,
+        delayed(post("/pay", Some("slow"), "{}"), 3000),
+    );
     bounded.started.notified().await;
     let started = Instant::now();
     let r = send(&bounded.router, post("/pay", Some("slow"), "{}")).await;
     let waited = started.elapsed();
     assert_problem(&r, StatusCode::CONFLICT, "request-in-flight");
-    assert!(waited >= Duration::from_millis(500), "waited the bound: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(500),
+        "waited the bound: {waited:?}"
+    );
     // The bound, plus at most one in-flight reserve round trip (200 ms) and slack.
-    assert!(waited < Duration::from_millis(500 + 200 + 800), "bound respected: {waited:?}");
+    assert!(
+        waited < Duration::from_millis(500 + 200 + 800),
+        "bound respected: {waited:?}"
+    );
     assert_eq!(slow.await.unwrap().status, StatusCode::CREATED);
 }
 
@@ -182,11 +246,14 @@ async fn injected_latency_keeps_correctness_and_wait_bound() {
 async fn client_disconnect_over_tcp_still_stores() {
     let rig = Rig::start("disconnect").await;
     let h = Harness::new(IdempotencyLayer::new(rig.direct.clone()).global_scope());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let router = h.router.clone();
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
-    let request = "POST /pay HTTP/1.1\r\nhost: x\r\nidempotency-key: k\r\ncontent-type: application/json\r\n\
+    let request =
+        "POST /pay HTTP/1.1\r\nhost: x\r\nidempotency-key: k\r\ncontent-type: application/json\r\n\
                    x-delay-ms: 300\r\ncontent-length: 2\r\n\r\n{}";
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stream.write_all(request.as_bytes()).await.expect("write");
@@ -197,7 +264,10 @@ async fn client_disconnect_over_tcp_still_stores() {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stream.write_all(request.as_bytes()).await.expect("write");
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await.expect("answer").expect("read");
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("answer")
+        .expect("read");
     let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
     assert!(text.starts_with("http/1.1 201"), "{text}");
     assert!(text.contains("idempotent-replayed: true"), "{text}");

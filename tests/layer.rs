@@ -17,7 +17,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::{service_fn, Layer, ServiceExt};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, RequestBody};
 
-fn counted() -> (Arc<AtomicUsize>, impl Fn() -> std::future::Ready<(StatusCode, String)> + Clone) {
+fn counted() -> (
+    Arc<AtomicUsize>,
+    impl Fn() -> std::future::Ready<(StatusCode, String)> + Clone,
+) {
     let runs = Arc::new(AtomicUsize::new(0));
     let r = runs.clone();
     let handler = move || {
@@ -52,7 +55,10 @@ async fn works_as_router_layer_and_passes_through_gets_fallbacks_and_405s() {
     assert!(retry.replayed() && retry.body == first.body);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     // GET is not covered: it passes through before any key check.
-    assert_eq!(send(&app, req(Method::GET, "/items", None)).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&app, req(Method::GET, "/items", None)).await.status,
+        StatusCode::OK
+    );
     // A POST to the fallback is covered too under Router::layer (the SPEC's caveat).
     let r = send(&app, req(Method::POST, "/nowhere", None)).await;
     assert_problem(&r, StatusCode::BAD_REQUEST, "idempotency-key-missing");
@@ -69,10 +75,15 @@ async fn works_as_route_layer() {
         .route_layer(layer().require_key())
         .fallback(|| async { (StatusCode::NOT_FOUND, "nope") });
     send(&app, req(Method::POST, "/pay", Some("k"))).await;
-    assert!(send(&app, req(Method::POST, "/pay", Some("k"))).await.replayed());
+    assert!(send(&app, req(Method::POST, "/pay", Some("k")))
+        .await
+        .replayed());
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     // route_layer does not wrap the fallback: no key needed there.
-    assert_eq!(send(&app, req(Method::POST, "/nowhere", None)).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        send(&app, req(Method::POST, "/nowhere", None)).await.status,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
@@ -83,7 +94,9 @@ async fn nested_routers_scope_by_the_full_original_path() {
     let a = send(&app, req(Method::POST, "/v1/pay", Some("k"))).await;
     let b = send(&app, req(Method::POST, "/v2/pay", Some("k"))).await;
     assert!(!a.replayed() && !b.replayed(), "two prefixes, two scopes");
-    assert!(send(&app, req(Method::POST, "/v2/pay", Some("k"))).await.replayed());
+    assert!(send(&app, req(Method::POST, "/v2/pay", Some("k")))
+        .await
+        .replayed());
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 
@@ -94,9 +107,19 @@ async fn per_route_policies_and_configured_methods() {
         .route("/a", put(h.clone()).layer(layer().methods([Method::PUT])))
         .route("/b", put(h.clone()).layer(layer()));
     send(&app, req(Method::PUT, "/a", Some("k"))).await;
-    assert!(send(&app, req(Method::PUT, "/a", Some("k"))).await.replayed(), "PUT covered on /a");
+    assert!(
+        send(&app, req(Method::PUT, "/a", Some("k")))
+            .await
+            .replayed(),
+        "PUT covered on /a"
+    );
     send(&app, req(Method::PUT, "/b", Some("k"))).await;
-    assert!(!send(&app, req(Method::PUT, "/b", Some("k"))).await.replayed(), "PUT not covered by default");
+    assert!(
+        !send(&app, req(Method::PUT, "/b", Some("k")))
+            .await
+            .replayed(),
+        "PUT not covered by default"
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 3);
 }
 
@@ -109,7 +132,8 @@ fn get_cannot_be_covered() {
 #[test]
 #[should_panic(expected = "must not be shorter than the lease")]
 fn ttl_shorter_than_lease_is_rejected() {
-    let _: axum::routing::MethodRouter = post(|| async {}).layer(layer().ttl(std::time::Duration::from_secs(5)));
+    let _: axum::routing::MethodRouter =
+        post(|| async {}).layer(layer().ttl(std::time::Duration::from_secs(5)));
 }
 
 #[test]
@@ -124,8 +148,15 @@ async fn the_longest_ttl_does_not_overflow_the_memory_store() {
     let (runs, h) = counted();
     let max = tower_idempotency::policy::MAX_TTL;
     let app = Router::new().route("/pay", post(h).layer(layer().ttl(max).lease(max)));
-    assert_eq!(send(&app, req(Method::POST, "/pay", Some("k"))).await.status, StatusCode::CREATED);
-    assert!(send(&app, req(Method::POST, "/pay", Some("k"))).await.replayed());
+    assert_eq!(
+        send(&app, req(Method::POST, "/pay", Some("k")))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    assert!(send(&app, req(Method::POST, "/pay", Some("k")))
+        .await
+        .replayed());
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
@@ -144,9 +175,15 @@ async fn service_error_releases_the_key() {
         }
     });
     let svc = layer().layer(inner);
-    let err = svc.clone().oneshot(req(Method::POST, "/x", Some("k"))).await;
+    let err = svc
+        .clone()
+        .oneshot(req(Method::POST, "/x", Some("k")))
+        .await;
     assert_eq!(err.unwrap_err(), "backend down");
-    let ok = svc.oneshot(req(Method::POST, "/x", Some("k"))).await.unwrap();
+    let ok = svc
+        .oneshot(req(Method::POST, "/x", Some("k")))
+        .await
+        .unwrap();
     assert_eq!(ok.status(), StatusCode::OK, "released: the retry ran");
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
@@ -181,7 +218,10 @@ async fn huge_body_over_tcp_reads_back_413() {
             let chunk = vec![b'x'; 64 * 1024];
             for _ in 0..size / chunk.len() {
                 let sent = if chunked {
-                    wr.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.and(wr.write_all(&chunk).await).and(wr.write_all(b"\r\n").await)
+                    wr.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+                        .await
+                        .and(wr.write_all(&chunk).await)
+                        .and(wr.write_all(b"\r\n").await)
                 } else {
                     wr.write_all(&chunk).await
                 };
@@ -196,11 +236,18 @@ async fn huge_body_over_tcp_reads_back_413() {
             wr
         });
         let mut response = Vec::new();
-        let read = tokio::time::timeout(std::time::Duration::from_secs(30), rd.read_to_end(&mut response)).await;
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            rd.read_to_end(&mut response),
+        )
+        .await;
         drop(writer.await);
         let text = String::from_utf8_lossy(&response);
         assert!(read.is_ok(), "response read in time");
-        assert!(text.starts_with("HTTP/1.1 413"), "chunked={chunked}: {text:.200}");
+        assert!(
+            text.starts_with("HTTP/1.1 413"),
+            "chunked={chunked}: {text:.200}"
+        );
         assert!(text.contains("request-body-too-large"));
         assert!(text.to_ascii_lowercase().contains("connection: close"));
     }
@@ -278,8 +325,13 @@ async fn ten_kilobyte_and_control_byte_keys_are_400() {
         }
     }
     let mut tab = req(Method::POST, "/pay", None);
-    tab.headers_mut().insert("idempotency-key", HeaderValue::from_bytes(b"a\tb").unwrap());
-    assert_problem(&send(&app, tab).await, StatusCode::BAD_REQUEST, "idempotency-key-invalid");
+    tab.headers_mut()
+        .insert("idempotency-key", HeaderValue::from_bytes(b"a\tb").unwrap());
+    assert_problem(
+        &send(&app, tab).await,
+        StatusCode::BAD_REQUEST,
+        "idempotency-key-invalid",
+    );
 }
 
 proptest! {

@@ -15,13 +15,18 @@ async fn full_store_answers_503_and_fail_open_passes_through() {
     let store = MemoryStore::builder().max_entries(2).build();
     let h = Harness::new(IdempotencyLayer::new(store.clone()).global_scope());
     for key in ["a", "b"] {
-        assert_eq!(send(&h.router, post("/pay", Some(key), "{}")).await.status, StatusCode::CREATED);
+        assert_eq!(
+            send(&h.router, post("/pay", Some(key), "{}")).await.status,
+            StatusCode::CREATED
+        );
     }
     let r = send(&h.router, post("/pay", Some("c"), "{}")).await;
     assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
     assert!(r.headers.contains_key("retry-after"));
     // Live entries were not evicted to make room.
-    assert!(send(&h.router, post("/pay", Some("a"), "{}")).await.replayed());
+    assert!(send(&h.router, post("/pay", Some("a"), "{}"))
+        .await
+        .replayed());
     assert_eq!(h.runs(), 2);
 
     let open = Harness::new(IdempotencyLayer::new(store).global_scope().fail_open());
@@ -53,6 +58,10 @@ async fn ten_thousand_keys_stay_within_the_entry_cap() {
         }
     }
     // Six rounds of 1500 keys each fill the 1000 slots and refuse 500; the last 1000 fit.
-    assert_eq!(refused, 6 * 500, "the cap was reached and refused the overflow");
+    assert_eq!(
+        refused,
+        6 * 500,
+        "the cap was reached and refused the overflow"
+    );
     assert!(store.len() <= 1000);
 }

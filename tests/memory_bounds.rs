@@ -27,7 +27,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -43,8 +46,18 @@ const MIB: isize = 1024 * 1024;
 #[tokio::test(flavor = "current_thread")]
 async fn replaying_a_large_response_keeps_memory_bounded() {
     let store = MemoryStore::default();
-    let h = Harness::new(IdempotencyLayer::new(store).global_scope().max_stored_response(4 * MIB as usize));
-    let req = || with_header(post("/pay", Some("big"), "{}"), "x-body-size", &(4 * MIB).to_string());
+    let h = Harness::new(
+        IdempotencyLayer::new(store)
+            .global_scope()
+            .max_stored_response(4 * MIB as usize),
+    );
+    let req = || {
+        with_header(
+            post("/pay", Some("big"), "{}"),
+            "x-body-size",
+            &(4 * MIB).to_string(),
+        )
+    };
     let first = send(&h.router, req()).await;
     assert_eq!(first.status, StatusCode::CREATED);
     assert_eq!(first.body.len(), 4 * MIB as usize);
@@ -59,6 +72,9 @@ async fn replaying_a_large_response_keeps_memory_bounded() {
     }
     let grown = LIVE.load(Ordering::Relaxed) - baseline;
     assert_eq!(h.runs(), 1);
-    assert!(grown < MIB, "50 live replays hold {grown} bytes beyond the stored body");
+    assert!(
+        grown < MIB,
+        "50 live replays hold {grown} bytes beyond the stored body"
+    );
     drop(replays);
 }

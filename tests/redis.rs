@@ -25,16 +25,35 @@ async fn two_app_servers_run_one_key_once() {
     let a = support::store::store(&url, &prefix).await;
     let b = support::store::store(&url, &prefix).await;
     let server_a = Harness::new(IdempotencyLayer::new(a).global_scope().in_flight(wait));
-    let server_b = server_a.sharing_counters(IdempotencyLayer::new(b).global_scope().in_flight(wait));
+    let server_b =
+        server_a.sharing_counters(IdempotencyLayer::new(b).global_scope().in_flight(wait));
     let requests = (0..64).map(|i| {
-        let router = if i % 2 == 0 { server_a.router.clone() } else { server_b.router.clone() };
+        let router = if i % 2 == 0 {
+            server_a.router.clone()
+        } else {
+            server_b.router.clone()
+        };
         tokio::spawn(async move {
-            send(&router, common::app::delayed(post("/pay", Some("k"), "{}"), 100)).await
+            send(
+                &router,
+                common::app::delayed(post("/pay", Some("k"), "{}"), 100),
+            )
+            .await
         })
     });
-    let replies: Vec<Reply> = join_all(requests).await.into_iter().map(Result::unwrap).collect();
-    assert_eq!(server_a.runs(), 1, "exactly one execution across both servers");
-    assert!(replies.iter().all(|r| r.status == StatusCode::CREATED && r.body == replies[0].body));
+    let replies: Vec<Reply> = join_all(requests)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        server_a.runs(),
+        1,
+        "exactly one execution across both servers"
+    );
+    assert!(replies
+        .iter()
+        .all(|r| r.status == StatusCode::CREATED && r.body == replies[0].body));
     assert_eq!(replies.iter().filter(|r| !r.replayed()).count(), 1);
 }
 
@@ -50,9 +69,21 @@ async fn round_trips_per_request() {
         assert_eq!(now - last, expected, "{what}: {reply:?}");
         last = now;
     };
-    step(send(&h.router, post("/pay", Some("k"), "{}")).await, 2, "new request");
-    step(send(&h.router, post("/pay", Some("k"), "{}")).await, 1, "replay");
-    step(send(&h.router, post("/pay", Some("k"), "{\"x\":1}")).await, 1, "mismatch");
+    step(
+        send(&h.router, post("/pay", Some("k"), "{}")).await,
+        2,
+        "new request",
+    );
+    step(
+        send(&h.router, post("/pay", Some("k"), "{}")).await,
+        1,
+        "replay",
+    );
+    step(
+        send(&h.router, post("/pay", Some("k"), "{\"x\":1}")).await,
+        1,
+        "mismatch",
+    );
     let bad = common::app::with_header(post("/pay", Some("k2"), "{}"), "x-status", "400");
     step(send(&h.router, bad).await, 2, "released 4xx");
 }
@@ -85,7 +116,11 @@ async fn hostile_tenants_never_share_scopes_or_reach_key_names() {
     let prefix = support::unique_prefix("hostile");
     let store = support::store::store(&url, &prefix).await;
     let layer = IdempotencyLayer::new(store).tenant(|parts| {
-        parts.headers.get("x-tenant").and_then(|v| v.to_str().ok()).map(str::to_owned)
+        parts
+            .headers
+            .get("x-tenant")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
     });
     let h = Harness::new(layer);
     let tenants = ["a", "a:", ":a", "{a}", "}{", "{", "a:b", "a}:{b", ""];
@@ -104,7 +139,11 @@ async fn hostile_tenants_never_share_scopes_or_reach_key_names() {
     let client = support::store::client(&url).await;
     let found: Vec<String> = client
         .custom(
-            tower_idempotency::redis::fred::types::CustomCommand::new_static("KEYS", None::<u16>, false),
+            tower_idempotency::redis::fred::types::CustomCommand::new_static(
+                "KEYS",
+                None::<u16>,
+                false,
+            ),
             vec![format!("{prefix}*")],
         )
         .await
@@ -112,7 +151,13 @@ async fn hostile_tenants_never_share_scopes_or_reach_key_names() {
     assert_eq!(found.len(), tenants.len() * keys.len());
     for key in found {
         let rest = key.strip_prefix(&prefix).expect("prefixed");
-        let hex = rest.strip_prefix('{').and_then(|r| r.strip_suffix('}')).expect("hash tag");
-        assert!(hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()), "{key}");
+        let hex = rest
+            .strip_prefix('{')
+            .and_then(|r| r.strip_suffix('}'))
+            .expect("hash tag");
+        assert!(
+            hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{key}"
+        );
     }
 }

@@ -66,8 +66,15 @@ impl Rng {
     }
 }
 
-async fn pay(http: &Http, addr: SocketAddr, tenant: usize, key: &str, payload: Payload) -> Result<(StatusCode, Value), String> {
-    let body = json!({"amount": payload.amount, "currency": "EUR", "delay_ms": payload.delay_ms}).to_string();
+async fn pay(
+    http: &Http,
+    addr: SocketAddr,
+    tenant: usize,
+    key: &str,
+    payload: Payload,
+) -> Result<(StatusCode, Value), String> {
+    let body = json!({"amount": payload.amount, "currency": "EUR", "delay_ms": payload.delay_ms})
+        .to_string();
     let request = Request::post(format!("http://{addr}/payments"))
         .header("authorization", format!("Bearer soak-tenant-{tenant}"))
         .header("idempotency-key", key)
@@ -79,13 +86,27 @@ async fn pay(http: &Http, addr: SocketAddr, tenant: usize, key: &str, payload: P
         .map_err(|_| "timeout".to_string())?
         .map_err(|_| "connection".to_string())?;
     let status = response.status();
-    let bytes = response.into_body().collect().await.map_err(|_| "body".to_string())?.to_bytes();
-    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|_| "body".to_string())?
+        .to_bytes();
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
 }
 
 /// Records one answer to the key's own payload; counts an answer that contradicts the
 /// first (another id, or a 422 for the very payload the key was first sent with).
-fn record(ledger: &Mutex<Ledger>, tenant: usize, key: &str, sent: Payload, answer: Result<(StatusCode, Value), String>) {
+fn record(
+    ledger: &Mutex<Ledger>,
+    tenant: usize,
+    key: &str,
+    sent: Payload,
+    answer: Result<(StatusCode, Value), String>,
+) {
     let mut ledger = ledger.lock().unwrap();
     ledger.requests += 1;
     let kind = match &answer {
@@ -93,7 +114,10 @@ fn record(ledger: &Mutex<Ledger>, tenant: usize, key: &str, sent: Payload, answe
         Ok((status, body)) => match *status {
             StatusCode::CREATED => {
                 let id = body["id"].as_str().unwrap_or_default().to_owned();
-                let entry = ledger.keys.get_mut(&(tenant, key.to_owned())).expect("known key");
+                let entry = ledger
+                    .keys
+                    .get_mut(&(tenant, key.to_owned()))
+                    .expect("known key");
                 assert_eq!(entry.0, sent, "a 201 only answers the first payload");
                 match &entry.1 {
                     Some(first) if *first != id => ledger.mismatched_answers += 1,
@@ -106,25 +130,51 @@ fn record(ledger: &Mutex<Ledger>, tenant: usize, key: &str, sent: Payload, answe
                 ledger.mismatched_answers += 1;
                 "422 for the first payload (wrong)".to_owned()
             }
-            other => format!("{} {}", other.as_u16(), body["type"].as_str().and_then(|t| t.rsplit('/').next()).unwrap_or("")),
+            other => format!(
+                "{} {}",
+                other.as_u16(),
+                body["type"]
+                    .as_str()
+                    .and_then(|t| t.rsplit('/').next())
+                    .unwrap_or("")
+            ),
         },
     };
     *ledger.errors.entry(kind).or_default() += 1;
 }
 
-async fn client(id: usize, http: Http, addr: SocketAddr, ledger: Arc<Mutex<Ledger>>, until: Instant, next_key: Arc<AtomicU64>) {
+async fn client(
+    id: usize,
+    http: Http,
+    addr: SocketAddr,
+    ledger: Arc<Mutex<Ledger>>,
+    until: Instant,
+    next_key: Arc<AtomicU64>,
+) {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1));
     while Instant::now() < until {
         let roll = rng.next() % 100;
         let known: Vec<KeyState> = {
             let ledger = ledger.lock().unwrap();
-            ledger.keys.iter().map(|(k, v)| (k.clone(), v.clone())).take(64).collect()
+            ledger
+                .keys
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .take(64)
+                .collect()
         };
         if roll < 55 || known.is_empty() {
             let tenant = (rng.next() as usize) % TENANTS;
             let key = format!("soak-{}", next_key.fetch_add(1, Ordering::Relaxed));
-            let payload = Payload { amount: 1 + rng.next() % 10_000, delay_ms: rng.next() % 30 };
-            ledger.lock().unwrap().keys.insert((tenant, key.clone()), (payload, None));
+            let payload = Payload {
+                amount: 1 + rng.next() % 10_000,
+                delay_ms: rng.next() % 30,
+            };
+            ledger
+                .lock()
+                .unwrap()
+                .keys
+                .insert((tenant, key.clone()), (payload, None));
             let answer = pay(&http, addr, tenant, &key, payload).await;
             record(&ledger, tenant, &key, payload, answer);
         } else {
@@ -134,9 +184,13 @@ async fn client(id: usize, http: Http, addr: SocketAddr, ledger: Arc<Mutex<Ledge
                 record(&ledger, tenant, &key, payload, answer);
             } else {
                 // A conflicting payload on a completed key: must be 422, never a run.
-                let other = Payload { amount: payload.amount + 1, ..payload };
+                let other = Payload {
+                    amount: payload.amount + 1,
+                    ..payload
+                };
                 let answer = pay(&http, addr, tenant, &key, other).await;
-                let is_reuse = matches!(&answer, Ok((s, _)) if *s == StatusCode::UNPROCESSABLE_ENTITY);
+                let is_reuse =
+                    matches!(&answer, Ok((s, _)) if *s == StatusCode::UNPROCESSABLE_ENTITY);
                 let mut l = ledger.lock().unwrap();
                 l.requests += 1;
                 let kind = if is_reuse {
@@ -153,11 +207,16 @@ async fn client(id: usize, http: Http, addr: SocketAddr, ledger: Arc<Mutex<Ledge
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_with_a_redis_restart() {
-    let secs: u64 = std::env::var("SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let secs: u64 = std::env::var("SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
     let server = RedisServerHandle::start();
     let store = support::store::store(&server.url, &support::unique_prefix("soak")).await;
     let state_app = payments::app(store, &payments::Config::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let app_task = tokio::spawn(async move { axum::serve(listener, state_app).await });
 
@@ -167,7 +226,16 @@ async fn soak_with_a_redis_restart() {
     let started = Instant::now();
     let until = started + Duration::from_secs(secs);
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|id| tokio::spawn(client(id, http.clone(), addr, ledger.clone(), until, next_key.clone())))
+        .map(|id| {
+            tokio::spawn(client(
+                id,
+                http.clone(),
+                addr,
+                ledger.clone(),
+                until,
+                next_key.clone(),
+            ))
+        })
         .collect();
 
     // Restart Redis once, halfway.
@@ -175,7 +243,10 @@ async fn soak_with_a_redis_restart() {
     let requests_before = ledger.lock().unwrap().requests;
     // Down for longer than the store's command timeout (2 s): some callers get 503.
     server.restart(Duration::from_millis(2500)).await;
-    println!("soak: redis restarted after {requests_before} requests, at {:?}", started.elapsed());
+    println!(
+        "soak: redis restarted after {requests_before} requests, at {:?}",
+        started.elapsed()
+    );
     for c in clients {
         c.await.expect("client task");
     }
@@ -184,7 +255,11 @@ async fn soak_with_a_redis_restart() {
     // Drain: every key without an answer yet is retried until it has one.
     let pending: Vec<((usize, String), Payload)> = {
         let l = ledger.lock().unwrap();
-        l.keys.iter().filter(|(_, v)| v.1.is_none()).map(|(k, v)| (k.clone(), v.0)).collect()
+        l.keys
+            .iter()
+            .filter(|(_, v)| v.1.is_none())
+            .map(|(k, v)| (k.clone(), v.0))
+            .collect()
     };
     let drain_until = Instant::now() + Duration::from_secs(30);
     for ((tenant, key), payload) in pending {
@@ -195,7 +270,10 @@ async fn soak_with_a_redis_restart() {
             if done {
                 break;
             }
-            assert!(Instant::now() < drain_until, "key {key} never got an answer");
+            assert!(
+                Instant::now() < drain_until,
+                "key {key} never got an answer"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -209,11 +287,21 @@ async fn soak_with_a_redis_restart() {
             .header("authorization", format!("Bearer soak-tenant-{tenant}"))
             .body(Full::new(Bytes::new()))
             .expect("request");
-        let body = http.request(request).await.expect("list").into_body().collect().await.expect("body").to_bytes();
+        let body = http
+            .request(request)
+            .await
+            .expect("list")
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
         let list: Vec<Value> = serde_json::from_slice(&body).expect("json list");
         total_executions += list.len();
         for payment in list {
-            *executions.entry(payment["id"].as_str().unwrap_or_default().to_owned()).or_default() += 1;
+            *executions
+                .entry(payment["id"].as_str().unwrap_or_default().to_owned())
+                .or_default() += 1;
         }
     }
     let l = ledger.lock().unwrap();
@@ -224,11 +312,18 @@ async fn soak_with_a_redis_restart() {
          mismatched_answers={} outcomes={:?}",
         l.requests, l.mismatched_answers, l.errors
     );
-    assert_eq!(total_executions, distinct, "executions == distinct (tenant, key)");
+    assert_eq!(
+        total_executions, distinct,
+        "executions == distinct (tenant, key)"
+    );
     assert_eq!(l.mismatched_answers, 0, "every retry got the first answer");
     for (_, (_, id)) in l.keys.iter() {
         let id = id.as_ref().expect("answered");
-        assert_eq!(executions.get(id), Some(&1), "the answered id is the one execution");
+        assert_eq!(
+            executions.get(id),
+            Some(&1),
+            "the answered id is the one execution"
+        );
     }
     assert!(l.requests > distinct as u64, "retries happened");
     app_task.abort();
@@ -242,17 +337,29 @@ struct RedisServerHandle {
 
 impl RedisServerHandle {
     fn start() -> Self {
-        let server = support::redis::RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
-        RedisServerHandle { url: server.url(), server: Arc::new(Mutex::new(server)) }
+        let server = support::redis::RedisServer::start_with(&[
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ]);
+        RedisServerHandle {
+            url: server.url(),
+            server: Arc::new(Mutex::new(server)),
+        }
     }
 
     /// Kills the server (as a crash would), keeps it down for `down`, starts it again on
     /// the same port and data directory.
     async fn restart(&self, down: Duration) {
         let server = self.server.clone();
-        tokio::task::spawn_blocking(move || server.lock().unwrap().stop()).await.expect("stop");
+        tokio::task::spawn_blocking(move || server.lock().unwrap().stop())
+            .await
+            .expect("stop");
         tokio::time::sleep(down).await;
         let server = self.server.clone();
-        tokio::task::spawn_blocking(move || server.lock().unwrap().restart()).await.expect("restart");
+        tokio::task::spawn_blocking(move || server.lock().unwrap().restart())
+            .await
+            .expect("restart");
     }
 }

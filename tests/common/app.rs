@@ -33,7 +33,11 @@ impl Harness {
     /// A second app server with its own layer (its own store client) whose handler counts
     /// into this one's counters.
     pub fn sharing_counters<St: Store>(&self, layer: IdempotencyLayer<St>) -> Self {
-        let counters = (self.runs.clone(), self.started.clone(), self.finished.clone());
+        let counters = (
+            self.runs.clone(),
+            self.started.clone(),
+            self.finished.clone(),
+        );
         Self::with_counters(layer, counters)
     }
 
@@ -53,7 +57,12 @@ impl Harness {
             .route("/pay", route())
             .route("/orders/{id}/cancel", route())
             .nest("/nested", Router::new().route("/pay", route()));
-        Harness { router, runs, started, finished }
+        Harness {
+            router,
+            runs,
+            started,
+            finished,
+        }
     }
 
     pub fn runs(&self) -> usize {
@@ -61,15 +70,30 @@ impl Harness {
     }
 }
 
-async fn handle(req: Request<Body>, runs: Arc<AtomicUsize>, started: Arc<Notify>, finished: Arc<Notify>) -> Response<Body> {
+async fn handle(
+    req: Request<Body>,
+    runs: Arc<AtomicUsize>,
+    started: Arc<Notify>,
+    finished: Arc<Notify>,
+) -> Response<Body> {
     let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
     started.notify_one();
     let (parts, body) = req.into_parts();
-    let h = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let h = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     if let Some(ms) = h("x-delay-ms").and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     finished.notify_one();
     if run == 1 && h("x-panic-first").is_some() {
         panic!("handler panicked on purpose");
@@ -90,12 +114,24 @@ async fn handle(req: Request<Body>, runs: Arc<AtomicUsize>, started: Arc<Notify>
     let mut response = Response::new(Body::from(payload));
     *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::CREATED);
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     headers.append(header::LINK, HeaderValue::from_static("</a>; rel=\"a\""));
     headers.append(header::LINK, HeaderValue::from_static("</b>; rel=\"b\""));
-    headers.insert("x-bin", HeaderValue::from_bytes(&[b'v', 0xff, 0xfe]).unwrap());
-    headers.insert(header::SET_COOKIE, HeaderValue::from_static("session=secret"));
-    headers.insert(header::DATE, HeaderValue::from_static("Mon, 23 Nov 2026 10:00:00 GMT"));
+    headers.insert(
+        "x-bin",
+        HeaderValue::from_bytes(&[b'v', 0xff, 0xfe]).unwrap(),
+    );
+    headers.insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("session=secret"),
+    );
+    headers.insert(
+        header::DATE,
+        HeaderValue::from_static("Mon, 23 Nov 2026 10:00:00 GMT"),
+    );
     headers.insert("x-denied", HeaderValue::from_static("1"));
     if h("x-echo-token").is_some() {
         if let Some(token) = parts.extensions.get::<FencingToken>() {
@@ -109,13 +145,17 @@ async fn handle(req: Request<Body>, runs: Arc<AtomicUsize>, started: Arc<Notify>
 pub fn post(path: &str, key: Option<&str>, body: &str) -> Request<Body> {
     let mut builder = Request::post(path).header(header::CONTENT_TYPE, "application/json");
     if let Some(key) = key {
-        builder = builder.header("idempotency-key", HeaderValue::from_bytes(key.as_bytes()).unwrap());
+        builder = builder.header(
+            "idempotency-key",
+            HeaderValue::from_bytes(key.as_bytes()).unwrap(),
+        );
     }
     builder.body(Body::from(body.to_owned())).unwrap()
 }
 
 pub fn with_header(mut req: Request<Body>, name: &'static str, value: &str) -> Request<Body> {
-    req.headers_mut().insert(name, HeaderValue::from_str(value).unwrap());
+    req.headers_mut()
+        .insert(name, HeaderValue::from_str(value).unwrap());
     req
 }
 
@@ -143,7 +183,9 @@ pub struct Reply {
 
 impl Reply {
     pub fn replayed(&self) -> bool {
-        self.headers.get("idempotent-replayed").is_some_and(|v| v == "true")
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -160,15 +202,26 @@ pub fn spawn_send(router: &Router, req: Request<Body>) -> tokio::task::JoinHandl
 pub async fn send(router: &Router, req: Request<Body>) -> Reply {
     let response = router.clone().oneshot(req).await.unwrap();
     let (parts, body) = response.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    Reply { status: parts.status, headers: parts.headers, body }
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }
 
 /// Asserts an RFC 9457 problem with the stable `type` of `slug`.
 #[track_caller]
 pub fn assert_problem(reply: &Reply, status: StatusCode, slug: &str) {
     assert_eq!(reply.status, status, "body: {:?}", reply.body);
-    assert_eq!(reply.headers[header::CONTENT_TYPE], "application/problem+json");
+    assert_eq!(
+        reply.headers[header::CONTENT_TYPE],
+        "application/problem+json"
+    );
     let json = reply.json();
     assert_eq!(json["type"], format!("{PROBLEM_TYPE_BASE}{slug}"), "{json}");
     assert_eq!(json["status"], status.as_u16());

@@ -75,21 +75,37 @@ pub async fn key_missing_when_required_is_400<St: Store>(store: St) {
 pub async fn key_invalid_is_400<St: Store>(store: St) {
     let h = Harness::new(IdempotencyLayer::new(store).global_scope());
     let long = "k".repeat(256);
-    for bad in ["", "\"unterminated", "\"a\"b", "has space", "\"\"", long.as_str()] {
+    for bad in [
+        "",
+        "\"unterminated",
+        "\"a\"b",
+        "has space",
+        "\"\"",
+        long.as_str(),
+    ] {
         let r = send(&h.router, post("/pay", Some(bad), "{}")).await;
         assert_problem(&r, StatusCode::BAD_REQUEST, "idempotency-key-invalid");
     }
     // Two header fields.
     let mut req = post("/pay", Some("a"), "{}");
-    req.headers_mut().append("idempotency-key", "b".parse().unwrap());
-    assert_problem(&send(&h.router, req).await, StatusCode::BAD_REQUEST, "idempotency-key-invalid");
+    req.headers_mut()
+        .append("idempotency-key", "b".parse().unwrap());
+    assert_problem(
+        &send(&h.router, req).await,
+        StatusCode::BAD_REQUEST,
+        "idempotency-key-invalid",
+    );
     // Non-UTF-8 bytes.
     let mut req = post("/pay", None, "{}");
     req.headers_mut().insert(
         "idempotency-key",
         header::HeaderValue::from_bytes(&[b'k', 0xff]).unwrap(),
     );
-    assert_problem(&send(&h.router, req).await, StatusCode::BAD_REQUEST, "idempotency-key-invalid");
+    assert_problem(
+        &send(&h.router, req).await,
+        StatusCode::BAD_REQUEST,
+        "idempotency-key-invalid",
+    );
     assert_eq!(h.runs(), 0);
     // The quoted and bare forms are one key.
     let a = send(&h.router, post("/pay", Some("\"same\""), "{}")).await;
@@ -103,10 +119,15 @@ pub async fn key_invalid_is_400<St: Store>(store: St) {
 
 pub async fn body_unreadable_is_400<St: Store>(store: St) {
     let h = Harness::new(IdempotencyLayer::new(store).global_scope());
-    let chunks: Vec<Result<&'static str, std::io::Error>> =
-        vec![Ok("{\"a\":"), Err(std::io::Error::other("connection reset"))];
+    let chunks: Vec<Result<&'static str, std::io::Error>> = vec![
+        Ok("{\"a\":"),
+        Err(std::io::Error::other("connection reset")),
+    ];
     let body = Body::from_stream(futures_util::stream::iter(chunks));
-    let req = Request::post("/pay").header("idempotency-key", "k").body(body).unwrap();
+    let req = Request::post("/pay")
+        .header("idempotency-key", "k")
+        .body(body)
+        .unwrap();
     let r = send(&h.router, req).await;
     assert_problem(&r, StatusCode::BAD_REQUEST, "request-body-unreadable");
     assert_eq!(h.runs(), 0);
@@ -119,13 +140,21 @@ pub async fn body_over_limit_is_413<St: Store>(store: St) {
     assert_problem(&r, StatusCode::PAYLOAD_TOO_LARGE, "request-body-too-large");
     assert_eq!(r.headers[header::CONNECTION], "close");
     // Chunked, no length: over the limit while reading.
-    let chunks: Vec<Result<&'static str, std::io::Error>> = vec![Ok("0123456789"), Ok(""), Ok("0123456789")];
+    let chunks: Vec<Result<&'static str, std::io::Error>> =
+        vec![Ok("0123456789"), Ok(""), Ok("0123456789")];
     let body = Body::from_stream(futures_util::stream::iter(chunks));
-    let req = Request::post("/pay").header("idempotency-key", "k2").body(body).unwrap();
+    let req = Request::post("/pay")
+        .header("idempotency-key", "k2")
+        .body(body)
+        .unwrap();
     let r = send(&h.router, req).await;
     assert_problem(&r, StatusCode::PAYLOAD_TOO_LARGE, "request-body-too-large");
     // Exactly at the limit is fine.
-    let r = send(&h.router, post("/pay", Some("k3"), &format!("\"{}\"", "x".repeat(14)))).await;
+    let r = send(
+        &h.router,
+        post("/pay", Some("k3"), &format!("\"{}\"", "x".repeat(14))),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::CREATED);
     assert_eq!(h.runs(), 1);
 }
@@ -134,32 +163,57 @@ pub async fn completed_is_replayed_byte_for_byte<St: Store>(store: St) {
     let h = Harness::new(IdempotencyLayer::new(store).global_scope());
     let first = send(&h.router, post("/pay", Some("k"), "{\"amount\":1}")).await;
     assert_eq!(first.status, StatusCode::CREATED);
-    assert!(first.headers.get("idempotent-replayed").is_none(), "first response is not a replay");
+    assert!(
+        first.headers.get("idempotent-replayed").is_none(),
+        "first response is not a replay"
+    );
     for _ in 0..3 {
         let retry = send(&h.router, post("/pay", Some("k"), "{\"amount\":1}")).await;
         assert_eq!(retry.status, first.status);
         assert_eq!(retry.body, first.body);
         assert!(retry.replayed());
-        assert_eq!(retry.headers[header::CONTENT_LENGTH], first.body.len().to_string());
+        assert_eq!(
+            retry.headers[header::CONTENT_LENGTH],
+            first.body.len().to_string()
+        );
     }
     assert_eq!(h.runs(), 1);
 }
 
 pub async fn replay_keeps_headers_as_spec_says<St: Store>(store: St) {
-    let h = Harness::new(IdempotencyLayer::new(store).global_scope().deny_replay_headers([
-        header::HeaderName::from_static("x-denied"),
-    ]));
+    let h = Harness::new(
+        IdempotencyLayer::new(store)
+            .global_scope()
+            .deny_replay_headers([header::HeaderName::from_static("x-denied")]),
+    );
     let first = send(&h.router, post("/pay", Some("k"), "{}")).await;
     assert_eq!(first.headers.get_all(header::LINK).iter().count(), 2);
     assert!(first.headers.get(header::SET_COOKIE).is_some());
     let retry = send(&h.router, post("/pay", Some("k"), "{}")).await;
     assert!(retry.replayed());
     let links: Vec<_> = retry.headers.get_all(header::LINK).iter().collect();
-    assert_eq!(links, vec!["</a>; rel=\"a\"", "</b>; rel=\"b\""], "order and count kept");
-    assert_eq!(retry.headers["x-bin"].as_bytes(), &[b'v', 0xff, 0xfe], "non-UTF-8 kept byte for byte");
-    assert!(retry.headers.get(header::SET_COOKIE).is_none(), "Set-Cookie is never replayed");
-    assert!(retry.headers.get(header::DATE).is_none(), "Date is not stored");
-    assert!(retry.headers.get("x-denied").is_none(), "denied header not replayed");
+    assert_eq!(
+        links,
+        vec!["</a>; rel=\"a\"", "</b>; rel=\"b\""],
+        "order and count kept"
+    );
+    assert_eq!(
+        retry.headers["x-bin"].as_bytes(),
+        &[b'v', 0xff, 0xfe],
+        "non-UTF-8 kept byte for byte"
+    );
+    assert!(
+        retry.headers.get(header::SET_COOKIE).is_none(),
+        "Set-Cookie is never replayed"
+    );
+    assert!(
+        retry.headers.get(header::DATE).is_none(),
+        "Date is not stored"
+    );
+    assert!(
+        retry.headers.get("x-denied").is_none(),
+        "denied header not replayed"
+    );
     assert_eq!(retry.headers[header::CONTENT_TYPE], "application/json");
 }
 
@@ -177,32 +231,64 @@ pub async fn no_content_replays_empty<St: Store>(store: St) {
 
 pub async fn different_payload_is_422<St: Store>(store: St) {
     let h = Harness::new(IdempotencyLayer::new(store).global_scope());
-    assert_eq!(send(&h.router, post("/pay", Some("k"), "{\"amount\":1}")).await.status, StatusCode::CREATED);
+    assert_eq!(
+        send(&h.router, post("/pay", Some("k"), "{\"amount\":1}"))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
     let r = send(&h.router, post("/pay", Some("k"), "{\"amount\":2}")).await;
-    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused");
+    assert_problem(
+        &r,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency-key-reused",
+    );
     // A fingerprinted header (Content-Type) counts as payload too.
     let mut req = post("/pay", Some("k"), "{\"amount\":1}");
-    req.headers_mut().insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
-    assert_problem(&send(&h.router, req).await, StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused");
+    req.headers_mut()
+        .insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+    assert_problem(
+        &send(&h.router, req).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency-key-reused",
+    );
     assert_eq!(h.runs(), 1);
 }
 
 pub async fn different_payload_while_in_flight_is_422<St: Store>(store: St) {
     let h = Harness::new(IdempotencyLayer::new(store).global_scope());
-    let slow = app::spawn_send(&h.router, app::delayed(post("/pay", Some("k"), "{\"v\":\"a\"}"), 400));
+    let slow = app::spawn_send(
+        &h.router,
+        app::delayed(post("/pay", Some("k"), "{\"v\":\"a\"}"), 400),
+    );
     h.started.notified().await;
     let r = send(&h.router, post("/pay", Some("k"), "{\"v\":\"b\"}")).await;
-    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused");
+    assert_problem(
+        &r,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency-key-reused",
+    );
     assert_eq!(slow.await.unwrap().status, StatusCode::CREATED);
     assert_eq!(h.runs(), 1);
 }
 
 pub async fn changed_query_is_422<St: Store>(store: St) {
     let h = Harness::new(IdempotencyLayer::new(store).global_scope());
-    assert_eq!(send(&h.router, post("/pay?x=1", Some("k"), "{}")).await.status, StatusCode::CREATED);
+    assert_eq!(
+        send(&h.router, post("/pay?x=1", Some("k"), "{}"))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
     let r = send(&h.router, post("/pay?x=2", Some("k"), "{}")).await;
-    assert_problem(&r, StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused");
-    assert!(send(&h.router, post("/pay?x=1", Some("k"), "{}")).await.replayed());
+    assert_problem(
+        &r,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency-key-reused",
+    );
+    assert!(send(&h.router, post("/pay?x=1", Some("k"), "{}"))
+        .await
+        .replayed());
     assert_eq!(h.runs(), 1);
 }
 
@@ -222,7 +308,11 @@ pub async fn in_flight_conflict_is_409<St: Store>(store: St) {
 }
 
 pub async fn in_flight_wait_replays<St: Store>(store: St) {
-    let h = Harness::new(IdempotencyLayer::new(store).global_scope().in_flight(InFlight::Wait(Duration::from_secs(5))));
+    let h = Harness::new(
+        IdempotencyLayer::new(store)
+            .global_scope()
+            .in_flight(InFlight::Wait(Duration::from_secs(5))),
+    );
     let slow = app::spawn_send(&h.router, app::delayed(post("/pay", Some("k"), "{}"), 300));
     h.started.notified().await;
     let waiter = send(&h.router, post("/pay", Some("k"), "{}")).await;
@@ -234,14 +324,19 @@ pub async fn in_flight_wait_replays<St: Store>(store: St) {
 }
 
 pub async fn in_flight_wait_times_out_with_409<St: Store>(store: St) {
-    let layer = IdempotencyLayer::new(store).global_scope().in_flight(InFlight::Wait(Duration::from_millis(150)));
+    let layer = IdempotencyLayer::new(store)
+        .global_scope()
+        .in_flight(InFlight::Wait(Duration::from_millis(150)));
     let h = Harness::new(layer);
     let slow = app::spawn_send(&h.router, app::delayed(post("/pay", Some("k"), "{}"), 1200));
     h.started.notified().await;
     let started = tokio::time::Instant::now();
     let r = send(&h.router, post("/pay", Some("k"), "{}")).await;
     assert_problem(&r, StatusCode::CONFLICT, "request-in-flight");
-    assert!(started.elapsed() >= Duration::from_millis(150), "waited the bound");
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "waited the bound"
+    );
     slow.await.unwrap();
     assert_eq!(h.runs(), 1);
 }
@@ -249,30 +344,57 @@ pub async fn in_flight_wait_times_out_with_409<St: Store>(store: St) {
 pub async fn waiter_runs_after_release<St: Store>(store: St) {
     // The first run answers 400 (released); of the waiters, exactly one becomes the owner
     // and runs; the others replay its stored 201.
-    let h = Harness::new(IdempotencyLayer::new(store).global_scope().in_flight(InFlight::Wait(Duration::from_secs(5))));
+    let h = Harness::new(
+        IdempotencyLayer::new(store)
+            .global_scope()
+            .in_flight(InFlight::Wait(Duration::from_secs(5))),
+    );
     let first = app::spawn_send(
         &h.router,
-        app::with_header(app::delayed(post("/pay", Some("k"), "{}"), 300), "x-fail-first", "400"),
+        app::with_header(
+            app::delayed(post("/pay", Some("k"), "{}"), 300),
+            "x-fail-first",
+            "400",
+        ),
     );
     h.started.notified().await;
     let waiters = join_all((0..8).map(|_| send(&h.router, post("/pay", Some("k"), "{}")))).await;
     assert_eq!(first.await.unwrap().status, StatusCode::BAD_REQUEST);
     assert_eq!(h.runs(), 2, "the failed first run and exactly one waiter");
     let bodies: Vec<_> = waiters.iter().map(|r| (r.status, r.body.clone())).collect();
-    assert!(bodies.iter().all(|b| *b == bodies[0]), "all waiters got one answer: {bodies:?}");
+    assert!(
+        bodies.iter().all(|b| *b == bodies[0]),
+        "all waiters got one answer: {bodies:?}"
+    );
     assert_eq!(bodies[0].0, StatusCode::CREATED);
-    assert_eq!(waiters.iter().filter(|r| !r.replayed()).count(), 1, "one waiter ran, the rest replayed");
+    assert_eq!(
+        waiters.iter().filter(|r| !r.replayed()).count(),
+        1,
+        "one waiter ran, the rest replayed"
+    );
 }
 
 pub async fn concurrent_first_requests_run_once<St: Store>(store: St) {
-    let h = Harness::new(IdempotencyLayer::new(store).global_scope().in_flight(InFlight::Wait(Duration::from_secs(10))));
+    let h = Harness::new(
+        IdempotencyLayer::new(store)
+            .global_scope()
+            .in_flight(InFlight::Wait(Duration::from_secs(10))),
+    );
     let requests = (0..64).map(|_| {
         let router = h.router.clone();
-        tokio::spawn(async move { send(&router, app::delayed(post("/pay", Some("k"), "{}"), 100)).await })
+        tokio::spawn(async move {
+            send(&router, app::delayed(post("/pay", Some("k"), "{}"), 100)).await
+        })
     });
-    let replies: Vec<Reply> = join_all(requests).await.into_iter().map(Result::unwrap).collect();
+    let replies: Vec<Reply> = join_all(requests)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
     assert_eq!(h.runs(), 1, "exactly one execution");
-    assert!(replies.iter().all(|r| r.status == StatusCode::CREATED && r.body == replies[0].body));
+    assert!(replies
+        .iter()
+        .all(|r| r.status == StatusCode::CREATED && r.body == replies[0].body));
     assert_eq!(replies.iter().filter(|r| r.replayed()).count(), 63);
 }
 
@@ -290,13 +412,18 @@ pub async fn client_error_releases_and_corrected_retry_runs<St: Store>(store: St
 pub async fn server_error_is_released_by_default<St: Store>(store: St) {
     let h = Harness::new(IdempotencyLayer::new(store).global_scope());
     let req = || app::with_header(post("/pay", Some("k"), "{}"), "x-fail-first", "500");
-    assert_eq!(send(&h.router, req()).await.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        send(&h.router, req()).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
     assert_eq!(send(&h.router, req()).await.status, StatusCode::CREATED);
     assert_eq!(h.runs(), 2);
 }
 
 pub async fn successes_and_server_errors_replays_500<St: Store>(store: St) {
-    let layer = IdempotencyLayer::new(store).global_scope().store_when(StorePolicy::SuccessesAndServerErrors);
+    let layer = IdempotencyLayer::new(store)
+        .global_scope()
+        .store_when(StorePolicy::SuccessesAndServerErrors);
     let h = Harness::new(layer);
     let req = || app::with_header(post("/pay", Some("k"), "{}"), "x-fail-first", "500");
     let first = send(&h.router, req()).await;
@@ -309,11 +436,19 @@ pub async fn successes_and_server_errors_replays_500<St: Store>(store: St) {
 }
 
 pub async fn oversized_response_is_streamed_then_not_replayable<St: Store>(store: St) {
-    let h = Harness::new(IdempotencyLayer::new(store).global_scope().max_stored_response(1024));
+    let h = Harness::new(
+        IdempotencyLayer::new(store)
+            .global_scope()
+            .max_stored_response(1024),
+    );
     let req = || app::with_header(post("/pay", Some("k"), "{}"), "x-body-size", "100000");
     let first = send(&h.router, req()).await;
     assert_eq!(first.status, StatusCode::CREATED);
-    assert_eq!(first.body.len(), 100_000, "streamed whole to the first caller");
+    assert_eq!(
+        first.body.len(),
+        100_000,
+        "streamed whole to the first caller"
+    );
     let retry = send(&h.router, req()).await;
     assert_problem(&retry, StatusCode::CONFLICT, "response-not-replayable");
     assert_eq!(h.runs(), 1, "never a second execution");
@@ -325,7 +460,11 @@ pub async fn handler_panic_releases_key<St: Store>(store: St) {
     let r = send(&h.router, req()).await;
     assert_problem(&r, StatusCode::INTERNAL_SERVER_ERROR, "handler-failed");
     let retry = send(&h.router, req()).await;
-    assert_eq!(retry.status, StatusCode::CREATED, "released: the retry runs");
+    assert_eq!(
+        retry.status,
+        StatusCode::CREATED,
+        "released: the retry runs"
+    );
     assert_eq!(h.runs(), 2);
 }
 
@@ -333,7 +472,13 @@ pub async fn handler_panic_releases_key<St: Store>(store: St) {
 
 pub async fn tenants_do_not_share_scopes<St: Store>(store: St) {
     let h = Harness::new(IdempotencyLayer::new(store).tenant(app::bearer_tenant));
-    let as_tenant = |t: &str| app::with_header(post("/pay", Some("k"), "{}"), "authorization", &format!("Bearer {t}"));
+    let as_tenant = |t: &str| {
+        app::with_header(
+            post("/pay", Some("k"), "{}"),
+            "authorization",
+            &format!("Bearer {t}"),
+        )
+    };
     let a = send(&h.router, as_tenant("alice")).await;
     let b = send(&h.router, as_tenant("bob")).await;
     assert!(!a.replayed() && !b.replayed());
@@ -344,30 +489,58 @@ pub async fn tenants_do_not_share_scopes<St: Store>(store: St) {
 
 pub async fn routes_and_resources_do_not_share_scopes<St: Store>(store: St) {
     let h = Harness::new(IdempotencyLayer::new(store).global_scope());
-    for path in ["/pay", "/orders/1/cancel", "/orders/2/cancel", "/nested/pay"] {
+    for path in [
+        "/pay",
+        "/orders/1/cancel",
+        "/orders/2/cancel",
+        "/nested/pay",
+    ] {
         let r = send(&h.router, post(path, Some("same-key"), "{}")).await;
         assert_eq!(r.status, StatusCode::CREATED, "{path}");
         assert!(!r.replayed(), "{path} ran");
     }
     assert_eq!(h.runs(), 4);
-    assert!(send(&h.router, post("/orders/2/cancel", Some("same-key"), "{}")).await.replayed());
+    assert!(
+        send(&h.router, post("/orders/2/cancel", Some("same-key"), "{}"))
+            .await
+            .replayed()
+    );
 }
 
 pub async fn authenticated_request_without_tenant_is_500<St: Store>(store: St) {
     let h = Harness::new(IdempotencyLayer::new(store));
-    let req = app::with_header(post("/pay", Some("k"), "{}"), "authorization", "Bearer alice");
-    assert_problem(&send(&h.router, req).await, StatusCode::INTERNAL_SERVER_ERROR, "scope-not-configured");
+    let req = app::with_header(
+        post("/pay", Some("k"), "{}"),
+        "authorization",
+        "Bearer alice",
+    );
+    assert_problem(
+        &send(&h.router, req).await,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "scope-not-configured",
+    );
     let req = app::with_header(post("/pay", Some("k"), "{}"), "cookie", "session=1");
-    assert_problem(&send(&h.router, req).await, StatusCode::INTERNAL_SERVER_ERROR, "scope-not-configured");
+    assert_problem(
+        &send(&h.router, req).await,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "scope-not-configured",
+    );
     assert_eq!(h.runs(), 0);
     // Anonymous requests are one global scope without configuration.
-    assert_eq!(send(&h.router, post("/pay", Some("k"), "{}")).await.status, StatusCode::CREATED);
+    assert_eq!(
+        send(&h.router, post("/pay", Some("k"), "{}")).await.status,
+        StatusCode::CREATED
+    );
 }
 
 pub async fn resolver_without_tenant_is_500<St: Store>(store: St) {
     let h = Harness::new(IdempotencyLayer::new(store).tenant(app::bearer_tenant));
     let r = send(&h.router, post("/pay", Some("k"), "{}")).await;
-    assert_problem(&r, StatusCode::INTERNAL_SERVER_ERROR, "scope-not-configured");
+    assert_problem(
+        &r,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "scope-not-configured",
+    );
     assert_eq!(h.runs(), 0);
 }
 
@@ -380,7 +553,9 @@ pub async fn ttl_expiry_runs_again<St: Store>(store: St) {
         .ttl(Duration::from_millis(400));
     let h = Harness::new(layer);
     send(&h.router, post("/pay", Some("k"), "{}")).await;
-    assert!(send(&h.router, post("/pay", Some("k"), "{}")).await.replayed());
+    assert!(send(&h.router, post("/pay", Some("k"), "{}"))
+        .await
+        .replayed());
     tokio::time::sleep(Duration::from_millis(600)).await;
     let after = send(&h.router, post("/pay", Some("k"), "{}")).await;
     assert!(!after.replayed(), "expired record: the handler runs again");
@@ -390,21 +565,33 @@ pub async fn ttl_expiry_runs_again<St: Store>(store: St) {
 pub async fn hang_up_mid_handler_still_stores<St: Store>(store: St) {
     let h = Harness::new(IdempotencyLayer::new(store).global_scope());
     let router = h.router.clone();
-    let call = tokio::spawn(async move { send(&router, app::delayed(post("/pay", Some("k"), "{}"), 300)).await });
+    let call = tokio::spawn(async move {
+        send(&router, app::delayed(post("/pay", Some("k"), "{}"), 300)).await
+    });
     h.started.notified().await;
     call.abort(); // the client hangs up while the handler runs
     assert!(call.await.unwrap_err().is_cancelled());
     h.finished.notified().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let retry = send(&h.router, post("/pay", Some("k"), "{}")).await;
-    assert!(retry.replayed(), "the result was stored although the caller left");
+    assert!(
+        retry.replayed(),
+        "the result was stored although the caller left"
+    );
     assert_eq!(h.runs(), 1);
 }
 
 pub async fn fencing_token_reaches_handler<St: Store>(store: St) {
     let h = Harness::new(IdempotencyLayer::new(store).global_scope());
-    let r = send(&h.router, app::with_header(post("/pay", Some("k"), "{}"), "x-echo-token", "1")).await;
-    let token = r.headers.get("x-token").expect("handler saw a FencingToken extension");
+    let r = send(
+        &h.router,
+        app::with_header(post("/pay", Some("k"), "{}"), "x-echo-token", "1"),
+    )
+    .await;
+    let token = r
+        .headers
+        .get("x-token")
+        .expect("handler saw a FencingToken extension");
     assert_eq!(token.len(), 32);
 }
 
@@ -422,7 +609,9 @@ pub async fn renewal_keeps_lease_past_its_length<St: Store>(store: St) {
         assert_problem(&r, StatusCode::CONFLICT, "request-in-flight");
     }
     slow.await.unwrap();
-    assert!(send(&h.router, post("/pay", Some("k"), "{}")).await.replayed());
+    assert!(send(&h.router, post("/pay", Some("k"), "{}"))
+        .await
+        .replayed());
     assert_eq!(h.runs(), 1);
 }
 
@@ -438,35 +627,74 @@ pub async fn lost_lease_lets_second_owner_run_and_fences_stale_one<St: Store>(st
     let second = send(&h.router, post("/pay", Some("k"), "{}")).await;
     assert!(!second.replayed(), "the second owner ran");
     let stale = stale.await.unwrap();
-    assert_eq!(stale.status, StatusCode::CREATED, "the stale owner's caller still gets its answer");
+    assert_eq!(
+        stale.status,
+        StatusCode::CREATED,
+        "the stale owner's caller still gets its answer"
+    );
     assert_ne!(stale.body, second.body);
     let retry = send(&h.router, post("/pay", Some("k"), "{}")).await;
-    assert_eq!(retry.body, second.body, "the stale owner could not overwrite the newer record");
+    assert_eq!(
+        retry.body, second.body,
+        "the stale owner could not overwrite the newer record"
+    );
     assert_eq!(h.runs(), 2);
 }
 
 pub async fn store_level_fencing_and_fresh_tokens<St: Store>(store: St) {
     // A key unique to this run, so a shared Redis never sees a leftover.
     let key = FencingToken::generate().to_hex();
-    let scope = ScopeHash::new(None, &axum::http::Method::POST, "/store-level", key.as_bytes());
+    let scope = ScopeHash::new(
+        None,
+        &axum::http::Method::POST,
+        "/store-level",
+        key.as_bytes(),
+    );
     let fp = Fingerprint::from_bytes([3; 32]);
     let lease = Duration::from_millis(150);
     let t1 = FencingToken::generate();
-    assert_eq!(store.reserve(&scope, &fp, t1, lease).await.unwrap(), Reservation::Reserved);
+    assert_eq!(
+        store.reserve(&scope, &fp, t1, lease).await.unwrap(),
+        Reservation::Reserved
+    );
     assert!(store.release(&scope, t1).await.unwrap());
     let t2 = FencingToken::generate();
     assert_ne!(t1, t2, "a released and re-reserved key gets a fresh token");
-    assert_eq!(store.reserve(&scope, &fp, t2, lease).await.unwrap(), Reservation::Reserved);
-    assert!(!store.release(&scope, t1).await.unwrap(), "stale token cannot release");
-    assert!(!store.renew(&scope, t1, lease).await.unwrap(), "stale token cannot renew");
+    assert_eq!(
+        store.reserve(&scope, &fp, t2, lease).await.unwrap(),
+        Reservation::Reserved
+    );
+    assert!(
+        !store.release(&scope, t1).await.unwrap(),
+        "stale token cannot release"
+    );
+    assert!(
+        !store.renew(&scope, t1, lease).await.unwrap(),
+        "stale token cannot renew"
+    );
     tokio::time::sleep(Duration::from_millis(250)).await;
     let t3 = FencingToken::generate();
-    assert_eq!(store.reserve(&scope, &fp, t3, lease).await.unwrap(), Reservation::Reserved);
+    assert_eq!(
+        store.reserve(&scope, &fp, t3, lease).await.unwrap(),
+        Reservation::Reserved
+    );
     let rec = Record::NotReplayable;
     let ttl = Duration::from_secs(5);
-    assert_eq!(store.complete(&scope, t2, &rec, ttl).await.unwrap(), tower_idempotency::Completion::Fenced);
-    assert_eq!(store.complete(&scope, t3, &rec, ttl).await.unwrap(), tower_idempotency::Completion::Stored);
-    assert_eq!(store.complete(&scope, t3, &rec, ttl).await.unwrap(), tower_idempotency::Completion::Stored);
-    let again = store.reserve(&scope, &fp, FencingToken::generate(), lease).await.unwrap();
+    assert_eq!(
+        store.complete(&scope, t2, &rec, ttl).await.unwrap(),
+        tower_idempotency::Completion::Fenced
+    );
+    assert_eq!(
+        store.complete(&scope, t3, &rec, ttl).await.unwrap(),
+        tower_idempotency::Completion::Stored
+    );
+    assert_eq!(
+        store.complete(&scope, t3, &rec, ttl).await.unwrap(),
+        tower_idempotency::Completion::Stored
+    );
+    let again = store
+        .reserve(&scope, &fp, FencingToken::generate(), lease)
+        .await
+        .unwrap();
     assert_eq!(again, Reservation::Completed(Record::NotReplayable));
 }

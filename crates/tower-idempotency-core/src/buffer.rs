@@ -90,11 +90,15 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::{Full, StreamBody};
     use http_body::Frame;
+    use http_body_util::{Full, StreamBody};
 
     fn limits(max: usize) -> Limits {
-        Limits { max, drain_bytes: 1 << 20, drain_time: Duration::from_secs(1) }
+        Limits {
+            max,
+            drain_bytes: 1 << 20,
+            drain_time: Duration::from_secs(1),
+        }
     }
 
     #[tokio::test]
@@ -105,24 +109,40 @@ mod tests {
             Ok(Frame::data(Bytes::from_static(b"cd"))),
         ];
         let body = StreamBody::new(futures_util::stream::iter(chunks));
-        assert_eq!(buffer(body, &limits(10)).await.unwrap(), Bytes::from_static(b"abcd"));
+        assert_eq!(
+            buffer(body, &limits(10)).await.unwrap(),
+            Bytes::from_static(b"abcd")
+        );
     }
 
     #[tokio::test]
     async fn over_limit_by_length_or_by_reading() {
         let body = Full::new(Bytes::from_static(b"hello"));
-        assert!(matches!(buffer(body, &limits(4)).await, Err(BufferError::TooLarge)));
-        let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> =
-            vec![Ok(Frame::data(Bytes::from_static(b"abc"))), Ok(Frame::data(Bytes::from_static(b"de")))];
+        assert!(matches!(
+            buffer(body, &limits(4)).await,
+            Err(BufferError::TooLarge)
+        ));
+        let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::from_static(b"de"))),
+        ];
         let body = StreamBody::new(futures_util::stream::iter(chunks));
-        assert!(matches!(buffer(body, &limits(4)).await, Err(BufferError::TooLarge)));
+        assert!(matches!(
+            buffer(body, &limits(4)).await,
+            Err(BufferError::TooLarge)
+        ));
     }
 
     #[tokio::test]
     async fn body_error_is_unreadable() {
-        let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> =
-            vec![Ok(Frame::data(Bytes::from_static(b"a"))), Err(std::io::Error::other("reset"))];
+        let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"a"))),
+            Err(std::io::Error::other("reset")),
+        ];
         let body = StreamBody::new(futures_util::stream::iter(chunks));
-        assert!(matches!(buffer(body, &limits(4)).await, Err(BufferError::Unreadable(_))));
+        assert!(matches!(
+            buffer(body, &limits(4)).await,
+            Err(BufferError::Unreadable(_))
+        ));
     }
 }

@@ -97,7 +97,9 @@ impl Fingerprint {
         body: &[u8],
     ) -> Self {
         let mut fields = Fields::new("tower-idempotency fingerprint v1");
-        fields.field(method.as_str().as_bytes()).field(path.as_bytes());
+        fields
+            .field(method.as_str().as_bytes())
+            .field(path.as_bytes());
         match query {
             Some(query) => fields.field(b"?").field(query.as_bytes()),
             None => fields.field(b""),
@@ -125,9 +127,15 @@ mod tests {
         let base = ScopeHash::new(Some(b"t1"), &Method::POST, "/a", b"k");
         assert_ne!(base, ScopeHash::new(Some(b"t2"), &Method::POST, "/a", b"k"));
         assert_ne!(base, ScopeHash::new(None, &Method::POST, "/a", b"k"));
-        assert_ne!(base, ScopeHash::new(Some(b"t1"), &Method::PATCH, "/a", b"k"));
+        assert_ne!(
+            base,
+            ScopeHash::new(Some(b"t1"), &Method::PATCH, "/a", b"k")
+        );
         assert_ne!(base, ScopeHash::new(Some(b"t1"), &Method::POST, "/b", b"k"));
-        assert_ne!(base, ScopeHash::new(Some(b"t1"), &Method::POST, "/a", b"k2"));
+        assert_ne!(
+            base,
+            ScopeHash::new(Some(b"t1"), &Method::POST, "/a", b"k2")
+        );
         // Length prefixes: moving a byte between fields changes the hash.
         assert_ne!(
             ScopeHash::new(Some(b"ab"), &Method::POST, "/a", b"k"),
@@ -140,8 +148,13 @@ mod tests {
     fn fingerprint_covers_query_headers_and_body() {
         let ct = [http::header::CONTENT_TYPE];
         let mut json = HeaderMap::new();
-        json.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let fp = |q: Option<&str>, h: &HeaderMap, b: &[u8]| Fingerprint::new(&Method::POST, "/p", q, h, &ct, b);
+        json.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let fp = |q: Option<&str>, h: &HeaderMap, b: &[u8]| {
+            Fingerprint::new(&Method::POST, "/p", q, h, &ct, b)
+        };
         let base = fp(None, &json, b"{}");
         assert_ne!(base, fp(Some(""), &json, b"{}"));
         assert_ne!(base, fp(Some("a=1"), &json, b"{}"));

@@ -34,15 +34,23 @@ pin_project! {
 
 impl<F, B, E> ResponseFuture<F, B, E> {
     pub(crate) fn passthrough(future: F) -> Self {
-        ResponseFuture { kind: Kind::Passthrough { future } }
+        ResponseFuture {
+            kind: Kind::Passthrough { future },
+        }
     }
 
     pub(crate) fn ready(response: Response<ResponseBody<B>>) -> Self {
-        ResponseFuture { kind: Kind::Ready { response: Some(response) } }
+        ResponseFuture {
+            kind: Kind::Ready {
+                response: Some(response),
+            },
+        }
     }
 
     pub(crate) fn detached(future: Detached<B, E>) -> Self {
-        ResponseFuture { kind: Kind::Detached { future } }
+        ResponseFuture {
+            kind: Kind::Detached { future },
+        }
     }
 }
 
@@ -75,6 +83,8 @@ impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
             Kind::Ready { .. } => "Ready",
             Kind::Detached { .. } => "Detached",
         };
-        f.debug_struct("ResponseFuture").field("kind", &kind).finish()
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
     }
 }

@@ -128,21 +128,45 @@ mod tests {
 
     #[test]
     fn quoted_and_bare_are_one_key() {
-        assert_eq!(IdempotencyKey::parse(b"\"abc\""), IdempotencyKey::parse(b"abc"));
-        assert_eq!(IdempotencyKey::parse(b"\"a\\\"b\"").unwrap().as_str(), "a\"b");
-        assert_eq!(IdempotencyKey::parse(b"\"a\\\\b\"").unwrap().as_str(), "a\\b");
+        assert_eq!(
+            IdempotencyKey::parse(b"\"abc\""),
+            IdempotencyKey::parse(b"abc")
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"\"a\\\"b\"").unwrap().as_str(),
+            "a\"b"
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"\"a\\\\b\"").unwrap().as_str(),
+            "a\\b"
+        );
     }
 
     #[test]
     fn rejects_bad_keys() {
         assert_eq!(IdempotencyKey::parse(b""), Err(KeyError::Empty));
         assert_eq!(IdempotencyKey::parse(b"\"\""), Err(KeyError::Empty));
-        assert_eq!(IdempotencyKey::parse(b"\"abc"), Err(KeyError::InvalidQuoting));
-        assert_eq!(IdempotencyKey::parse(b"\"abc\"x"), Err(KeyError::InvalidQuoting));
-        assert_eq!(IdempotencyKey::parse(b"\"a\\nb\""), Err(KeyError::InvalidQuoting));
-        assert_eq!(IdempotencyKey::parse(b"\"a\tb\""), Err(KeyError::InvalidQuoting));
+        assert_eq!(
+            IdempotencyKey::parse(b"\"abc"),
+            Err(KeyError::InvalidQuoting)
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"\"abc\"x"),
+            Err(KeyError::InvalidQuoting)
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"\"a\\nb\""),
+            Err(KeyError::InvalidQuoting)
+        );
+        assert_eq!(
+            IdempotencyKey::parse(b"\"a\tb\""),
+            Err(KeyError::InvalidQuoting)
+        );
         // Space is a valid sf-string char but not a valid key byte.
-        assert_eq!(IdempotencyKey::parse(b"\"a b\""), Err(KeyError::InvalidByte));
+        assert_eq!(
+            IdempotencyKey::parse(b"\"a b\""),
+            Err(KeyError::InvalidByte)
+        );
         assert_eq!(IdempotencyKey::parse(b"a b"), Err(KeyError::InvalidByte));
         assert_eq!(IdempotencyKey::parse(&[0xff]), Err(KeyError::InvalidByte));
         assert!(IdempotencyKey::parse(&[b'a'; 255]).is_ok());

@@ -27,7 +27,12 @@
 //! [tower-idempotency]: https://docs.rs/tower-idempotency
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
-#![warn(clippy::all, rust_2018_idioms, missing_debug_implementations, unreachable_pub)]
+#![warn(
+    clippy::all,
+    rust_2018_idioms,
+    missing_debug_implementations,
+    unreachable_pub
+)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod body;

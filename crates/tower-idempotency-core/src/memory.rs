@@ -200,7 +200,9 @@ fn deadline(now: Instant, d: Duration) -> Instant {
 /// A poisoned shard only means a panic happened while it was locked; every mutation
 /// below leaves the map consistent at each step, so the data is still sound.
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    shard
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Inner {
@@ -213,7 +215,8 @@ impl Inner {
             }
             live
         });
-        self.len.fetch_sub(before - shard.entries.len(), Ordering::Relaxed);
+        self.len
+            .fetch_sub(before - shard.entries.len(), Ordering::Relaxed);
     }
 
     /// Claims room for one more entry, sweeping first when the store is full.
@@ -426,26 +429,47 @@ mod tests {
     async fn lease_and_ttl_expire_on_the_store_clock() {
         let store = MemoryStore::default();
         let t1 = FencingToken::generate();
-        assert_eq!(store.reserve(&scope(1), &FP, t1, LEASE).await.unwrap(), Reservation::Reserved);
+        assert_eq!(
+            store.reserve(&scope(1), &FP, t1, LEASE).await.unwrap(),
+            Reservation::Reserved
+        );
         tokio::time::advance(Duration::from_secs(31)).await;
         // The lease expired: a new owner gets it and the stale one is fenced.
         let t2 = FencingToken::generate();
-        assert_eq!(store.reserve(&scope(1), &FP, t2, LEASE).await.unwrap(), Reservation::Reserved);
+        assert_eq!(
+            store.reserve(&scope(1), &FP, t2, LEASE).await.unwrap(),
+            Reservation::Reserved
+        );
         let rec = Record::NotReplayable;
         let ttl = Duration::from_secs(60);
-        assert_eq!(store.complete(&scope(1), t1, &rec, ttl).await.unwrap(), Completion::Fenced);
+        assert_eq!(
+            store.complete(&scope(1), t1, &rec, ttl).await.unwrap(),
+            Completion::Fenced
+        );
         assert!(!store.release(&scope(1), t1).await.unwrap());
-        assert_eq!(store.complete(&scope(1), t2, &rec, ttl).await.unwrap(), Completion::Stored);
+        assert_eq!(
+            store.complete(&scope(1), t2, &rec, ttl).await.unwrap(),
+            Completion::Stored
+        );
         // Same token again: idempotent.
-        assert_eq!(store.complete(&scope(1), t2, &rec, ttl).await.unwrap(), Completion::Stored);
+        assert_eq!(
+            store.complete(&scope(1), t2, &rec, ttl).await.unwrap(),
+            Completion::Stored
+        );
         tokio::time::advance(Duration::from_secs(59)).await;
         assert_eq!(
-            store.reserve(&scope(1), &FP, FencingToken::generate(), LEASE).await.unwrap(),
+            store
+                .reserve(&scope(1), &FP, FencingToken::generate(), LEASE)
+                .await
+                .unwrap(),
             Reservation::Completed(rec)
         );
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(
-            store.reserve(&scope(1), &FP, FencingToken::generate(), LEASE).await.unwrap(),
+            store
+                .reserve(&scope(1), &FP, FencingToken::generate(), LEASE)
+                .await
+                .unwrap(),
             Reservation::Reserved
         );
     }
@@ -454,13 +478,19 @@ mod tests {
     async fn full_store_refuses_and_never_evicts_live_entries() {
         let store = MemoryStore::builder().max_entries(2).build();
         for n in 0..2 {
-            let r = store.reserve(&scope(n), &FP, FencingToken::generate(), LEASE).await;
+            let r = store
+                .reserve(&scope(n), &FP, FencingToken::generate(), LEASE)
+                .await;
             assert_eq!(r.unwrap(), Reservation::Reserved);
         }
-        let r = store.reserve(&scope(9), &FP, FencingToken::generate(), LEASE).await;
+        let r = store
+            .reserve(&scope(9), &FP, FencingToken::generate(), LEASE)
+            .await;
         assert!(matches!(r, Err(StoreError::Full { max_entries: 2 })));
         // The live entries are still there.
-        let r = store.reserve(&scope(0), &FP, FencingToken::generate(), LEASE).await;
+        let r = store
+            .reserve(&scope(0), &FP, FencingToken::generate(), LEASE)
+            .await;
         assert_eq!(r.unwrap(), Reservation::InFlight);
         assert_eq!(store.len(), 2);
     }
@@ -469,10 +499,15 @@ mod tests {
     async fn full_store_reuses_expired_slots() {
         let store = MemoryStore::builder().max_entries(2).build();
         for n in 0..2 {
-            store.reserve(&scope(n), &FP, FencingToken::generate(), LEASE).await.unwrap();
+            store
+                .reserve(&scope(n), &FP, FencingToken::generate(), LEASE)
+                .await
+                .unwrap();
         }
         tokio::time::advance(LEASE + Duration::from_millis(1)).await;
-        let r = store.reserve(&scope(7), &FP, FencingToken::generate(), LEASE).await;
+        let r = store
+            .reserve(&scope(7), &FP, FencingToken::generate(), LEASE)
+            .await;
         assert_eq!(r.unwrap(), Reservation::Reserved);
         assert_eq!(store.len(), 1);
     }
@@ -493,9 +528,14 @@ mod tests {
     #[tokio::test]
     async fn mismatch_while_in_flight() {
         let store = MemoryStore::default();
-        store.reserve(&scope(4), &FP, FencingToken::generate(), LEASE).await.unwrap();
+        store
+            .reserve(&scope(4), &FP, FencingToken::generate(), LEASE)
+            .await
+            .unwrap();
         let other = Fingerprint::from_bytes([2; 32]);
-        let r = store.reserve(&scope(4), &other, FencingToken::generate(), LEASE).await;
+        let r = store
+            .reserve(&scope(4), &other, FencingToken::generate(), LEASE)
+            .await;
         assert_eq!(r.unwrap(), Reservation::Mismatch);
     }
 }

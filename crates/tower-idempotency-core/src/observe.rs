@@ -76,7 +76,10 @@ pub(crate) struct Observer {
 
 impl Observer {
     pub(crate) fn new(route: Arc<str>) -> Self {
-        Observer { route, started: Instant::now() }
+        Observer {
+            route,
+            started: Instant::now(),
+        }
     }
 
     pub(crate) fn route(&self) -> &str {
@@ -96,7 +99,8 @@ impl Observer {
     }
 
     pub(crate) fn lease_lost(&self) {
-        metrics::counter!("idempotency_lease_lost_total", "route" => self.route.clone()).increment(1);
+        metrics::counter!("idempotency_lease_lost_total", "route" => self.route.clone())
+            .increment(1);
     }
 
     pub(crate) fn complete_failed(&self) {

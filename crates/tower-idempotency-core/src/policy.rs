@@ -101,7 +101,8 @@ pub(crate) enum Tenant {
 }
 
 /// The methods a policy may cover.
-pub(crate) const COVERABLE: [Method; 4] = [Method::POST, Method::PUT, Method::PATCH, Method::DELETE];
+pub(crate) const COVERABLE: [Method; 4] =
+    [Method::POST, Method::PUT, Method::PATCH, Method::DELETE];
 
 /// The configuration of one [`IdempotencyLayer`](crate::IdempotencyLayer). Read it with
 /// [`IdempotencyLayer::policy`](crate::IdempotencyLayer::policy); see the

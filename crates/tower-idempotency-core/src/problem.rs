@@ -21,7 +21,8 @@ use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 /// The prefix of every problem `type` URI.
-pub const PROBLEM_TYPE_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idempotency/problems/";
+pub const PROBLEM_TYPE_BASE: &str =
+    "https://docs.rs/tower-idempotency/latest/tower_idempotency/problems/";
 
 /// `application/problem+json`.
 pub const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
@@ -119,7 +120,12 @@ impl Problem {
 
     /// The whole response, with `Retry-After` (409 in flight, 503) or `Connection: close`
     /// (413) where the case calls for it.
-    pub(crate) fn response<B>(self, detail: &str, retry_after_secs: u64, body: impl FnOnce(Bytes) -> B) -> Response<B> {
+    pub(crate) fn response<B>(
+        self,
+        detail: &str,
+        retry_after_secs: u64,
+        body: impl FnOnce(Bytes) -> B,
+    ) -> Response<B> {
         let mut response = Response::new(body(self.body(detail)));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
@@ -145,7 +151,10 @@ mod tests {
     fn body_is_rfc9457() {
         let body = Problem::KeyReused.body("the key was used with another payload");
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(json["type"], format!("{PROBLEM_TYPE_BASE}idempotency-key-reused"));
+        assert_eq!(
+            json["type"],
+            format!("{PROBLEM_TYPE_BASE}idempotency-key-reused")
+        );
         assert_eq!(json["status"], 422);
         assert!(json["title"].is_string() && json["detail"].is_string());
     }

@@ -224,8 +224,14 @@ mod tests {
         Record::Response(StoredResponse {
             status: StatusCode::CREATED,
             headers: vec![
-                (HeaderName::from_static("link"), HeaderValue::from_static("<a>")),
-                (HeaderName::from_static("link"), HeaderValue::from_static("<b>")),
+                (
+                    HeaderName::from_static("link"),
+                    HeaderValue::from_static("<a>"),
+                ),
+                (
+                    HeaderName::from_static("link"),
+                    HeaderValue::from_static("<b>"),
+                ),
                 (
                     HeaderName::from_static("x-bin"),
                     HeaderValue::from_bytes(&[0xff, 0xfe, b'a']).unwrap(),

@@ -27,7 +27,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// The headers of `headers` that are kept in a stored record, in order.
-pub(crate) fn stored_headers(headers: &HeaderMap, denied: &[HeaderName]) -> Vec<(HeaderName, HeaderValue)> {
+pub(crate) fn stored_headers(
+    headers: &HeaderMap,
+    denied: &[HeaderName],
+) -> Vec<(HeaderName, HeaderValue)> {
     // Headers named in `Connection` are hop-by-hop too (RFC 9110 section 7.6.1).
     let connection_named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -56,7 +59,11 @@ pub(crate) fn stored_headers(headers: &HeaderMap, denied: &[HeaderName]) -> Vec<
 
 /// The replay of a stored response.
 pub(crate) fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
-    let StoredResponse { status, headers, body } = stored;
+    let StoredResponse {
+        status,
+        headers,
+        body,
+    } = stored;
     let bodiless = status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
         || status.is_informational();
@@ -83,20 +90,33 @@ mod tests {
     fn drops_hop_by_hop_and_keeps_repeats_in_order() {
         let mut h = HeaderMap::new();
         h.append(header::LINK, HeaderValue::from_static("<a>"));
-        h.append(header::CONNECTION, HeaderValue::from_static("x-hop, keep-alive"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("x-hop, keep-alive"),
+        );
         h.append("x-hop", HeaderValue::from_static("1"));
         h.append(header::SET_COOKIE, HeaderValue::from_static("s=1"));
         h.append(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
         h.append(header::DATE, HeaderValue::from_static("today"));
-        h.append(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.append(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.append("x-secret", HeaderValue::from_static("s"));
         h.append(header::LINK, HeaderValue::from_static("<b>"));
         h.append("x-bin", HeaderValue::from_bytes(&[0xfe, b'z']).unwrap());
         let kept = stored_headers(&h, &[HeaderName::from_static("x-secret")]);
-        let names: Vec<_> = kept.iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
+        let names: Vec<_> = kept
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
         assert_eq!(
             names,
-            vec![("link", &b"<a>"[..]), ("link", &b"<b>"[..]), ("x-bin", &[0xfe, b'z'][..])]
+            vec![
+                ("link", &b"<a>"[..]),
+                ("link", &b"<b>"[..]),
+                ("x-bin", &[0xfe, b'z'][..])
+            ]
         );
     }
 

@@ -75,7 +75,10 @@ impl<S, St: Store> Idempotency<S, St> {
 
 impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     St: Store,
@@ -158,7 +161,10 @@ fn key_detail(err: KeyError) -> String {
 }
 
 /// The tenant part of the scope: `Ok(None)` is the global scope.
-fn resolve_tenant(policy: &Policy, parts: &http::request::Parts) -> Result<Option<String>, &'static str> {
+fn resolve_tenant(
+    policy: &Policy,
+    parts: &http::request::Parts,
+) -> Result<Option<String>, &'static str> {
     match &policy.tenant {
         Tenant::Global => Ok(None),
         Tenant::Resolver(resolve) => resolve(parts)

@@ -45,7 +45,11 @@ const WAIT_POLL_MAX: Duration = Duration::from_millis(250);
 const COMPLETE_RETRY_MIN: Duration = Duration::from_millis(50);
 const COMPLETE_RETRY_MAX: Duration = Duration::from_secs(2);
 
-pub(crate) fn problem<B>(policy: &Policy, problem: Problem, detail: &str) -> Response<ResponseBody<B>> {
+pub(crate) fn problem<B>(
+    policy: &Policy,
+    problem: Problem,
+    detail: &str,
+) -> Response<ResponseBody<B>> {
     problem.response(detail, policy.retry_after.as_secs(), ResponseBody::full)
 }
 
@@ -138,7 +142,11 @@ where
                 // the runtime shutting down.
                 tracing::error!(error = %err, "idempotency task failed");
                 self.observer.outcome(Outcome::HandlerFailed);
-                Ok(problem(&policy, Problem::HandlerFailed, "the request could not be completed"))
+                Ok(problem(
+                    &policy,
+                    Problem::HandlerFailed,
+                    "the request could not be completed",
+                ))
             }
         }
     }
@@ -182,7 +190,8 @@ where
                 }
                 Ok(Reservation::Mismatch) => {
                     self.observer.outcome(Outcome::Mismatch);
-                    let detail = "this idempotency key was already used with a different request payload";
+                    let detail =
+                        "this idempotency key was already used with a different request payload";
                     return Ok(problem(&self.policy, Problem::KeyReused, detail));
                 }
                 Ok(Reservation::InFlight) => {}
@@ -244,7 +253,16 @@ where
         ResBody: Body<Data = Bytes>,
         ResBody::Error: Into<BoxError>,
     {
-        let Buffered { mut inner, store, policy, parts, body, scope, observer, .. } = self;
+        let Buffered {
+            mut inner,
+            store,
+            policy,
+            parts,
+            body,
+            scope,
+            observer,
+            ..
+        } = self;
         let lease = Lease {
             store: &store,
             scope: &scope,
@@ -260,10 +278,17 @@ where
             .await;
         let response = match called {
             Err(panic) => {
-                tracing::error!(panic = panic_message(&*panic), "handler panicked; releasing the key");
+                tracing::error!(
+                    panic = panic_message(&*panic),
+                    "handler panicked; releasing the key"
+                );
                 lease.release().await;
                 observer.outcome(Outcome::HandlerFailed);
-                return Ok(problem(&policy, Problem::HandlerFailed, "the request failed; it may be retried with the same key"));
+                return Ok(problem(
+                    &policy,
+                    Problem::HandlerFailed,
+                    "the request failed; it may be retried with the same key",
+                ));
             }
             Ok(Err(err)) => {
                 tracing::debug!("handler returned an error; releasing the key");
@@ -295,22 +320,39 @@ where
                 Ok(Response::from_parts(parts, ResponseBody::full(bytes)))
             }
             Ok(Collected::TooLarge(prefix, rest)) => {
-                tracing::warn!(limit = policy.max_stored_response, "response too large to store; retries will get 409 response-not-replayable");
+                tracing::warn!(
+                    limit = policy.max_stored_response,
+                    "response too large to store; retries will get 409 response-not-replayable"
+                );
                 lease.complete(&Record::NotReplayable).await;
                 observer.outcome(Outcome::TooLargeToStore);
-                Ok(Response::from_parts(parts, ResponseBody::prefixed(prefix, rest)))
+                Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::prefixed(prefix, rest),
+                ))
             }
             Ok(Collected::Failed(err)) => {
                 tracing::error!(error = %err, "response body failed; releasing the key");
                 lease.release().await;
                 observer.outcome(Outcome::HandlerFailed);
-                Ok(problem(&policy, Problem::HandlerFailed, "the request failed; it may be retried with the same key"))
+                Ok(problem(
+                    &policy,
+                    Problem::HandlerFailed,
+                    "the request failed; it may be retried with the same key",
+                ))
             }
             Err(panic) => {
-                tracing::error!(panic = panic_message(&*panic), "response body panicked; releasing the key");
+                tracing::error!(
+                    panic = panic_message(&*panic),
+                    "response body panicked; releasing the key"
+                );
                 lease.release().await;
                 observer.outcome(Outcome::HandlerFailed);
-                Ok(problem(&policy, Problem::HandlerFailed, "the request failed; it may be retried with the same key"))
+                Ok(problem(
+                    &policy,
+                    Problem::HandlerFailed,
+                    "the request failed; it may be retried with the same key",
+                ))
             }
         }
     }
@@ -338,7 +380,11 @@ impl<St: Store> Lease<'_, St> {
     /// Runs `work`, renewing the lease every interval until it is done or the lease is lost.
     async fn hold_while<F: Future>(&self, work: F) -> F::Output {
         let mut work = pin!(work);
-        let Some(every) = self.policy.renew_every.filter(|_| !self.lost.load(Ordering::Relaxed)) else {
+        let Some(every) = self
+            .policy
+            .renew_every
+            .filter(|_| !self.lost.load(Ordering::Relaxed))
+        else {
             return work.await;
         };
         let renewing = async {
@@ -346,7 +392,11 @@ impl<St: Store> Lease<'_, St> {
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
-                match self.store.renew(self.scope, self.token, self.policy.lease).await {
+                match self
+                    .store
+                    .renew(self.scope, self.token, self.policy.lease)
+                    .await
+                {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::error!(
@@ -356,7 +406,9 @@ impl<St: Store> Lease<'_, St> {
                         self.observer.lease_lost();
                         return;
                     }
-                    Err(err) => tracing::warn!(error = %err, "idempotency lease renewal failed; retrying"),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "idempotency lease renewal failed; retrying")
+                    }
                 }
             }
         };

@@ -36,7 +36,14 @@ impl FencingToken {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_nanos())
                     .unwrap_or_default();
-                key = *blake3::hash(&[nanos.to_le_bytes(), u128::from(std::process::id()).to_le_bytes()].concat()).as_bytes();
+                key = *blake3::hash(
+                    &[
+                        nanos.to_le_bytes(),
+                        u128::from(std::process::id()).to_le_bytes(),
+                    ]
+                    .concat(),
+                )
+                .as_bytes();
             }
             key
         });
