@@ -177,8 +177,11 @@ where
                 .reserve(&self.scope, &self.fingerprint, token, self.policy.lease)
                 .await;
             match reserved {
-                Err(err) => return self.store_failed(err).await,
-                Ok(Reservation::Reserved) => return self.own(token).await,
+                Err(err) => return Box::pin(self.store_failed(err)).await,
+                // The owner's state machine (lease renewal, body collection, complete retry)
+                // and the fail-open path (the inner future) are large: boxed, so the task
+                // that replays or conflicts stays small and cheap to move.
+                Ok(Reservation::Reserved) => return Box::pin(self.own(token)).await,
                 Ok(Reservation::Completed(Record::Response(stored))) => {
                     self.observer.outcome(Outcome::Replayed);
                     return Ok(replay(stored));
