@@ -25,7 +25,7 @@ use tower_idempotency::{
 
 use support::cluster::RedisCluster;
 use support::redis::{redis_cli, redis_url, RedisServer};
-use support::store::store;
+use support::store::{random_scope as scope, store};
 
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(600);
@@ -35,14 +35,6 @@ const WAKE: Duration = Duration::from_secs(5);
 // ---------------------------------------------------------------------------------------
 // Fixtures
 // ---------------------------------------------------------------------------------------
-
-/// A fresh scope: random bytes, so keys spread over the cluster's three masters.
-fn scope() -> ScopeHash {
-    let mut bytes = [0u8; 32];
-    bytes[..16].copy_from_slice(&FencingToken::generate().to_bytes());
-    bytes[16..].copy_from_slice(&FencingToken::generate().to_bytes());
-    ScopeHash::from_bytes(bytes)
-}
 
 const FP: Fingerprint = Fingerprint::from_bytes([0x5a; 32]);
 const OTHER_FP: Fingerprint = Fingerprint::from_bytes([0xa5; 32]);

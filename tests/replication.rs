@@ -29,7 +29,7 @@ use tower_idempotency::{
 use support::cluster::RedisCluster;
 use support::proxy::FaultProxy;
 use support::redis::{redis_cli, RedisServer};
-use support::store::{client, store};
+use support::store::{client, random_scope as scope, store};
 
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(600);
@@ -40,13 +40,6 @@ const LINK_DELAY: Duration = Duration::from_millis(200);
 // ---------------------------------------------------------------------------------------
 // Fixtures
 // ---------------------------------------------------------------------------------------
-
-fn scope() -> ScopeHash {
-    let mut bytes = [0u8; 32];
-    bytes[..16].copy_from_slice(&FencingToken::generate().to_bytes());
-    bytes[16..].copy_from_slice(&FencingToken::generate().to_bytes());
-    ScopeHash::from_bytes(bytes)
-}
 
 fn record(body: &'static str) -> Record {
     Record::Response(StoredResponse {

@@ -2,6 +2,7 @@
 
 use tower_idempotency::redis::fred::prelude::*;
 use tower_idempotency::redis::RedisStore;
+use tower_idempotency::{FencingToken, ScopeHash};
 
 /// A fred client on `url` that reconnects every 100 ms, connected.
 pub async fn client(url: &str) -> Client {
@@ -33,4 +34,12 @@ pub async fn test_store(test: &str) -> RedisStore<Client> {
         &super::unique_prefix(test),
     )
     .await
+}
+
+/// A fresh random scope, so keys spread over a cluster's masters and never collide.
+pub fn random_scope() -> ScopeHash {
+    let mut bytes = [0u8; 32];
+    bytes[..16].copy_from_slice(&FencingToken::generate().to_bytes());
+    bytes[16..].copy_from_slice(&FencingToken::generate().to_bytes());
+    ScopeHash::from_bytes(bytes)
 }

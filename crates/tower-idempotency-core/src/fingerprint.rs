@@ -68,7 +68,8 @@ impl Fields {
     }
 
     fn field(&mut self, bytes: &[u8]) -> &mut Self {
-        self.small.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        self.small
+            .extend_from_slice(&(bytes.len() as u64).to_le_bytes());
         self.small.extend_from_slice(bytes);
         self
     }

@@ -285,13 +285,7 @@ where
                     panic = panic_message(&*panic),
                     "handler panicked; releasing the key"
                 );
-                lease.release().await;
-                observer.outcome(Outcome::HandlerFailed);
-                return Ok(problem(
-                    &policy,
-                    Problem::HandlerFailed,
-                    "the request failed; it may be retried with the same key",
-                ));
+                return Ok(lease.fail().await);
             }
             Ok(Err(err)) => {
                 tracing::debug!("handler returned an error; releasing the key");
@@ -336,26 +330,14 @@ where
             }
             Ok(Collected::Failed(err)) => {
                 tracing::error!(error = %err, "response body failed; releasing the key");
-                lease.release().await;
-                observer.outcome(Outcome::HandlerFailed);
-                Ok(problem(
-                    &policy,
-                    Problem::HandlerFailed,
-                    "the request failed; it may be retried with the same key",
-                ))
+                Ok(lease.fail().await)
             }
             Err(panic) => {
                 tracing::error!(
                     panic = panic_message(&*panic),
                     "response body panicked; releasing the key"
                 );
-                lease.release().await;
-                observer.outcome(Outcome::HandlerFailed);
-                Ok(problem(
-                    &policy,
-                    Problem::HandlerFailed,
-                    "the request failed; it may be retried with the same key",
-                ))
+                Ok(lease.fail().await)
             }
         }
     }
@@ -462,6 +444,15 @@ impl<St: Store> Lease<'_, St> {
             }
         };
         self.hold_while(retrying).await;
+    }
+
+    /// The handler or its body failed after the reservation: releases the key, so a retry
+    /// may run, and answers 500 `handler-failed`.
+    async fn fail<B>(&self) -> Response<ResponseBody<B>> {
+        self.release().await;
+        self.observer.outcome(Outcome::HandlerFailed);
+        let detail = "the request failed; it may be retried with the same key";
+        problem(self.policy, Problem::HandlerFailed, detail)
     }
 
     /// Deletes the lease so a retry may run; a failure leaves it to expire.
