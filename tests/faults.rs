@@ -56,6 +56,10 @@ impl Rig {
 /// the handler never runs; with `fail_open`, the request passes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_before_reserve_fails_closed_or_open() {
+    support::metrics::install();
+    let counted =
+        |outcome| support::metrics::counter("idempotency_requests_total", &[("outcome", outcome)]);
+    let (errors, opened) = (counted("store_error"), counted("fail_open"));
     let rig = Rig::start("unreachable").await;
     rig.proxy.refuse();
     let closed = Harness::new(IdempotencyLayer::new(rig.proxied.clone()).global_scope());
@@ -75,6 +79,11 @@ async fn unreachable_before_reserve_fails_closed_or_open() {
         StatusCode::CREATED
     );
     assert_eq!(open.runs(), 1);
+    assert!(counted("store_error") > errors, "the 503 was counted");
+    assert!(
+        counted("fail_open") > opened,
+        "the pass-through was counted"
+    );
     // Back up: the same layer works again without a restart.
     rig.proxy.pass();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -124,6 +133,9 @@ async fn cut_between_reserve_and_complete_then_restored() {
 /// documented open window of SPEC section 6 (an `error!` is logged and counted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_longer_than_complete_bound_is_the_documented_window() {
+    support::metrics::install();
+    let gave_up = || support::metrics::counter("idempotency_complete_failed_total", &[]);
+    let gave_up_before = gave_up();
     let rig = Rig::start("cut-long").await;
     let layer = |store: RedisStore<Client>| {
         IdempotencyLayer::new(store)
@@ -150,6 +162,7 @@ async fn cut_longer_than_complete_bound_is_the_documented_window() {
         started.elapsed() < Duration::from_secs(5),
         "complete gave up at its bound"
     );
+    assert!(gave_up() > gave_up_before, "giving up was counted");
     // Within the lease, retries still see the reservation: 409, no second run.
     let r = send(&server_b.router, post("/pay", Some("k"), "{}")).await;
     assert_problem(&r, StatusCode::CONFLICT, "request-in-flight");

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod metrics;
 pub mod proxy;
 pub mod redis;
 #[cfg(feature = "redis")]
