@@ -7,8 +7,9 @@
 --
 -- Returns 1 (reserved), 2 (in flight), 3 (fingerprint mismatch), or the completed
 -- record's blob (a bulk string, never parsed here).
-local h = redis.call('HMGET', KEYS[1], 'st', 'fp')
-local st, fp = h[1], h[2]
+-- One read for every answer: a replay (the common retry) needs no second call.
+local h = redis.call('HMGET', KEYS[1], 'st', 'fp', 'rec')
+local st, fp, rec = h[1], h[2], h[3]
 if not st then
   redis.call('HSET', KEYS[1], 'st', 'p', 'tok', ARGV[2], 'fp', ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -20,6 +21,6 @@ end
 if st == 'c' then
   -- A completed hash always has `rec`; an empty blob would only come from a damaged
   -- hash, and the client then reports a decode error instead of replaying nothing.
-  return redis.call('HGET', KEYS[1], 'rec') or ''
+  return rec or ''
 end
 return 2
