@@ -6,6 +6,7 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 use tower::Layer;
 
+use crate::observe::Meters;
 use crate::policy::{InFlight, Policy, StorePolicy, Tenant, COVERABLE};
 use crate::service::Idempotency;
 use crate::store::Store;
@@ -19,6 +20,8 @@ use crate::store::Store;
 pub struct IdempotencyLayer<St> {
     pub(crate) store: St,
     pub(crate) policy: Arc<Policy>,
+    /// Metric handles, shared by every service this layer makes.
+    pub(crate) meters: Arc<Meters>,
 }
 
 impl<St: Store> IdempotencyLayer<St> {
@@ -30,6 +33,7 @@ impl<St: Store> IdempotencyLayer<St> {
         IdempotencyLayer {
             store,
             policy: Arc::new(Policy::default()),
+            meters: Arc::default(),
         }
     }
 

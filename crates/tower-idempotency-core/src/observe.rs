@@ -9,7 +9,11 @@
 //! - `idempotency_complete_failed_total{route}` (counter): `complete` gave up after its
 //!   retry bound; the record was not stored.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use metrics::{Counter, Histogram};
 
 use tokio::time::Instant;
 
@@ -67,44 +71,127 @@ impl Outcome {
     }
 }
 
-/// The route label of one request, and when it started.
-#[derive(Clone, Debug)]
-pub(crate) struct Observer {
+const OUTCOMES: usize = 14;
+// Every outcome has a slot in `RouteMeters::outcomes`.
+const _: () = assert!(Outcome::NoKey as usize + 1 == OUTCOMES);
+
+impl Outcome {
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The metric handles of one layer, per route, registered on first use and reused: with
+/// them a request costs two atomic updates, not a key lookup in the recorder.
+///
+/// Handles come from the recorder installed when a route first records an outcome, so
+/// install the recorder before serving (as `metrics` recommends).
+#[derive(Default)]
+pub(crate) struct Meters {
+    routes: RwLock<HashMap<Arc<str>, Arc<RouteMeters>>>,
+}
+
+impl fmt::Debug for Meters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Meters").finish_non_exhaustive()
+    }
+}
+
+struct RouteMeters {
     route: Arc<str>,
+    outcomes: [OnceLock<(Counter, Histogram)>; OUTCOMES],
+    lease_lost: OnceLock<Counter>,
+    complete_failed: OnceLock<Counter>,
+}
+
+impl Meters {
+    fn route(&self, route: &str) -> Arc<RouteMeters> {
+        // A poisoned lock only means a panic elsewhere while it was held; the map is
+        // still a valid cache.
+        if let Some(found) = self
+            .routes
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(route)
+        {
+            return found.clone();
+        }
+        let mut routes = self
+            .routes
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        routes
+            .entry(Arc::from(route))
+            .or_insert_with_key(|route| {
+                Arc::new(RouteMeters {
+                    route: route.clone(),
+                    outcomes: std::array::from_fn(|_| OnceLock::new()),
+                    lease_lost: OnceLock::new(),
+                    complete_failed: OnceLock::new(),
+                })
+            })
+            .clone()
+    }
+}
+
+/// The route of one request, its meters, and when it started.
+#[derive(Clone)]
+pub(crate) struct Observer {
+    meters: Arc<RouteMeters>,
     started: Instant,
 }
 
+impl fmt::Debug for Observer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Observer")
+            .field("route", &self.meters.route)
+            .finish()
+    }
+}
+
 impl Observer {
-    pub(crate) fn new(route: Arc<str>) -> Self {
+    pub(crate) fn new(meters: &Meters, route: &str) -> Self {
         Observer {
-            route,
+            meters: meters.route(route),
             started: Instant::now(),
         }
     }
 
     pub(crate) fn route(&self) -> &str {
-        &self.route
+        &self.meters.route
     }
 
     pub(crate) fn outcome(&self, outcome: Outcome) {
-        // Static outcome and shared route: labels cost no allocation of their own.
-        let labels = [
-            metrics::Label::from_static_parts("outcome", outcome.as_str()),
-            metrics::Label::new("route", self.route.clone()),
-        ];
-        metrics::counter!("idempotency_requests_total", labels.iter()).increment(1);
-        metrics::histogram!("idempotency_request_duration_seconds", labels.iter())
-            .record(self.started.elapsed().as_secs_f64());
-        tracing::debug!(outcome = outcome.as_str(), route = %self.route, "idempotency outcome");
+        let (counter, histogram) = self.meters.outcomes[outcome.index()].get_or_init(|| {
+            let labels = [
+                metrics::Label::from_static_parts("outcome", outcome.as_str()),
+                metrics::Label::new("route", self.meters.route.clone()),
+            ];
+            (
+                metrics::counter!("idempotency_requests_total", labels.iter()),
+                metrics::histogram!("idempotency_request_duration_seconds", labels.iter()),
+            )
+        });
+        counter.increment(1);
+        histogram.record(self.started.elapsed().as_secs_f64());
+        tracing::debug!(outcome = outcome.as_str(), route = %self.meters.route, "idempotency outcome");
     }
 
     pub(crate) fn lease_lost(&self) {
-        metrics::counter!("idempotency_lease_lost_total", "route" => self.route.clone())
+        self.meters
+            .lease_lost
+            .get_or_init(|| {
+                metrics::counter!("idempotency_lease_lost_total", "route" => self.meters.route.clone())
+            })
             .increment(1);
     }
 
     pub(crate) fn complete_failed(&self) {
-        metrics::counter!("idempotency_complete_failed_total", "route" => self.route.clone())
+        self.meters
+            .complete_failed
+            .get_or_init(|| {
+                metrics::counter!("idempotency_complete_failed_total", "route" => self.meters.route.clone())
+            })
             .increment(1);
     }
 }

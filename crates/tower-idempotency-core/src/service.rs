@@ -14,7 +14,7 @@ use crate::fingerprint::ScopeHash;
 use crate::future::ResponseFuture;
 use crate::key::{IdempotencyKey, KeyError};
 use crate::layer::IdempotencyLayer;
-use crate::observe::{Observer, Outcome};
+use crate::observe::{Meters, Observer, Outcome};
 use crate::policy::{Policy, Tenant};
 use crate::problem::Problem;
 use crate::store::Store;
@@ -29,6 +29,7 @@ pub struct Idempotency<S, St> {
     inner: S,
     store: St,
     policy: Arc<Policy>,
+    meters: Arc<Meters>,
 }
 
 impl<S, St: Store> Idempotency<S, St> {
@@ -49,6 +50,7 @@ impl<S, St: Store> Idempotency<S, St> {
             inner,
             store: layer.store.clone(),
             policy: layer.policy.clone(),
+            meters: layer.meters.clone(),
         }
     }
 
@@ -105,7 +107,7 @@ where
             return ResponseFuture::passthrough(inner.call(request.map(RequestBody::passthrough)));
         }
         let (parts, body) = request.into_parts();
-        let observer = Observer::new(route_label(&parts));
+        let observer = Observer::new(&self.meters, route_label(&parts));
         let reject = |problem_kind: Problem, detail: &str| {
             observer.outcome(Outcome::Rejected);
             ResponseFuture::ready(problem(policy, problem_kind, detail))
@@ -193,11 +195,11 @@ fn scope_path(parts: &http::request::Parts) -> &str {
 }
 
 /// The route template for metric labels, never the raw path (unbounded cardinality).
-fn route_label(parts: &http::request::Parts) -> Arc<str> {
+fn route_label(parts: &http::request::Parts) -> &str {
     #[cfg(feature = "axum")]
     if let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() {
-        return Arc::from(matched.as_str());
+        return matched.as_str();
     }
     let _ = parts;
-    Arc::from("unmatched")
+    "unmatched"
 }
