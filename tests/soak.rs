@@ -189,15 +189,27 @@ async fn client(
                     ..payload
                 };
                 let answer = pay(&http, addr, tenant, &key, other).await;
-                let is_reuse =
-                    matches!(&answer, Ok((s, _)) if *s == StatusCode::UNPROCESSABLE_ENTITY);
                 let mut l = ledger.lock().unwrap();
                 l.requests += 1;
-                let kind = if is_reuse {
-                    "422 conflicting payload (expected)".to_owned()
-                } else {
-                    l.mismatched_answers += 1;
-                    format!("conflict answered {:?}", answer.map(|a| a.0))
+                // 422 is the answer; a 503 or 409 while Redis is down is a defined refusal.
+                // Only a success (a run, or someone else's replay) would be wrong.
+                let kind = match &answer {
+                    Ok((s, _)) if *s == StatusCode::UNPROCESSABLE_ENTITY => {
+                        "422 conflicting payload (expected)".to_owned()
+                    }
+                    Ok((s, _)) if s.is_success() => {
+                        l.mismatched_answers += 1;
+                        format!("conflicting payload answered {s} (wrong)")
+                    }
+                    Ok((s, body)) => format!(
+                        "{} {} (conflicting payload)",
+                        s.as_u16(),
+                        body["type"]
+                            .as_str()
+                            .and_then(|t| t.rsplit('/').next())
+                            .unwrap_or("")
+                    ),
+                    Err(kind) => kind.clone(),
                 };
                 *l.errors.entry(kind).or_default() += 1;
             }

@@ -598,13 +598,14 @@ pub async fn fencing_token_reaches_handler<St: Store>(store: St) {
 pub async fn renewal_keeps_lease_past_its_length<St: Store>(store: St) {
     let layer = IdempotencyLayer::new(store)
         .global_scope()
-        .lease(Duration::from_millis(300))
-        .renew_every(Duration::from_millis(100));
+        .lease(Duration::from_millis(600))
+        .renew_every(Duration::from_millis(150));
     let h = Harness::new(layer);
-    let slow = app::spawn_send(&h.router, app::delayed(post("/pay", Some("k"), "{}"), 1000));
+    // The handler runs three leases long; a renewal has 450 ms of slack to land.
+    let slow = app::spawn_send(&h.router, app::delayed(post("/pay", Some("k"), "{}"), 1800));
     h.started.notified().await;
     for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
         let r = send(&h.router, post("/pay", Some("k"), "{}")).await;
         assert_problem(&r, StatusCode::CONFLICT, "request-in-flight");
     }
