@@ -340,7 +340,10 @@ pub(crate) async fn eval_on<L: LuaInterface>(
             other => other,
         }
     };
-    within(timeout, run).await
+    // fred's command futures are large (about 11 KB for one EVALSHA with its fallback):
+    // boxed, so the store's futures, and the layer's task that holds them, stay small
+    // and cheap to move. One allocation instead of kilobytes of memcpy per request.
+    within(timeout, Box::pin(run)).await
 }
 
 fn millis(duration: Duration) -> Value {
@@ -433,15 +436,14 @@ where
                     .await?
             }
             Some(replication) => {
-                replication
-                    .complete(
-                        &self.client,
-                        &self.shared.counters,
-                        self.command_timeout,
-                        key,
-                        args,
-                    )
-                    .await?
+                Box::pin(replication.complete(
+                    &self.client,
+                    &self.shared.counters,
+                    self.command_timeout,
+                    key,
+                    args,
+                ))
+                .await?
             }
         };
         Ok(if flag(reply, "complete")? {
@@ -461,10 +463,12 @@ where
 
     async fn subscribe(&self, scope: &ScopeHash) -> Result<RedisSubscription, StoreError> {
         // Connecting the subscriber and the SSUBSCRIBE are each bounded by the timeout.
-        let subscribe =
-            self.shared
-                .hub
-                .subscribe(&self.client, self.channel(scope), self.command_timeout);
+        // Boxed for the same reason as `eval_on`: fred's futures are large.
+        let subscribe = Box::pin(self.shared.hub.subscribe(
+            &self.client,
+            self.channel(scope),
+            self.command_timeout,
+        ));
         match subscribe.await {
             Ok(subscription) => Ok(subscription),
             Err(err) => {
