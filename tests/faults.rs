@@ -272,7 +272,10 @@ async fn client_disconnect_over_tcp_still_stores() {
     stream.write_all(request.as_bytes()).await.expect("write");
     h.started.notified().await;
     drop(stream); // hang up mid-handler
-    h.finished.notified().await;
+                  // Bounded: if the hang-up cancelled the work, this fails instead of hanging.
+    tokio::time::timeout(Duration::from_secs(5), h.finished.notified())
+        .await
+        .expect("the handler finished although the client hung up");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stream.write_all(request.as_bytes()).await.expect("write");

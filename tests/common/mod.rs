@@ -571,7 +571,10 @@ pub async fn hang_up_mid_handler_still_stores<St: Store>(store: St) {
     h.started.notified().await;
     call.abort(); // the client hangs up while the handler runs
     assert!(call.await.unwrap_err().is_cancelled());
-    h.finished.notified().await;
+    // Bounded: if the hang-up cancelled the work, this fails instead of hanging.
+    tokio::time::timeout(Duration::from_secs(5), h.finished.notified())
+        .await
+        .expect("the handler finished although the client hung up");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let retry = send(&h.router, post("/pay", Some("k"), "{}")).await;
     assert!(

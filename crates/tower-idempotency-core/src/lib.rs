@@ -37,6 +37,7 @@
 
 pub mod body;
 mod buffer;
+mod detach;
 pub mod fingerprint;
 mod future;
 pub mod key;
