@@ -15,8 +15,8 @@ type Detached<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B
 pin_project! {
     /// Response future of [`Idempotency`](crate::Idempotency).
     ///
-    /// For a covered request it buffers the body and then runs the rest; dropping it
-    /// (the client hung up) cancels nothing: the unfinished rest is spawned as a task.
+    /// For a covered request it buffers the body and then awaits the detached task that
+    /// does the rest; dropping it (the client hung up) cancels nothing.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,

@@ -1,4 +1,4 @@
-//! The work of one covered request: buffer, then (detached on drop) reserve → run the
+//! The work of one covered request: buffer, then in a detached task reserve → run the
 //! inner service → collect the body → complete or release.
 //!
 //! Everything runs on the connection's future, and everything after buffering is wrapped
@@ -91,7 +91,7 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    /// Buffers `body`, then runs the rest so that dropping this future cannot cancel it.
+    /// Buffers `body` on the caller's future, then runs the rest detached.
     pub(crate) async fn run(self, body: ReqB) -> Output<ResBody, S::Error> {
         let policy = self.policy;
         let limits = Limits {
