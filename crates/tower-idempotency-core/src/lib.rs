@@ -37,7 +37,6 @@
 
 pub mod body;
 mod buffer;
-mod detach;
 pub mod fingerprint;
 mod future;
 pub mod key;

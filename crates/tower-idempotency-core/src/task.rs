@@ -1,10 +1,9 @@
 //! The work of one covered request: buffer, then in a detached task reserve → run the
 //! inner service → collect the body → complete or release.
 //!
-//! Everything runs on the connection's future, and everything after buffering is wrapped
-//! in a [`DetachOnDrop`]: if the client hangs up, the rest is spawned from where it
-//! stopped, so a hang-up cancels nothing and orphans no lease: the handler finishes, the
-//! result is stored, a retry replays it.
+//! Only buffering runs on the connection's future. Everything after it runs in a spawned
+//! task that the response future merely awaits, so a client that hangs up cancels nothing
+//! and orphans no lease: the handler finishes, the result is stored, a retry replays it.
 
 use std::any::Any;
 use std::future::Future;
@@ -27,7 +26,6 @@ use tracing::Instrument;
 
 use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::buffer::{buffer, BufferError, Limits};
-use crate::detach::DetachOnDrop;
 use crate::fingerprint::{Fingerprint, ScopeHash};
 use crate::observe::{Observer, Outcome};
 use crate::policy::{InFlight, Policy};
@@ -137,13 +135,12 @@ where
             fingerprint,
             observer: self.observer.clone(),
         };
-        // Runs here, on the caller's future; if the caller goes away first, the rest is
-        // spawned and finishes anyway (see `DetachOnDrop`).
-        match DetachOnDrop::new(buffered.run::<ReqB, ResBody>().instrument(span)).await {
+        match tokio::spawn(buffered.run::<ReqB, ResBody>().instrument(span)).await {
             Ok(output) => output,
-            Err(panic) => {
-                // The handler's panics are caught inside; this is a bug of ours.
-                tracing::error!(panic = panic_message(&*panic), "idempotency task panicked");
+            Err(err) => {
+                // The task catches the handler's panics itself: this is a bug of ours, or
+                // the runtime shutting down.
+                tracing::error!(error = %err, "idempotency task failed");
                 self.observer.outcome(Outcome::HandlerFailed);
                 Ok(problem(
                     &policy,
