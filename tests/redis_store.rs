@@ -24,7 +24,7 @@ use tower_idempotency::{
 };
 
 use support::cluster::RedisCluster;
-use support::redis::{redis_cli, redis_url, RedisServer};
+use support::redis::{client_commands, redis_cli, redis_url, RedisServer};
 use support::store::{random_scope as scope, store};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -526,21 +526,6 @@ mod cluster {
 // ---------------------------------------------------------------------------------------
 // Standalone only: commandstats, NOSCRIPT, check(), decode errors, faults, Pool
 // ---------------------------------------------------------------------------------------
-
-/// Client commands of `name` (`evalsha`, `eval`) seen by the server on `port`, from
-/// `INFO commandstats` (`calls` plus `rejected_calls`, so an error reply counts too).
-fn client_commands(port: u16, name: &str) -> u64 {
-    let stats = redis_cli(port, &["INFO", "commandstats"]);
-    let prefix = format!("cmdstat_{name}:");
-    let Some(line) = stats.lines().find_map(|l| l.trim().strip_prefix(&prefix)) else {
-        return 0;
-    };
-    line.split(',')
-        .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| *k == "calls" || *k == "rejected_calls")
-        .map(|(_, v)| v.parse::<u64>().unwrap())
-        .sum()
-}
 
 fn scripts_run(port: u16) -> u64 {
     client_commands(port, "evalsha") + client_commands(port, "eval")

@@ -28,7 +28,7 @@ use tower_idempotency::{
 
 use support::cluster::RedisCluster;
 use support::proxy::FaultProxy;
-use support::redis::{redis_cli, RedisServer};
+use support::redis::{client_commands, redis_cli, RedisServer};
 use support::store::{client, random_scope as scope, store};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -62,21 +62,6 @@ async fn waiting_store(
         .init()
         .await
         .expect("redis store init")
-}
-
-/// Client commands `name` (`wait`, `evalsha`) the server on `port` has run, from
-/// `INFO commandstats` (`calls` plus `rejected_calls`).
-fn client_commands(port: u16, name: &str) -> u64 {
-    let stats = redis_cli(port, &["INFO", "commandstats"]);
-    let prefix = format!("cmdstat_{name}:");
-    let Some(line) = stats.lines().find_map(|l| l.trim().strip_prefix(&prefix)) else {
-        return 0;
-    };
-    line.split(',')
-        .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| *k == "calls" || *k == "rejected_calls")
-        .map(|(_, v)| v.parse::<u64>().unwrap())
-        .sum()
 }
 
 /// A primary, and a replica that replicates from it through a `FaultProxy`, with the

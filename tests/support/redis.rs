@@ -137,6 +137,21 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Client commands `name` (`evalsha`, `eval`, `wait`) the server on `port` has run, from
+/// `INFO commandstats` (`calls` plus `rejected_calls`, so an error reply counts too).
+pub fn client_commands(port: u16, name: &str) -> u64 {
+    let stats = redis_cli(port, &["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{name}:");
+    let Some(line) = stats.lines().find_map(|l| l.trim().strip_prefix(&prefix)) else {
+        return 0;
+    };
+    line.split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k == "calls" || *k == "rejected_calls")
+        .map(|(_, v)| v.parse::<u64>().expect("commandstats count"))
+        .sum()
+}
+
 /// A free loopback port (bind `127.0.0.1:0`, read it, release it). With `bus_too`, port +
 /// 10000 (the cluster bus port) is free as well. Another process may still grab it before
 /// we use it, so callers retry on start-up failure.
