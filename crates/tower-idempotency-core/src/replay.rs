@@ -68,7 +68,8 @@ pub(crate) fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
         || status == StatusCode::NOT_MODIFIED
         || status.is_informational();
     let body = if bodiless { Bytes::new() } else { body };
-    let mut response = Response::new(ResponseBody::full(body.clone()));
+    let len = body.len();
+    let mut response = Response::new(ResponseBody::full(body));
     *response.status_mut() = status;
     let map = response.headers_mut();
     map.reserve(headers.len() + 2);
@@ -76,7 +77,7 @@ pub(crate) fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
         map.append(name, value);
     }
     if !bodiless {
-        map.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        map.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     map.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     response
