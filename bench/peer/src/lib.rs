@@ -341,17 +341,22 @@ impl Case {
         }
     }
 
+    /// One `POST /payments` with this case's next key and its session cookie, if any.
+    async fn send_one(&self) -> Reply {
+        let key = self.keys.next();
+        let cookie = self.sessions.as_ref().map(|s| s.cookie.borrow().clone());
+        send(
+            &self.app,
+            request("/payments", Some(&key), cookie.as_ref(), BODY),
+        )
+        .await
+    }
+
     /// Before timing: for a replay case, stores the key's response (one handler run);
     /// then sends one request and checks that it is (or is not) a replay.
     pub async fn prepare(&self) {
         if self.expect_replay {
-            let key = self.keys.next();
-            let cookie = self.sessions.as_ref().map(|s| s.cookie.borrow().clone());
-            let reply = send(
-                &self.app,
-                request("/payments", Some(&key), cookie.as_ref(), BODY),
-            )
-            .await;
+            let reply = self.send_one().await;
             assert!(
                 reply.status.is_success() && !reply.replayed,
                 "seed: {reply:?}"
@@ -363,13 +368,7 @@ impl Case {
 
     /// Sends one request and checks that it is (or is not) a replay.
     pub async fn check(&self) {
-        let key = self.keys.next();
-        let cookie = self.sessions.as_ref().map(|s| s.cookie.borrow().clone());
-        let reply = send(
-            &self.app,
-            request("/payments", Some(&key), cookie.as_ref(), BODY),
-        )
-        .await;
+        let reply = self.send_one().await;
         assert!(reply.status.is_success(), "status {}", reply.status);
         assert_eq!(
             reply.replayed, self.expect_replay,
