@@ -15,10 +15,11 @@ use axum::http::StatusCode;
 use common::app::{assert_problem, delayed, post, send, spawn_send, Harness};
 use futures_util::future::join_all;
 use support::proxy::FaultProxy;
-use support::redis::RedisServer;
+use support::redis::{client_commands, RedisServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tower_idempotency::redis::fred::clients::Client;
+use tower_idempotency::redis::fred::interfaces::ClientLike;
 use tower_idempotency::redis::RedisStore;
 use tower_idempotency::{IdempotencyLayer, InFlight};
 
@@ -210,6 +211,96 @@ async fn redis_restart_with_data_loss_recovers() {
         .replayed());
     let before = rig.direct.round_trips();
     assert!(before.total > 0);
+}
+
+/// The reply to a reserve is lost with its connection; fred reconnects and sends the
+/// same `EVALSHA` again, so the script runs twice with one token. The second run must
+/// answer "reserved" (its own lease), not "in flight": the request runs the handler once
+/// and gets 201, and a retry replays (SPEC section 6, reserve is idempotent under re-send).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_reserve_reply_is_sent_again_and_still_reserves() {
+    let rig = Rig::start("resent-reserve").await;
+    // The premise: the test client re-sends a command that was in flight on a connection
+    // that closed (fred's default is 3 attempts; the support client reconnects every
+    // 100 ms).
+    let attempts = rig
+        .proxied
+        .client()
+        .connection_config()
+        .max_command_attempts;
+    assert!(attempts >= 2, "fred max_command_attempts is {attempts}");
+    let port = rig.server.port();
+    let h = Harness::new(IdempotencyLayer::new(rig.proxied.clone()).global_scope());
+    let accepted = rig.proxy.connections_accepted();
+    let (evalsha, sent) = (
+        client_commands(port, "evalsha"),
+        rig.proxied.round_trips().reserve,
+    );
+
+    rig.proxy.cut_next_reply(); // the reserve's reply
+    let first = send(&h.router, post("/pay", Some("k"), "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "body: {:?}", first.body);
+    assert!(!first.replayed());
+    assert_eq!(h.runs(), 1);
+    assert!(
+        rig.proxy.connections_accepted() > accepted,
+        "fred reconnected after the cut"
+    );
+    assert_eq!(
+        rig.proxied.round_trips().reserve - sent,
+        1,
+        "the store asked once"
+    );
+    assert_eq!(
+        client_commands(port, "evalsha") - evalsha,
+        3,
+        "Redis ran the reserve twice (sent, then re-sent by fred) and the complete once"
+    );
+
+    let retry = send(&h.router, post("/pay", Some("k"), "{}")).await;
+    assert!(
+        retry.replayed(),
+        "status {}: {:?}",
+        retry.status,
+        retry.body
+    );
+    assert_eq!(retry.body, first.body);
+    assert_eq!(h.runs(), 1);
+}
+
+/// A reserve that ran in Redis but whose reply came after the store's `command_timeout`:
+/// the caller gets 503, and the lease it created must not linger (the layer releases the
+/// token it tried to reserve, best effort), so an immediate retry runs instead of
+/// getting 409 for 30 s for a lease nobody holds (SPEC section 6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the layer's fenced release after a failed reserve (core, issue 8 item 5); \
+            fails with 409 until that lands, then drop this line"]
+async fn timed_out_reserve_leaves_no_lease_behind() {
+    let rig = Rig::start("timed-out-reserve").await; // command_timeout 500 ms
+    let port = rig.server.port();
+    let h = Harness::new(IdempotencyLayer::new(rig.proxied.clone()).global_scope());
+    let evalsha = client_commands(port, "evalsha");
+
+    // The reserve reaches Redis after 300 ms and runs; its reply would arrive after
+    // 600 ms, past the 500 ms timeout.
+    rig.proxy.delay(Duration::from_millis(300));
+    let first = send(&h.router, post("/pay", Some("k"), "{}")).await;
+    assert_problem(&first, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    assert_eq!(h.runs(), 0);
+    assert!(
+        client_commands(port, "evalsha") > evalsha,
+        "the timed-out reserve ran in Redis"
+    );
+
+    rig.proxy.pass();
+    let retry = send(&h.router, post("/pay", Some("k"), "{}")).await;
+    assert_eq!(
+        retry.status,
+        StatusCode::CREATED,
+        "an immediate retry runs; body: {:?}",
+        retry.body
+    );
+    assert_eq!(h.runs(), 1);
 }
 
 /// 200 ms of added round-trip latency: still exactly one execution for concurrent

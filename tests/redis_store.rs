@@ -198,6 +198,45 @@ async fn semantics_table(store: impl Store) {
     assert_eq!(replay, Reservation::Completed(Record::NotReplayable));
 }
 
+/// A reserve sent again with the same token (fred re-sends a command after a reconnect;
+/// a reserve that timed out locally may have run) finds its own pending record and is
+/// answered `Reserved`, not `InFlight` for a lease nobody else holds. Another token still
+/// gets `InFlight`, and once the owner completed, its token gets the replay.
+async fn reserve_again_with_the_same_token(store: impl Store) {
+    let s = scope();
+    let owner = FencingToken::generate();
+    assert_eq!(reserve(&store, &s, owner).await, Reservation::Reserved);
+    assert_eq!(
+        reserve(&store, &s, owner).await,
+        Reservation::Reserved,
+        "the same token re-sent: still its own lease"
+    );
+    assert_eq!(
+        reserve(&store, &s, FencingToken::generate()).await,
+        Reservation::InFlight,
+        "another token is still in flight"
+    );
+    assert_eq!(
+        reserve(&store, &s, owner).await,
+        Reservation::Reserved,
+        "a waiter's mark on the record changes nothing for the owner"
+    );
+    let other_payload = store.reserve(&s, &OTHER_FP, owner, LEASE).await.unwrap();
+    assert_eq!(other_payload, Reservation::Mismatch);
+    // The lease is still the owner's: it renews, completes, and is replayed.
+    assert!(store.renew(&s, owner, LEASE).await.unwrap());
+    let rec = response("once");
+    assert_eq!(
+        store.complete(&s, owner, &rec, TTL).await.unwrap(),
+        Completion::Stored
+    );
+    assert_eq!(
+        reserve(&store, &s, owner).await,
+        Reservation::Completed(rec),
+        "after completion the same token gets the replay"
+    );
+}
+
 /// Records come back byte for byte: every byte value in body and headers, and 4 MiB.
 async fn binary_records(store: impl Store) {
     let big: Vec<u8> = (0..4 * 1024 * 1024u32)
@@ -418,6 +457,13 @@ macro_rules! store_cases {
         async fn semantics_table() {
             if let Some((a, _)) = $pair("semantics_table").await {
                 super::semantics_table(a).await
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn reserve_again_with_the_same_token() {
+            if let Some((a, _)) = $pair("reserve_again_with_the_same_token").await {
+                super::reserve_again_with_the_same_token(a).await
             }
         }
 

@@ -204,11 +204,29 @@ async fn proxy_faults() {
     proxy.pass();
     let mut c7 = connect(addr).await;
     assert_eq!(ping(&mut c7, ok).await, Reply::Pong);
-    assert_eq!(proxy.connections_accepted(), 7);
+
+    // cut_next_reply: the PING runs on the server, its reply is lost with the connection,
+    // and the proxy is back to pass on its own
+    let pings_before = ping_calls(server.port());
+    proxy.cut_next_reply();
+    assert_eq!(ping(&mut c7, ok).await, Reply::ClosedAfter(vec![]));
+    assert_eq!(
+        ping_calls(server.port()),
+        pings_before + 1,
+        "the PING reached the server"
+    );
+    let mut c8 = connect(addr).await;
+    assert_eq!(ping(&mut c8, ok).await, Reply::Pong, "passing again");
+    assert_eq!(
+        ping(&mut c8, ok).await,
+        Reply::Pong,
+        "only one reply is lost"
+    );
+    assert_eq!(proxy.connections_accepted(), 8);
 
     // drop: live connections die and the port is closed
     drop(proxy);
-    assert_eq!(ping(&mut c7, ok).await, Reply::ClosedAfter(vec![]));
+    assert_eq!(ping(&mut c8, ok).await, Reply::ClosedAfter(vec![]));
     assert!(TcpStream::connect(addr).await.is_err());
 }
 

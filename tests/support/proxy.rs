@@ -1,5 +1,6 @@
 //! A fault-injection TCP proxy on loopback, to put between a Redis client and a server
-//! and break the network on cue: delay, black-hole, reset, cut mid-stream, refuse.
+//! and break the network on cue: delay, black-hole, reset, cut mid-stream, lose one
+//! reply, refuse.
 //!
 //! The mode is shared by the accept loop and every live connection (a `watch` channel),
 //! so switching it affects connections that are already open. Modes that cut
@@ -26,6 +27,8 @@ enum Mode {
     Blackhole,
     Reset,
     CutAfter,
+    /// The next chunk from upstream is dropped and its connection cut; then `Pass`.
+    CutNextReply,
     Refuse,
 }
 
@@ -174,6 +177,17 @@ impl FaultProxy {
         self.shared.set(Mode::CutAfter, false);
     }
 
+    /// Loses the next reply: the next chunk any connection reads from upstream is not
+    /// forwarded, that connection is cut (RST both ways), and the proxy goes back to
+    /// [`pass`](Self::pass) on its own, so the client's reconnect gets through at once.
+    /// Requests keep flowing until then, so e.g. a command reaches the server and runs,
+    /// but its client never sees the answer and (fred, with `max_command_attempts` > 1)
+    /// sends it again on the new connection. Other connections stay up.
+    pub fn cut_next_reply(&self) {
+        self.relisten();
+        self.shared.set(Mode::CutNextReply, false);
+    }
+
     /// Like a server that is down: cuts live connections with RST and closes the
     /// listening socket, so new connects fail with `ECONNREFUSED`. Any other mode
     /// re-binds the same port (panicking in the unlikely case another socket took it).
@@ -268,7 +282,7 @@ async fn serve(mut client: TcpStream, sh: Arc<Shared>, epoch: u64) {
         let (client_rd, client_wr) = client.split();
         let (up_rd, up_wr) = upstream.split();
         tokio::select! {
-            r = async { tokio::try_join!(pump(client_rd, up_wr, &sh), pump(up_rd, client_wr, &sh)) } => r.is_ok(),
+            r = async { tokio::try_join!(pump(client_rd, up_wr, &sh, false), pump(up_rd, client_wr, &sh, true)) } => r.is_ok(),
             _ = cut_signal(&mut rx, epoch) => false,
         }
     };
@@ -279,9 +293,15 @@ async fn serve(mut client: TcpStream, sh: Arc<Shared>, epoch: u64) {
     }
 }
 
-/// Copies one direction chunk by chunk, applying the mode current at each chunk.
-/// EOF is forwarded as a FIN (half-close).
-async fn pump(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, sh: &Shared) -> io::Result<()> {
+/// Copies one direction chunk by chunk, applying the mode current at each chunk
+/// (`reply`: this is the upstream → client direction). EOF is forwarded as a FIN
+/// (half-close).
+async fn pump(
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    sh: &Shared,
+    reply: bool,
+) -> io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = from.read(&mut buf).await?;
@@ -297,6 +317,23 @@ async fn pump(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, sh: &Shared) -> io:
                 n
             }
             Mode::CutAfter => sh.take_budget(n),
+            Mode::CutNextReply if reply => {
+                // Only the first connection to see a reply after the switch cuts; the
+                // error ends this connection at once (nothing more gets through on it),
+                // and `serve` resets both sides.
+                let mine = sh.state.send_if_modified(|s| {
+                    let first = s.mode == Mode::CutNextReply;
+                    if first {
+                        s.mode = Mode::Pass;
+                    }
+                    first
+                });
+                if mine {
+                    return Err(io::Error::other("cut_next_reply"));
+                }
+                n
+            }
+            Mode::CutNextReply => n,
             // Blackhole discards; Reset/Refuse: the cut signal is about to end this task.
             Mode::Blackhole | Mode::Reset | Mode::Refuse => 0,
         };

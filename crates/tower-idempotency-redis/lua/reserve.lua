@@ -8,8 +8,8 @@
 -- Returns 1 (reserved), 2 (in flight), 3 (fingerprint mismatch), or the completed
 -- record's blob (a bulk string, never parsed here).
 -- One read for every answer: a replay (the common retry) needs no second call.
-local h = redis.call('HMGET', KEYS[1], 'st', 'fp', 'rec')
-local st, fp, rec = h[1], h[2], h[3]
+local h = redis.call('HMGET', KEYS[1], 'st', 'fp', 'rec', 'tok')
+local st, fp, rec, tok = h[1], h[2], h[3], h[4]
 if not st then
   redis.call('HSET', KEYS[1], 'st', 'p', 'tok', ARGV[2], 'fp', ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -22,5 +22,13 @@ if st == 'c' then
   -- A completed hash always has `rec`; an empty blob would only come from a damaged
   -- hash, and the client then reports a decode error instead of replaying nothing.
   return rec or ''
+end
+if tok == ARGV[2] then
+  -- This token's own lease: the same reserve sent again (a client library re-sends a
+  -- command after a reconnect; a reserve that timed out locally may have run). Answer
+  -- "reserved" as the first run did, and count the lease from now, when the caller
+  -- learns it holds it.
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
 end
 return 2

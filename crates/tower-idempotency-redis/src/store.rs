@@ -13,6 +13,11 @@
 //! | `rec` | the completed [`Record`], as [`Record::encode`] writes it (Lua never parses it) |
 //!
 //! Leases and TTLs are `PEXPIRE`s on that key, so Redis's clock decides when they end.
+//!
+//! A reserve with the token that already holds the pending lease answers "reserved" again
+//! (and counts the lease from then): fred sends a command again after a reconnect when
+//! its reply was lost, and a reserve that timed out on the client may still have run, so
+//! the same reserve can reach Redis twice. Another token still gets "in flight".
 //! Completion and release publish (`SPUBLISH`) on `{prefix}done:{<scope hex>}`, which
 //! carries the same hash tag; see the [`subscriber`](crate::subscriber) module.
 //!
