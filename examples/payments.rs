@@ -659,12 +659,24 @@ async fn serve<St: Store>(store: St, kind: &str, config: &Config) -> Result<(), 
         payments_ttl_secs = config.payments_ttl.as_secs(),
         "payments example listening on http://{addr}"
     );
-    axum::serve(listener, app(store, config))
-        .with_graceful_shutdown(shutdown_signal())
+    serve_until(listener, store, config.clone(), shutdown_signal())
         .await
-        .map_err(|e| StartError::Runtime(format!("server failed: {e}")))?;
+        .map_err(StartError::Runtime)?;
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then shuts down gracefully.
+pub async fn serve_until<St: Store>(
+    listener: tokio::net::TcpListener,
+    store: St,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    axum::serve(listener, app(store, &config))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| format!("server failed: {e}"))
 }
 
 /// Ctrl-C, or SIGTERM on Unix.

@@ -621,3 +621,80 @@ fn created_at_is_rfc3339() {
     assert_eq!(at(1_700_000_000, 500), "2023-11-14T22:13:20.500Z");
     assert_eq!(at(4_102_444_799, 999), "2099-12-31T23:59:59.999Z");
 }
+
+// ---------------------------------------------------------------------------------------
+// Shutdown (issue 8 item 3)
+// ---------------------------------------------------------------------------------------
+
+/// A client hangs up mid-request, then the process is told to stop: axum's graceful
+/// shutdown sees no connection and returns at once, but the handler's work must still
+/// finish and its record be stored before the process exits — else the lease is orphaned
+/// and the client's retry on the next process gets 409, then runs the payment again.
+///
+/// The "process" is a runtime of its own: dropping it, as `main` returning does, cancels
+/// whatever is still running on it. The store outlives it, as Redis would.
+#[test]
+fn shutdown_waits_for_the_work_of_a_hung_up_request() {
+    let store = MemoryStore::default();
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let pay = || {
+        post("/payments")
+            .token("alice")
+            .key("shutdown-1")
+            .json(json!({ "amount": 700, "currency": "EUR", "delay_ms": 600 }))
+    };
+
+    let first = runtime();
+    first.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(payments::serve_until(
+            listener,
+            store.clone(),
+            Config::default(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        // Send the request, then hang up while the handler runs.
+        let req = pay();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /payments HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n{}\r\n",
+            req.body.len(),
+            req.headers
+                .iter()
+                .map(|(n, v)| format!("{n}: {v}\r\n"))
+                .collect::<String>()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&req.body).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        drop(stream);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // SIGTERM: graceful shutdown, then the bounded wait for detached work.
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    });
+    drop(first); // the process exits
+
+    let second = runtime();
+    second.block_on(async {
+        let app = app(store.clone(), &Config::default());
+        let retry = oneshot(&app, pay()).await;
+        assert_eq!(
+            retry.status,
+            StatusCode::CREATED,
+            "the retry on the next process replays: {:?}",
+            String::from_utf8_lossy(&retry.body)
+        );
+        assert!(retry.replayed(), "stored before the first process exited");
+    });
+}

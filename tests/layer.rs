@@ -368,3 +368,190 @@ proptest! {
         });
     }
 }
+
+// ---- Hardening (issue 8): each case below failed on ee1b87b ----
+
+/// `Expect: 100-continue` with a `Content-Length` over the limit: nothing has been sent
+/// yet, so the layer answers 413 at once without asking for the body (no `100 Continue`,
+/// no upload of megabytes that would be discarded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_with_an_oversized_length_is_413_at_once() {
+    let (runs, h) = counted();
+    let app = Router::new().route("/pay", post(h).layer(layer().max_body(1024)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = "POST /pay HTTP/1.1\r\nhost: x\r\nidempotency-key: k\r\n\
+                content-length: 67108864\r\nexpect: 100-continue\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The client sends no body: it waits for `100 Continue` (or a final answer).
+    let mut response = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut response),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(
+        read.is_ok(),
+        "the server answered without the body: {text:.200}"
+    );
+    assert!(
+        text.starts_with("HTTP/1.1 413"),
+        "first status line: {text:.200}"
+    );
+    assert!(text.contains("request-body-too-large"));
+    assert!(text.to_ascii_lowercase().contains("connection: close"));
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    server.abort();
+}
+
+/// A layer told neither where the tenant comes from nor `.global_scope()` refuses to
+/// start: guessing from `Authorization`/`Cookie` at run time misses `X-Api-Key` APIs,
+/// whose callers would then share one scope.
+#[test]
+#[should_panic(expected = ".global_scope()")]
+fn a_layer_without_tenant_or_global_scope_panics_when_applied() {
+    let _: axum::routing::MethodRouter =
+        post(|| async {}).layer(IdempotencyLayer::new(MemoryStore::default()));
+}
+
+/// An `X-Api-Key` API without a tenant configured would share one scope across callers;
+/// the panic above is what prevents it. With a tenant resolver each caller has its own.
+#[tokio::test]
+async fn api_key_callers_never_share_a_scope() {
+    let (runs, h) = counted();
+    let tenant = |parts: &axum::http::request::Parts| {
+        parts
+            .headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let app = Router::new().route(
+        "/pay",
+        post(h).layer(IdempotencyLayer::new(MemoryStore::default()).tenant(tenant)),
+    );
+    let as_caller = |key: &str| {
+        let mut r = req(Method::POST, "/pay", Some("same"));
+        r.headers_mut()
+            .insert("x-api-key", HeaderValue::from_str(key).unwrap());
+        r
+    };
+    let a = send(&app, as_caller("alice-key")).await;
+    let b = send(&app, as_caller("bob-key")).await;
+    assert!(!a.replayed() && !b.replayed() && a.body != b.body);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// The renewal interval is at most a third of the lease, so one failed renewal never
+/// loses it; a lease set alone derives its interval.
+#[test]
+fn renewal_interval_is_at_most_a_third_of_the_lease() {
+    let fifteen = std::time::Duration::from_secs(15);
+    assert_eq!(
+        layer().lease(fifteen).policy().renew_every(),
+        Some(std::time::Duration::from_secs(5))
+    );
+    let too_slow = std::panic::catch_unwind(|| {
+        let _: axum::routing::MethodRouter = post(|| async {}).layer(
+            layer()
+                .renew_every(std::time::Duration::from_secs(10))
+                .lease(fifteen),
+        );
+    });
+    assert!(too_slow.is_err(), "an interval over lease / 3 is refused");
+}
+
+/// `max_stored_response` cannot exceed what a record's encoding can hold (u32 lengths).
+#[test]
+#[should_panic(expected = "max_stored_response")]
+fn max_stored_response_beyond_the_record_encoding_panics() {
+    let _: axum::routing::MethodRouter =
+        post(|| async {}).layer(layer().max_stored_response(usize::MAX));
+}
+
+/// Lease 15 s, a handler of 19 s, then 12 s of body collection, and one failed renewal:
+/// with one renewal schedule across the whole ownership (due one interval after the last
+/// success, a failure retried quickly), the lease never lapses and the handler runs once.
+/// Paused clock: every instant is exact.
+#[tokio::test(start_paused = true)]
+async fn one_renewal_schedule_across_the_whole_ownership() {
+    use common::app::{delayed, post as post_json, spawn_send, with_header, Harness};
+    use common::faults::{Fault, Faults, Op};
+    use std::time::Duration;
+    let store = Faults::new(MemoryStore::default())
+        .fail(Op::Renew, |n, _| (n == 1).then_some(Fault::Backend));
+    let h = Harness::new(
+        IdempotencyLayer::new(store.clone())
+            .global_scope()
+            .lease(Duration::from_secs(15)),
+    );
+    let req = || {
+        with_header(
+            delayed(post_json("/pay", Some("k"), "{}"), 19_000),
+            "x-slow-body",
+            "3,4000",
+        )
+    };
+    let first = spawn_send(&h.router, req());
+    h.started.notified().await;
+    let start = tokio::time::Instant::now();
+    let mut probes = 0;
+    while !first.is_finished() {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        if first.is_finished() {
+            break;
+        }
+        let r = send(&h.router, req()).await;
+        let at = start.elapsed();
+        assert_problem(&r, StatusCode::CONFLICT, "request-in-flight");
+        assert!(at < Duration::from_secs(60), "still running at {at:?}");
+        probes += 1;
+    }
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(probes >= 30, "probed all along the 31 s: {probes}");
+    assert!(store.injected() == 1, "one renewal failed");
+    assert!(send(&h.router, req()).await.replayed());
+    assert_eq!(h.runs(), 1, "the lease never lapsed");
+}
+
+/// `new` is counted only when the record was stored: a completion fenced off by a newer
+/// owner counts as a lost lease, not as a new stored request.
+#[tokio::test]
+async fn new_is_counted_only_when_the_record_was_stored() {
+    use common::app::{delayed, post as post_json, spawn_send, Harness};
+    use std::time::Duration;
+    common::metrics::install();
+    let route = format!("/counted-{}", tower_idempotency::FencingToken::generate());
+    let h = Harness::on(
+        layer().lease(Duration::from_millis(200)).no_renewal(),
+        &route,
+    );
+    let count = |outcome: &str| {
+        common::metrics::counter(
+            "idempotency_requests_total",
+            &[("route", &route), ("outcome", outcome)],
+        )
+    };
+    let stale = spawn_send(&h.router, delayed(post_json(&route, Some("k"), "{}"), 600));
+    h.started.notified().await;
+    tokio::time::sleep(Duration::from_millis(350)).await; // the lease lapses
+    let second = send(&h.router, post_json(&route, Some("k"), "{}")).await;
+    assert_eq!(second.status, StatusCode::CREATED);
+    assert_eq!(count("new"), 1, "the second owner stored its record: {:?}", common::metrics::dump());
+    let stale = stale.await.unwrap();
+    assert_eq!(
+        stale.status,
+        StatusCode::CREATED,
+        "its caller still gets the answer"
+    );
+    assert_eq!(
+        count("new"),
+        1,
+        "the fenced completion is not a stored `new`"
+    );
+    assert_eq!(h.runs(), 2);
+}

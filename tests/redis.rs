@@ -161,3 +161,48 @@ async fn hostile_tenants_never_share_scopes_or_reach_key_names() {
         );
     }
 }
+
+/// A record written by a newer version (unknown version byte) during a rolling upgrade:
+/// 503 even under `fail_open`, and the handler never runs — passing the request through
+/// would run it a second time for a key that already completed.
+#[tokio::test]
+async fn an_undecodable_record_is_503_even_when_failing_open() {
+    use tower_idempotency::redis::fred::prelude::*;
+    use tower_idempotency::{Fingerprint, ScopeHash};
+    let store = support::store::test_store("undecodable").await;
+    let h = Harness::new(
+        IdempotencyLayer::new(store.clone())
+            .global_scope()
+            .fail_open(),
+    );
+    // What the layer will compute for the request below.
+    let req = || post("/pay", Some("k"), "{}");
+    let probe = req();
+    let scope = ScopeHash::new(None, probe.method(), "/pay", b"k");
+    let fingerprint = Fingerprint::new(
+        probe.method(),
+        "/pay",
+        None,
+        probe.headers(),
+        &[axum::http::header::CONTENT_TYPE],
+        b"{}",
+    );
+    // A completed hash as the scripts write it, but with record version 9.
+    let _: Value = store
+        .client()
+        .eval(
+            "redis.call('HSET', KEYS[1], 'st', 'c', 'tok', ARGV[1], 'fp', ARGV[2], 'rec', ARGV[3]) \
+             redis.call('PEXPIRE', KEYS[1], 60000)",
+            vec![store.key(&scope)],
+            vec![
+                Value::Bytes(vec![0u8; 16].into()),
+                Value::Bytes(fingerprint.as_bytes().to_vec().into()),
+                Value::Bytes(vec![9u8, 0, 0, 201].into()),
+            ],
+        )
+        .await
+        .expect("write an undecodable record");
+    let r = send(&h.router, req()).await;
+    assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    assert_eq!(h.runs(), 0);
+}

@@ -9,7 +9,9 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use axum::routing;
 use axum::Router;
-use http_body_util::BodyExt;
+use futures_util::StreamExt;
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
 use tokio::sync::Notify;
 use tower::ServiceExt;
 use tower_idempotency::problem::PROBLEM_TYPE_BASE;
@@ -30,6 +32,15 @@ impl Harness {
         Self::with_counters(layer, counters)
     }
 
+    /// The handler on `path` only, so a test's metric labels (the route) are its own.
+    pub fn on<St: Store>(layer: IdempotencyLayer<St>, path: &str) -> Self {
+        let counters = (Arc::default(), Arc::default(), Arc::default());
+        let mut h = Self::with_counters(layer.clone(), counters);
+        let handler = h.handler();
+        h.router = Router::new().route(path, routing::post(handler).layer(layer));
+        h
+    }
+
     /// A second app server with its own layer (its own store client) whose handler counts
     /// into this one's counters.
     pub fn sharing_counters<St: Store>(&self, layer: IdempotencyLayer<St>) -> Self {
@@ -45,23 +56,36 @@ impl Harness {
         layer: IdempotencyLayer<St>,
         (runs, started, finished): (Arc<AtomicUsize>, Arc<Notify>, Arc<Notify>),
     ) -> Self {
-        let handler = {
-            let (runs, started, finished) = (runs.clone(), started.clone(), finished.clone());
-            move |req: Request<Body>| {
-                let (runs, started, finished) = (runs.clone(), started.clone(), finished.clone());
-                async move { handle(req, runs, started, finished).await }
-            }
-        };
-        let route = || routing::post(handler.clone()).layer(layer.clone());
-        let router = Router::new()
-            .route("/pay", route())
-            .route("/orders/{id}/cancel", route())
-            .nest("/nested", Router::new().route("/pay", route()));
-        Harness {
-            router,
+        let mut h = Harness {
+            router: Router::new(),
             runs,
             started,
             finished,
+        };
+        let handler = h.handler();
+        let route = || routing::post(handler.clone()).layer(layer.clone());
+        h.router = Router::new()
+            .route("/pay", route())
+            .route("/orders/{id}/cancel", route())
+            .nest("/nested", Router::new().route("/pay", route()));
+        h
+    }
+
+    fn handler(
+        &self,
+    ) -> impl Fn(Request<Body>) -> futures_util::future::BoxFuture<'static, Response<Body>>
+           + Clone
+           + Send
+           + Sync
+           + 'static {
+        let (runs, started, finished) = (
+            self.runs.clone(),
+            self.started.clone(),
+            self.finished.clone(),
+        );
+        move |req: Request<Body>| {
+            let (runs, started, finished) = (runs.clone(), started.clone(), finished.clone());
+            Box::pin(async move { handle(req, runs, started, finished).await })
         }
     }
 
@@ -111,7 +135,7 @@ async fn handle(
         Some(n) => Bytes::from(vec![b'x'; n]),
         None => Bytes::from(format!("{{\"run\":{run},\"len\":{}}}", body.len())),
     };
-    let mut response = Response::new(Body::from(payload));
+    let mut response = Response::new(response_body(payload, &h));
     *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::CREATED);
     let headers = response.headers_mut();
     headers.insert(
@@ -139,6 +163,44 @@ async fn handle(
         }
     }
     response
+}
+
+/// The response body: whole, or streamed in the ways the headers ask for.
+///
+/// - `x-body-fail: error|panic`: one chunk, then the stream fails (or panics);
+/// - `x-slow-body: CHUNKS,MS`: the payload in `CHUNKS` chunks, `MS` ms apart;
+/// - `x-trailers: VALUE`: the payload, then a trailer `x-checksum: VALUE`.
+fn response_body(payload: Bytes, h: &impl Fn(&str) -> Option<String>) -> Body {
+    type Item = Result<Frame<Bytes>, std::io::Error>;
+    if let Some(how) = h("x-body-fail") {
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(Frame::data(payload))]);
+        let failing = futures_util::stream::once(async move {
+            tokio::task::yield_now().await;
+            if how == "panic" {
+                panic!("response body panicked on purpose");
+            }
+            Err::<Frame<Bytes>, _>(std::io::Error::other("response body failed on purpose"))
+        });
+        return Body::new(StreamBody::new(first.chain(failing)));
+    }
+    if let Some(spec) = h("x-slow-body") {
+        let (chunks, ms) = spec.split_once(',').unwrap();
+        let (chunks, ms): (usize, u64) = (chunks.parse().unwrap(), ms.parse().unwrap());
+        let size = payload.len().div_ceil(chunks).max(1);
+        let parts: Vec<Bytes> = payload.chunks(size).map(Bytes::copy_from_slice).collect();
+        let stream = futures_util::stream::iter(parts).then(move |part| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, std::io::Error>(Frame::data(part))
+        });
+        return Body::new(StreamBody::new(stream));
+    }
+    if let Some(value) = h("x-trailers") {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", HeaderValue::from_str(&value).unwrap());
+        let frames: Vec<Item> = vec![Ok(Frame::data(payload)), Ok(Frame::trailers(trailers))];
+        return Body::new(StreamBody::new(futures_util::stream::iter(frames)));
+    }
+    Body::from(payload)
 }
 
 /// A POST with an optional key and a JSON content type.
@@ -179,6 +241,10 @@ pub struct Reply {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The response's trailers, if its body carried any.
+    pub trailers: Option<HeaderMap>,
+    /// Why reading the response body failed (the body is then empty).
+    pub body_error: Option<String>,
 }
 
 impl Reply {
@@ -202,15 +268,19 @@ pub fn spawn_send(router: &Router, req: Request<Body>) -> tokio::task::JoinHandl
 pub async fn send(router: &Router, req: Request<Body>) -> Reply {
     let response = router.clone().oneshot(req).await.unwrap();
     let (parts, body) = response.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let (body, trailers, body_error) = match body.collect().await {
+        Ok(collected) => {
+            let trailers = collected.trailers().cloned();
+            (collected.to_bytes(), trailers, None)
+        }
+        Err(err) => (Bytes::new(), None, Some(err.to_string())),
+    };
     Reply {
         status: parts.status,
         headers: parts.headers,
         body,
+        trailers,
+        body_error,
     }
 }
 

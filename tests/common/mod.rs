@@ -3,6 +3,11 @@
 #![allow(dead_code)] // each test binary stamps the suite with its own subset of helpers
 
 pub mod app;
+pub mod faults;
+// The counting `metrics` recorder of the test support, for suites that do not include
+// `support` (one copy per test binary; only one of them may be installed).
+#[path = "../support/metrics.rs"]
+pub mod metrics;
 
 use std::time::Duration;
 
@@ -51,6 +56,14 @@ macro_rules! store_suite {
             renewal_keeps_lease_past_its_length,
             lost_lease_lets_second_owner_run_and_fences_stale_one,
             store_level_fencing_and_fresh_tokens,
+            fail_open_never_passes_an_undecodable_record,
+            store_errors_while_waiting_never_pass_through,
+            body_error_after_a_stored_status_is_not_replayable,
+            body_panic_after_a_stored_status_is_not_replayable,
+            huge_wait_bound_does_not_panic,
+            response_trailers_reach_the_first_caller,
+            reserve_is_atomic_over_many_rounds,
+            waiter_is_woken_by_the_store_not_by_polling,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -701,4 +714,172 @@ pub async fn store_level_fencing_and_fresh_tokens<St: Store>(store: St) {
         .await
         .unwrap();
     assert_eq!(again, Reservation::Completed(Record::NotReplayable));
+}
+
+// ---- SPEC section 6 (amended 2026-12-01): hardening ----
+
+/// A record the store cannot decode (e.g. written by a newer version during a rolling
+/// upgrade) is a 503 even under `fail_open`: passing it through would run the handler a
+/// second time for a key that already completed.
+pub async fn fail_open_never_passes_an_undecodable_record<St: Store>(store: St) {
+    use faults::{Fault, Faults, Op};
+    let store = Faults::new(store).fail(Op::Reserve, |_, _| Some(Fault::Decode));
+    let h = Harness::new(
+        IdempotencyLayer::new(store.clone())
+            .global_scope()
+            .fail_open(),
+    );
+    let r = send(&h.router, post("/pay", Some("k"), "{}")).await;
+    assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    assert_eq!(
+        h.runs(),
+        0,
+        "never a pass-through for an undecodable record"
+    );
+    assert_eq!(store.injected(), 1);
+}
+
+/// Once the store said "in flight", store errors while waiting keep the waiter waiting
+/// (or end in 503): never a pass-through while the owner runs, even under `fail_open`.
+pub async fn store_errors_while_waiting_never_pass_through<St: Store>(store: St) {
+    use faults::{Fault, Faults, Op};
+    let owner = Harness::new(IdempotencyLayer::new(store.clone()).global_scope());
+    // The waiter's store fails every reserve after the first in-flight answer, three times.
+    let flaky = Faults::new(store).fail(Op::Reserve, |n, last| {
+        (matches!(last, Some(Reservation::InFlight)) && (1..=3).contains(&n))
+            .then_some(Fault::Backend)
+    });
+    let waiter = owner.sharing_counters(
+        IdempotencyLayer::new(flaky.clone())
+            .global_scope()
+            .fail_open()
+            .in_flight(InFlight::Wait(Duration::from_secs(10))),
+    );
+    let slow = app::spawn_send(
+        &owner.router,
+        app::delayed(post("/pay", Some("k"), "{}"), 600),
+    );
+    owner.started.notified().await;
+    let r = send(&waiter.router, post("/pay", Some("k"), "{}")).await;
+    let first = slow.await.unwrap();
+    assert_eq!(owner.runs(), 1, "the waiter never ran the handler itself");
+    assert!(flaky.injected() >= 1, "the waiter saw store errors");
+    assert!(r.replayed(), "the waiter got the owner's answer: {r:?}");
+    assert_eq!(r.body, first.body);
+}
+
+/// The handler returned a status the policy stores and its body then failed: the
+/// operation happened, so the key is not released; retries get 409
+/// `response-not-replayable`, never a second run.
+pub async fn body_error_after_a_stored_status_is_not_replayable<St: Store>(store: St) {
+    body_failure_is_not_replayable(store, "error").await
+}
+
+/// As above, with a body that panics mid-stream.
+pub async fn body_panic_after_a_stored_status_is_not_replayable<St: Store>(store: St) {
+    body_failure_is_not_replayable(store, "panic").await
+}
+
+async fn body_failure_is_not_replayable<St: Store>(store: St, how: &str) {
+    let h = Harness::new(IdempotencyLayer::new(store).global_scope());
+    let req = || app::with_header(post("/pay", Some("k"), "{}"), "x-body-fail", how);
+    let first = send(&h.router, req()).await;
+    assert!(
+        first.body_error.is_some() || first.status.is_server_error(),
+        "the first caller learns that the response broke: {first:?}"
+    );
+    for _ in 0..2 {
+        let retry = send(&h.router, req()).await;
+        assert_problem(&retry, StatusCode::CONFLICT, "response-not-replayable");
+    }
+    assert_eq!(h.runs(), 1, "the operation ran once and is never run again");
+}
+
+/// `InFlight::Wait(Duration::MAX)` is a valid (if unwise) policy: the deadline saturates
+/// instead of overflowing `Instant + bound`.
+pub async fn huge_wait_bound_does_not_panic<St: Store>(store: St) {
+    let h = Harness::new(
+        IdempotencyLayer::new(store)
+            .global_scope()
+            .in_flight(InFlight::Wait(Duration::MAX)),
+    );
+    let slow = app::spawn_send(&h.router, app::delayed(post("/pay", Some("k"), "{}"), 300));
+    let started = tokio::time::timeout(Duration::from_secs(5), h.started.notified()).await;
+    if started.is_err() {
+        panic!("the handler never started: {:?}", slow.await.unwrap());
+    }
+    let waiter = send(&h.router, post("/pay", Some("k"), "{}")).await;
+    let first = slow.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert!(waiter.replayed(), "{waiter:?}");
+    assert_eq!(h.runs(), 1);
+}
+
+/// Trailers are not stored (a replay has none), but the first caller gets them.
+pub async fn response_trailers_reach_the_first_caller<St: Store>(store: St) {
+    let h = Harness::new(IdempotencyLayer::new(store).global_scope());
+    let req = || app::with_header(post("/pay", Some("k"), "{}"), "x-trailers", "abc123");
+    let first = send(&h.router, req()).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let trailers = first.trailers.expect("the first caller gets the trailers");
+    assert_eq!(trailers["x-checksum"], "abc123");
+    let retry = send(&h.router, req()).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+}
+
+/// Of many concurrent reserves of one scope, exactly one is `Reserved` — in every one of
+/// many rounds, so a check-then-write reserve cannot slip through by luck.
+pub async fn reserve_is_atomic_over_many_rounds<St: Store>(store: St) {
+    let fp = Fingerprint::from_bytes([5; 32]);
+    let lease = Duration::from_secs(30);
+    for round in 0..100 {
+        let key = FencingToken::generate().to_hex();
+        let scope = ScopeHash::new(None, &axum::http::Method::POST, "/atomic", key.as_bytes());
+        let answers = join_all((0..16).map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .reserve(&scope, &fp, FencingToken::generate(), lease)
+                    .await
+                    .unwrap()
+            })
+        }))
+        .await;
+        let reserved = answers
+            .into_iter()
+            .map(Result::unwrap)
+            .filter(|a| *a == Reservation::Reserved)
+            .count();
+        assert_eq!(reserved, 1, "round {round}: {reserved} owners");
+    }
+}
+
+/// A waiter is woken by the store's notification (pub/sub, `Notify`) when the owner
+/// completes, not found later by its back-off polling: counted by the layer's
+/// `idempotency_wait_wakeups_total{via}` metric, on a route of this test's own.
+pub async fn waiter_is_woken_by_the_store_not_by_polling<St: Store>(store: St) {
+    metrics::install();
+    let route = format!("/wake-{}", FencingToken::generate().to_hex());
+    let h = Harness::on(
+        IdempotencyLayer::new(store)
+            .global_scope()
+            .in_flight(InFlight::Wait(Duration::from_secs(10))),
+        &route,
+    );
+    // Long enough that a poll-only waiter has backed off to its 250 ms poll interval.
+    let slow = app::spawn_send(&h.router, app::delayed(post(&route, Some("k"), "{}"), 1500));
+    h.started.notified().await;
+    let waiter = send(&h.router, post(&route, Some("k"), "{}")).await;
+    slow.await.unwrap();
+    assert!(waiter.replayed(), "{waiter:?}");
+    let notified = metrics::counter(
+        "idempotency_wait_wakeups_total",
+        &[("route", &route), ("via", "notification")],
+    );
+    assert!(
+        notified >= 1,
+        "the waiter was woken by the store's notification"
+    );
+    assert_eq!(h.runs(), 1);
 }

@@ -34,6 +34,7 @@ pub fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
         .iter()
         .filter(|(key, _)| {
             let (key_name, key_labels) = key.split_once('{').unwrap_or((key, ""));
+            let key_labels = key_labels.strip_suffix('}').unwrap_or(key_labels);
             key_name == name
                 && labels
                     .iter()
@@ -65,4 +66,15 @@ impl Recorder for Counting {
     fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
         Histogram::noop()
     }
+}
+
+/// Every counter as `name{label=value,..} = count`, for failure messages.
+pub fn dump() -> Vec<String> {
+    let counters = recorder().counters.lock().expect("counters lock");
+    let mut out: Vec<String> = counters
+        .iter()
+        .map(|(key, value)| format!("{key} = {}", value.load(Ordering::Relaxed)))
+        .collect();
+    out.sort();
+    out
 }

@@ -1,0 +1,161 @@
+//! [`Faults`]: a store that forwards to a real one and fails the calls a test picks, to
+//! drive the layer down its error paths (a store that cannot decode a record, errors while
+//! a waiter waits, a renewal that fails once) without waiting for a real outage.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tower_idempotency::{
+    Completion, DecodeError, FencingToken, Fingerprint, Record, Reservation, ScopeHash, Store,
+    StoreError,
+};
+
+/// Which store operation a rule applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Reserve,
+    Renew,
+    Complete,
+    Release,
+    Subscribe,
+}
+
+/// The error a rule injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// `StoreError::Backend`: unreachable, timed out.
+    Backend,
+    /// `StoreError::Decode`: a record written by a newer version.
+    Decode,
+}
+
+impl Fault {
+    fn error(self) -> StoreError {
+        match self {
+            Fault::Backend => StoreError::backend(std::io::Error::other("injected fault")),
+            Fault::Decode => StoreError::Decode(DecodeError::UnknownVersion(9)),
+        }
+    }
+}
+
+type Rule = Box<dyn Fn(usize, Option<&Reservation>) -> Option<Fault> + Send + Sync>;
+
+/// Forwards to `inner`; each rule decides, from the call's index (0-based, per operation)
+/// and for reserves the last answer this wrapper passed on, whether to fail the call
+/// instead (the inner store is then not called).
+#[derive(Clone)]
+pub struct Faults<St> {
+    inner: St,
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
+    rules: Mutex<Vec<(Op, Arc<Rule>)>>,
+    calls: [AtomicUsize; 5],
+    injected: AtomicUsize,
+    last_reservation: Mutex<Option<Reservation>>,
+}
+
+impl<St: Store> Faults<St> {
+    pub fn new(inner: St) -> Self {
+        Faults {
+            inner,
+            shared: Arc::default(),
+        }
+    }
+
+    /// Adds a rule for `op`.
+    pub fn fail(
+        self,
+        op: Op,
+        rule: impl Fn(usize, Option<&Reservation>) -> Option<Fault> + Send + Sync + 'static,
+    ) -> Self {
+        self.shared
+            .rules
+            .lock()
+            .unwrap()
+            .push((op, Arc::new(Box::new(rule))));
+        self
+    }
+
+    /// How many calls of `op` reached this wrapper.
+    pub fn calls(&self, op: Op) -> usize {
+        self.shared.calls[op as usize].load(Ordering::SeqCst)
+    }
+
+    /// How many calls a rule failed.
+    pub fn injected(&self) -> usize {
+        self.shared.injected.load(Ordering::SeqCst)
+    }
+
+    fn check(&self, op: Op) -> Result<(), StoreError> {
+        let n = self.shared.calls[op as usize].fetch_add(1, Ordering::SeqCst);
+        let last = self.shared.last_reservation.lock().unwrap().clone();
+        let rules: Vec<Arc<Rule>> = self
+            .shared
+            .rules
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(o, _)| *o == op)
+            .map(|(_, r)| r.clone())
+            .collect();
+        for rule in rules {
+            if let Some(fault) = rule(n, last.as_ref()) {
+                self.shared.injected.fetch_add(1, Ordering::SeqCst);
+                return Err(fault.error());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<St: Store> Store for Faults<St> {
+    type Subscription = St::Subscription;
+
+    async fn reserve(
+        &self,
+        scope: &ScopeHash,
+        fingerprint: &Fingerprint,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<Reservation, StoreError> {
+        self.check(Op::Reserve)?;
+        let answer = self.inner.reserve(scope, fingerprint, token, lease).await?;
+        *self.shared.last_reservation.lock().unwrap() = Some(answer.clone());
+        Ok(answer)
+    }
+
+    async fn renew(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.check(Op::Renew)?;
+        self.inner.renew(scope, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Completion, StoreError> {
+        self.check(Op::Complete)?;
+        self.inner.complete(scope, token, record, ttl).await
+    }
+
+    async fn release(&self, scope: &ScopeHash, token: FencingToken) -> Result<bool, StoreError> {
+        self.check(Op::Release)?;
+        self.inner.release(scope, token).await
+    }
+
+    async fn subscribe(&self, scope: &ScopeHash) -> Result<St::Subscription, StoreError> {
+        self.check(Op::Subscribe)?;
+        self.inner.subscribe(scope).await
+    }
+}
