@@ -2,9 +2,28 @@
 //!
 //! Entries live in shards, each behind its own lock, so requests for different keys do not
 //! wait on one another. Expiry uses [`tokio::time::Instant`], so tests can drive it with
-//! `tokio::time::pause()`. The store never evicts a live entry (pending or completed):
-//! it holds at most `max_entries`, sweeps expired ones, and when it is still full a new
-//! reservation fails with [`StoreError::Full`] (the layer answers 503).
+//! `tokio::time::pause()`.
+//!
+//! # Bounds
+//!
+//! The store never evicts a live entry (pending or completed). It is bounded twice: by
+//! entries ([`max_entries`](MemoryStoreBuilder::max_entries)) and by bytes
+//! ([`max_bytes`](MemoryStoreBuilder::max_bytes), default 256 MiB). When either bound is
+//! reached, a new reservation fails with [`StoreError::Full`] and the layer answers 503;
+//! a completion is never refused, because the operation it records already happened.
+//!
+//! Expired entries are swept a shard at a time: every few hundred insertions into a
+//! shard, and when the store is full. A full store keeps a lower bound of the earliest
+//! expiry of its entries and sweeps only once that has passed, one caller at a time, so a
+//! flood of new keys on a store full of live entries is refused at a constant cost
+//! instead of a sweep per refusal.
+//!
+//! # Waiting
+//!
+//! Waiters on a scope share one [`Notify`] that outlives the scope's entries: a release
+//! followed by a new owner's completion wakes everyone who subscribed before the
+//! release. Completion, release and expiry notify it; nothing is looked up when no one
+//! waits in the shard.
 //!
 //! It is not shared between processes: run several app servers against
 //! [`RedisStore`](https://docs.rs/tower-idempotency-redis) instead.
@@ -15,7 +34,10 @@
 //! use axum::{routing::post, Router};
 //! use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
 //!
-//! let store = MemoryStore::builder().max_entries(100_000).build();
+//! let store = MemoryStore::builder()
+//!     .max_entries(100_000)
+//!     .max_bytes(64 * 1024 * 1024)
+//!     .build();
 //! let app: Router = Router::new().route(
 //!     "/payments",
 //!     post(|| async { "paid" }).layer(IdempotencyLayer::new(store).global_scope()),
@@ -23,11 +45,15 @@
 //! ```
 
 use std::collections::HashMap;
+use std::fmt;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::mem::size_of;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
+use http::{HeaderName, HeaderValue};
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -37,37 +63,78 @@ use crate::record::Record;
 use crate::store::{Completion, Reservation, Store, StoreError, Subscription};
 use crate::token::FencingToken;
 
-/// Default capacity of a [`MemoryStore`].
+/// Default entry capacity of a [`MemoryStore`].
 pub const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
 
+/// Default byte budget of a [`MemoryStore`]: 256 MiB, enough for a small service
+/// (a million small records, or sixty-four at the default 4 MiB stored-response limit).
+pub const DEFAULT_MAX_BYTES: usize = 256 * 1024 * 1024;
+
+/// What every entry counts against the byte budget before its record: the key, the entry
+/// (fingerprint, token, expiry, inline record fields) and its share of the hash table,
+/// taken as twice their size because a table runs between half and seven-eighths full.
+/// About 350 bytes on 64-bit targets; the exact figure may change between versions.
+pub const ENTRY_OVERHEAD_BYTES: usize = 2 * (size_of::<(ScopeHash, Entry)>() + 1);
+
 const SHARDS: usize = 64;
-/// Every this many insertions into a shard, expired entries of that shard are swept.
+/// Every this many insertions into a shard, its expired entries are swept (if its
+/// earliest expiry says there can be any).
 const SWEEP_EVERY: usize = 1024;
 
-/// An in-memory [`Store`], sharded and bounded. Cheap to clone: clones share the entries.
+/// An in-memory [`Store`], sharded and bounded by entries and bytes. Cheap to clone:
+/// clones share the entries.
 ///
-/// See the [module docs](crate::memory) for an example.
+/// See the [module docs](crate::memory) for the bounds and an example.
 #[derive(Clone, Debug)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
 /// Builds a [`MemoryStore`].
+///
+/// ```
+/// use tower_idempotency_core::MemoryStore;
+///
+/// let store = MemoryStore::builder().max_entries(10_000).max_bytes(32 << 20).build();
+/// assert_eq!((store.max_entries(), store.max_bytes()), (10_000, 32 << 20));
+/// ```
 #[derive(Clone, Debug)]
 pub struct MemoryStoreBuilder {
     max_entries: usize,
+    max_bytes: usize,
 }
 
-#[derive(Debug)]
 struct Inner {
     shards: Box<[Mutex<Shard>]>,
+    /// Entries held, live or expired but not yet swept.
     len: AtomicUsize,
+    /// What the held entries count against `max_bytes` (see [`ENTRY_OVERHEAD_BYTES`]).
+    bytes: AtomicUsize,
     max_entries: usize,
+    max_bytes: usize,
+    /// A lower bound of every entry's expiry, in nanoseconds since `epoch`; `u64::MAX`
+    /// when there is no entry. Lowered on every write of an expiry, reset and rebuilt by
+    /// [`Inner::sweep_due`]. While it has not passed, no entry can have expired, so a full
+    /// store refuses without sweeping.
+    earliest: AtomicU64,
+    epoch: Instant,
+    /// Set while one caller sweeps on behalf of a refused reservation; others refuse at
+    /// once instead of queueing on the shard locks behind it.
+    sweeping: AtomicBool,
+    /// Shard sweeps run, for the tests that show a full store does not sweep per refusal.
+    #[cfg(test)]
+    shard_sweeps: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
 struct Shard {
     entries: HashMap<ScopeHash, Entry, ScopeHasher>,
+    /// A lower bound of the expiries in `entries`, exact after a sweep; `None` when the
+    /// shard held no entry at its last sweep and none was inserted since.
+    earliest: Option<Instant>,
+    /// One `Notify` per scope someone waits on, shared by its subscriptions and outliving
+    /// the scope's entries; the last subscription to drop removes it.
+    waiters: HashMap<ScopeHash, Weak<Notify>, ScopeHasher>,
     inserts: usize,
 }
 
@@ -77,8 +144,8 @@ struct Entry {
     token: FencingToken,
     state: State,
     expires: Instant,
-    /// Created on the first subscription, fired on completion or release.
-    notify: Option<Arc<Notify>>,
+    /// What this entry counts against the byte budget; given back when it goes.
+    bytes: usize,
 }
 
 #[derive(Debug)]
@@ -125,7 +192,7 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// A store holding at most [`DEFAULT_MAX_ENTRIES`] entries.
+    /// A store bounded by [`DEFAULT_MAX_ENTRIES`] and [`DEFAULT_MAX_BYTES`].
     pub fn new() -> Self {
         Self::default()
     }
@@ -134,6 +201,7 @@ impl MemoryStore {
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder {
             max_entries: DEFAULT_MAX_ENTRIES,
+            max_bytes: DEFAULT_MAX_BYTES,
         }
     }
 
@@ -147,24 +215,31 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// The configured capacity.
+    /// What the entries count against [`max_bytes`](Self::max_bytes) now, live or expired
+    /// but not yet swept. May exceed it by the records of reservations granted before the
+    /// budget was reached (see [`MemoryStoreBuilder::max_bytes`]).
+    pub fn bytes(&self) -> usize {
+        self.inner.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The configured entry capacity.
     pub fn max_entries(&self) -> usize {
         self.inner.max_entries
     }
 
-    /// Removes every expired entry now. Also done automatically when the store is full and
-    /// every few thousand insertions.
+    /// The configured byte budget.
+    pub fn max_bytes(&self) -> usize {
+        self.inner.max_bytes
+    }
+
+    /// Removes every expired entry now. Also done automatically, shard by shard, every
+    /// few hundred insertions and when the store is full.
     pub fn sweep(&self) {
-        let now = Instant::now();
-        for shard in self.inner.shards.iter() {
-            self.inner.sweep_shard(&mut lock(shard), now);
-        }
+        self.inner.sweep_due(Instant::now());
     }
 
     fn shard(&self, scope: &ScopeHash) -> MutexGuard<'_, Shard> {
-        // Bytes 8.. pick the shard; bytes ..8 feed the map's hasher.
-        let index = usize::from(scope.as_bytes()[8]) % self.inner.shards.len();
-        lock(&self.inner.shards[index])
+        self.inner.shard(scope)
     }
 }
 
@@ -177,15 +252,50 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// The most bytes the entries may count; default [`DEFAULT_MAX_BYTES`] (256 MiB).
+    ///
+    /// Each entry counts [`ENTRY_OVERHEAD_BYTES`]; a completed one adds its record's body
+    /// length and, per stored header, the name and value lengths and the size of its slot
+    /// in the header list. A new reservation that would go past the budget fails with
+    /// [`StoreError::Full`] (the layer answers 503); live entries are never evicted.
+    ///
+    /// A completion is never refused, since the operation it records already happened:
+    /// the budget may be exceeded by at most the records of the reservations granted
+    /// before it was reached (at most, per pending reservation, the layer's stored-response
+    /// limit, 4 MiB by default). Until entries expire, new reservations are then refused.
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
         MemoryStore {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 len: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
                 max_entries: self.max_entries,
+                max_bytes: self.max_bytes,
+                earliest: AtomicU64::new(u64::MAX),
+                epoch: Instant::now(),
+                sweeping: AtomicBool::new(false),
+                #[cfg(test)]
+                shard_sweeps: AtomicUsize::new(0),
             }),
         }
+    }
+}
+
+// By hand: the derived form would print every entry of every shard.
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inner")
+            .field("len", &self.len)
+            .field("bytes", &self.bytes)
+            .field("max_entries", &self.max_entries)
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
     }
 }
 
@@ -198,100 +308,238 @@ fn deadline(now: Instant, d: Duration) -> Instant {
 }
 
 /// A poisoned shard only means a panic happened while it was locked; every mutation
-/// below leaves the map consistent at each step, so the data is still sound.
+/// below leaves the map and the counters consistent at each step, so the data is sound.
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     shard
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl Inner {
-    fn sweep_shard(&self, shard: &mut Shard, now: Instant) {
-        let before = shard.entries.len();
-        shard.entries.retain(|_, entry| {
-            let live = entry.expires > now;
-            if !live {
-                wake(entry);
-            }
-            live
-        });
-        self.len
-            .fetch_sub(before - shard.entries.len(), Ordering::Relaxed);
-    }
-
-    /// Claims room for one more entry, sweeping first when the store is full.
-    fn claim_slot(&self, shard: &mut Shard, now: Instant) -> bool {
-        if self.try_claim() {
-            return true;
+/// What a record counts against the byte budget beyond [`ENTRY_OVERHEAD_BYTES`] (whose
+/// entry size already holds the status and the inline parts of the header list and body).
+fn record_bytes(record: &Record) -> usize {
+    match record {
+        Record::Response(response) => {
+            response
+                .headers
+                .iter()
+                .fold(response.body.len(), |sum, (name, value)| {
+                    sum.saturating_add(size_of::<(HeaderName, HeaderValue)>())
+                        .saturating_add(name.as_str().len())
+                        .saturating_add(value.as_bytes().len())
+                })
         }
-        self.sweep_shard(shard, now);
-        if self.try_claim() {
-            return true;
-        }
-        // Other shards may hold expired entries; sweeping them needs their locks, which
-        // must not be taken while this one is held (lock order), so the caller retries.
-        false
-    }
-
-    fn try_claim(&self) -> bool {
-        self.len
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |len| {
-                (len < self.max_entries).then_some(len + 1)
-            })
-            .is_ok()
+        Record::NotReplayable => 0,
     }
 }
 
-fn wake(entry: &Entry) {
-    if let Some(notify) = &entry.notify {
+/// Wakes the subscribers of `scope`, if any. The emptiness check keeps the common case
+/// (nobody waits on any key of the shard) free of a second map lookup.
+fn wake(waiters: &HashMap<ScopeHash, Weak<Notify>, ScopeHasher>, scope: &ScopeHash) {
+    if waiters.is_empty() {
+        return;
+    }
+    if let Some(notify) = waiters.get(scope).and_then(Weak::upgrade) {
         notify.notify_waiters();
     }
 }
 
+impl Shard {
+    /// Whether an entry of this shard may have expired by `now`.
+    fn due(&self, now: Instant) -> bool {
+        self.earliest.is_some_and(|earliest| earliest <= now)
+    }
+
+    fn note_expiry(&mut self, expires: Instant) {
+        self.earliest = Some(self.earliest.map_or(expires, |e| e.min(expires)));
+    }
+}
+
+/// Clears [`Inner::sweeping`] when the sweep ends, even by a panic.
+struct SweepGuard<'a>(&'a AtomicBool);
+
+impl Drop for SweepGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Inner {
+    fn shard(&self, scope: &ScopeHash) -> MutexGuard<'_, Shard> {
+        // Bytes 8.. pick the shard; bytes ..8 feed the map's hasher.
+        let index = usize::from(scope.as_bytes()[8]) % self.shards.len();
+        lock(&self.shards[index])
+    }
+
+    /// `t` as nanoseconds since `epoch`. Monotonic, so comparing ticks never says
+    /// "not expired" where comparing instants would say "expired"; an instant before the
+    /// epoch (a store built on another clock) counts as 0, which only sweeps sooner.
+    fn ticks(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Keeps `earliest` a lower bound after an entry's expiry was set to `expires`. Called
+    /// under the entry's shard lock, which orders it against a sweep's reset (see
+    /// [`Inner::sweep_due`]). Most expiries are later than the bound: a load, no write.
+    fn note_expiry(&self, expires: Instant) {
+        let ticks = self.ticks(expires);
+        if ticks < self.earliest.load(Ordering::Relaxed) {
+            self.earliest.fetch_min(ticks, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether any entry may have expired by `now`.
+    fn may_have_expired(&self, now: Instant) -> bool {
+        self.earliest.load(Ordering::Relaxed) <= self.ticks(now)
+    }
+
+    /// Sweeps every shard whose earliest expiry has passed and rebuilds `earliest`.
+    ///
+    /// The bound is reset first, then each shard's (exact after its sweep) is folded in
+    /// under that shard's lock. A writer that set an expiry before this sweep locked its
+    /// shard is in that shard's bound; one after it lowers the reset value itself. So once
+    /// every shard is folded in, the bound is valid again; while a sweep runs it may be too
+    /// high, which only makes a concurrent full store refuse instead of sweeping too.
+    fn sweep_due(&self, now: Instant) {
+        self.earliest.store(u64::MAX, Ordering::Relaxed);
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            if shard.due(now) {
+                self.sweep_shard(&mut shard, now);
+            }
+            if let Some(earliest) = shard.earliest {
+                self.note_expiry(earliest);
+            }
+        }
+    }
+
+    /// Removes the shard's expired entries, waking their waiters, and makes its bound exact.
+    fn sweep_shard(&self, shard: &mut Shard, now: Instant) {
+        #[cfg(test)]
+        self.shard_sweeps.fetch_add(1, Ordering::Relaxed);
+        let Shard {
+            entries,
+            earliest,
+            waiters,
+            ..
+        } = shard;
+        let (mut freed, mut freed_bytes) = (0, 0);
+        let mut next: Option<Instant> = None;
+        entries.retain(|scope, entry| {
+            if entry.expires > now {
+                next = Some(next.map_or(entry.expires, |n| n.min(entry.expires)));
+                return true;
+            }
+            freed += 1;
+            freed_bytes += entry.bytes;
+            wake(waiters, scope);
+            false
+        });
+        *earliest = next;
+        // Subscriptions remove their Notify when the last one drops; this catches one
+        // left behind when a drop saw another handle alive for a moment.
+        waiters.retain(|_, notify| notify.strong_count() > 0);
+        self.len.fetch_sub(freed, Ordering::Relaxed);
+        self.bytes.fetch_sub(freed_bytes, Ordering::Relaxed);
+    }
+
+    /// Claims room for one more pending entry, or `false` when a bound is reached.
+    fn try_claim(&self) -> bool {
+        let claimed_entry = self
+            .len
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |len| {
+                (len < self.max_entries).then_some(len + 1)
+            })
+            .is_ok();
+        if !claimed_entry {
+            return false;
+        }
+        let claimed_bytes = self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |bytes| {
+                let after = bytes.saturating_add(ENTRY_OVERHEAD_BYTES);
+                (after <= self.max_bytes).then_some(after)
+            })
+            .is_ok();
+        if !claimed_bytes {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+        }
+        claimed_bytes
+    }
+
+    /// Gives back what a removed entry counted.
+    fn give_back(&self, entry: &Entry) {
+        self.len.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_sub(entry.bytes, Ordering::Relaxed);
+    }
+
+    fn full(&self) -> StoreError {
+        StoreError::Full {
+            entries: self.len.load(Ordering::Relaxed),
+            max_entries: self.max_entries,
+            bytes: self.bytes.load(Ordering::Relaxed),
+            max_bytes: self.max_bytes,
+        }
+    }
+}
+
 impl MemoryStore {
+    /// One attempt; `None` when the store is full (after sweeping this shard, if its
+    /// bound says it holds expired entries).
     fn reserve_now(
         &self,
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
         lease: Duration,
-    ) -> Result<Option<Reservation>, StoreError> {
-        let now = Instant::now();
+        now: Instant,
+    ) -> Option<Reservation> {
         let mut shard = self.shard(scope);
         if let Some(entry) = shard.entries.get(scope) {
             if entry.expires > now {
                 if entry.fingerprint != *fingerprint {
-                    return Ok(Some(Reservation::Mismatch));
+                    return Some(Reservation::Mismatch);
                 }
-                return Ok(Some(match &entry.state {
+                return Some(match &entry.state {
                     State::Pending => Reservation::InFlight,
                     State::Completed(record) => Reservation::Completed(record.clone()),
-                }));
+                });
             }
             // Expired: the slot is reused in place, waking anyone waiting on the old one.
             if let Some(old) = shard.entries.remove(scope) {
-                wake(&old);
+                self.inner.give_back(&old);
+                wake(&shard.waiters, scope);
             }
-            self.inner.len.fetch_sub(1, Ordering::Relaxed);
         }
-        if !self.inner.claim_slot(&mut shard, now) {
-            return Ok(None);
+        if !self.inner.try_claim() {
+            // Only this shard can be swept here: other shards' locks must not be taken
+            // while this one is held (lock order), so the caller sweeps them.
+            if !shard.due(now) {
+                return None;
+            }
+            self.inner.sweep_shard(&mut shard, now);
+            if !self.inner.try_claim() {
+                return None;
+            }
         }
-        shard.inserts += 1;
-        if shard.inserts % SWEEP_EVERY == 0 {
+        shard.inserts = shard.inserts.wrapping_add(1);
+        if shard.inserts % SWEEP_EVERY == 0 && shard.due(now) {
             self.inner.sweep_shard(&mut shard, now);
         }
+        let expires = deadline(now, lease);
         shard.entries.insert(
             *scope,
             Entry {
                 fingerprint: *fingerprint,
                 token,
                 state: State::Pending,
-                expires: deadline(now, lease),
-                notify: None,
+                expires,
+                bytes: ENTRY_OVERHEAD_BYTES,
             },
         );
-        Ok(Some(Reservation::Reserved))
+        shard.note_expiry(expires);
+        self.inner.note_expiry(expires);
+        Some(Reservation::Reserved)
     }
 }
 
@@ -305,15 +553,26 @@ impl Store for MemoryStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<Reservation, StoreError> {
-        if let Some(answer) = self.reserve_now(scope, fingerprint, token, lease)? {
+        let now = Instant::now();
+        if let Some(answer) = self.reserve_now(scope, fingerprint, token, lease, now) {
             return Ok(answer);
         }
-        // Full: sweep every shard once and try again before refusing.
-        self.sweep();
-        self.reserve_now(scope, fingerprint, token, lease)?
-            .ok_or(StoreError::Full {
-                max_entries: self.inner.max_entries,
-            })
+        // Full. Sweeping helps only if some entry may have expired, and one sweeper at a
+        // time is enough: the others refuse at once rather than wait on its shard locks.
+        if self.inner.may_have_expired(now)
+            && self
+                .inner
+                .sweeping
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        {
+            let _guard = SweepGuard(&self.inner.sweeping);
+            self.inner.sweep_due(now);
+            if let Some(answer) = self.reserve_now(scope, fingerprint, token, lease, now) {
+                return Ok(answer);
+            }
+        }
+        Err(self.inner.full())
     }
 
     async fn renew(
@@ -324,15 +583,24 @@ impl Store for MemoryStore {
     ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut shard = self.shard(scope);
-        Ok(match shard.entries.get_mut(scope) {
+        let Shard { entries, .. } = &mut *shard;
+        let renewed = match entries.get_mut(scope) {
             Some(entry) if entry.token == token && entry.expires > now => {
                 if matches!(entry.state, State::Pending) {
                     entry.expires = deadline(now, lease);
+                    Some(entry.expires)
+                } else {
+                    None
                 }
-                true
             }
-            _ => false,
-        })
+            _ => return Ok(false),
+        };
+        // A shorter lease than before moves the expiry earlier: keep the bounds valid.
+        if let Some(expires) = renewed {
+            shard.note_expiry(expires);
+            self.inner.note_expiry(expires);
+        }
+        Ok(true)
     }
 
     async fn complete(
@@ -344,17 +612,30 @@ impl Store for MemoryStore {
     ) -> Result<Completion, StoreError> {
         let now = Instant::now();
         let mut shard = self.shard(scope);
-        Ok(match shard.entries.get_mut(scope) {
+        let Shard {
+            entries, waiters, ..
+        } = &mut *shard;
+        let stored = match entries.get_mut(scope) {
             Some(entry) if entry.token == token && entry.expires > now => {
-                if matches!(entry.state, State::Pending) {
-                    entry.state = State::Completed(record.clone());
-                    entry.expires = deadline(now, ttl);
-                    wake(entry);
+                if !matches!(entry.state, State::Pending) {
+                    // Already stored by this token: a retry after a lost reply.
+                    return Ok(Completion::Stored);
                 }
-                Completion::Stored
+                // Never refused, even past the byte budget: the operation happened.
+                let extra = record_bytes(record);
+                entry.state = State::Completed(record.clone());
+                entry.expires = deadline(now, ttl);
+                entry.bytes = entry.bytes.saturating_add(extra);
+                self.inner.bytes.fetch_add(extra, Ordering::Relaxed);
+                wake(waiters, scope);
+                entry.expires
             }
-            _ => Completion::Fenced,
-        })
+            _ => return Ok(Completion::Fenced),
+        };
+        // A TTL shorter than the lease left moves the expiry earlier: keep the bounds valid.
+        shard.note_expiry(stored);
+        self.inner.note_expiry(stored);
+        Ok(Completion::Stored)
     }
 
     async fn release(&self, scope: &ScopeHash, token: FencingToken) -> Result<bool, StoreError> {
@@ -368,38 +649,64 @@ impl Store for MemoryStore {
         );
         if held {
             if let Some(entry) = shard.entries.remove(scope) {
-                self.inner.len.fetch_sub(1, Ordering::Relaxed);
-                wake(&entry);
+                self.inner.give_back(&entry);
+                wake(&shard.waiters, scope);
             }
         }
         Ok(held)
     }
 
     async fn subscribe(&self, scope: &ScopeHash) -> Result<MemorySubscription, StoreError> {
-        let mut shard = self.shard(scope);
-        let notify = match shard.entries.get_mut(scope) {
-            Some(entry) => entry.notify.get_or_insert_with(Default::default).clone(),
-            // Nothing to wait for: a fresh Notify that nobody fires; the caller's re-read
-            // sees the absent entry and reserves it.
-            None => Arc::new(Notify::new()),
+        let notify = {
+            let mut shard = self.shard(scope);
+            match shard.waiters.get(scope).and_then(Weak::upgrade) {
+                Some(notify) => notify,
+                None => {
+                    // Also when the scope has no entry yet: the next owner's completion
+                    // or release fires it.
+                    let notify = Arc::new(Notify::new());
+                    shard.waiters.insert(*scope, Arc::downgrade(&notify));
+                    notify
+                }
+            }
         };
-        Ok(MemorySubscription::new(notify))
+        Ok(MemorySubscription::new(self.inner.clone(), *scope, notify))
     }
 }
 
-/// A [`Subscription`] on a [`MemoryStore`] scope: a per-key [`Notify`].
-#[derive(Debug)]
+/// A [`Subscription`] on a [`MemoryStore`] scope: the scope's [`Notify`], shared by all
+/// its subscriptions and fired on every completion, release and expiry of the scope,
+/// whichever entry (owner) it belongs to.
 pub struct MemorySubscription {
+    inner: Arc<Inner>,
+    scope: ScopeHash,
     notify: Arc<Notify>,
-    notified: std::pin::Pin<Box<OwnedNotified>>,
+    notified: Pin<Box<OwnedNotified>>,
 }
 
+/// The handles on its `Notify` one subscription holds: its own and its pending
+/// `notified` future's.
+const HANDLES_PER_SUBSCRIPTION: usize = 2;
+
 impl MemorySubscription {
-    fn new(notify: Arc<Notify>) -> Self {
+    fn new(inner: Arc<Inner>, scope: ScopeHash, notify: Arc<Notify>) -> Self {
         let mut notified = Box::pin(notify.clone().notified_owned());
         // Registered now, so a notify_waiters() before the first poll is not lost.
         notified.as_mut().enable();
-        MemorySubscription { notify, notified }
+        MemorySubscription {
+            inner,
+            scope,
+            notify,
+            notified,
+        }
+    }
+}
+
+impl fmt::Debug for MemorySubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemorySubscription")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
     }
 }
 
@@ -409,6 +716,25 @@ impl Subscription for MemorySubscription {
         let mut next = Box::pin(self.notify.clone().notified_owned());
         next.as_mut().enable();
         self.notified = next;
+    }
+}
+
+impl Drop for MemorySubscription {
+    fn drop(&mut self) {
+        let mut shard = self.inner.shard(&self.scope);
+        // New handles are only taken under this lock (subscribe, wake), so if ours are
+        // the only ones left, no other subscription shares this Notify: remove it. A
+        // handle seen for a moment elsewhere leaves it to the next shard sweep.
+        if Arc::strong_count(&self.notify) > HANDLES_PER_SUBSCRIPTION {
+            return;
+        }
+        let ours = shard
+            .waiters
+            .get(&self.scope)
+            .is_some_and(|notify| std::ptr::eq(notify.as_ptr(), Arc::as_ptr(&self.notify)));
+        if ours {
+            shard.waiters.remove(&self.scope);
+        }
     }
 }
 
@@ -486,7 +812,7 @@ mod tests {
         let r = store
             .reserve(&scope(9), &FP, FencingToken::generate(), LEASE)
             .await;
-        assert!(matches!(r, Err(StoreError::Full { max_entries: 2 })));
+        assert!(matches!(r, Err(StoreError::Full { max_entries: 2, .. })));
         // The live entries are still there.
         let r = store
             .reserve(&scope(0), &FP, FencingToken::generate(), LEASE)
@@ -523,6 +849,449 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), sub.changed())
             .await
             .expect("subscriber woken");
+    }
+
+    /// A scope on shard `shard` (byte 8), distinct by `n` within it (bytes 0..4).
+    fn scope_in(shard: u8, n: u32) -> ScopeHash {
+        let mut bytes = [0u8; 32];
+        bytes[..4].copy_from_slice(&n.to_le_bytes());
+        bytes[8] = shard;
+        ScopeHash::from_bytes(bytes)
+    }
+
+    fn response(body_len: usize) -> Record {
+        Record::Response(crate::record::StoredResponse {
+            status: http::StatusCode::CREATED,
+            headers: vec![(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            )],
+            body: bytes::Bytes::from(vec![b'x'; body_len]),
+        })
+    }
+
+    fn shard_sweeps(store: &MemoryStore) -> usize {
+        store.inner.shard_sweeps.load(Ordering::Relaxed)
+    }
+
+    /// A full store of live entries refuses a flood of new keys without sweeping any shard:
+    /// nothing can have expired before the earliest expiry it knows of. Once that passes,
+    /// one caller sweeps once, and the refusals that follow are cheap again.
+    #[tokio::test(start_paused = true)]
+    async fn full_store_refuses_without_sweeping_on_every_refusal() {
+        let store = MemoryStore::builder().max_entries(4).build();
+        for (n, lease) in [(1, 10), (2, 100), (3, 100), (4, 100)] {
+            let lease = Duration::from_secs(lease);
+            let scope = scope_in(n, n.into());
+            let r = store.reserve(&scope, &FP, FencingToken::generate(), lease);
+            assert_eq!(r.await.unwrap(), Reservation::Reserved);
+        }
+        let flood = |from: u32| {
+            let store = store.clone();
+            async move {
+                for n in from..from + 1000 {
+                    let scope = scope_in(n as u8, n);
+                    let r = store
+                        .reserve(&scope, &FP, FencingToken::generate(), LEASE)
+                        .await;
+                    assert!(
+                        matches!(r, Err(StoreError::Full { max_entries: 4, .. })),
+                        "{r:?}"
+                    );
+                }
+            }
+        };
+        flood(100).await;
+        assert_eq!(shard_sweeps(&store), 0, "1000 refusals swept no shard");
+
+        // The 10 s lease has passed: the next new key sweeps once and takes its slot.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let r = store
+            .reserve(&scope_in(9, 9), &FP, FencingToken::generate(), LEASE)
+            .await;
+        assert_eq!(r.unwrap(), Reservation::Reserved);
+        assert_eq!(shard_sweeps(&store), 1, "one shard held the expired entry");
+
+        flood(2000).await;
+        assert_eq!(
+            shard_sweeps(&store),
+            1,
+            "refusals are cheap again after the sweep"
+        );
+        assert_eq!(store.len(), 4);
+    }
+
+    /// Owner 1 releases; waiter A becomes the new owner and completes. Waiter B, still
+    /// subscribed since before the release, must be woken by A's completion (not left to
+    /// find out by polling).
+    #[tokio::test(start_paused = true)]
+    async fn a_new_owners_completion_wakes_waiters_subscribed_before_a_release() {
+        let store = MemoryStore::default();
+        let s = scope(5);
+        let owner1 = FencingToken::generate();
+        assert_eq!(
+            store.reserve(&s, &FP, owner1, LEASE).await.unwrap(),
+            Reservation::Reserved
+        );
+        let mut a = store.subscribe(&s).await.unwrap();
+        let mut b = store.subscribe(&s).await.unwrap();
+        assert!(store.release(&s, owner1).await.unwrap());
+        let second = Duration::from_secs(1);
+        tokio::time::timeout(second, a.changed())
+            .await
+            .expect("A woken by the release");
+        tokio::time::timeout(second, b.changed())
+            .await
+            .expect("B woken by the release");
+
+        let owner2 = FencingToken::generate(); // A
+        assert_eq!(
+            store.reserve(&s, &FP, owner2, LEASE).await.unwrap(),
+            Reservation::Reserved
+        );
+        let again = store
+            .reserve(&s, &FP, FencingToken::generate(), LEASE)
+            .await; // B
+        assert_eq!(again.unwrap(), Reservation::InFlight);
+        let rec = Record::NotReplayable;
+        let done = store
+            .complete(&s, owner2, &rec, Duration::from_secs(60))
+            .await;
+        assert_eq!(done.unwrap(), Completion::Stored);
+        tokio::time::timeout(second, b.changed())
+            .await
+            .expect("B woken by the new owner's completion");
+    }
+
+    /// The byte budget refuses a new reservation; the live entries (a completed large
+    /// record, a pending reservation) answer as before, and a completion is never refused.
+    #[tokio::test]
+    async fn byte_budget_refuses_new_reservations_and_keeps_live_entries() {
+        let budget = 1 << 20;
+        let store = MemoryStore::builder().max_bytes(budget).build();
+        let big = response(600_000);
+        let ttl = Duration::from_secs(60);
+        let reserve = |s: ScopeHash, t: FencingToken| {
+            let store = store.clone();
+            async move { store.reserve(&s, &FP, t, LEASE).await }
+        };
+        let (t1, t2, t3) = (
+            FencingToken::generate(),
+            FencingToken::generate(),
+            FencingToken::generate(),
+        );
+        assert_eq!(
+            reserve(scope_in(3, 1), t1).await.unwrap(),
+            Reservation::Reserved
+        );
+        assert_eq!(
+            store
+                .complete(&scope_in(3, 1), t1, &big, ttl)
+                .await
+                .unwrap(),
+            Completion::Stored
+        );
+        assert_eq!(
+            reserve(scope_in(3, 2), t2).await.unwrap(),
+            Reservation::Reserved
+        );
+        // The reservation fits; its completion goes over the budget and is not refused.
+        assert_eq!(
+            reserve(scope_in(4, 3), t3).await.unwrap(),
+            Reservation::Reserved
+        );
+        assert_eq!(
+            store
+                .complete(&scope_in(4, 3), t3, &big, ttl)
+                .await
+                .unwrap(),
+            Completion::Stored
+        );
+
+        let r = reserve(scope_in(3, 4), FencingToken::generate()).await;
+        assert!(matches!(r, Err(StoreError::Full { .. })), "{r:?}");
+        let r = reserve(scope_in(5, 5), FencingToken::generate()).await;
+        assert!(matches!(r, Err(StoreError::Full { .. })), "{r:?}");
+        assert!(store.bytes() > budget, "{} bytes", store.bytes());
+        // Live entries answer as before.
+        let again = |s| reserve(s, FencingToken::generate());
+        assert_eq!(
+            again(scope_in(3, 1)).await.unwrap(),
+            Reservation::Completed(big.clone())
+        );
+        assert_eq!(again(scope_in(3, 2)).await.unwrap(), Reservation::InFlight);
+        assert_eq!(
+            again(scope_in(4, 3)).await.unwrap(),
+            Reservation::Completed(big.clone())
+        );
+        assert_eq!(store.len(), 3);
+        // The pending owner still completes, over the budget.
+        assert_eq!(
+            store
+                .complete(&scope_in(3, 2), t2, &big, ttl)
+                .await
+                .unwrap(),
+            Completion::Stored
+        );
+        assert_eq!(
+            again(scope_in(3, 2)).await.unwrap(),
+            Reservation::Completed(big)
+        );
+    }
+
+    /// Every key maps to one shard: when the store is full, a new key of that shard is
+    /// refused, and no entry of the shard (pending or completed) was evicted for it.
+    #[tokio::test]
+    async fn full_store_never_evicts_an_entry_of_the_same_shard() {
+        const MAX: u32 = 100;
+        let store = MemoryStore::builder().max_entries(MAX as usize).build();
+        let ttl = Duration::from_secs(60);
+        let record = |n: u32| response(n as usize);
+        for n in 0..MAX {
+            let token = FencingToken::generate();
+            let r = store.reserve(&scope_in(7, n), &FP, token, LEASE).await;
+            assert_eq!(r.unwrap(), Reservation::Reserved);
+            if n % 2 == 0 {
+                let done = store
+                    .complete(&scope_in(7, n), token, &record(n), ttl)
+                    .await;
+                assert_eq!(done.unwrap(), Completion::Stored);
+            }
+        }
+        for n in MAX..MAX + 10 {
+            let r = store
+                .reserve(&scope_in(7, n), &FP, FencingToken::generate(), LEASE)
+                .await;
+            assert!(matches!(r, Err(StoreError::Full { .. })), "{r:?}");
+        }
+        assert_eq!(store.len(), MAX as usize);
+        for n in 0..MAX {
+            let r = store
+                .reserve(&scope_in(7, n), &FP, FencingToken::generate(), LEASE)
+                .await;
+            let expected = if n % 2 == 0 {
+                Reservation::Completed(record(n))
+            } else {
+                Reservation::InFlight
+            };
+            assert_eq!(r.unwrap(), expected, "entry {n}");
+        }
+    }
+
+    /// Bytes are counted on reserve and complete and given back on release and sweep,
+    /// exactly, and a repeated completion does not count twice.
+    #[tokio::test(start_paused = true)]
+    async fn bytes_are_counted_and_given_back() {
+        let store = MemoryStore::default();
+        let rec = response(1000);
+        let header = size_of::<(HeaderName, HeaderValue)>() + "content-type".len() + 16;
+        assert_eq!(record_bytes(&rec), 1000 + header);
+        assert_eq!(record_bytes(&Record::NotReplayable), 0);
+        let ttl = Duration::from_secs(60);
+
+        let t1 = FencingToken::generate();
+        store.reserve(&scope(1), &FP, t1, LEASE).await.unwrap();
+        assert_eq!(store.bytes(), ENTRY_OVERHEAD_BYTES);
+        for _ in 0..2 {
+            let done = store.complete(&scope(1), t1, &rec, ttl).await.unwrap();
+            assert_eq!(done, Completion::Stored);
+            assert_eq!(store.bytes(), ENTRY_OVERHEAD_BYTES + record_bytes(&rec));
+        }
+        let t2 = FencingToken::generate();
+        store.reserve(&scope(2), &FP, t2, LEASE).await.unwrap();
+        assert_eq!(store.bytes(), 2 * ENTRY_OVERHEAD_BYTES + record_bytes(&rec));
+        assert!(store.release(&scope(2), t2).await.unwrap());
+        assert_eq!(store.bytes(), ENTRY_OVERHEAD_BYTES + record_bytes(&rec));
+        // A fenced completion stores nothing and counts nothing.
+        let stale = store.complete(&scope(2), t2, &rec, ttl).await.unwrap();
+        assert_eq!(stale, Completion::Fenced);
+        assert_eq!(store.bytes(), ENTRY_OVERHEAD_BYTES + record_bytes(&rec));
+
+        tokio::time::advance(ttl + Duration::from_millis(1)).await;
+        store.sweep();
+        assert_eq!((store.len(), store.bytes()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn full_is_reported_with_both_bounds() {
+        let store = MemoryStore::builder()
+            .max_entries(1)
+            .max_bytes(ENTRY_OVERHEAD_BYTES * 10)
+            .build();
+        store
+            .reserve(&scope(1), &FP, FencingToken::generate(), LEASE)
+            .await
+            .unwrap();
+        let err = store
+            .reserve(&scope(2), &FP, FencingToken::generate(), LEASE)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "store is full (1 of 1 entries, {} of {} bytes)",
+                ENTRY_OVERHEAD_BYTES,
+                ENTRY_OVERHEAD_BYTES * 10
+            )
+        );
+        // A budget smaller than one entry refuses everything.
+        let tiny = MemoryStore::builder()
+            .max_bytes(ENTRY_OVERHEAD_BYTES - 1)
+            .build();
+        let r = tiny
+            .reserve(&scope(1), &FP, FencingToken::generate(), LEASE)
+            .await;
+        assert!(
+            matches!(
+                r,
+                Err(StoreError::Full {
+                    entries: 0,
+                    bytes: 0,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        assert_eq!(tiny.len(), 0);
+    }
+
+    /// A completion with a TTL shorter than the lease it replaces moves the expiry
+    /// earlier; the full store must still sweep it once that TTL has passed.
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_expiry_from_complete_or_renew_is_swept_in_time() {
+        let store = MemoryStore::builder().max_entries(2).build();
+        let (t1, t2) = (FencingToken::generate(), FencingToken::generate());
+        store
+            .reserve(&scope_in(1, 1), &FP, t1, LEASE)
+            .await
+            .unwrap();
+        store
+            .reserve(&scope_in(2, 2), &FP, t2, LEASE)
+            .await
+            .unwrap();
+        let short = Duration::from_secs(5);
+        let rec = Record::NotReplayable;
+        store
+            .complete(&scope_in(1, 1), t1, &rec, short)
+            .await
+            .unwrap();
+        assert!(store.renew(&scope_in(2, 2), t2, short).await.unwrap());
+        let fresh = |n: u32| {
+            let store = store.clone();
+            async move {
+                let scope = scope_in(3, n);
+                store
+                    .reserve(&scope, &FP, FencingToken::generate(), LEASE)
+                    .await
+            }
+        };
+        assert!(matches!(fresh(1).await, Err(StoreError::Full { .. })));
+        tokio::time::advance(short + Duration::from_millis(1)).await;
+        assert_eq!(fresh(2).await.unwrap(), Reservation::Reserved);
+        assert_eq!(fresh(3).await.unwrap(), Reservation::Reserved);
+    }
+
+    /// Waiters on a scope with no entry yet are woken by the owner that comes next, and
+    /// an expiry swept by the store wakes the expired owner's waiters.
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_woken_by_any_owner_and_by_expiry() {
+        let store = MemoryStore::default();
+        let second = Duration::from_secs(1);
+        let mut early = store.subscribe(&scope(6)).await.unwrap();
+        let t = FencingToken::generate();
+        store.reserve(&scope(6), &FP, t, LEASE).await.unwrap();
+        let rec = Record::NotReplayable;
+        store.complete(&scope(6), t, &rec, LEASE).await.unwrap();
+        tokio::time::timeout(second, early.changed())
+            .await
+            .expect("woken by the first owner's completion");
+
+        store
+            .reserve(&scope(7), &FP, FencingToken::generate(), LEASE)
+            .await
+            .unwrap();
+        let mut sub = store.subscribe(&scope(7)).await.unwrap();
+        tokio::time::advance(LEASE + Duration::from_millis(1)).await;
+        store.sweep();
+        tokio::time::timeout(second, sub.changed())
+            .await
+            .expect("woken by the expiry");
+    }
+
+    /// The scope's Notify lives as long as a subscription holds it, and no longer.
+    #[tokio::test]
+    async fn the_last_subscription_removes_the_scopes_notify() {
+        let store = MemoryStore::default();
+        let waiters = |store: &MemoryStore| store.shard(&scope(8)).waiters.len();
+        let a = store.subscribe(&scope(8)).await.unwrap();
+        let b = store.subscribe(&scope(8)).await.unwrap();
+        assert!(Arc::ptr_eq(&a.notify, &b.notify), "one Notify per scope");
+        assert_eq!(waiters(&store), 1);
+        drop(a);
+        assert_eq!(waiters(&store), 1, "b still holds it");
+        drop(b);
+        assert_eq!(waiters(&store), 0);
+        // A new subscription after that gets a fresh one and is woken as before.
+        let t = FencingToken::generate();
+        store.reserve(&scope(8), &FP, t, LEASE).await.unwrap();
+        let mut c = store.subscribe(&scope(8)).await.unwrap();
+        assert!(store.release(&scope(8), t).await.unwrap());
+        tokio::time::timeout(Duration::from_secs(1), c.changed())
+            .await
+            .expect("woken");
+    }
+
+    /// Many tasks on two threads reserve, complete, release and let leases expire on a
+    /// small store: the bounds always hold, and once everything is swept the counters
+    /// are back to zero (every byte counted was given back once).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn counters_stay_exact_under_concurrency() {
+        let store = MemoryStore::builder()
+            .max_entries(50)
+            .max_bytes(50 * ENTRY_OVERHEAD_BYTES + 20_000)
+            .build();
+        let tasks: Vec<_> = (0..8u32)
+            .map(|task| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut full = 0;
+                    for i in 0..2000u32 {
+                        let n = task * 10_000 + i;
+                        let scope = scope_in((n % 7) as u8, n % 300);
+                        let token = FencingToken::generate();
+                        let lease = Duration::from_millis(u64::from(n % 3));
+                        match store.reserve(&scope, &FP, token, lease).await {
+                            Ok(Reservation::Reserved) => match n % 3 {
+                                0 => {
+                                    let rec = response((n % 500) as usize);
+                                    let ttl = Duration::from_millis(1);
+                                    store.complete(&scope, token, &rec, ttl).await.unwrap();
+                                }
+                                1 => {
+                                    store.release(&scope, token).await.unwrap();
+                                }
+                                _ => {} // left to expire
+                            },
+                            Ok(_) => {}
+                            Err(StoreError::Full { .. }) => full += 1,
+                            Err(other) => panic!("{other}"),
+                        }
+                        assert!(store.len() <= 50);
+                        if i % 64 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    full
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        store.sweep();
+        assert_eq!((store.len(), store.bytes()), (0, 0));
+        assert_eq!(store.inner.earliest.load(Ordering::Relaxed), u64::MAX);
     }
 
     #[tokio::test]

@@ -81,11 +81,18 @@ pub enum StoreError {
     /// The backend could not be reached or answered with an error.
     #[error("store backend unavailable")]
     Backend(#[source] Box<dyn StdError + Send + Sync>),
-    /// The store is at capacity and will not evict a live entry.
-    #[error("store is full ({max_entries} entries)")]
+    /// The store is at capacity (by entries or by bytes) and will not evict a live entry.
+    #[error("store is full ({entries} of {max_entries} entries, {bytes} of {max_bytes} bytes)")]
     Full {
-        /// The configured capacity.
+        /// Entries held when the reservation was refused.
+        entries: usize,
+        /// The configured most entries.
         max_entries: usize,
+        /// Bytes counted when the reservation was refused (may exceed `max_bytes`: a
+        /// completion is never refused).
+        bytes: usize,
+        /// The configured byte budget.
+        max_bytes: usize,
     },
     /// A stored record could not be decoded.
     #[error("stored record could not be decoded")]
