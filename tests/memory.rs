@@ -5,8 +5,9 @@ mod common;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::app::{assert_problem, post, send, Harness};
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use common::app::{assert_problem, delayed, post, send, spawn_send, with_header, Harness};
+use tokio::time::Instant;
+use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore};
 
 store_suite!(|| async { MemoryStore::default() });
 
@@ -64,4 +65,94 @@ async fn ten_thousand_keys_stay_within_the_entry_cap() {
         "the cap was reached and refused the overflow"
     );
     assert!(store.len() <= 1000);
+}
+
+/// The byte budget refuses a new key with 503 `store-unavailable`; the live entries (a
+/// completed large response, a pending request) answer as before.
+#[tokio::test]
+async fn byte_budget_answers_503_and_keeps_live_entries() {
+    let budget = 1 << 20;
+    let store = MemoryStore::builder().max_bytes(budget).build();
+    let h = Harness::new(IdempotencyLayer::new(store.clone()).global_scope());
+    let big = |key| with_header(post("/pay", Some(key), "{}"), "x-body-size", "600000");
+    assert_eq!(send(&h.router, big("a")).await.status, StatusCode::CREATED);
+    // A pending request: its handler takes a minute.
+    let pending = spawn_send(&h.router, delayed(post("/pay", Some("p"), "{}"), 60_000));
+    while h.runs() < 2 {
+        tokio::task::yield_now().await;
+    }
+    // Its reservation fits; its completion takes the store over the budget (never refused).
+    assert_eq!(send(&h.router, big("b")).await.status, StatusCode::CREATED);
+
+    let r = send(&h.router, post("/pay", Some("c"), "{}")).await;
+    assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    assert!(r.headers.contains_key("retry-after"));
+    assert!(store.bytes() > budget, "{} bytes", store.bytes());
+    // Live entries were not evicted to make room.
+    for key in ["a", "b"] {
+        let replay = send(&h.router, big(key)).await;
+        assert!(replay.replayed(), "{key} replayed");
+        assert_eq!(replay.body.len(), 600_000);
+    }
+    let r = send(&h.router, post("/pay", Some("p"), "{}")).await;
+    assert_problem(&r, StatusCode::CONFLICT, "request-in-flight");
+    assert_eq!(h.runs(), 3);
+    pending.abort();
+}
+
+/// The first request is released (400 after 1 s) while two others wait on its key. One
+/// of them becomes the owner and takes 1.1 s; the other must be woken by that owner's
+/// completion and answer at the same virtual instant, not at its next poll (up to 250 ms
+/// later). With the paused clock the instants are exact.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_is_woken_by_the_owner_that_follows_a_release() {
+    let layer = IdempotencyLayer::new(MemoryStore::default())
+        .global_scope()
+        .in_flight(InFlight::Wait(Duration::from_secs(10)));
+    let h = Harness::new(layer);
+    let start = Instant::now();
+    let timed = |req| {
+        let router = h.router.clone();
+        tokio::spawn(async move {
+            let reply = send(&router, req).await;
+            (reply, Instant::now() - start)
+        })
+    };
+    let first = with_header(post("/pay", Some("k"), "{}"), "x-fail-first", "400");
+    let first = timed(delayed(first, 1000));
+    h.started.notified().await;
+    // 1.1 s: not a multiple of the 250 ms poll interval, so a poll cannot land on the
+    // owner's finish by chance.
+    let waiters = [
+        timed(delayed(post("/pay", Some("k"), "{}"), 1100)),
+        timed(delayed(post("/pay", Some("k"), "{}"), 1100)),
+    ];
+    let (first, released_at) = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::BAD_REQUEST, "released");
+    let mut owner = None;
+    let mut other = None;
+    for waiter in waiters {
+        let (reply, at) = waiter.await.unwrap();
+        assert_eq!(reply.status, StatusCode::CREATED);
+        if reply.replayed() {
+            other = Some(at);
+        } else {
+            owner = Some(at);
+        }
+    }
+    let (owner, other) = (owner.expect("one owner"), other.expect("one replay"));
+    assert_eq!(h.runs(), 2);
+    let ms = |d: Duration| d.as_millis();
+    assert!(
+        (1000..=1001).contains(&ms(released_at)),
+        "released at {released_at:?}"
+    );
+    assert!(
+        (2100..=2102).contains(&ms(owner)),
+        "new owner finished at {owner:?}"
+    );
+    assert!(
+        other.abs_diff(owner) <= Duration::from_millis(1),
+        "the other waiter answered at {other:?}, the new owner finished at {owner:?}"
+    );
 }
