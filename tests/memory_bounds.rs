@@ -1,15 +1,23 @@
 //! Memory stays bounded: replaying a large stored response does not copy it per replay,
-//! and what a request allocates is given back. Measured with a counting allocator, so the
-//! test reads live bytes, not timing.
+//! what a request allocates is given back, and the memory store's byte budget bounds the
+//! heap it really takes. Measured with a counting allocator, so the tests read live bytes,
+//! not timing; they run one at a time, since the counter sees the whole binary.
 
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
-use axum::http::StatusCode;
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use bytes::Bytes;
 use common::app::{post, send, with_header, Harness};
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use tower_idempotency::memory::ENTRY_OVERHEAD_BYTES;
+use tower_idempotency::{
+    Completion, FencingToken, Fingerprint, IdempotencyLayer, MemoryStore, Record, Reservation,
+    ScopeHash, Store, StoreError, StoredResponse,
+};
 
 /// Counts live heap bytes across the whole test binary.
 struct Counting;
@@ -40,11 +48,19 @@ static ALLOCATOR: Counting = Counting;
 
 const MIB: isize = 1024 * 1024;
 
+/// The counter sees every thread of the binary: one test at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn live() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
 /// A 4 MiB response replayed 50 times, every replay kept alive at once: the stored body is
 /// shared by all of them, never copied, so live memory grows by less than 1 MiB (one copy
 /// per replay would be 200 MiB).
 #[tokio::test(flavor = "current_thread")]
 async fn replaying_a_large_response_keeps_memory_bounded() {
+    let _serial = SERIAL.lock().await;
     let store = MemoryStore::default();
     let h = Harness::new(
         IdempotencyLayer::new(store)
@@ -77,4 +93,100 @@ async fn replaying_a_large_response_keeps_memory_bounded() {
         "50 live replays hold {grown} bytes beyond the stored body"
     );
     drop(replays);
+}
+
+const FP: Fingerprint = Fingerprint::from_bytes([1; 32]);
+const LEASE: Duration = Duration::from_secs(60);
+
+/// Distinct scopes spread over the shards, as blake3 output would be.
+fn scope(n: u64) -> ScopeHash {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&n.to_le_bytes());
+    bytes[8..16].copy_from_slice(&n.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+    ScopeHash::from_bytes(bytes)
+}
+
+/// Pending entries: at every step the heap the store took stays within what it counts
+/// (so [`ENTRY_OVERHEAD_BYTES`] is not an underestimate, even right after a table grew),
+/// and once they expire and are swept, the tables give the memory back.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn counted_bytes_cover_the_heap_of_pending_entries() {
+    let _serial = SERIAL.lock().await;
+    FencingToken::generate(); // the thread's RNG, allocated on first use
+    let base = live();
+    let store = MemoryStore::builder().max_entries(usize::MAX).build();
+    let empty = live() - base;
+    // The first few entries of each of the 64 shards share a table of minimum size.
+    let small_tables = 64 * 1024;
+    let mut worst = 0.0f64;
+    for n in 0..200_000u64 {
+        let r = store
+            .reserve(&scope(n), &FP, FencingToken::generate(), LEASE)
+            .await;
+        assert_eq!(r.unwrap(), Reservation::Reserved);
+        if n % 997 == 0 {
+            let grown = live() - base - empty;
+            let counted = store.bytes() as isize;
+            assert!(
+                grown <= counted + small_tables,
+                "{n}: {grown} bytes taken, {counted} counted"
+            );
+            if n > 10_000 {
+                worst = worst.max(grown as f64 / counted as f64);
+            }
+        }
+    }
+    assert_eq!(store.bytes(), 200_000 * ENTRY_OVERHEAD_BYTES);
+    // Past the small tables, the estimate is an upper bound, but not a wild one.
+    assert!(
+        worst > 0.4,
+        "at worst {worst:.2} of the counted bytes were taken"
+    );
+
+    tokio::time::advance(LEASE + Duration::from_millis(1)).await;
+    store.sweep();
+    assert_eq!((store.len(), store.bytes()), (0, 0));
+    let left = live() - base;
+    println!("worst taken/counted {worst:.2}; {left} bytes left after the sweep");
+    assert!(left < 2 * MIB, "{left} bytes left after the sweep");
+}
+
+/// Completed records of 10 kB until the budget refuses: the heap the store took stays
+/// within what it counts, and that is the budget plus at most one record (the completion
+/// of the last reservation granted, which is never refused).
+#[tokio::test(flavor = "current_thread")]
+async fn a_byte_budget_bounds_the_heap_of_completed_records() {
+    let _serial = SERIAL.lock().await;
+    let budget = 8 * MIB as usize;
+    let base = live();
+    let store = MemoryStore::builder().max_bytes(budget).build();
+    let empty = live() - base;
+    let ttl = Duration::from_secs(60);
+    let mut stored = 0u64;
+    loop {
+        let token = FencingToken::generate();
+        match store.reserve(&scope(stored), &FP, token, LEASE).await {
+            Ok(Reservation::Reserved) => {}
+            Err(StoreError::Full { .. }) => break,
+            other => panic!("{other:?}"),
+        }
+        let record = Record::Response(StoredResponse {
+            status: StatusCode::CREATED,
+            headers: vec![(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body: Bytes::from(vec![b'x'; 10_000]),
+        });
+        let done = store.complete(&scope(stored), token, &record, ttl).await;
+        assert_eq!(done.unwrap(), Completion::Stored);
+        stored += 1;
+    }
+    let grown = live() - base - empty;
+    let counted = store.bytes() as isize;
+    println!("{stored} records stored; {grown} bytes taken, {counted} counted");
+    assert!(stored > 700, "{stored} records stored");
+    assert!(grown <= counted, "{grown} bytes taken, {counted} counted");
+    assert!(counted <= budget as isize + 10_100, "{counted} counted");
+    assert!(grown > budget as isize * 9 / 10, "{grown} bytes taken");
 }

@@ -66,20 +66,25 @@ use crate::token::FencingToken;
 /// Default entry capacity of a [`MemoryStore`].
 pub const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
 
-/// Default byte budget of a [`MemoryStore`]: 256 MiB, enough for a small service
-/// (a million small records, or sixty-four at the default 4 MiB stored-response limit).
+/// Default byte budget of a [`MemoryStore`]: 256 MiB, enough for a small service (about
+/// 600,000 small records, or 64 at the default 4 MiB stored-response limit).
 pub const DEFAULT_MAX_BYTES: usize = 256 * 1024 * 1024;
 
-/// What every entry counts against the byte budget before its record: the key, the entry
-/// (fingerprint, token, expiry, inline record fields) and its share of the hash table,
-/// taken as twice their size because a table runs between half and seven-eighths full.
-/// About 350 bytes on 64-bit targets; the exact figure may change between versions.
-pub const ENTRY_OVERHEAD_BYTES: usize = 2 * (size_of::<(ScopeHash, Entry)>() + 1);
+/// What every entry counts against the byte budget before its record: its slot in the
+/// hash table (the key; the entry's fingerprint, token, expiry and inline record fields;
+/// one control byte) times 16/7, the most slots per entry a growing table holds (it
+/// doubles when 7/8 full, so it is at least 7/16 full after growing). A table emptied by
+/// expiry is shrunk by the sweep that empties it. About 400 bytes on 64-bit targets; the
+/// figure may change between versions.
+pub const ENTRY_OVERHEAD_BYTES: usize = (size_of::<(ScopeHash, Entry)>() + 1) * 16 / 7 + 1;
 
 const SHARDS: usize = 64;
 /// Every this many insertions into a shard, its expired entries are swept (if its
 /// earliest expiry says there can be any).
 const SWEEP_EVERY: usize = 1024;
+/// A sweep shrinks a shard's table only above this capacity (small tables are not worth
+/// the rehash).
+const SHRINK_ABOVE: usize = 128;
 
 /// An in-memory [`Store`], sharded and bounded by entries and bytes. Cheap to clone:
 /// clones share the entries.
@@ -436,6 +441,11 @@ impl Inner {
             false
         });
         *earliest = next;
+        // A table keeps its peak capacity; give most of it back once it is mostly empty,
+        // so the memory left follows the entries the byte budget counts.
+        if entries.capacity() > SHRINK_ABOVE && entries.len() < entries.capacity() / 4 {
+            entries.shrink_to(entries.len() * 2);
+        }
         // Subscriptions remove their Notify when the last one drops; this catches one
         // left behind when a drop saw another handle alive for a moment.
         waiters.retain(|_, notify| notify.strong_count() > 0);
@@ -1110,6 +1120,16 @@ mod tests {
         tokio::time::advance(ttl + Duration::from_millis(1)).await;
         store.sweep();
         assert_eq!((store.len(), store.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn entry_overhead_covers_a_table_slot() {
+        let slot = size_of::<(ScopeHash, Entry)>() + 1;
+        assert!(
+            ENTRY_OVERHEAD_BYTES * 7 >= slot * 16,
+            "{ENTRY_OVERHEAD_BYTES} for {slot}"
+        );
+        println!("slot {slot} bytes, overhead {ENTRY_OVERHEAD_BYTES} bytes");
     }
 
     #[tokio::test]
