@@ -124,16 +124,26 @@ async fn per_route_policies_and_configured_methods() {
 }
 
 #[test]
-#[should_panic(expected = "only POST, PUT, PATCH and DELETE")]
+#[should_panic(expected = "can cover only POST, PUT, PATCH and DELETE, not GET")]
 fn get_cannot_be_covered() {
-    let _ = layer().methods([Method::GET]);
+    // The setter does not panic; applying the layer does.
+    let layer = layer().methods([Method::GET]);
+    let _: axum::routing::MethodRouter = post(|| async {}).layer(layer);
 }
 
 #[test]
-#[should_panic(expected = "must not be shorter than the lease")]
-fn ttl_shorter_than_lease_is_rejected() {
-    let _: axum::routing::MethodRouter =
-        post(|| async {}).layer(layer().ttl(std::time::Duration::from_secs(5)));
+#[should_panic(expected = "is shorter than the lease")]
+fn ttl_shorter_than_an_explicit_lease_is_rejected() {
+    let five = std::time::Duration::from_secs(5);
+    let _: axum::routing::MethodRouter = post(|| async {}).layer(layer().lease(five * 2).ttl(five));
+}
+
+#[test]
+fn a_ttl_shorter_than_the_default_lease_lowers_it() {
+    let five = std::time::Duration::from_secs(5);
+    let layer = layer().ttl(five);
+    assert_eq!(layer.policy().lease(), five);
+    let _: axum::routing::MethodRouter = post(|| async {}).layer(layer);
 }
 
 #[test]
@@ -541,7 +551,12 @@ async fn new_is_counted_only_when_the_record_was_stored() {
     tokio::time::sleep(Duration::from_millis(350)).await; // the lease lapses
     let second = send(&h.router, post_json(&route, Some("k"), "{}")).await;
     assert_eq!(second.status, StatusCode::CREATED);
-    assert_eq!(count("new"), 1, "the second owner stored its record: {:?}", common::metrics::dump());
+    assert_eq!(
+        count("new"),
+        1,
+        "the second owner stored its record: {:?}",
+        common::metrics::dump()
+    );
     let stale = stale.await.unwrap();
     assert_eq!(
         stale.status,

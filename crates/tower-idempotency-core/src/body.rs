@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
@@ -111,26 +112,44 @@ pin_project! {
     #[project = ResponseBodyProj]
     #[derive(Debug)]
     enum ResponseKind<B> {
-        Full { data: Option<Bytes> },
+        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
         Stream { #[pin] body: B },
         Rest { prefix: Option<Bytes>, body: Pin<Box<B>> },
+        Failed { prefix: Option<Bytes>, error: Option<BoxError> },
     }
 }
 
 impl<B> ResponseBody<B> {
     /// A full body.
     pub fn full(data: Bytes) -> Self {
+        Self::full_with_trailers(data, None)
+    }
+
+    /// A full body, then `trailers` (the first caller of a stored response gets the
+    /// handler's trailers; a replay has none).
+    pub fn full_with_trailers(data: Bytes, trailers: Option<HeaderMap>) -> Self {
         ResponseBody {
             kind: ResponseKind::Full {
                 data: (!data.is_empty()).then_some(data),
+                trailers,
             },
         }
     }
 
     /// An empty body.
     pub fn empty() -> Self {
+        Self::full_with_trailers(Bytes::new(), None)
+    }
+
+    /// The bytes the inner body yielded, then the error it failed with: what the first
+    /// caller of a response whose body broke after it was read gets, as it would without
+    /// the layer.
+    pub(crate) fn failed(prefix: Bytes, error: BoxError) -> Self {
         ResponseBody {
-            kind: ResponseKind::Full { data: None },
+            kind: ResponseKind::Failed {
+                prefix: (!prefix.is_empty()).then_some(prefix),
+                error: Some(error),
+            },
         }
     }
 
@@ -165,7 +184,10 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
-            ResponseBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseBodyProj::Full { data, trailers } => match data.take() {
+                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            },
             ResponseBodyProj::Stream { body } => body.poll_frame(cx).map_err(Into::into),
             ResponseBodyProj::Rest { prefix, body } => {
                 if let Some(prefix) = prefix.take() {
@@ -173,21 +195,32 @@ where
                 }
                 body.as_mut().poll_frame(cx).map_err(Into::into)
             }
+            ResponseBodyProj::Failed { prefix, error } => match prefix.take() {
+                Some(prefix) => Poll::Ready(Some(Ok(Frame::data(prefix)))),
+                None => Poll::Ready(error.take().map(Err)),
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            ResponseKind::Full { data } => data.is_none(),
+            ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
             ResponseKind::Stream { body } => body.is_end_stream(),
             ResponseKind::Rest { prefix, body } => prefix.is_none() && body.is_end_stream(),
+            ResponseKind::Failed { prefix, error } => prefix.is_none() && error.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            ResponseKind::Full { data } => {
+            ResponseKind::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ResponseKind::Failed { prefix, .. } => {
+                // At least the prefix; the error ends the stream.
+                let mut hint = SizeHint::new();
+                hint.set_lower(prefix.as_ref().map_or(0, |p| p.len() as u64));
+                hint
             }
             ResponseKind::Stream { body } => body.size_hint(),
             ResponseKind::Rest { prefix, body } => {

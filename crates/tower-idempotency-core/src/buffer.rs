@@ -7,6 +7,8 @@
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::header::EXPECT;
+use http::HeaderMap;
 use http_body::Body;
 use http_body_util::BodyExt;
 
@@ -23,6 +25,16 @@ pub(crate) struct Limits {
     pub(crate) max: usize,
     pub(crate) drain_bytes: usize,
     pub(crate) drain_time: Duration,
+}
+
+/// Whether the client asked for `100 Continue` (`Expect: 100-continue`) before sending a
+/// body whose declared length is over `max`. Nothing has been sent yet, so the layer
+/// answers 413 at once instead of reading (and discarding) what it would then upload.
+pub(crate) fn expects_continue_over(headers: &HeaderMap, declared: u64, max: usize) -> bool {
+    declared > max as u64
+        && headers
+            .get(EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Buffers `body` whole, or drains it and reports [`BufferError::TooLarge`].
@@ -131,6 +143,15 @@ mod tests {
             buffer(body, &limits(4)).await,
             Err(BufferError::TooLarge)
         ));
+    }
+
+    #[test]
+    fn only_an_oversized_expect_continue_is_refused_early() {
+        let mut h = HeaderMap::new();
+        assert!(!expects_continue_over(&h, 10, 4));
+        h.insert(EXPECT, "100-Continue".parse().unwrap());
+        assert!(expects_continue_over(&h, 10, 4));
+        assert!(!expects_continue_over(&h, 4, 4));
     }
 
     #[tokio::test]

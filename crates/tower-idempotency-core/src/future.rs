@@ -9,14 +9,19 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use crate::body::ResponseBody;
+use crate::detach::DetachOnDrop;
+use crate::owner::panic_message;
+use crate::problem::Problem;
 
-type Detached<B, E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
+type Output<B, E> = Result<Response<ResponseBody<B>>, E>;
 
 pin_project! {
     /// Response future of [`Idempotency`](crate::Idempotency).
     ///
-    /// For a covered request it buffers the body and then awaits the detached task that
-    /// does the rest; dropping it (the client hung up) cancels nothing.
+    /// For a covered request it runs the layer's work (buffer, reserve, run or replay,
+    /// store) in place; if it is dropped before that work ends (the client hung up), the
+    /// rest is spawned and finishes anyway, tracked by the layer's
+    /// [`DetachedWork`](crate::DetachedWork).
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
@@ -28,7 +33,7 @@ pin_project! {
     enum Kind<F, B, E> {
         Passthrough { #[pin] future: F },
         Ready { response: Option<Response<ResponseBody<B>>> },
-        Detached { future: Detached<B, E> },
+        Work { work: DetachOnDrop<Output<B, E>> },
     }
 }
 
@@ -47,9 +52,9 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn detached(future: Detached<B, E>) -> Self {
+    pub(crate) fn work(work: DetachOnDrop<Output<B, E>>) -> Self {
         ResponseFuture {
-            kind: Kind::Detached { future },
+            kind: Kind::Work { work },
         }
     }
 }
@@ -58,7 +63,7 @@ impl<F, B, E> Future for ResponseFuture<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
-    type Output = Result<Response<ResponseBody<B>>, E>;
+    type Output = Output<B, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
@@ -71,7 +76,14 @@ where
                 // rather than panic.
                 None => Poll::Pending,
             },
-            KindProj::Detached { future } => future.as_mut().poll(cx),
+            KindProj::Work { work } => Pin::new(work).poll(cx).map(|finished| {
+                finished.unwrap_or_else(|panic| {
+                    // The handler's panics are caught inside; this is a bug of ours.
+                    tracing::error!(panic = panic_message(&*panic), "idempotency work panicked");
+                    let detail = "the request could not be completed";
+                    Ok(Problem::HandlerFailed.response(detail, 1, ResponseBody::full))
+                })
+            }),
         }
     }
 }
@@ -81,7 +93,7 @@ impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
         let kind = match self.kind {
             Kind::Passthrough { .. } => "Passthrough",
             Kind::Ready { .. } => "Ready",
-            Kind::Detached { .. } => "Detached",
+            Kind::Work { .. } => "Work",
         };
         f.debug_struct("ResponseFuture")
             .field("kind", &kind)

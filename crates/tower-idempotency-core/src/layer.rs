@@ -6,15 +6,18 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 use tower::Layer;
 
+use crate::detach::DetachedWork;
 use crate::observe::Meters;
-use crate::policy::{InFlight, Policy, StorePolicy, Tenant, COVERABLE};
+use crate::policy::{InFlight, Policy, Renewal, StorePolicy, Tenant, COVERABLE};
 use crate::service::Idempotency;
 use crate::store::Store;
 
 /// Layer that applies [`Idempotency`], which runs a request once per idempotency key and
 /// replays its response to retries.
 ///
-/// Each builder method documents its default. Config is shared by every clone in an
+/// Each builder method documents its default. Setters never panic: the policy is
+/// checked once, when the layer is applied ([`Policy::validate`]), and an invalid one
+/// panics there with a message that names the fix. Config is shared by every clone in an
 /// `Arc`, so a per-route clone is cheap. See the [crate docs](crate) for an example.
 #[derive(Clone, Debug)]
 pub struct IdempotencyLayer<St> {
@@ -22,18 +25,21 @@ pub struct IdempotencyLayer<St> {
     pub(crate) policy: Arc<Policy>,
     /// Metric handles, shared by every service this layer makes.
     pub(crate) meters: Arc<Meters>,
+    pub(crate) detached: DetachedWork,
 }
 
 impl<St: Store> IdempotencyLayer<St> {
     /// A layer on `store` with the default policy (SPEC section 8): TTL 24 h, lease 30 s
     /// renewed every 10 s, POST and PATCH, key optional, request body limit 1 MiB, stored
     /// response limit 4 MiB, in-flight `Conflict`, store `Successes`, fail closed,
-    /// fingerprinted headers `Content-Type`, no tenant configured.
+    /// fingerprinted headers `Content-Type`. The tenant must be configured
+    /// (`.tenant(..)`, `.tenant_from_extension::<T>()`) or `.global_scope()` chosen.
     pub fn new(store: St) -> Self {
         IdempotencyLayer {
             store,
             policy: Arc::new(Policy::default()),
             meters: Arc::default(),
+            detached: DetachedWork::new(),
         }
     }
 
@@ -47,86 +53,67 @@ impl<St: Store> IdempotencyLayer<St> {
         &self.policy
     }
 
+    /// The work this layer's services detached from requests whose clients hung up
+    /// (shared by every clone of the layer): wait for it at shutdown, after the server
+    /// stopped. See the [`detach`](crate::detach) module.
+    pub fn detached_work(&self) -> DetachedWork {
+        self.detached.clone()
+    }
+
+    /// Tracks this layer's detached work in `detached`, so one handle covers layers that
+    /// were built separately. By default each `IdempotencyLayer::new` has its own, shared
+    /// by its clones.
+    pub fn track_detached_in(mut self, detached: DetachedWork) -> Self {
+        self.detached = detached;
+        self
+    }
+
     fn with(mut self, change: impl FnOnce(&mut Policy)) -> Self {
         change(Arc::make_mut(&mut self.policy));
         self
     }
 
     /// How long a completed record is kept, counted by the store's clock from completion.
-    /// Default 24 h.
-    ///
-    /// # Panics
-    ///
-    /// If `ttl` is longer than [`MAX_TTL`](crate::policy::MAX_TTL). Applying the layer
-    /// panics if the TTL is shorter than the [lease](Self::lease) (checked then, so the
-    /// two may be set in either order).
+    /// Default 24 h; at most [`MAX_TTL`](crate::policy::MAX_TTL). A TTL shorter than the
+    /// default lease lowers the lease with it; one shorter than a lease set with
+    /// [`lease`](Self::lease) is refused when the layer is applied.
     pub fn ttl(self, ttl: Duration) -> Self {
-        assert!(
-            ttl <= crate::policy::MAX_TTL,
-            "tower-idempotency: the TTL {ttl:?} is longer than MAX_TTL"
-        );
         self.with(|p| p.ttl = ttl)
     }
 
-    /// How long a reservation lasts without renewal. Default 30 s. Renewal (if on) is
-    /// moved to a third of the lease when its interval is not shorter than the lease.
-    ///
-    /// # Panics
-    ///
-    /// If `lease` is zero or longer than [`MAX_TTL`](crate::policy::MAX_TTL). Applying
-    /// the layer panics if the lease is longer than the [TTL](Self::ttl).
+    /// How long a reservation lasts without renewal. Default 30 s (or the TTL, if
+    /// shorter). Renewal, unless set with [`renew_every`](Self::renew_every), runs every
+    /// third of it.
     pub fn lease(self, lease: Duration) -> Self {
-        assert!(
-            !lease.is_zero() && lease <= crate::policy::MAX_TTL,
-            "tower-idempotency: the lease {lease:?} must be positive and at most MAX_TTL"
-        );
-        self.with(|p| {
-            p.lease = lease;
-            if let Some(every) = p.renew_every {
-                if every >= lease {
-                    p.renew_every = Some(lease / 3);
-                }
-            }
-        })
+        self.with(|p| p.lease = Some(lease))
     }
 
-    /// How often the lease is renewed while the handler runs. Default 10 s.
-    ///
-    /// # Panics
-    ///
-    /// If `every` is zero or not shorter than the lease.
+    /// How often the lease is renewed while the owner works. Default a third of the
+    /// lease; at most a third of it, so one failed renewal never loses the lease.
     pub fn renew_every(self, every: Duration) -> Self {
-        self.with(|p| {
-            assert!(
-                !every.is_zero() && every < p.lease,
-                "tower-idempotency: renewal interval {every:?} must be shorter than the lease {:?}",
-                p.lease
-            );
-            p.renew_every = Some(every);
-        })
+        self.with(|p| p.renewal = Renewal::Every(every))
     }
 
     /// Turns lease renewal off: a handler running longer than the lease may then run
     /// twice. Meant for tests of lease expiry.
     pub fn no_renewal(self) -> Self {
-        self.with(|p| p.renew_every = None)
+        self.with(|p| p.renewal = Renewal::Off)
     }
 
-    /// The methods covered; others pass through untouched. Default POST and PATCH.
-    ///
-    /// # Panics
-    ///
-    /// If a method other than POST, PUT, PATCH or DELETE is given: safe methods need no
-    /// idempotency key.
+    /// The methods covered; others pass through untouched. Default POST and PATCH. Only
+    /// POST, PUT, PATCH and DELETE can be covered (safe methods need no key); another
+    /// method is refused when the layer is applied.
     pub fn methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
-        let mut bits = 0u8;
-        for method in methods {
-            let index = COVERABLE.iter().position(|m| *m == method).unwrap_or_else(|| {
-                panic!("tower-idempotency: only POST, PUT, PATCH and DELETE can be covered, not {method}")
-            });
-            bits |= 1 << index;
-        }
-        self.with(|p| p.methods = bits)
+        self.with(|p| {
+            p.methods = 0;
+            p.uncoverable = None;
+            for method in methods {
+                match COVERABLE.iter().position(|m| *m == method) {
+                    Some(index) => p.methods |= 1 << index,
+                    None => p.uncoverable = Some(method),
+                }
+            }
+        })
     }
 
     /// Refuses covered requests without a key: 400 `idempotency-key-missing`. By default
@@ -142,7 +129,8 @@ impl<St: Store> IdempotencyLayer<St> {
 
     /// How much of an over-limit body is read and discarded before the 413, so the client
     /// reads the answer instead of a reset. Default 64 MiB or 5 s, whichever comes first;
-    /// past it the connection is closed.
+    /// past it the connection is closed. (With `Expect: 100-continue` nothing is read:
+    /// the 413 goes out at once.)
     pub fn drain(self, bytes: usize, time: Duration) -> Self {
         self.with(|p| {
             p.drain_bytes = bytes;
@@ -151,7 +139,8 @@ impl<St: Store> IdempotencyLayer<St> {
     }
 
     /// The largest response body stored for replay, in bytes. A larger one is streamed to
-    /// the first caller and retries get 409 `response-not-replayable`. Default 4 MiB.
+    /// the first caller and retries get 409 `response-not-replayable`. Default 4 MiB; at
+    /// most [`MAX_BODY_LEN`](crate::record::MAX_BODY_LEN).
     pub fn max_stored_response(self, bytes: usize) -> Self {
         self.with(|p| p.max_stored_response = bytes)
     }
@@ -173,8 +162,10 @@ impl<St: Store> IdempotencyLayer<St> {
         self.with(|p| p.in_flight = mode)
     }
 
-    /// When the store is unavailable, pass requests through (and log) instead of
-    /// answering 503. Default: fail closed.
+    /// When the store is unavailable on the first reserve attempt (unreachable, timed
+    /// out, full), pass the request through (and log) instead of answering 503. A record
+    /// the store cannot decode, or an error after the store said "in flight", is never a
+    /// pass-through. Default: fail closed.
     pub fn fail_open(self) -> Self {
         self.with(|p| p.fail_open = true)
     }
@@ -208,8 +199,8 @@ impl<St: Store> IdempotencyLayer<St> {
     }
 
     /// One scope for every caller, chosen explicitly (public endpoints, webhooks with a
-    /// per-source key). Without a tenant or this, requests carrying `Authorization` or
-    /// `Cookie` are refused with 500 `scope-not-configured`.
+    /// per-source key). A layer must be given a tenant source or this: one with neither
+    /// is refused when it is applied.
     pub fn global_scope(self) -> Self {
         self.with(|p| p.tenant = Tenant::Global)
     }
@@ -232,11 +223,6 @@ impl<St: Store> IdempotencyLayer<St> {
     pub fn retry_after(self, after: Duration) -> Self {
         self.with(|p| p.retry_after = after)
     }
-
-    /// Convenience for `.in_flight(InFlight::Wait(bound))`.
-    pub fn wait_in_flight(self, bound: Duration) -> Self {
-        self.in_flight(InFlight::Wait(bound))
-    }
 }
 
 impl<S, St: Store> Layer<S> for IdempotencyLayer<St> {
@@ -244,8 +230,9 @@ impl<S, St: Store> Layer<S> for IdempotencyLayer<St> {
 
     /// # Panics
     ///
-    /// If the policy's TTL is shorter than its lease: a record must outlive the
-    /// reservation it completes.
+    /// If the policy is invalid ([`Policy::validate`]): no tenant source and no
+    /// `.global_scope()`, a TTL shorter than the lease, a renewal slower than a third of
+    /// the lease, and the like. The message names the fix.
     fn layer(&self, inner: S) -> Self::Service {
         Idempotency::from_layer(inner, self)
     }

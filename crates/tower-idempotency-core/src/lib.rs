@@ -37,31 +37,38 @@
 
 pub mod body;
 mod buffer;
+mod claim;
+mod collect;
+pub mod detach;
 pub mod fingerprint;
 mod future;
 pub mod key;
 mod layer;
+mod lease;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub mod memory;
 mod observe;
+mod owner;
 pub mod policy;
 pub mod problem;
 pub mod record;
 mod replay;
+mod scope;
 mod service;
 pub mod store;
-mod task;
 mod token;
+mod work;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
+pub use detach::{DetachedWork, Unfinished};
 pub use fingerprint::{Fingerprint, ScopeHash};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, IDEMPOTENCY_KEY};
 pub use layer::IdempotencyLayer;
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder, MemorySubscription};
-pub use policy::{InFlight, Policy, StorePolicy};
+pub use policy::{InFlight, Policy, PolicyError, StorePolicy};
 pub use problem::Problem;
 pub use record::{DecodeError, Record, StoredResponse};
 pub use replay::IDEMPOTENT_REPLAYED;

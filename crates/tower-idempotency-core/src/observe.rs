@@ -8,6 +8,10 @@
 //! - `idempotency_lease_lost_total{route}` (counter)
 //! - `idempotency_complete_failed_total{route}` (counter): `complete` gave up after its
 //!   retry bound; the record was not stored.
+//! - `idempotency_wait_wakeups_total{route, via}` (counter): a waiter (`InFlight::Wait`)
+//!   woke to re-read its scope, `via="notification"` (the store's pub/sub or `Notify`) or
+//!   `via="poll"` (the back-off timer). Mostly `poll` means notifications are not
+//!   arriving (e.g. a Redis user without channel permissions).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,6 +26,15 @@ use tokio::time::Instant;
 pub(crate) enum Outcome {
     /// First request: the handler ran and its response was stored.
     New,
+    /// First request: the handler ran, but its lease was lost first, so the response
+    /// went to the caller and was not stored (fenced off by a newer owner).
+    Fenced,
+    /// First request: the handler ran, but storing the response failed past the
+    /// `complete_retry` bound.
+    CompleteFailed,
+    /// First request: the handler returned a status the policy stores and its body then
+    /// failed; the not-replayable marker was stored.
+    BodyFailed,
     /// First request: the handler ran and the key was released (response not stored).
     Released,
     /// A stored response was replayed.
@@ -54,6 +67,9 @@ impl Outcome {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::New => "new",
+            Outcome::Fenced => "fenced",
+            Outcome::CompleteFailed => "complete_failed",
+            Outcome::BodyFailed => "body_failed",
             Outcome::Released => "released",
             Outcome::Replayed => "replayed",
             Outcome::Conflict => "conflict",
@@ -71,7 +87,7 @@ impl Outcome {
     }
 }
 
-const OUTCOMES: usize = 14;
+const OUTCOMES: usize = 17;
 // Every outcome has a slot in `RouteMeters::outcomes`.
 const _: () = assert!(Outcome::NoKey as usize + 1 == OUTCOMES);
 
@@ -102,6 +118,25 @@ struct RouteMeters {
     outcomes: [OnceLock<(Counter, Histogram)>; OUTCOMES],
     lease_lost: OnceLock<Counter>,
     complete_failed: OnceLock<Counter>,
+    wakeups: [OnceLock<Counter>; 2],
+}
+
+/// What woke a waiter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wakeup {
+    /// The store's notification (pub/sub, `Notify`).
+    Notification,
+    /// The back-off poll timer.
+    Poll,
+}
+
+impl Wakeup {
+    fn as_str(self) -> &'static str {
+        match self {
+            Wakeup::Notification => "notification",
+            Wakeup::Poll => "poll",
+        }
+    }
 }
 
 impl Meters {
@@ -128,6 +163,7 @@ impl Meters {
                     outcomes: std::array::from_fn(|_| OnceLock::new()),
                     lease_lost: OnceLock::new(),
                     complete_failed: OnceLock::new(),
+                    wakeups: [OnceLock::new(), OnceLock::new()],
                 })
             })
             .clone()
@@ -182,6 +218,18 @@ impl Observer {
             .lease_lost
             .get_or_init(|| {
                 metrics::counter!("idempotency_lease_lost_total", "route" => self.meters.route.clone())
+            })
+            .increment(1);
+    }
+
+    pub(crate) fn woken(&self, via: Wakeup) {
+        self.meters.wakeups[via as usize]
+            .get_or_init(|| {
+                metrics::counter!(
+                    "idempotency_wait_wakeups_total",
+                    "route" => self.meters.route.clone(),
+                    "via" => via.as_str()
+                )
             })
             .increment(1);
     }

@@ -2,6 +2,9 @@
 //!
 //! A [`Policy`] is built through the builder methods of
 //! [`IdempotencyLayer`](crate::IdempotencyLayer); each method documents its default.
+//! Setters never panic: the whole policy is checked once, when the layer is applied to a
+//! service ([`Policy::validate`]), and a policy that cannot keep its promises stops the
+//! application at start-up with a message that names the fix.
 //!
 //! # Example
 //!
@@ -16,6 +19,7 @@
 //!     .store_when(StorePolicy::SuccessesAndServerErrors)
 //!     .global_scope();
 //! assert_eq!(layer.policy().ttl(), Duration::from_secs(24 * 3600));
+//! assert!(layer.policy().validate().is_ok());
 //! ```
 
 use std::fmt;
@@ -26,10 +30,14 @@ use http::request::Parts;
 use http::{HeaderName, Method, StatusCode};
 
 use crate::key::IDEMPOTENCY_KEY;
+use crate::record::MAX_BODY_LEN;
 
 /// The longest TTL (and lease) a policy accepts: ten years. Far beyond any retry window,
 /// and small enough that every store can add it to its clock without overflow.
 pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The lease when none is set (and the TTL is not shorter).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 /// What a request does when its key is in flight elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +46,7 @@ pub enum InFlight {
     Conflict,
     /// Wait up to the bound for the first request: replay its result, or after a release
     /// try to reserve again (one waiter becomes the owner); 409 when the bound passes.
+    /// Any bound is accepted (`Duration::MAX` waits as long as a clock can count).
     Wait(Duration),
 }
 
@@ -91,18 +100,88 @@ pub(crate) type TenantResolver = Arc<dyn Fn(&Parts) -> Option<String> + Send + S
 /// Where the tenant part of the scope comes from.
 #[derive(Clone)]
 pub(crate) enum Tenant {
-    /// Nothing configured: requests with `Authorization` or `Cookie` are refused (500
-    /// `scope-not-configured`), so one user's response is never replayed to another.
+    /// Nothing configured: the layer refuses to be applied (SPEC section 4).
     Unset,
     /// `.global_scope()`: one scope for every caller, chosen explicitly.
     Global,
-    /// A resolver; `None` from it is refused like `Unset`.
+    /// A resolver; a request for which it finds none gets 500 `scope-not-configured`.
     Resolver(TenantResolver),
+}
+
+/// How the lease is renewed while the owner works.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Renewal {
+    /// Every third of the lease (the default).
+    Derived,
+    /// Every given interval, set with `.renew_every(..)`.
+    Every(Duration),
+    /// Never (`.no_renewal()`).
+    Off,
 }
 
 /// The methods a policy may cover.
 pub(crate) const COVERABLE: [Method; 4] =
     [Method::POST, Method::PUT, Method::PATCH, Method::DELETE];
+
+/// Why a [`Policy`] cannot be applied. Each message names the fix; applying a layer with
+/// an invalid policy panics with it, at start-up.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// Neither a tenant source nor `.global_scope()` was configured.
+    #[error(
+        "tower-idempotency: this layer was not told where the tenant comes from; call \
+         `.tenant(|parts| ..)`, `.tenant_from_extension::<T>()` (or \
+         `.tenant_from_extension_with(|ext: &T| ..)`) to scope keys per caller, or \
+         `.global_scope()` if every caller shares one scope (SPEC section 4: the layer \
+         refuses to guess, e.g. from `Authorization`, which misses `X-Api-Key` APIs)"
+    )]
+    TenantNotConfigured,
+    /// The TTL is shorter than an explicitly set lease.
+    #[error(
+        "tower-idempotency: the TTL ({ttl:?}) is shorter than the lease ({lease:?}): a \
+         record must outlive the reservation it completes; raise `.ttl(..)` or lower \
+         `.lease(..)`"
+    )]
+    TtlShorterThanLease {
+        /// The TTL set.
+        ttl: Duration,
+        /// The lease set.
+        lease: Duration,
+    },
+    /// A duration is zero or longer than [`MAX_TTL`].
+    #[error("tower-idempotency: `.{setting}({value:?})` must be positive and at most MAX_TTL (ten years)")]
+    DurationOutOfRange {
+        /// The builder method.
+        setting: &'static str,
+        /// The value given.
+        value: Duration,
+    },
+    /// The renewal interval is longer than a third of the lease.
+    #[error(
+        "tower-idempotency: `.renew_every({every:?})` must be positive and at most a third of \
+         the lease ({lease:?}), so one failed renewal never loses the lease; lower it, raise \
+         `.lease(..)`, or leave it unset (a third of the lease)"
+    )]
+    RenewalTooSlow {
+        /// The interval set.
+        every: Duration,
+        /// The lease.
+        lease: Duration,
+    },
+    /// A method that cannot be covered was given to `.methods(..)`.
+    #[error(
+        "tower-idempotency: `.methods(..)` can cover only POST, PUT, PATCH and DELETE, not \
+         {0}: safe methods need no idempotency key"
+    )]
+    UncoverableMethod(Method),
+    /// `.max_stored_response(..)` is larger than a record can hold.
+    #[error(
+        "tower-idempotency: `.max_stored_response({0})` is larger than a stored record can \
+         hold ({MAX_BODY_LEN} bytes); lower it"
+    )]
+    StoredResponseTooLarge(usize),
+}
 
 /// The configuration of one [`IdempotencyLayer`](crate::IdempotencyLayer). Read it with
 /// [`IdempotencyLayer::policy`](crate::IdempotencyLayer::policy); see the
@@ -110,10 +189,13 @@ pub(crate) const COVERABLE: [Method; 4] =
 #[derive(Clone)]
 pub struct Policy {
     pub(crate) ttl: Duration,
-    pub(crate) lease: Duration,
-    pub(crate) renew_every: Option<Duration>,
+    /// `None`: the default lease, lowered to the TTL if that is shorter.
+    pub(crate) lease: Option<Duration>,
+    pub(crate) renewal: Renewal,
     /// Bit `i` set: `COVERABLE[i]` is covered.
     pub(crate) methods: u8,
+    /// A method `.methods(..)` could not cover, reported by [`Policy::validate`].
+    pub(crate) uncoverable: Option<Method>,
     pub(crate) require_key: bool,
     pub(crate) max_body: usize,
     pub(crate) drain_bytes: usize,
@@ -134,9 +216,10 @@ impl Default for Policy {
     fn default() -> Self {
         Policy {
             ttl: Duration::from_secs(24 * 3600),
-            lease: Duration::from_secs(30),
-            renew_every: Some(Duration::from_secs(10)),
+            lease: None,
+            renewal: Renewal::Derived,
             methods: 0b0101, // POST, PATCH
+            uncoverable: None,
             require_key: false,
             max_body: 1024 * 1024,
             drain_bytes: 64 * 1024 * 1024,
@@ -161,14 +244,20 @@ impl Policy {
         self.ttl
     }
 
-    /// How long one reservation lasts without renewal.
+    /// How long one reservation lasts without renewal: the lease set, else
+    /// [`DEFAULT_LEASE`] or the TTL, whichever is shorter.
     pub fn lease(&self) -> Duration {
-        self.lease
+        self.lease.unwrap_or(DEFAULT_LEASE.min(self.ttl))
     }
 
-    /// How often the lease is renewed while the handler runs; `None` when renewal is off.
+    /// How often the lease is renewed while the owner works (a third of the lease unless
+    /// set); `None` when renewal is off.
     pub fn renew_every(&self) -> Option<Duration> {
-        self.renew_every
+        match self.renewal {
+            Renewal::Derived => Some(self.lease() / 3),
+            Renewal::Every(every) => Some(every),
+            Renewal::Off => None,
+        }
     }
 
     /// Whether requests with `method` are covered.
@@ -180,7 +269,7 @@ impl Policy {
     }
 
     /// Whether a request without a key is refused.
-    pub fn key_required(&self) -> bool {
+    pub fn require_key(&self) -> bool {
         self.require_key
     }
 
@@ -195,32 +284,73 @@ impl Policy {
     }
 
     /// What happens to a request whose key is in flight.
-    pub fn in_flight_mode(&self) -> InFlight {
+    pub fn in_flight(&self) -> InFlight {
         self.in_flight
     }
 
     /// Which responses are stored.
-    pub fn store_policy(&self) -> &StorePolicy {
+    pub fn store_when(&self) -> &StorePolicy {
         &self.store_when
     }
 
     /// Whether requests pass through when the store is unavailable.
-    pub fn is_fail_open(&self) -> bool {
+    pub fn fail_open(&self) -> bool {
         self.fail_open
     }
 
     /// The header carrying the key.
-    pub fn header_name(&self) -> &HeaderName {
+    pub fn header(&self) -> &HeaderName {
         &self.header
     }
 
-    pub(crate) fn check_ttl_and_lease(&self) {
-        assert!(
-            self.ttl >= self.lease,
-            "tower-idempotency: the TTL ({:?}) must not be shorter than the lease ({:?})",
-            self.ttl,
-            self.lease
-        );
+    /// How long storing a completed record is retried while the store fails.
+    pub fn complete_retry(&self) -> Duration {
+        self.complete_retry
+    }
+
+    /// Checks that the policy can keep its promises. Applying a layer runs this and
+    /// panics with the error, whose message names the fix.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore, PolicyError};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default());
+    /// assert_eq!(layer.policy().validate(), Err(PolicyError::TenantNotConfigured));
+    /// let layer = layer.global_scope().renew_every(Duration::from_secs(20));
+    /// assert!(matches!(layer.policy().validate(), Err(PolicyError::RenewalTooSlow { .. })));
+    /// ```
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if matches!(self.tenant, Tenant::Unset) {
+            return Err(PolicyError::TenantNotConfigured);
+        }
+        if let Some(method) = &self.uncoverable {
+            return Err(PolicyError::UncoverableMethod(method.clone()));
+        }
+        let in_range = |d: Duration| !d.is_zero() && d <= MAX_TTL;
+        let lease = self.lease();
+        for (setting, value) in [("ttl", self.ttl), ("lease", lease)] {
+            if !in_range(value) {
+                return Err(PolicyError::DurationOutOfRange { setting, value });
+            }
+        }
+        if self.ttl < lease {
+            return Err(PolicyError::TtlShorterThanLease {
+                ttl: self.ttl,
+                lease,
+            });
+        }
+        if let Renewal::Every(every) = self.renewal {
+            if every.is_zero() || every > lease / 3 {
+                return Err(PolicyError::RenewalTooSlow { every, lease });
+            }
+        }
+        if self.max_stored_response > MAX_BODY_LEN {
+            return Err(PolicyError::StoredResponseTooLarge(
+                self.max_stored_response,
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -238,8 +368,8 @@ impl fmt::Debug for Policy {
         };
         f.debug_struct("Policy")
             .field("ttl", &self.ttl)
-            .field("lease", &self.lease)
-            .field("renew_every", &self.renew_every)
+            .field("lease", &self.lease())
+            .field("renew_every", &self.renew_every())
             .field("methods", &methods)
             .field("require_key", &self.require_key)
             .field("max_body", &self.max_body)
@@ -276,5 +406,75 @@ mod tests {
         let p = Policy::default();
         assert!(p.covers(&Method::POST) && p.covers(&Method::PATCH));
         assert!(!p.covers(&Method::PUT) && !p.covers(&Method::DELETE) && !p.covers(&Method::GET));
+    }
+
+    #[test]
+    fn lease_and_renewal_are_derived_until_set() {
+        let mut p = Policy {
+            tenant: Tenant::Global,
+            ..Policy::default()
+        };
+        assert_eq!(p.lease(), DEFAULT_LEASE);
+        assert_eq!(p.renew_every(), Some(Duration::from_secs(10)));
+        // A TTL shorter than the default lease lowers it (and its renewal).
+        p.ttl = Duration::from_secs(6);
+        assert_eq!(p.lease(), Duration::from_secs(6));
+        assert_eq!(p.renew_every(), Some(Duration::from_secs(2)));
+        assert_eq!(p.validate(), Ok(()));
+        // An explicit lease longer than the TTL is refused.
+        p.lease = Some(Duration::from_secs(7));
+        assert!(matches!(
+            p.validate(),
+            Err(PolicyError::TtlShorterThanLease { .. })
+        ));
+    }
+
+    #[test]
+    fn every_error_names_its_fix() {
+        let base = Policy {
+            tenant: Tenant::Global,
+            ..Policy::default()
+        };
+        let cases = [
+            (
+                Policy {
+                    tenant: Tenant::Unset,
+                    ..base.clone()
+                },
+                ".global_scope()",
+            ),
+            (
+                Policy {
+                    renewal: Renewal::Every(Duration::from_secs(11)),
+                    ..base.clone()
+                },
+                "at most a third of the lease",
+            ),
+            (
+                Policy {
+                    lease: Some(Duration::ZERO),
+                    ..base.clone()
+                },
+                "`.lease(0ns)` must be positive",
+            ),
+            (
+                Policy {
+                    uncoverable: Some(Method::GET),
+                    ..base.clone()
+                },
+                "not GET",
+            ),
+            (
+                Policy {
+                    max_stored_response: usize::MAX,
+                    ..base.clone()
+                },
+                "max_stored_response",
+            ),
+        ];
+        for (policy, fix) in cases {
+            let err = policy.validate().unwrap_err().to_string();
+            assert!(err.contains(fix), "{err}");
+        }
     }
 }

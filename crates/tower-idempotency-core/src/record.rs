@@ -38,6 +38,11 @@ use http::{HeaderName, HeaderValue, StatusCode};
 /// The version byte written by [`Record::encode`].
 pub const RECORD_VERSION: u8 = 1;
 
+/// The largest body (and header name or value) a record can hold: lengths are encoded as
+/// `u32`. [`Policy::validate`](crate::Policy::validate) refuses a `max_stored_response`
+/// above it.
+pub const MAX_BODY_LEN: usize = u32::MAX as usize;
+
 const KIND_RESPONSE: u8 = 0;
 const KIND_NOT_REPLAYABLE: u8 = 1;
 
@@ -47,8 +52,10 @@ const KIND_NOT_REPLAYABLE: u8 = 1;
 pub enum Record {
     /// A response to replay.
     Response(StoredResponse),
-    /// The response was larger than the policy's stored-response limit: it was streamed to
-    /// the first caller and cannot be replayed. Retries get 409 `response-not-replayable`.
+    /// The operation ran but its response cannot be replayed: it was larger than the
+    /// policy's stored-response limit (streamed to the first caller), or its body failed
+    /// or panicked mid-stream. Retries get 409 `response-not-replayable`, never a second
+    /// run.
     NotReplayable,
 }
 

@@ -1,62 +1,71 @@
 //! [`Idempotency`]: the service that makes a covered request retry-safe.
 
-use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{header, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use tower::Service;
+use tracing::Instrument;
 
 use crate::body::{BoxError, RequestBody, ResponseBody};
+use crate::buffer::expects_continue_over;
+use crate::detach::DetachOnDrop;
 use crate::fingerprint::ScopeHash;
 use crate::future::ResponseFuture;
-use crate::key::{IdempotencyKey, KeyError};
+use crate::key::IdempotencyKey;
 use crate::layer::IdempotencyLayer;
-use crate::observe::{Meters, Observer, Outcome};
-use crate::policy::{Policy, Tenant};
+use crate::observe::{Observer, Outcome};
+use crate::policy::Policy;
 use crate::problem::Problem;
+use crate::scope::{route_label, scope_path, tenant};
 use crate::store::Store;
-use crate::task::{problem, Job};
+use crate::work::{Job, Shared};
 
 /// Middleware that runs a request once per idempotency key and replays its response to
 /// retries.
 ///
 /// Built by [`IdempotencyLayer`]; see the [crate docs](crate) for an example.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Idempotency<S, St> {
     inner: S,
-    store: St,
-    policy: Arc<Policy>,
-    meters: Arc<Meters>,
+    shared: Arc<Shared<St>>,
+}
+
+impl<S: Clone, St> Clone for Idempotency<S, St> {
+    fn clone(&self) -> Self {
+        Idempotency {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
 }
 
 impl<S, St: Store> Idempotency<S, St> {
-    /// Wraps `inner` with the default policy. Prefer [`IdempotencyLayer`], which has the
-    /// builder methods.
-    pub fn new(inner: S, store: St) -> Self {
-        Self::from_layer(inner, &IdempotencyLayer::new(store))
-    }
-
     /// A layer with the default policy, to configure with its builder methods.
     pub fn layer(store: St) -> IdempotencyLayer<St> {
         IdempotencyLayer::new(store)
     }
 
     pub(crate) fn from_layer(inner: S, layer: &IdempotencyLayer<St>) -> Self {
-        layer.policy.check_ttl_and_lease();
+        if let Err(err) = layer.policy.validate() {
+            panic!("{err}");
+        }
         Idempotency {
             inner,
-            store: layer.store.clone(),
-            policy: layer.policy.clone(),
-            meters: layer.meters.clone(),
+            shared: Arc::new(Shared {
+                store: layer.store.clone(),
+                policy: (*layer.policy).clone(),
+                meters: layer.meters.clone(),
+                detached: layer.detached.clone(),
+            }),
         }
     }
 
     /// The policy in force.
     pub fn policy(&self) -> &Policy {
-        &self.policy
+        &self.shared.policy
     }
 
     /// A reference to the inner service.
@@ -102,104 +111,70 @@ where
         // The ready service handles this request; a fresh clone waits for the next one.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let policy = &self.policy;
+        let shared = &self.shared;
+        let policy = &shared.policy;
         if !policy.covers(request.method()) {
             return ResponseFuture::passthrough(inner.call(request.map(RequestBody::passthrough)));
         }
         let (parts, body) = request.into_parts();
-        let observer = Observer::new(&self.meters, route_label(&parts));
-        let reject = |problem_kind: Problem, detail: &str| {
-            observer.outcome(Outcome::Rejected);
-            ResponseFuture::ready(problem(policy, problem_kind, detail))
+        let observer = Observer::new(&shared.meters, route_label(&parts));
+        let reject = |outcome: Outcome, problem: Problem, detail: &str| {
+            observer.outcome(outcome);
+            ResponseFuture::ready(shared.problem(problem, detail))
         };
         let key = match IdempotencyKey::from_headers(&parts.headers, &policy.header) {
             Ok(Some(key)) => key,
             Ok(None) if policy.require_key => {
                 let detail = format!("this endpoint requires an `{}` header", policy.header);
-                return reject(Problem::KeyMissing, &detail);
+                return reject(Outcome::Rejected, Problem::KeyMissing, &detail);
             }
             Ok(None) => {
                 observer.outcome(Outcome::NoKey);
                 let request = Request::from_parts(parts, RequestBody::passthrough(body));
                 return ResponseFuture::passthrough(inner.call(request));
             }
-            Err(err) => return reject(Problem::KeyInvalid, &key_detail(err)),
-        };
-        let tenant = match resolve_tenant(policy, &parts) {
-            Ok(tenant) => tenant,
-            Err(why) => {
-                tracing::error!(
-                    route = observer.route(),
-                    "{why}: configure the layer with `.tenant(..)` (or `.tenant_from_extension::<T>()`) \
-                     to scope keys per caller, or `.global_scope()` to share one scope explicitly"
-                );
-                let detail = "the server cannot scope this idempotency key to a caller";
-                return reject(Problem::ScopeNotConfigured, detail);
+            Err(err) => {
+                let detail = format!("the idempotency key is invalid: {err}");
+                return reject(Outcome::Rejected, Problem::KeyInvalid, &detail);
             }
         };
-        let path = scope_path(&parts).to_owned();
+        let Ok(tenant) = tenant(policy, &parts) else {
+            tracing::error!(
+                route = observer.route(),
+                "the idempotency tenant resolver found no tenant for this request; check that \
+                 the auth layer runs outside the idempotency layer"
+            );
+            let detail = "the server cannot scope this idempotency key to a caller";
+            return reject(Outcome::Rejected, Problem::ScopeNotConfigured, detail);
+        };
+        // The client waits for `100 Continue` before sending a body the layer would only
+        // discard: answer 413 now, without reading it (the connection then closes).
+        if expects_continue_over(&parts.headers, body.size_hint().lower(), policy.max_body) {
+            let detail = format!("the request body is larger than {} bytes", policy.max_body);
+            return reject(Outcome::TooLarge, Problem::BodyTooLarge, &detail);
+        }
         let scope = ScopeHash::new(
             tenant.as_deref().map(str::as_bytes),
             &parts.method,
-            &path,
+            scope_path(&parts),
             key.as_str().as_bytes(),
+        );
+        let span = tracing::debug_span!(
+            "idempotency",
+            route = observer.route(),
+            scope = %scope.to_hex(),
         );
         let job = Job {
             inner,
-            store: self.store.clone(),
-            policy: policy.clone(),
+            shared: shared.clone(),
             parts,
             scope,
-            path,
             observer,
-            _body: PhantomData,
         };
-        ResponseFuture::detached(Box::pin(job.run(body)))
+        let work = DetachOnDrop::new(
+            shared.detached.clone(),
+            Box::pin(job.run(body).instrument(span)),
+        );
+        ResponseFuture::work(work)
     }
-}
-
-fn key_detail(err: KeyError) -> String {
-    format!("the idempotency key is invalid: {err}")
-}
-
-/// The tenant part of the scope: `Ok(None)` is the global scope.
-fn resolve_tenant(
-    policy: &Policy,
-    parts: &http::request::Parts,
-) -> Result<Option<String>, &'static str> {
-    match &policy.tenant {
-        Tenant::Global => Ok(None),
-        Tenant::Resolver(resolve) => resolve(parts)
-            .map(Some)
-            .ok_or("the idempotency tenant resolver found no tenant for this request"),
-        Tenant::Unset => {
-            let authenticated = parts.headers.contains_key(header::AUTHORIZATION)
-                || parts.headers.contains_key(header::COOKIE);
-            if authenticated {
-                Err("an authenticated request reached an idempotency layer with no tenant configured")
-            } else {
-                Ok(None)
-            }
-        }
-    }
-}
-
-/// The full path the client sent: nested routers strip their prefix from the URI, so
-/// axum's `OriginalUri` wins when present.
-fn scope_path(parts: &http::request::Parts) -> &str {
-    #[cfg(feature = "axum")]
-    if let Some(original) = parts.extensions.get::<axum::extract::OriginalUri>() {
-        return original.0.path();
-    }
-    parts.uri.path()
-}
-
-/// The route template for metric labels, never the raw path (unbounded cardinality).
-fn route_label(parts: &http::request::Parts) -> &str {
-    #[cfg(feature = "axum")]
-    if let Some(matched) = parts.extensions.get::<axum::extract::MatchedPath>() {
-        return matched.as_str();
-    }
-    let _ = parts;
-    "unmatched"
 }

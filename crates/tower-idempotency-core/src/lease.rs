@@ -1,0 +1,184 @@
+//! The owner's hold on a scope: one renewal schedule across the whole ownership, then a
+//! completion (retried while the store fails) or a release.
+//!
+//! SPEC section 6: the lease is renewed while the owner works — the handler, the body
+//! collection and the retries of `complete` alike. One schedule spans them all: the next
+//! renewal is due one interval after the last confirmation by the store (the reservation
+//! counts as the first), whatever phase the owner is in, and a failed renewal is retried
+//! quickly while the lease lasts. With an interval of at most a third of the lease (the
+//! policy refuses more), one failed renewal never loses it.
+
+use std::future::Future;
+use std::pin::pin;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::fingerprint::ScopeHash;
+use crate::observe::Observer;
+use crate::policy::Policy;
+use crate::record::Record;
+use crate::store::{Completion, Store};
+use crate::token::FencingToken;
+
+/// First retry of a failed renewal; doubled per failure up to half the interval.
+const RENEW_RETRY_MIN: Duration = Duration::from_millis(100);
+/// Back-off between attempts to store a completed record while the store is down.
+const COMPLETE_RETRY_MIN: Duration = Duration::from_millis(50);
+const COMPLETE_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// How a completion ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Completed {
+    /// The record is stored: retries replay it.
+    Stored,
+    /// The lease was lost before: the record was not stored (fenced off).
+    Fenced,
+    /// The store kept failing past the policy's `complete_retry` bound.
+    GaveUp,
+}
+
+/// The lease of one owner.
+pub(crate) struct Lease<'a, St> {
+    store: &'a St,
+    scope: &'a ScopeHash,
+    token: FencingToken,
+    policy: &'a Policy,
+    observer: &'a Observer,
+    /// When the next renewal is due (`None`: renewal is off or the lease is lost).
+    due: Option<Instant>,
+}
+
+impl<'a, St: Store> Lease<'a, St> {
+    /// The lease `token` took by a reserve sent at `reserved_at`.
+    pub(crate) fn new(
+        store: &'a St,
+        scope: &'a ScopeHash,
+        token: FencingToken,
+        policy: &'a Policy,
+        observer: &'a Observer,
+        reserved_at: Instant,
+    ) -> Self {
+        let due = policy.renew_every().map(|every| reserved_at + every);
+        Lease {
+            store,
+            scope,
+            token,
+            policy,
+            observer,
+            due,
+        }
+    }
+
+    /// Runs `work`, renewing the lease on its schedule until `work` is done or the lease
+    /// is lost. A quick `work` never arms a timer: the schedule is only polled while
+    /// `work` is pending.
+    pub(crate) async fn hold_while<F: Future>(&mut self, work: F) -> F::Output {
+        let mut work = pin!(work);
+        if self.due.is_none() {
+            return work.await;
+        }
+        let renewing = self.renew_on_schedule();
+        tokio::select! {
+            biased;
+            output = &mut work => output,
+            () = renewing => work.await,
+        }
+    }
+
+    /// Renews whenever due; returns only when the lease is lost (the schedule then
+    /// stops for good).
+    async fn renew_on_schedule(&mut self) {
+        let (Some(every), Some(_)) = (self.policy.renew_every(), self.due) else {
+            return;
+        };
+        let lease = self.policy.lease();
+        let mut retry = RENEW_RETRY_MIN;
+        while let Some(due) = self.due {
+            tokio::time::sleep_until(due).await;
+            let sent = Instant::now();
+            match self.store.renew(self.scope, self.token, lease).await {
+                Ok(true) => {
+                    // The store extended the lease to (at least) `sent + lease`.
+                    self.due = Some(sent + every);
+                    retry = RENEW_RETRY_MIN;
+                }
+                Ok(false) => {
+                    tracing::error!(
+                        "idempotency lease lost while the request runs: another request may run \
+                         it again, and this result will not be stored"
+                    );
+                    self.observer.lease_lost();
+                    self.due = None;
+                }
+                Err(err) => {
+                    // Retried quickly: the lease still lasts until its last confirmation
+                    // plus the lease, and the store itself answers `false` once it is gone.
+                    tracing::warn!(error = %err, retry_in = ?retry, "idempotency lease renewal failed; retrying");
+                    self.due = Some(Instant::now() + retry);
+                    retry = (retry * 2).min((every / 2).max(RENEW_RETRY_MIN));
+                }
+            }
+        }
+    }
+
+    /// Stores `record`, retrying with back-off (still renewing) while the store fails, up to
+    /// the policy's bound. Retries meanwhile get 409 (or wait): never a second execution.
+    pub(crate) async fn complete(&mut self, record: &Record) -> Completed {
+        let (store, scope, token, policy, observer) = (
+            self.store,
+            self.scope,
+            self.token,
+            self.policy,
+            self.observer,
+        );
+        let retrying = async move {
+            let started = Instant::now();
+            let mut backoff = COMPLETE_RETRY_MIN;
+            loop {
+                match store.complete(scope, token, record, policy.ttl).await {
+                    Ok(Completion::Stored) => return Completed::Stored,
+                    Ok(Completion::Fenced) => {
+                        tracing::error!(
+                            "idempotency lease was lost before completion: the response goes to \
+                             this caller but is not stored (fenced)"
+                        );
+                        observer.lease_lost();
+                        return Completed::Fenced;
+                    }
+                    Err(err) if started.elapsed() + backoff > policy.complete_retry => {
+                        tracing::error!(
+                            error = %err,
+                            bound = ?policy.complete_retry,
+                            "idempotency record could not be stored; giving up: a retry after \
+                             the lease expires runs the handler again"
+                        );
+                        observer.complete_failed();
+                        return Completed::GaveUp;
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "storing the idempotency record failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(COMPLETE_RETRY_MAX);
+                    }
+                }
+            }
+        };
+        self.hold_while(retrying).await
+    }
+
+    /// Deletes the lease so a retry may run; a failure leaves it to expire. Returns once
+    /// the store answered, so a corrected retry sent right after the response runs.
+    pub(crate) async fn release(&mut self) {
+        self.due = None;
+        match self.store.release(self.scope, self.token).await {
+            Ok(true) => {}
+            Ok(false) => tracing::debug!("lease already gone at release"),
+            Err(err) => tracing::warn!(
+                error = %err,
+                lease = ?self.policy.lease(),
+                "idempotency release failed; the key stays in flight until its lease expires"
+            ),
+        }
+    }
+}

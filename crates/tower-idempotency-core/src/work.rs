@@ -1,0 +1,200 @@
+//! The work of one covered request, start to end: buffer the body, claim the scope, then
+//! replay, refuse, or run as the owner. Every path returns its [`Outcome`] with the
+//! response, and [`Job::run`] records it in one place.
+//!
+//! The whole of it runs on the request's future inside a
+//! [`DetachOnDrop`](crate::detach): if the client hangs up, the rest is spawned and
+//! finishes anyway (SPEC section 6).
+
+use std::sync::Arc;
+
+use http::request::Parts;
+use http::{Request, Response};
+use http_body::Body;
+use tower::Service;
+
+use crate::body::{BoxError, RequestBody, ResponseBody};
+use crate::buffer::{buffer, BufferError, Limits};
+use crate::claim::{claim, Claim, Claimant};
+use crate::detach::DetachedWork;
+use crate::fingerprint::{Fingerprint, ScopeHash};
+use crate::observe::{Meters, Observer, Outcome};
+use crate::owner;
+use crate::policy::Policy;
+use crate::problem::Problem;
+use crate::record::Record;
+use crate::replay::replay;
+use crate::scope::scope_path;
+
+/// What the layer's future resolves to.
+pub(crate) type Output<B, E> = Result<Response<ResponseBody<B>>, E>;
+
+/// The bounds on the inner service, written once for the layer's own code (the public
+/// `Service` impl of [`Idempotency`](crate::Idempotency) states them for users).
+pub(crate) trait Inner<ReqB>:
+    Service<
+        Request<RequestBody<ReqB>>,
+        Response = Response<Self::ResBody>,
+        Future: Send + 'static,
+        Error: Send + 'static,
+    > + Send
+    + 'static
+{
+    /// The inner service's response body.
+    type ResBody: Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, ReqB, ResB> Inner<ReqB> for S
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResB: Body<Data = bytes::Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type ResBody = ResB;
+}
+
+/// What every service made by one layer shares, behind one `Arc`: a request clones it
+/// once.
+#[derive(Debug)]
+pub(crate) struct Shared<St> {
+    pub(crate) store: St,
+    pub(crate) policy: Policy,
+    pub(crate) meters: Arc<Meters>,
+    pub(crate) detached: DetachedWork,
+}
+
+impl<St> Shared<St> {
+    /// A problem response under this policy (its `Retry-After`).
+    pub(crate) fn problem<B>(&self, problem: Problem, detail: &str) -> Response<ResponseBody<B>> {
+        problem.response(
+            detail,
+            self.policy.retry_after.as_secs(),
+            ResponseBody::full,
+        )
+    }
+}
+
+/// Everything one covered request needs once its key and scope are known.
+pub(crate) struct Job<S, St> {
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared<St>>,
+    pub(crate) parts: Parts,
+    pub(crate) scope: ScopeHash,
+    pub(crate) observer: Observer,
+}
+
+impl<S, St: crate::Store> Job<S, St> {
+    /// Does the work and records its outcome.
+    pub(crate) async fn run<ReqB>(self, body: ReqB) -> Output<S::ResBody, S::Error>
+    where
+        S: Inner<ReqB>,
+        ReqB: Body + Send + 'static,
+        ReqB::Error: Into<BoxError>,
+    {
+        let observer = self.observer.clone();
+        let (outcome, output) = self.respond(body).await;
+        observer.outcome(outcome);
+        output
+    }
+
+    async fn respond<ReqB>(self, body: ReqB) -> (Outcome, Output<S::ResBody, S::Error>)
+    where
+        S: Inner<ReqB>,
+        ReqB: Body + Send + 'static,
+        ReqB::Error: Into<BoxError>,
+    {
+        let shared = &*self.shared;
+        let policy = &shared.policy;
+        let limits = Limits {
+            max: policy.max_body,
+            drain_bytes: policy.drain_bytes,
+            drain_time: policy.drain_time,
+        };
+        let bytes = match buffer(std::pin::pin!(body), &limits).await {
+            Ok(bytes) => bytes,
+            Err(BufferError::TooLarge) => {
+                let detail = format!("the request body is larger than {} bytes", policy.max_body);
+                return (
+                    Outcome::TooLarge,
+                    Ok(shared.problem(Problem::BodyTooLarge, &detail)),
+                );
+            }
+            Err(BufferError::Unreadable(err)) => {
+                tracing::debug!(error = %err, "request body unreadable");
+                let detail = format!("the request body could not be read: {err}");
+                return (
+                    Outcome::Unreadable,
+                    Ok(shared.problem(Problem::BodyUnreadable, &detail)),
+                );
+            }
+        };
+        let fingerprint = Fingerprint::new(
+            &self.parts.method,
+            scope_path(&self.parts),
+            self.parts.uri.query(),
+            &self.parts.headers,
+            &policy.fingerprint_headers,
+            &bytes,
+        );
+        let claimed = claim(Claimant {
+            store: &shared.store,
+            scope: &self.scope,
+            fingerprint: &fingerprint,
+            policy,
+            observer: &self.observer,
+            detached: &shared.detached,
+        })
+        .await;
+        match claimed {
+            Claim::Owner { token, reserved_at } => {
+                owner::own(self, bytes, token, reserved_at).await
+            }
+            Claim::Completed(Record::Response(stored)) => (Outcome::Replayed, Ok(replay(stored))),
+            Claim::Completed(Record::NotReplayable) => {
+                let detail = "the first request with this key ran, but its response could not be \
+                              stored (too large, or it failed mid-stream); it cannot be replayed";
+                (
+                    Outcome::NotReplayable,
+                    Ok(shared.problem(Problem::NotReplayable, detail)),
+                )
+            }
+            Claim::Mismatch => {
+                let detail =
+                    "this idempotency key was already used with a different request payload";
+                (
+                    Outcome::Mismatch,
+                    Ok(shared.problem(Problem::KeyReused, detail)),
+                )
+            }
+            Claim::InFlight => {
+                let detail = "a request with this idempotency key is still being processed";
+                (
+                    Outcome::Conflict,
+                    Ok(shared.problem(Problem::InFlight, detail)),
+                )
+            }
+            Claim::Unavailable { error, may_pass } if may_pass && policy.fail_open => {
+                tracing::warn!(error = %error, "idempotency store unavailable; passing the request through (fail open)");
+                let Job {
+                    mut inner, parts, ..
+                } = self;
+                let request = Request::from_parts(parts, RequestBody::buffered(bytes));
+                let output = inner
+                    .call(request)
+                    .await
+                    .map(|response| response.map(ResponseBody::stream));
+                (Outcome::FailOpen, output)
+            }
+            Claim::Unavailable { error, .. } => {
+                tracing::error!(error = %error, "idempotency store unavailable; refusing the request");
+                let detail = "the idempotency store is unavailable; retry with the same key later";
+                (
+                    Outcome::StoreError,
+                    Ok(shared.problem(Problem::StoreUnavailable, detail)),
+                )
+            }
+        }
+    }
+}
