@@ -16,6 +16,7 @@
 //! | `BIND` | `127.0.0.1:3000` | socket address to listen on |
 //! | `PAYMENTS_TTL_SECS` | `86400` | how long a `POST /payments` response is replayed |
 //! | `REDIS_URL` | unset: in-memory store | use the Redis store |
+//! | `SHUTDOWN_GRACE_SECS` | `30` | on SIGTERM / Ctrl-C, how long to wait for work that hung-up clients left running |
 //! | `RUST_LOG` | `info` | log filter (`tracing-subscriber` env filter) |
 //!
 //! # Routes
@@ -85,7 +86,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
-use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore, Store};
+use tower_idempotency::{DetachedWork, IdempotencyLayer, InFlight, MemoryStore, Store};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
 /// TTL of `POST /payments` responses unless `PAYMENTS_TTL_SECS` says otherwise.
@@ -96,6 +97,8 @@ pub const ORDERS_TTL: Duration = Duration::from_secs(12 * 3600);
 pub const WEBHOOKS_TTL: Duration = Duration::from_secs(30 * 60);
 /// How long a payment retry waits for the same key in flight before a 409.
 pub const PAYMENTS_WAIT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for detached work unless `SHUTDOWN_GRACE_SECS` says otherwise.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// The longest `delay_ms` accepted.
 pub const MAX_DELAY: Duration = Duration::from_secs(60);
 /// The longest `PAYMENTS_TTL_SECS` accepted (a year).
@@ -117,6 +120,9 @@ pub struct Config {
     pub payments_ttl: Duration,
     /// `REDIS_URL`: `None` is the in-memory store.
     pub redis_url: Option<String>,
+    /// `SHUTDOWN_GRACE_SECS`: how long shutdown waits for work that hung-up clients left
+    /// running (their handlers finish and their records are stored).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Config {
@@ -125,13 +131,14 @@ impl Default for Config {
             bind: SocketAddr::from(([127, 0, 0, 1], 3000)),
             payments_ttl: PAYMENTS_TTL,
             redis_url: None,
+            shutdown_grace: SHUTDOWN_GRACE,
         }
     }
 }
 
 impl Config {
-    /// Reads `BIND`, `PAYMENTS_TTL_SECS` and `REDIS_URL`. A bad value is an error, never
-    /// a silent default.
+    /// Reads `BIND`, `PAYMENTS_TTL_SECS`, `REDIS_URL` and `SHUTDOWN_GRACE_SECS`. A bad
+    /// value is an error, never a silent default.
     pub fn from_env() -> Result<Self, String> {
         Self::from_vars(|name| std::env::var_os(name))
     }
@@ -163,6 +170,18 @@ impl Config {
             }
             config.payments_ttl = Duration::from_secs(secs);
         }
+        if let Some(grace) = text("SHUTDOWN_GRACE_SECS")? {
+            let secs = grace
+                .parse::<u64>()
+                .ok()
+                .filter(|s| *s <= 3600)
+                .ok_or_else(|| {
+                    format!(
+                        "SHUTDOWN_GRACE_SECS={grace:?} is not a number of seconds from 0 to 3600"
+                    )
+                })?;
+            config.shutdown_grace = Duration::from_secs(secs);
+        }
         if let Some(url) = text("REDIS_URL")? {
             if url.trim().is_empty() {
                 return Err(
@@ -181,13 +200,20 @@ impl Config {
 
 /// The whole API on `store`: auth outside, one idempotency policy per route inside.
 pub fn app<St: Store>(store: St, config: &Config) -> Router {
+    tracked_app(store, config, &DetachedWork::new())
+}
+
+/// [`app`], with the work its idempotency layers detach from hung-up requests tracked in
+/// `detached` (what [`serve_until`] waits for at shutdown).
+pub fn tracked_app<St: Store>(store: St, config: &Config, detached: &DetachedWork) -> Router {
     // Every policy resolves the tenant from the extension the auth layer sets, and covers
     // POST only: `MethodRouter::layer` also wraps the route's 405 fallback, so with the
     // default (POST and PATCH) a keyless PATCH would get 400 instead of 405.
     let policy = |ttl: Duration| {
         let layer = IdempotencyLayer::new(store.clone())
             .methods([Method::POST])
-            .tenant_from_extension::<Tenant>();
+            .tenant_from_extension::<Tenant>()
+            .track_detached_in(detached.clone());
         // The builder refuses a TTL shorter than the lease (30 s): shorten the lease too.
         if ttl < layer.policy().lease() {
             layer.lease(ttl).ttl(ttl)
@@ -666,17 +692,32 @@ async fn serve<St: Store>(store: St, kind: &str, config: &Config) -> Result<(), 
     Ok(())
 }
 
-/// Serves the API on `listener` until `shutdown` resolves, then shuts down gracefully.
+/// Serves the API on `listener` until `shutdown` resolves, then shuts down gracefully:
+/// axum finishes the requests of open connections, then the work that hung-up clients
+/// left running gets up to `config.shutdown_grace` to finish (so no lease is orphaned
+/// and every handler that ran has its record stored) before this returns.
 pub async fn serve_until<St: Store>(
     listener: tokio::net::TcpListener,
     store: St,
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    axum::serve(listener, app(store, &config))
+    let detached = DetachedWork::new();
+    axum::serve(listener, tracked_app(store, &config, &detached))
         .with_graceful_shutdown(shutdown)
         .await
-        .map_err(|e| format!("server failed: {e}"))
+        .map_err(|e| format!("server failed: {e}"))?;
+    if !detached.is_empty() {
+        tracing::info!(
+            running = detached.len(),
+            grace = ?config.shutdown_grace,
+            "waiting for detached idempotency work"
+        );
+    }
+    if let Err(unfinished) = detached.wait(config.shutdown_grace).await {
+        tracing::warn!("{unfinished}");
+    }
+    Ok(())
 }
 
 /// Ctrl-C, or SIGTERM on Unix.
