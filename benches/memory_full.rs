@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures_util::FutureExt;
+use tower_idempotency::memory::ENTRY_OVERHEAD_BYTES;
 use tower_idempotency::{
     FencingToken, Fingerprint, MemoryStore, Reservation, ScopeHash, Store, StoreError,
 };
@@ -52,6 +53,19 @@ fn full_store(entries: usize) -> MemoryStore {
     store
 }
 
+/// A store whose byte budget holds exactly `entries` pending reservations, filled.
+fn full_by_bytes(entries: usize) -> MemoryStore {
+    let store = MemoryStore::builder()
+        .max_entries(usize::MAX)
+        .max_bytes(entries * ENTRY_OVERHEAD_BYTES)
+        .build();
+    for _ in 0..entries {
+        let answer = reserve(&store, &fresh_scope(), FencingToken::generate());
+        assert_eq!(answer.expect("room while filling"), Reservation::Reserved);
+    }
+    store
+}
+
 fn benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("memory_full");
     group.throughput(Throughput::Elements(1));
@@ -59,6 +73,17 @@ fn benches(c: &mut Criterion) {
     for entries in [1_000, 10_000, 100_000] {
         let store = full_store(entries);
         group.bench_function(BenchmarkId::new("refuse-new-key", entries), |b| {
+            b.iter(|| {
+                let answer = reserve(&store, &fresh_scope(), FencingToken::generate());
+                assert!(matches!(answer, Err(StoreError::Full { .. })));
+            })
+        });
+        assert_eq!(store.len(), entries, "no live entry was evicted");
+    }
+    // Full by bytes rather than by entries: the same refusal.
+    for entries in [1_000, 100_000] {
+        let store = full_by_bytes(entries);
+        group.bench_function(BenchmarkId::new("refuse-new-key-by-bytes", entries), |b| {
             b.iter(|| {
                 let answer = reserve(&store, &fresh_scope(), FencingToken::generate());
                 assert!(matches!(answer, Err(StoreError::Full { .. })));
