@@ -126,9 +126,12 @@ struct Inner {
     /// Set while one caller sweeps on behalf of a refused reservation; others refuse at
     /// once instead of queueing on the shard locks behind it.
     sweeping: AtomicBool,
-    /// Shard sweeps run, for the tests that show a full store does not sweep per refusal.
+    /// Shard sweeps run and passes over all shards made, for the tests that show a full
+    /// store does not sweep per refusal.
     #[cfg(test)]
     shard_sweeps: AtomicUsize,
+    #[cfg(test)]
+    sweep_passes: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -287,6 +290,8 @@ impl MemoryStoreBuilder {
                 sweeping: AtomicBool::new(false),
                 #[cfg(test)]
                 shard_sweeps: AtomicUsize::new(0),
+                #[cfg(test)]
+                sweep_passes: AtomicUsize::new(0),
             }),
         }
     }
@@ -406,6 +411,8 @@ impl Inner {
     /// every shard is folded in, the bound is valid again; while a sweep runs it may be too
     /// high, which only makes a concurrent full store refuse instead of sweeping too.
     fn sweep_due(&self, now: Instant) {
+        #[cfg(test)]
+        self.sweep_passes.fetch_add(1, Ordering::Relaxed);
         self.earliest.store(u64::MAX, Ordering::Relaxed);
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
@@ -880,8 +887,13 @@ mod tests {
         })
     }
 
-    fn shard_sweeps(store: &MemoryStore) -> usize {
-        store.inner.shard_sweeps.load(Ordering::Relaxed)
+    /// (passes over all shards, shards swept)
+    fn sweeps(store: &MemoryStore) -> (usize, usize) {
+        let inner = &store.inner;
+        (
+            inner.sweep_passes.load(Ordering::Relaxed),
+            inner.shard_sweeps.load(Ordering::Relaxed),
+        )
     }
 
     /// A full store of live entries refuses a flood of new keys without sweeping any shard:
@@ -912,7 +924,7 @@ mod tests {
             }
         };
         flood(100).await;
-        assert_eq!(shard_sweeps(&store), 0, "1000 refusals swept no shard");
+        assert_eq!(sweeps(&store), (0, 0), "1000 refusals swept nothing");
 
         // The 10 s lease has passed: the next new key sweeps once and takes its slot.
         tokio::time::advance(Duration::from_secs(11)).await;
@@ -920,12 +932,13 @@ mod tests {
             .reserve(&scope_in(9, 9), &FP, FencingToken::generate(), LEASE)
             .await;
         assert_eq!(r.unwrap(), Reservation::Reserved);
-        assert_eq!(shard_sweeps(&store), 1, "one shard held the expired entry");
+        // One pass over the shards, one of which held the expired entry.
+        assert_eq!(sweeps(&store), (1, 1));
 
         flood(2000).await;
         assert_eq!(
-            shard_sweeps(&store),
-            1,
+            sweeps(&store),
+            (1, 1),
             "refusals are cheap again after the sweep"
         );
         assert_eq!(store.len(), 4);
