@@ -206,3 +206,57 @@ async fn an_undecodable_record_is_503_even_when_failing_open() {
     assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
     assert_eq!(h.runs(), 0);
 }
+
+/// `Wait(1 s)` answers within about its bound even when the network to Redis turns into
+/// a black hole right after the store said "in flight": the subscriber's connect and
+/// `SSUBSCRIBE`, and the re-reads, are each bounded by the wait's deadline, not only by
+/// the store's (longer) command timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_bound_holds_when_the_subscriber_is_black_holed() {
+    use common::faults::Faults;
+    use std::sync::Arc;
+    use tower_idempotency::Reservation;
+    let server = support::redis::RedisServer::start();
+    let upstream = format!("127.0.0.1:{}", server.port()).parse().unwrap();
+    let proxy = Arc::new(support::proxy::FaultProxy::start(upstream).await);
+    let prefix = support::unique_prefix("wait-black-hole");
+    let direct = support::store::store(&server.url(), &prefix).await;
+    // The default command timeout (2 s) is longer than the wait.
+    let proxied = support::store::store(&proxy.url(), &prefix).await;
+    let hole = proxy.clone();
+    let waiter_store = Faults::new(proxied).on_reserve(move |answer| {
+        if *answer == Reservation::InFlight {
+            hole.blackhole();
+        }
+    });
+    let owner = Harness::new(IdempotencyLayer::new(direct).global_scope());
+    let waiter = owner.sharing_counters(
+        IdempotencyLayer::new(waiter_store)
+            .global_scope()
+            .in_flight(InFlight::Wait(Duration::from_secs(1))),
+    );
+    let slow = common::app::spawn_send(
+        &owner.router,
+        common::app::delayed(post("/pay", Some("k"), "{}"), 4000),
+    );
+    owner.started.notified().await;
+    let started = tokio::time::Instant::now();
+    let r = send(&waiter.router, post("/pay", Some("k"), "{}")).await;
+    let waited = started.elapsed();
+    eprintln!("black-holed waiter answered {} after {waited:?}", r.status);
+    assert!(
+        r.status == StatusCode::CONFLICT || r.status == StatusCode::SERVICE_UNAVAILABLE,
+        "{r:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(950),
+        "waited the bound: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_millis(1300),
+        "bound overrun: {waited:?}"
+    );
+    proxy.pass();
+    assert_eq!(slow.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(owner.runs(), 1);
+}

@@ -50,9 +50,13 @@ pub struct Faults<St> {
     shared: Arc<Shared>,
 }
 
+type Hook = Box<dyn Fn(&Reservation) + Send + Sync>;
+
 #[derive(Default)]
 struct Shared {
     rules: Mutex<Vec<(Op, Arc<Rule>)>>,
+    /// Called with each reserve answer, before it is passed on.
+    on_reserve: Mutex<Option<Arc<Hook>>>,
     calls: [AtomicUsize; 5],
     injected: AtomicUsize,
     last_reservation: Mutex<Option<Reservation>>,
@@ -77,6 +81,13 @@ impl<St: Store> Faults<St> {
             .lock()
             .unwrap()
             .push((op, Arc::new(Box::new(rule))));
+        self
+    }
+
+    /// Calls `hook` with every reserve answer before passing it on (e.g. to break the
+    /// network at the moment a waiter heard "in flight").
+    pub fn on_reserve(self, hook: impl Fn(&Reservation) + Send + Sync + 'static) -> Self {
+        *self.shared.on_reserve.lock().unwrap() = Some(Arc::new(Box::new(hook)));
         self
     }
 
@@ -125,6 +136,10 @@ impl<St: Store> Store for Faults<St> {
         self.check(Op::Reserve)?;
         let answer = self.inner.reserve(scope, fingerprint, token, lease).await?;
         *self.shared.last_reservation.lock().unwrap() = Some(answer.clone());
+        let hook = self.shared.on_reserve.lock().unwrap().clone();
+        if let Some(hook) = hook {
+            hook(&answer);
+        }
         Ok(answer)
     }
 
