@@ -12,11 +12,12 @@
 //! reached, a new reservation fails with [`StoreError::Full`] and the layer answers 503;
 //! a completion is never refused, because the operation it records already happened.
 //!
-//! Expired entries are swept a shard at a time: every few hundred insertions into a
-//! shard, and when the store is full. A full store keeps a lower bound of the earliest
-//! expiry of its entries and sweeps only once that has passed, one caller at a time, so a
-//! flood of new keys on a store full of live entries is refused at a constant cost
-//! instead of a sweep per refusal.
+//! Expired entries are swept a shard at a time: every 1024 insertions into a shard, and
+//! when the store is full. Each shard, and the store as a whole, keeps a lower bound of
+//! the earliest expiry of its entries, and only a shard whose bound has passed is swept,
+//! by one caller at a time. So a flood of new keys on a store full of live entries is
+//! refused at a constant cost instead of a sweep per refusal, and the sweeps a full store
+//! makes are bounded by the entries that expire.
 //!
 //! # Waiting
 //!
@@ -73,8 +74,8 @@ pub const DEFAULT_MAX_BYTES: usize = 256 * 1024 * 1024;
 /// What every entry counts against the byte budget before its record: its slot in the
 /// hash table (the key; the entry's fingerprint, token, expiry and inline record fields;
 /// one control byte) times 16/7, the most slots per entry a growing table holds (it
-/// doubles when 7/8 full, so it is at least 7/16 full after growing). A table emptied by
-/// expiry is shrunk by the sweep that empties it. About 400 bytes on 64-bit targets; the
+/// doubles when 7/8 full, so it is at least 7/16 full after growing). A sweep that leaves
+/// a table less than a quarter full shrinks it. About 400 bytes on 64-bit targets; the
 /// figure may change between versions.
 pub const ENTRY_OVERHEAD_BYTES: usize = (size_of::<(ScopeHash, Entry)>() + 1) * 16 / 7 + 1;
 
@@ -241,7 +242,7 @@ impl MemoryStore {
     }
 
     /// Removes every expired entry now. Also done automatically, shard by shard, every
-    /// few hundred insertions and when the store is full.
+    /// 1024 insertions into a shard and when the store is full.
     pub fn sweep(&self) {
         self.inner.sweep_due(Instant::now());
     }
@@ -453,8 +454,7 @@ impl Inner {
         if entries.capacity() > SHRINK_ABOVE && entries.len() < entries.capacity() / 4 {
             entries.shrink_to(entries.len() * 2);
         }
-        // Subscriptions remove their Notify when the last one drops; this catches one
-        // left behind when a drop saw another handle alive for a moment.
+        // The last subscription to drop removes its Notify; this is only a backstop.
         waiters.retain(|_, notify| notify.strong_count() > 0);
         self.len.fetch_sub(freed, Ordering::Relaxed);
         self.bytes.fetch_sub(freed_bytes, Ordering::Relaxed);
@@ -739,9 +739,9 @@ impl Subscription for MemorySubscription {
 impl Drop for MemorySubscription {
     fn drop(&mut self) {
         let mut shard = self.inner.shard(&self.scope);
-        // New handles are only taken under this lock (subscribe, wake), so if ours are
-        // the only ones left, no other subscription shares this Notify: remove it. A
-        // handle seen for a moment elsewhere leaves it to the next shard sweep.
+        // Handles are only taken (subscribe) and briefly held (wake) under this lock, so
+        // if ours are the only ones, no other subscription shares this Notify: remove
+        // it. Shard sweeps also drop any dead one, should one ever be left.
         if Arc::strong_count(&self.notify) > HANDLES_PER_SUBSCRIPTION {
             return;
         }
