@@ -11,6 +11,7 @@
 //! | `tok` | the 16 raw bytes of the owner's [`FencingToken`] |
 //! | `fp` | the 32 raw bytes of the request's [`Fingerprint`] |
 //! | `rec` | the completed [`Record`], as [`Record::encode`] writes it (Lua never parses it) |
+//! | `w` | `1` once a reserve answered "in flight" for this lease: someone may be waiting |
 //!
 //! Leases and TTLs are `PEXPIRE`s on that key, so Redis's clock decides when they end.
 //!
@@ -18,8 +19,13 @@
 //! (and counts the lease from then): fred sends a command again after a reconnect when
 //! its reply was lost, and a reserve that timed out on the client may still have run, so
 //! the same reserve can reach Redis twice. Another token still gets "in flight".
+//!
 //! Completion and release publish (`SPUBLISH`) on `{prefix}done:{<scope hex>}`, which
-//! carries the same hash tag; see the [`subscriber`](crate::subscriber) module.
+//! carries the same hash tag, and only when `w` is set: a request that nobody waited for
+//! costs Redis no pub/sub work. Publishing is best effort (`redis.pcall`, its error
+//! ignored): a refused `SPUBLISH` (an ACL user without channel permissions) never turns
+//! a complete or release that already wrote into an error; waiters then poll, and
+//! [`check`](RedisStore::check) warns. See the [`subscriber`](crate::subscriber) module.
 //!
 //! # Round trips
 //!
@@ -270,11 +276,15 @@ where
         Ok(())
     }
 
-    /// Checks the server: version, `maxmemory-policy` (warns unless `noeviction`), and
-    /// says so where `CONFIG` is disabled. An error only when Redis does not answer.
-    /// See [`CheckReport`].
+    /// Checks the server: version, `maxmemory-policy` (warns unless `noeviction`; says
+    /// so where `CONFIG` is disabled), and whether the store's user may publish on its
+    /// channels (warns on an ACL `NOPERM`: waiters then fall back to polling). Sends
+    /// `PING`, `INFO server`, `CONFIG GET` and one `SPUBLISH` on a probe channel under
+    /// the prefix, `{prefix}done:{check}`, that no waiter listens to. An error only when
+    /// Redis does not answer. See [`CheckReport`].
     pub async fn check(&self) -> Result<CheckReport, RedisStoreError> {
-        check::run(&self.client, self.command_timeout).await
+        let probe = format!("{}done:{{check}}", self.prefix);
+        check::run(&self.client, self.command_timeout, &self.prefix, probe).await
     }
 
     /// The commands this store and its clones sent so far, per operation.
