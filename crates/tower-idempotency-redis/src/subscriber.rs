@@ -18,9 +18,19 @@
 //! After the subscriber reconnects, every channel is subscribed again and every waiter is
 //! woken: a message published while the connection was down is lost, and waking all
 //! waiters makes them re-read their scope instead (a spurious wake-up, never a lost one).
+//!
+//! Only a record that a reserve answered "in flight" for is published on (the scripts
+//! mark it), so a waiter must subscribe and then re-read its scope, as the layer does.
+//!
+//! A store's user without channel permissions (a Redis 7 ACL user made without channel
+//! rules) gets `NOPERM` on `SSUBSCRIBE`. Waiters then get a subscription that no message
+//! wakes, and fall back to the layer's polling, quietly: the store logs one `warn!` (per
+//! store and its clones, not per request) and sends no further `SSUBSCRIBE` for
+//! [`DENIED_RETRY`], then tries again, so a permission granted later is picked up.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,8 +39,10 @@ use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, watch, OnceCell};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tower_idempotency_core::Subscription;
 
+use crate::check::is_noperm;
 use crate::connection;
 use crate::error::{within, DisplayChain, RedisStoreError};
 use crate::round_trip::{Counters, Op};
@@ -38,6 +50,10 @@ use crate::round_trip::{Counters, Op};
 /// Messages fred keeps for a slow reader of the subscriber's message stream; past that
 /// the reader lags and every waiter is woken (the layer re-reads, nothing is lost).
 const MESSAGE_BUFFER: usize = 1024;
+
+/// How long after an `SSUBSCRIBE` refused with `NOPERM` waiters skip subscribing (and
+/// poll) before one of them asks again: 60 seconds.
+pub const DENIED_RETRY: Duration = Duration::from_secs(60);
 
 type Channels = Arc<Mutex<HashMap<String, Channel>>>;
 
@@ -84,6 +100,48 @@ pub(crate) struct Hub {
     channels: Channels,
     connection: OnceCell<Connection>,
     counters: Arc<Counters>,
+    denied: Arc<Denied>,
+}
+
+/// Whether the server refused our `SSUBSCRIBE`s for want of channel permissions.
+#[derive(Debug, Default)]
+struct Denied {
+    /// When the last `NOPERM` came; `None` if none did, or a subscription succeeded since.
+    since: Mutex<Option<Instant>>,
+    /// Whether the one `warn!` of this store was logged.
+    warned: AtomicBool,
+}
+
+impl Denied {
+    fn since(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.since
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether a `NOPERM` came less than [`DENIED_RETRY`] ago.
+    fn recently(&self) -> bool {
+        self.since()
+            .is_some_and(|since| since.elapsed() < DENIED_RETRY)
+    }
+
+    fn refused(&self, channel: &str, err: &RedisStoreError) {
+        *self.since() = Some(Instant::now());
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                channel,
+                error = %DisplayChain(err),
+                "idempotency subscriber may not subscribe to the store's channels (ACL); \
+                 waiters fall back to polling (logged once per store)"
+            );
+        } else {
+            tracing::debug!(channel, error = %DisplayChain(err), "SSUBSCRIBE refused");
+        }
+    }
+
+    fn allowed(&self) {
+        *self.since() = None;
+    }
 }
 
 /// The subscriber connection and the tasks that serve it.
@@ -98,6 +156,7 @@ impl fmt::Debug for Hub {
         f.debug_struct("Hub")
             .field("channels", &lock(&self.channels).len())
             .field("connected", &self.connection.initialized())
+            .field("denied", &self.denied.since().is_some())
             .finish()
     }
 }
@@ -108,11 +167,14 @@ impl Hub {
             channels: Arc::default(),
             connection: OnceCell::new(),
             counters,
+            denied: Arc::default(),
         }
     }
 
     /// Registers interest in `channel` and returns once the server acknowledged the
-    /// subscription (at once if another local waiter already holds it).
+    /// subscription (at once if another local waiter already holds it). If the server
+    /// refuses it with `NOPERM` (now, or less than [`DENIED_RETRY`] ago), returns a
+    /// subscription that only reconnects wake: the caller polls anyway.
     ///
     /// `config` is the user's client, whose configuration the subscriber connection
     /// copies the first time. Cancelling this future (e.g. by a timeout) leaves no
@@ -142,14 +204,19 @@ impl Hub {
             unsubscribe: connection.unsubscribe.clone(),
         };
         let mut subscribed = subscribed.lock().await;
-        if !*subscribed {
+        if !*subscribed && !self.denied.recently() {
             self.counters.count(Op::Subscribe);
-            within(
-                timeout,
-                connection.client.ssubscribe(subscription.channel.clone()),
-            )
-            .await?;
-            *subscribed = true;
+            let channel = subscription.channel.clone();
+            match within(timeout, connection.client.ssubscribe(channel)).await {
+                Ok(()) => {
+                    *subscribed = true;
+                    self.denied.allowed();
+                }
+                Err(err) if is_noperm(&err) => {
+                    self.denied.refused(&subscription.channel, &err);
+                }
+                Err(err) => return Err(err),
+            }
         }
         Ok(subscription)
     }
@@ -177,6 +244,7 @@ impl Hub {
                 client.clone(),
                 self.channels.clone(),
                 self.counters.clone(),
+                self.denied.clone(),
                 timeout,
             )),
             tokio::spawn(unsubscribe_idle(
@@ -238,6 +306,7 @@ async fn resubscribe(
     client: Client,
     channels: Channels,
     counters: Arc<Counters>,
+    denied: Arc<Denied>,
     timeout: Duration,
 ) {
     loop {
@@ -256,13 +325,18 @@ async fn resubscribe(
             }
             counters.count(Op::Subscribe);
             if let Err(err) = within(timeout, client.ssubscribe(name.clone())).await {
+                // The next waiter of this channel subscribes again.
+                *subscribed = false;
+                if is_noperm(&err) {
+                    // Permissions taken away meanwhile: warned about once per store.
+                    denied.refused(&name, &err);
+                    continue;
+                }
                 tracing::warn!(
                     channel = %name,
                     error = %DisplayChain(&err),
                     "idempotency subscriber could not resubscribe after a reconnect; waiters fall back to polling"
                 );
-                // The next waiter of this channel subscribes again.
-                *subscribed = false;
             }
         }
         wake_all(&channels);
@@ -313,6 +387,11 @@ async fn unsubscribe_idle(
 /// and also after the subscriber connection reconnected (a spurious wake-up, so that a
 /// message lost while disconnected is never a lost wake-up). Dropping the last
 /// subscription of a scope unsubscribes in the background.
+///
+/// Wake-ups are published only for a record that a reserve answered "in flight" for:
+/// subscribe, then re-read the scope. Where the server refused the subscription
+/// (`NOPERM`, see the [module docs](crate::subscriber)), only reconnects wake it, and the
+/// caller's polling finds the result.
 pub struct RedisSubscription {
     channel: String,
     wake: watch::Receiver<u64>,
