@@ -273,8 +273,6 @@ async fn lost_reserve_reply_is_sent_again_and_still_reserves() {
 /// token it tried to reserve, best effort), so an immediate retry runs instead of
 /// getting 409 for 30 s for a lease nobody holds (SPEC section 6).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the layer's fenced release after a failed reserve (core, issue 8 item 5); \
-            fails with 409 until that lands, then drop this line"]
 async fn timed_out_reserve_leaves_no_lease_behind() {
     let rig = Rig::start("timed-out-reserve").await; // command_timeout 500 ms
     let port = rig.server.port();

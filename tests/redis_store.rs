@@ -10,17 +10,20 @@
 
 mod support;
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
 use tower_idempotency::redis::fred::prelude::*;
 use tower_idempotency::redis::fred::types::{ClusterHash, CustomCommand};
 use tower_idempotency::redis::{RedisStore, RedisStoreError};
 use tower_idempotency::{
-    Completion, DecodeError, FencingToken, Fingerprint, Record, Reservation, ScopeHash, Store,
-    StoreError, StoredResponse, Subscription,
+    Completion, DecodeError, FencingToken, Fingerprint, IdempotencyLayer, InFlight, Record,
+    Reservation, ScopeHash, Store, StoreError, StoredResponse, Subscription,
 };
 
 use support::cluster::RedisCluster;
@@ -98,6 +101,18 @@ async fn cluster_pair(test: &str) -> Option<(RedisStore<Client>, RedisStore<Clie
 
 async fn reserve(store: &impl Store, scope: &ScopeHash, token: FencingToken) -> Reservation {
     store.reserve(scope, &FP, token, LEASE).await.unwrap()
+}
+
+/// A waiter as the layer makes one: subscribe, then re-read the scope and be told it is in
+/// flight. That answer marks the record, so its complete or release publishes (the store
+/// publishes only when a waiter was seen, SPEC section 7).
+async fn waiter<St: Store>(store: &St, scope: &ScopeHash) -> St::Subscription {
+    let subscription = store.subscribe(scope).await.unwrap();
+    assert_eq!(
+        reserve(store, scope, FencingToken::generate()).await,
+        Reservation::InFlight
+    );
+    subscription
 }
 
 // ---------------------------------------------------------------------------------------
@@ -425,7 +440,7 @@ async fn wake_across_processes<A: Store, B: Store>(a: A, b: B) {
     let s = scope();
     let token = FencingToken::generate();
     assert_eq!(reserve(&a, &s, token).await, Reservation::Reserved);
-    let mut waiter = b.subscribe(&s).await.unwrap();
+    let mut waiter = self::waiter(&b, &s).await;
     let quiet = tokio::time::timeout(Duration::from_millis(200), waiter.changed()).await;
     assert!(quiet.is_err(), "woken before anything happened");
     assert!(a.release(&s, token).await.unwrap());
@@ -439,7 +454,7 @@ async fn wake_across_processes<A: Store, B: Store>(a: A, b: B) {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let token = FencingToken::generate();
     assert_eq!(reserve(&a, &s, token).await, Reservation::Reserved);
-    let mut waiter = b.subscribe(&s).await.unwrap();
+    let mut waiter = self::waiter(&b, &s).await;
     assert_eq!(
         a.complete(&s, token, &response("x"), TTL).await.unwrap(),
         Completion::Stored
@@ -775,6 +790,11 @@ async fn check_warns_about_eviction_policies() {
     let report = store.check().await.unwrap();
     assert!(report.is_ok(), "{report}");
     assert_eq!(report.maxmemory_policy(), Some("noeviction"));
+    assert_eq!(report.can_publish(), Some(true), "{report}");
+    assert!(
+        report.to_string().contains("publish on channels: yes"),
+        "{report}"
+    );
     let version = report.server_version().expect("INFO answered");
     assert!(
         version.starts_with(|c: char| c.is_ascii_digit()),
@@ -897,6 +917,11 @@ async fn subscriber_resubscribes_after_a_reconnect() {
             Err(err) => panic!("A did not reconnect: {err}"),
         }
     }
+    // B re-reads and is told "in flight", as a waiting layer would be.
+    assert_eq!(
+        reserve(&b, &s, FencingToken::generate()).await,
+        Reservation::InFlight
+    );
     assert_eq!(
         a.complete(&s, token, &response("y"), TTL).await.unwrap(),
         Completion::Stored
@@ -975,8 +1000,355 @@ async fn waiters_share_one_subscription_and_the_last_one_unsubscribes() {
     assert_eq!(store.round_trips().subscribe, 2);
     let token = FencingToken::generate();
     assert_eq!(reserve(&store, &s, token).await, Reservation::Reserved);
+    assert_eq!(
+        reserve(&store, &s, FencingToken::generate()).await,
+        Reservation::InFlight,
+        "the waiter re-reads"
+    );
     assert!(store.release(&s, token).await.unwrap());
     tokio::time::timeout(WAKE, again.changed())
         .await
         .expect("woken");
+}
+
+// ---------------------------------------------------------------------------------------
+// Publishing only when a waiter was seen (SPEC section 7)
+// ---------------------------------------------------------------------------------------
+
+/// `SPUBLISH`es the server on `port` has run; the ones run inside scripts count too.
+fn publishes(port: u16) -> u64 {
+    client_commands(port, "spublish")
+}
+
+/// Completions and releases that no waiter asked about publish nothing; with a waiter on
+/// another app server (another client, so another connection to Redis) exactly one
+/// `SPUBLISH` goes out, and it is what wakes the waiter: store-level subscriptions never
+/// poll, and the waiter stays quiet until the complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_only_when_a_waiter_was_seen() {
+    let server = RedisServer::start();
+    let port = server.port();
+    let (a, b) = two_stores(&server.url(), "publish").await;
+    let before = publishes(port);
+
+    // No waiter: a new request (reserve, complete) and a released one publish nothing.
+    let s = scope();
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&a, &s, token).await, Reservation::Reserved);
+    let stored = a
+        .complete(&s, token, &response("alone"), TTL)
+        .await
+        .unwrap();
+    assert_eq!(stored, Completion::Stored);
+    let s = scope();
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&a, &s, token).await, Reservation::Reserved);
+    assert!(a.release(&s, token).await.unwrap());
+    // A replay, a mismatch and a renewal do not publish either.
+    assert_eq!(reserve(&a, &s, token).await, Reservation::Reserved);
+    assert!(a.renew(&s, token, LEASE).await.unwrap());
+    let other = a
+        .reserve(&s, &OTHER_FP, FencingToken::generate(), LEASE)
+        .await;
+    assert_eq!(other.unwrap(), Reservation::Mismatch);
+    assert_eq!(
+        publishes(port) - before,
+        0,
+        "nobody waited: no SPUBLISH run"
+    );
+
+    // A waiter on B: A's complete publishes once and wakes it.
+    let mut woken = waiter(&b, &s).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(200), woken.changed()).await;
+    assert!(quiet.is_err(), "woken before anything happened");
+    let before = publishes(port);
+    let sent = Instant::now();
+    let rec = response("waited");
+    let complete = a.complete(&s, token, &rec, TTL);
+    let (stored, wake) = tokio::join!(complete, async {
+        tokio::time::timeout(Duration::from_secs(2), woken.changed())
+            .await
+            .expect("B's waiter woken by the publish within 2 s");
+        sent.elapsed()
+    });
+    let round_trip = sent.elapsed();
+    assert_eq!(stored.unwrap(), Completion::Stored);
+    eprintln!(
+        "wake-up latency across processes: {wake:?} from sending the complete \
+         (complete's own round trip: {round_trip:?})"
+    );
+    assert_eq!(publishes(port) - before, 1, "exactly one SPUBLISH");
+
+    // The same for a release, and the mark does not outlive its record: the next owner
+    // of the scope, with nobody waiting, publishes nothing.
+    let s = scope();
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&a, &s, token).await, Reservation::Reserved);
+    let mut woken = waiter(&b, &s).await;
+    let before = publishes(port);
+    assert!(a.release(&s, token).await.unwrap());
+    tokio::time::timeout(Duration::from_secs(2), woken.changed())
+        .await
+        .expect("B's waiter woken by A's release");
+    assert_eq!(publishes(port) - before, 1, "exactly one SPUBLISH");
+    drop(woken);
+    let next = FencingToken::generate();
+    assert_eq!(reserve(&a, &s, next).await, Reservation::Reserved);
+    let stored = a.complete(&s, next, &response("next"), TTL).await.unwrap();
+    assert_eq!(stored, Completion::Stored);
+    assert_eq!(
+        publishes(port) - before,
+        1,
+        "the new lease had no waiter: no SPUBLISH"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// An ACL user without channel permissions (the Redis 7 default for new users)
+// ---------------------------------------------------------------------------------------
+
+/// A tiny app for the layer-level cases: `POST /pay` runs a handler that counts its runs
+/// and answers 201 `{"run":n}`, after `x-delay-ms` milliseconds if the header is there.
+fn app<St: Store>(layer: IdempotencyLayer<St>) -> (axum::Router, Arc<AtomicUsize>) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let handler = move |headers: http::HeaderMap| {
+        let runs = counted.clone();
+        async move {
+            let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+            let delay = headers
+                .get("x-delay-ms")
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            if let Some(ms) = delay {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            (StatusCode::CREATED, format!("{{\"run\":{run}}}"))
+        }
+    };
+    let router = axum::Router::new().route("/pay", axum::routing::post(handler).layer(layer));
+    (router, runs)
+}
+
+/// Sends `POST /pay` with `key`; answers the status, whether it was a replay, the body.
+async fn pay(router: &axum::Router, key: &str, delay_ms: u64) -> (StatusCode, bool, Bytes) {
+    let request = http::Request::post("/pay")
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .header("x-delay-ms", delay_ms.to_string())
+        .body(axum::body::Body::from("{}"))
+        .unwrap();
+    let response = router.clone().oneshot(request).await.unwrap();
+    let replayed = response.headers().contains_key("idempotent-replayed");
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, replayed, body)
+}
+
+/// `warn!` and `error!` events, captured by a thread-local subscriber: with a
+/// current-thread runtime every task of the test (the layer's, fred's, the store's) runs
+/// on the thread that installed it.
+#[derive(Clone, Default)]
+struct Warnings(Arc<Mutex<Vec<String>>>);
+
+impl Warnings {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        use tracing_subscriber::layer::SubscriberExt;
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(self.clone()))
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let meta = event.metadata();
+        if *meta.level() <= tracing::Level::WARN {
+            let mut line = format!("{} {}:", meta.level(), meta.target());
+            event.record(
+                &mut |field: &tracing::field::Field, value: &dyn std::fmt::Debug| {
+                    line.push_str(&format!(" {}={value:?}", field.name()));
+                },
+            );
+            self.0.lock().unwrap().push(line);
+        }
+    }
+}
+
+/// `name`'s `failed_calls` in `INFO commandstats` (errors while the command ran).
+fn failed_calls(port: u16, name: &str) -> u64 {
+    let stats = redis_cli(port, &["INFO", "commandstats"]);
+    let prefix = format!("cmdstat_{name}:");
+    stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&prefix))
+        .and_then(|line| {
+            line.split(',')
+                .find_map(|kv| kv.strip_prefix("failed_calls="))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A user made with `ACL SETUSER` and no channel rule gets NOPERM on every `SPUBLISH`
+/// (`acl-pubsub-default resetchannels`, the Redis 7 default). Publishing is best effort
+/// (`redis.pcall`): a new request still costs exactly 2 commands, none of them fails and
+/// nothing is logged; a release still reports that it deleted; `check()` says waiters
+/// fall back to polling; and a waiter gets the replay by polling, with one warning per
+/// store for the refused subscription, not one per request.
+#[tokio::test] // current-thread: see `Warnings`
+async fn acl_user_without_channel_permissions() {
+    let warnings = Warnings::default();
+    let _guard = warnings.install();
+    let server = RedisServer::start();
+    let port = server.port();
+    let ok = redis_cli(
+        port,
+        &[
+            "ACL",
+            "SETUSER",
+            "limited",
+            "on",
+            ">pw",
+            "~*",
+            "+@all",
+            "resetchannels",
+        ],
+    );
+    assert_eq!(ok.trim(), "OK");
+    let url = format!("redis://limited:pw@127.0.0.1:{port}");
+    let store = store(&url, "acl:").await;
+    let (owner, waiter_store) = (store.clone(), support::store::store(&url, "acl:").await);
+
+    // check(): the ACL shows, as a warning (init logged it too).
+    let report = store.check().await.unwrap();
+    assert_eq!(report.can_publish(), Some(false), "{report}");
+    assert!(
+        report.warnings().iter().any(|w| w.contains(
+            "cannot publish on the store's channels (ACL): waiters fall back to polling"
+        )),
+        "{report}"
+    );
+    warnings.take();
+
+    // A new request: 2 commands, no failed script, no warning, no retried complete.
+    let (router, runs) = app(IdempotencyLayer::new(owner.clone()).global_scope());
+    redis_cli(port, &["CONFIG", "RESETSTAT"]);
+    let sent = owner.round_trips();
+    let (status, replayed, body) = pay(&router, "new", 0).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false), "{body:?}");
+    assert_eq!(owner.round_trips().total - sent.total, 2, "store commands");
+    assert_eq!(client_commands(port, "evalsha"), 2, "commandstats evalsha");
+    assert_eq!(failed_calls(port, "evalsha"), 0, "no script failed");
+    assert_eq!(warnings.take(), Vec::<String>::new(), "nothing logged");
+    let sent = owner.round_trips();
+    let (status, replayed, replay) = pay(&router, "new", 0).await;
+    assert_eq!(
+        (status, replayed, replay),
+        (StatusCode::CREATED, true, body)
+    );
+    assert_eq!(
+        owner.round_trips().total - sent.total,
+        1,
+        "replay = 1 command"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // With a waiter seen, complete and release try to publish, are refused, and still
+    // report what they wrote.
+    let s = scope();
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&store, &s, token).await, Reservation::Reserved);
+    let other = FencingToken::generate();
+    assert_eq!(reserve(&store, &s, other).await, Reservation::InFlight);
+    assert!(
+        store.release(&s, token).await.unwrap(),
+        "release deleted the lease and says so"
+    );
+    assert_eq!(reserve(&store, &s, token).await, Reservation::Reserved);
+    assert_eq!(reserve(&store, &s, other).await, Reservation::InFlight);
+    let rec = response("refused publish");
+    assert_eq!(
+        store.complete(&s, token, &rec, TTL).await.unwrap(),
+        Completion::Stored
+    );
+    assert_eq!(
+        reserve(&store, &s, other).await,
+        Reservation::Completed(rec)
+    );
+
+    // Wait mode on another app server: the owner runs 300 ms; two waiters get the replay
+    // by polling. The refused SSUBSCRIBE is sent once and warned about once.
+    let (waiting, _) = app(IdempotencyLayer::new(waiter_store.clone())
+        .global_scope()
+        .in_flight(InFlight::Wait(Duration::from_secs(10))));
+    warnings.take();
+    let (first, second, third) = tokio::join!(
+        pay(&router, "waited", 300),
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            pay(&waiting, "waited", 0).await
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            pay(&waiting, "waited", 0).await
+        },
+    );
+    assert_eq!((first.0, first.1), (StatusCode::CREATED, false));
+    assert_eq!(second, (StatusCode::CREATED, true, first.2.clone()));
+    assert_eq!(third, (StatusCode::CREATED, true, first.2.clone()));
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        waiter_store.round_trips().subscribe,
+        1,
+        "SSUBSCRIBE sent once"
+    );
+    let logged = warnings.take();
+    assert_eq!(
+        logged.len(),
+        1,
+        "one warning for the refused subscription: {logged:?}"
+    );
+    assert!(logged[0].contains("polling"), "{logged:?}");
+}
+
+/// The least-privilege user the crate docs show (`lib.rs`, "ACL users") is enough for
+/// everything: the check passes, requests run and replay, and waiters are woken by the
+/// publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_privilege_acl_user_from_the_docs() {
+    let server = RedisServer::start();
+    let port = server.port();
+    let rules = "on >secret ~idem:* &idem:* +@scripting +hmget +hset +pexpire +del \
+                 +spublish +ssubscribe +sunsubscribe +ping +info +config|get +client|id";
+    let mut args = vec!["ACL", "SETUSER", "app"];
+    args.extend(rules.split(' '));
+    assert_eq!(redis_cli(port, &args).trim(), "OK");
+    let url = format!("redis://app:secret@127.0.0.1:{port}");
+    let (a, b) = (store(&url, "idem:").await, store(&url, "idem:").await);
+
+    let report = a.check().await.unwrap();
+    assert!(report.is_ok(), "{report}");
+    assert_eq!(report.can_publish(), Some(true));
+
+    let (router, runs) = app(IdempotencyLayer::new(a.clone()).global_scope());
+    let (status, replayed, body) = pay(&router, "k", 0).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false), "{body:?}");
+    let replay = pay(&router, "k", 0).await;
+    assert_eq!(replay, (StatusCode::CREATED, true, body));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    let s = scope();
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&a, &s, token).await, Reservation::Reserved);
+    let mut woken = waiter(&b, &s).await;
+    assert!(a.release(&s, token).await.unwrap());
+    tokio::time::timeout(WAKE, woken.changed())
+        .await
+        .expect("woken by the publish");
+    assert_eq!(b.round_trips().subscribe, 1);
+    let errors = redis_cli(port, &["INFO", "errorstats"]);
+    let log = redis_cli(port, &["ACL", "LOG"]);
+    assert!(!errors.contains("errorstat_"), "{errors}\n{log}");
 }

@@ -8,13 +8,20 @@
 --
 -- Returns 1 (stored, or already stored by this token: a retry after a lost reply) or
 -- 0 (fenced: the token no longer holds the scope, nothing written).
-local h = redis.call('HMGET', KEYS[1], 'st', 'tok')
+--
+-- Publishes on ARGV[4] only if a reserve answered "in flight" for this lease (field
+-- `w`): nobody else listens. Publishing is best effort (redis.pcall, its error ignored):
+-- the record is already written, and a refused SPUBLISH (e.g. an ACL user without
+-- channel permissions) must not turn that into an error; waiters then poll.
+local h = redis.call('HMGET', KEYS[1], 'st', 'tok', 'w')
 if h[2] ~= ARGV[1] then
   return 0
 end
 if h[1] == 'p' then
   redis.call('HSET', KEYS[1], 'st', 'c', 'rec', ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  redis.call('SPUBLISH', ARGV[4], 'c')
+  if h[3] then
+    redis.pcall('SPUBLISH', ARGV[4], 'c')
+  end
 end
 return 1

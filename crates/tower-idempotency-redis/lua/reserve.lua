@@ -8,8 +8,12 @@
 -- Returns 1 (reserved), 2 (in flight), 3 (fingerprint mismatch), or the completed
 -- record's blob (a bulk string, never parsed here).
 -- One read for every answer: a replay (the common retry) needs no second call.
-local h = redis.call('HMGET', KEYS[1], 'st', 'fp', 'rec', 'tok')
-local st, fp, rec, tok = h[1], h[2], h[3], h[4]
+--
+-- Answering "in flight" marks the pending record (field `w` = 1): someone may now wait
+-- for it, so its complete or release publishes on the scope's channel. Without the mark
+-- they publish nothing, and a request nobody waits for costs Redis no pub/sub work.
+local h = redis.call('HMGET', KEYS[1], 'st', 'fp', 'rec', 'tok', 'w')
+local st, fp, rec, tok, w = h[1], h[2], h[3], h[4], h[5]
 if not st then
   redis.call('HSET', KEYS[1], 'st', 'p', 'tok', ARGV[2], 'fp', ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -30,5 +34,8 @@ if tok == ARGV[2] then
   -- learns it holds it.
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   return 1
+end
+if not w then
+  redis.call('HSET', KEYS[1], 'w', '1')
 end
 return 2

@@ -11,12 +11,37 @@
 //!   back with the reservation attempt), a lease renewal 1;
 //! - leases and TTLs are `PEXPIRE`s, so Redis's clock decides, not the app servers';
 //! - it runs unchanged on Redis Cluster: each script touches one key, and wake-ups for
-//!   waiters use sharded pub/sub on a channel in the same slot.
+//!   waiters use sharded pub/sub on a channel in the same slot;
+//! - a reserve sent twice with one token (fred re-sends a command after a reconnect) is
+//!   answered "reserved" both times;
+//! - wake-ups are published only when a waiter was seen, and best effort: a refused
+//!   publish never fails a complete or release.
 //!
-//! It needs Redis 7.0 or newer (the scripts use `SPUBLISH`) and should run with
+//! It needs Redis 7.0 or newer (sharded pub/sub, `SPUBLISH`) and should run with
 //! `maxmemory-policy noeviction`: under any other policy a full Redis evicts records and
 //! the next retry runs the handler again. [`RedisStore::check`] (also run by
 //! [`RedisStore::init`]) reports both.
+//!
+//! # ACL users
+//!
+//! The store's user needs its keys (`~{prefix}*`), the scripts and the commands they run
+//! (Redis checks those too), `PING`, `INFO` and `CONFIG GET` for
+//! [`check`](RedisStore::check), `CLIENT ID` (fred asks on connect), `WAIT` with
+//! [`wait_replicas`](RedisStore::wait_replicas), and, for waiters to be woken rather than
+//! poll, its channels (`&{prefix}*`, `SPUBLISH`, `SSUBSCRIBE`, `SUNSUBSCRIBE`). With the
+//! default prefix (a test runs exactly this line):
+//!
+//! ```text
+//! ACL SETUSER app on >secret ~idem:* &idem:* +@scripting +hmget +hset +pexpire +del
+//!     +spublish +ssubscribe +sunsubscribe +ping +info +config|get +client|id
+//! ```
+//!
+//! A Redis 7 user created without channel rules (`acl-pubsub-default resetchannels`, the
+//! default) may not publish or subscribe. Everything still works: publishing is best
+//! effort, waiters ([`InFlight::Wait`]) poll (20 ms → 250 ms), `check()` warns, and the
+//! subscriber logs one warning per store.
+//!
+//! [`InFlight::Wait`]: tower_idempotency_core::InFlight::Wait
 //!
 //! # Example
 //!

@@ -1,8 +1,10 @@
 //! The Lua scripts behind the [`Store`](tower_idempotency_core::Store) operations.
 //!
-//! Each script touches only `KEYS[1]`, the scope's hash, and publishes (sharded) on a
-//! channel that carries the same hash tag, so every script runs unchanged on Redis
-//! Cluster. The sources live in `lua/` next to this crate's `Cargo.toml`.
+//! Each script touches only `KEYS[1]`, the scope's hash, and complete and release publish
+//! (sharded) on a channel that carries the same hash tag, so every script runs unchanged
+//! on Redis Cluster. They publish only when reserve marked the record (a waiter was
+//! seen), and best effort (`redis.pcall`), so a refused publish never fails a script
+//! after it wrote. The sources live in `lua/` next to this crate's `Cargo.toml`.
 
 use std::sync::LazyLock;
 
