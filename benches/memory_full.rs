@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures_util::FutureExt;
-use tower_idempotency::memory::ENTRY_OVERHEAD_BYTES;
 use tower_idempotency::{
     FencingToken, Fingerprint, MemoryStore, Reservation, ScopeHash, Store, StoreError,
 };
+// The core crate's path, whichever memory items the facade re-exports at its root.
+use tower_idempotency_core::memory::ENTRY_OVERHEAD_BYTES;
 
 const FP: Fingerprint = Fingerprint::from_bytes([1; 32]);
 /// Long enough that nothing expires during a run: the store stays full of live entries.

@@ -7,17 +7,17 @@ mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
-
 use std::time::Duration;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use bytes::Bytes;
 use common::app::{post, send, with_header, Harness};
-use tower_idempotency::memory::ENTRY_OVERHEAD_BYTES;
 use tower_idempotency::{
     Completion, FencingToken, Fingerprint, IdempotencyLayer, MemoryStore, Record, Reservation,
     ScopeHash, Store, StoreError, StoredResponse,
 };
+// The core crate's path, whichever memory items the facade re-exports at its root.
+use tower_idempotency_core::memory::ENTRY_OVERHEAD_BYTES;
 
 /// Counts live heap bytes across the whole test binary.
 struct Counting;
