@@ -526,6 +526,16 @@ mod standalone {
 mod cluster {
     store_cases!(cluster_pair);
 
+    /// `check()` on a cluster: its SPUBLISH probe is routed by the channel's slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn check_can_publish() {
+        let Some((store, _)) = cluster_pair("check_can_publish").await else {
+            return;
+        };
+        let report = store.check().await.unwrap();
+        assert_eq!(report.can_publish(), Some(true), "{report}");
+    }
+
     /// After `SCRIPT FLUSH` on every primary each reserve still works, through the
     /// `EVAL` fallback (2 commands) that caches the script on its node again (then 1).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
