@@ -156,7 +156,7 @@ fn ttl_and_lease_may_be_set_in_either_order() {
 #[tokio::test]
 async fn the_longest_ttl_does_not_overflow_the_memory_store() {
     let (runs, h) = counted();
-    let max = tower_idempotency::policy::MAX_TTL;
+    let max = tower_idempotency::MAX_TTL;
     let app = Router::new().route("/pay", post(h).layer(layer().ttl(max).lease(max)));
     assert_eq!(
         send(&app, req(Method::POST, "/pay", Some("k")))

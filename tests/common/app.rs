@@ -14,7 +14,7 @@ use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use tokio::sync::Notify;
 use tower::ServiceExt;
-use tower_idempotency::problem::PROBLEM_TYPE_BASE;
+use tower_idempotency::problems::PROBLEM_TYPE_BASE;
 use tower_idempotency::{FencingToken, IdempotencyLayer, Store};
 
 /// A router with the layer on every route, and what its handler saw.

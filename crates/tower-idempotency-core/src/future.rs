@@ -11,7 +11,7 @@ use pin_project_lite::pin_project;
 use crate::body::ResponseBody;
 use crate::detach::DetachOnDrop;
 use crate::owner::panic_message;
-use crate::problem::Problem;
+use crate::problems::{Problem, Rejection, PROBLEM_TYPE_BASE};
 
 type Output<B, E> = Result<Response<ResponseBody<B>>, E>;
 
@@ -80,8 +80,10 @@ where
                 finished.unwrap_or_else(|panic| {
                     // The handler's panics are caught inside; this is a bug of ours.
                     tracing::error!(panic = panic_message(&*panic), "idempotency work panicked");
-                    let detail = "the request could not be completed";
-                    Ok(Problem::HandlerFailed.response(detail, 1, ResponseBody::full))
+                    let detail = "the request could not be completed".to_owned();
+                    let base = PROBLEM_TYPE_BASE.into();
+                    let rejection = Rejection::new(Problem::HandlerFailed, detail, 1, base);
+                    Ok(rejection.problem_json().map(ResponseBody::full))
                 })
             }),
         }

@@ -1,5 +1,6 @@
 //! [`IdempotencyLayer`]: applies [`Idempotency`] to a service, with the policy's builder.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +9,8 @@ use tower::Layer;
 
 use crate::detach::DetachedWork;
 use crate::observe::Meters;
-use crate::policy::{InFlight, Policy, Renewal, StorePolicy, Tenant, COVERABLE};
+use crate::policy::{InFlight, Policy, Renewal, StorePolicy, Tenant, TenantResolver, COVERABLE};
+use crate::problems::{Rejection, Renderer};
 use crate::service::Idempotency;
 use crate::store::Store;
 
@@ -180,22 +182,81 @@ impl<St: Store> IdempotencyLayer<St> {
         self.with(|p| p.header = name)
     }
 
-    /// Resolves the tenant from the request parts (usually an extension the auth layer
-    /// set). A request for which it returns `None` gets 500 `scope-not-configured`.
+    /// Resolves the tenant from the request parts, for tenants that are not a request
+    /// extension (e.g. a header an API gateway sets). A request for which it returns
+    /// `None` gets 500 `scope-not-configured`. Prefer
+    /// [`tenant_from_extension`](Self::tenant_from_extension) or
+    /// [`tenant_from_extension_with`](Self::tenant_from_extension_with), which allocate
+    /// nothing per request.
+    ///
+    /// ```
+    /// # use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).tenant(|parts| {
+    ///     let key = parts.headers.get("x-api-key")?.to_str().ok()?;
+    ///     Some(key.to_owned())
+    /// });
+    /// ```
     pub fn tenant<F>(self, resolve: F) -> Self
     where
         F: Fn(&http::request::Parts) -> Option<String> + Send + Sync + 'static,
     {
-        self.with(|p| p.tenant = Tenant::Resolver(Arc::new(resolve)))
+        self.resolve_tenant(move |parts| resolve(parts).map(|t| Cow::Owned(t.into_bytes())))
     }
 
-    /// Takes the tenant from a request extension of type `T`, set by an auth layer outside
-    /// this one.
+    /// Takes the tenant from the request extension of type `T` that an auth layer outside
+    /// this one set (a request without it gets 500 `scope-not-configured`).
+    ///
+    /// ```
+    /// # use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    /// #[derive(Clone)]
+    /// struct TenantId(String);
+    /// impl AsRef<str> for TenantId {
+    ///     fn as_ref(&self) -> &str { &self.0 }
+    /// }
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).tenant_from_extension::<TenantId>();
+    /// ```
     pub fn tenant_from_extension<T>(self) -> Self
     where
         T: AsRef<str> + Send + Sync + 'static,
     {
-        self.tenant(|parts| parts.extensions.get::<T>().map(|t| t.as_ref().to_owned()))
+        self.resolve_tenant(|parts| {
+            let tenant = parts.extensions.get::<T>()?;
+            Some(Cow::Borrowed(tenant.as_ref().as_bytes()))
+        })
+    }
+
+    /// Takes the tenant from a field of the request extension `T` that an auth layer
+    /// outside this one set: `|claims: &Claims| &claims.sub`, or `|user: &User| &user.id`
+    /// for a `uuid::Uuid` (anything that is `AsRef<[u8]>`: `String`, `str`, byte arrays).
+    /// Nothing is allocated per request. A request without the extension gets 500
+    /// `scope-not-configured`.
+    ///
+    /// ```
+    /// # use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    /// #[derive(Clone)]
+    /// struct Claims { sub: String, scope: Vec<String> }
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .tenant_from_extension_with(|claims: &Claims| &claims.sub);
+    /// ```
+    pub fn tenant_from_extension_with<T, V, F>(self, field: F) -> Self
+    where
+        T: Send + Sync + 'static,
+        V: AsRef<[u8]> + ?Sized + 'static,
+        F: Fn(&T) -> &V + Send + Sync + 'static,
+    {
+        self.resolve_tenant(move |parts| {
+            let extension = parts.extensions.get::<T>()?;
+            Some(Cow::Borrowed(field(extension).as_ref()))
+        })
+    }
+
+    fn resolve_tenant<F>(self, resolve: F) -> Self
+    where
+        F: for<'a> Fn(&'a http::request::Parts) -> Option<Cow<'a, [u8]>> + Send + Sync + 'static,
+    {
+        let resolve: TenantResolver = Arc::new(resolve);
+        self.with(|p| p.tenant = Tenant::Resolver(resolve))
     }
 
     /// One scope for every caller, chosen explicitly (public endpoints, webhooks with a
@@ -222,6 +283,54 @@ impl<St: Store> IdempotencyLayer<St> {
     /// seconds, at least 1. Default 1 s.
     pub fn retry_after(self, after: Duration) -> Self {
         self.with(|p| p.retry_after = after)
+    }
+
+    /// The prefix of the problem `type` URIs; the slug follows it. Default
+    /// [`PROBLEM_TYPE_BASE`](crate::problems::PROBLEM_TYPE_BASE), the sections of the
+    /// [`problems`](crate::problems) module's documentation.
+    ///
+    /// ```
+    /// # use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .global_scope()
+    ///     .problem_type_base("https://api.example.com/problems/");
+    /// ```
+    pub fn problem_type_base(self, base: impl Into<String>) -> Self {
+        let base: Arc<str> = Arc::from(base.into());
+        self.with(|p| p.problem_type_base = base)
+    }
+
+    /// Renders the layer's own answers (400, 409, 413, 422, 500, 503) in the
+    /// application's error format instead of `application/problem+json`. The layer still
+    /// adds `Retry-After` (409 in flight, 503) and `Connection: close` (413) when the
+    /// rendering lacks them.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{header, Response};
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore, Rejection};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .global_scope()
+    ///     .render_rejections(|rejection: &Rejection| {
+    ///         let body = serde_json::json!({
+    ///             "error": { "code": rejection.slug(), "message": rejection.detail() }
+    ///         });
+    ///         let mut response = Response::new(Bytes::from(body.to_string()));
+    ///         *response.status_mut() = rejection.status();
+    ///         response.headers_mut().insert(
+    ///             header::CONTENT_TYPE,
+    ///             header::HeaderValue::from_static("application/json"),
+    ///         );
+    ///         response
+    ///     });
+    /// ```
+    pub fn render_rejections<F>(self, render: F) -> Self
+    where
+        F: Fn(&Rejection) -> http::Response<bytes::Bytes> + Send + Sync + 'static,
+    {
+        let render: Renderer = Arc::new(render);
+        self.with(|p| p.render_rejection = Some(render))
     }
 }
 

@@ -51,7 +51,7 @@ pub mod memory;
 mod observe;
 mod owner;
 pub mod policy;
-pub mod problem;
+pub mod problems;
 pub mod record;
 mod replay;
 mod scope;
@@ -69,7 +69,7 @@ pub use layer::IdempotencyLayer;
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder, MemorySubscription};
 pub use policy::{InFlight, Policy, PolicyError, StorePolicy};
-pub use problem::Problem;
+pub use problems::{Problem, Rejection};
 pub use record::{DecodeError, Record, StoredResponse};
 pub use replay::IDEMPOTENT_REPLAYED;
 pub use service::Idempotency;

@@ -26,7 +26,7 @@ use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::collect::{collect, Collected};
 use crate::lease::{Completed, Lease};
 use crate::observe::Outcome;
-use crate::problem::Problem;
+use crate::problems::Problem;
 use crate::record::{Record, StoredResponse};
 use crate::replay::stored_headers;
 use crate::token::FencingToken;

@@ -22,6 +22,7 @@
 //! assert!(layer.policy().validate().is_ok());
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,7 @@ use http::request::Parts;
 use http::{HeaderName, Method, StatusCode};
 
 use crate::key::IDEMPOTENCY_KEY;
+use crate::problems::{Renderer, PROBLEM_TYPE_BASE};
 use crate::record::MAX_BODY_LEN;
 
 /// The longest TTL (and lease) a policy accepts: ten years. Far beyond any retry window,
@@ -94,8 +96,10 @@ impl fmt::Debug for StorePolicy {
     }
 }
 
-/// Resolves the tenant of a request from its parts (headers, extensions set by auth).
-pub(crate) type TenantResolver = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
+/// Resolves the tenant of a request from its parts (headers, extensions set by auth), as
+/// the bytes that go into the scope hash: borrowed from the request where possible.
+pub(crate) type TenantResolver =
+    Arc<dyn for<'a> Fn(&'a Parts) -> Option<Cow<'a, [u8]>> + Send + Sync>;
 
 /// Where the tenant part of the scope comes from.
 #[derive(Clone)]
@@ -210,6 +214,8 @@ pub struct Policy {
     pub(crate) deny_replay_headers: Arc<[HeaderName]>,
     pub(crate) complete_retry: Duration,
     pub(crate) retry_after: Duration,
+    pub(crate) problem_type_base: Arc<str>,
+    pub(crate) render_rejection: Option<Renderer>,
 }
 
 impl Default for Policy {
@@ -234,6 +240,8 @@ impl Default for Policy {
             deny_replay_headers: Arc::new([]),
             complete_retry: Duration::from_secs(60),
             retry_after: Duration::from_secs(1),
+            problem_type_base: Arc::from(PROBLEM_TYPE_BASE),
+            render_rejection: None,
         }
     }
 }
@@ -381,6 +389,8 @@ impl fmt::Debug for Policy {
             .field("header", &self.header)
             .field("tenant", &tenant)
             .field("deny_replay_headers", &self.deny_replay_headers)
+            .field("problem_type_base", &self.problem_type_base)
+            .field("render_rejection", &self.render_rejection.is_some())
             .finish_non_exhaustive()
     }
 }

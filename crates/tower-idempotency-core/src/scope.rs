@@ -1,13 +1,15 @@
 //! What a request's scope is made of: the tenant (from the policy's resolver), the full
 //! path the client sent, and the route template for metric labels.
 
+use std::borrow::Cow;
+
 use http::request::Parts;
 
 use crate::policy::{Policy, Tenant};
 
 /// The tenant part of the scope: `Ok(None)` is the global scope, `Err(())` a resolver
 /// that found no tenant for this request.
-pub(crate) fn tenant(policy: &Policy, parts: &Parts) -> Result<Option<String>, ()> {
+pub(crate) fn tenant<'a>(policy: &Policy, parts: &'a Parts) -> Result<Option<Cow<'a, [u8]>>, ()> {
     match &policy.tenant {
         Tenant::Global => Ok(None),
         Tenant::Resolver(resolve) => resolve(parts).map(Some).ok_or(()),

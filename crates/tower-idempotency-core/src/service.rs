@@ -18,7 +18,7 @@ use crate::key::IdempotencyKey;
 use crate::layer::IdempotencyLayer;
 use crate::observe::{Observer, Outcome};
 use crate::policy::Policy;
-use crate::problem::Problem;
+use crate::problems::Problem;
 use crate::scope::{route_label, scope_path, tenant};
 use crate::store::Store;
 use crate::work::{Job, Shared};
@@ -118,7 +118,7 @@ where
         }
         let (parts, body) = request.into_parts();
         let observer = Observer::new(&shared.meters, route_label(&parts));
-        let reject = |outcome: Outcome, problem: Problem, detail: &str| {
+        let reject = |outcome: Outcome, problem: Problem, detail: String| {
             observer.outcome(outcome);
             ResponseFuture::ready(shared.problem(problem, detail))
         };
@@ -126,7 +126,7 @@ where
             Ok(Some(key)) => key,
             Ok(None) if policy.require_key => {
                 let detail = format!("this endpoint requires an `{}` header", policy.header);
-                return reject(Outcome::Rejected, Problem::KeyMissing, &detail);
+                return reject(Outcome::Rejected, Problem::KeyMissing, detail);
             }
             Ok(None) => {
                 observer.outcome(Outcome::NoKey);
@@ -135,7 +135,7 @@ where
             }
             Err(err) => {
                 let detail = format!("the idempotency key is invalid: {err}");
-                return reject(Outcome::Rejected, Problem::KeyInvalid, &detail);
+                return reject(Outcome::Rejected, Problem::KeyInvalid, detail);
             }
         };
         let Ok(tenant) = tenant(policy, &parts) else {
@@ -145,16 +145,20 @@ where
                  the auth layer runs outside the idempotency layer"
             );
             let detail = "the server cannot scope this idempotency key to a caller";
-            return reject(Outcome::Rejected, Problem::ScopeNotConfigured, detail);
+            return reject(
+                Outcome::Rejected,
+                Problem::ScopeNotConfigured,
+                detail.to_owned(),
+            );
         };
         // The client waits for `100 Continue` before sending a body the layer would only
         // discard: answer 413 now, without reading it (the connection then closes).
         if expects_continue_over(&parts.headers, body.size_hint().lower(), policy.max_body) {
             let detail = format!("the request body is larger than {} bytes", policy.max_body);
-            return reject(Outcome::TooLarge, Problem::BodyTooLarge, &detail);
+            return reject(Outcome::TooLarge, Problem::BodyTooLarge, detail);
         }
         let scope = ScopeHash::new(
-            tenant.as_deref().map(str::as_bytes),
+            tenant.as_deref(),
             &parts.method,
             scope_path(&parts),
             key.as_str().as_bytes(),

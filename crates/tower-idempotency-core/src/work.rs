@@ -21,7 +21,7 @@ use crate::fingerprint::{Fingerprint, ScopeHash};
 use crate::observe::{Meters, Observer, Outcome};
 use crate::owner;
 use crate::policy::Policy;
-use crate::problem::Problem;
+use crate::problems::{Problem, Rejection};
 use crate::record::Record;
 use crate::replay::replay;
 use crate::scope::scope_path;
@@ -66,13 +66,29 @@ pub(crate) struct Shared<St> {
 }
 
 impl<St> Shared<St> {
-    /// A problem response under this policy (its `Retry-After`).
-    pub(crate) fn problem<B>(&self, problem: Problem, detail: &str) -> Response<ResponseBody<B>> {
-        problem.response(
-            detail,
-            self.policy.retry_after.as_secs(),
-            ResponseBody::full,
-        )
+    /// The layer's own answer `problem` under this policy: its `Retry-After`, its `type`
+    /// base, and the application's rendering if it has one.
+    pub(crate) fn problem<B>(
+        &self,
+        problem: Problem,
+        detail: impl Into<String>,
+    ) -> Response<ResponseBody<B>> {
+        let policy = &self.policy;
+        let rejection = Rejection::new(
+            problem,
+            detail.into(),
+            policy.retry_after.as_secs(),
+            policy.problem_type_base.clone(),
+        );
+        let response = match &policy.render_rejection {
+            None => rejection.problem_json(),
+            Some(render) => {
+                let mut response = render(&rejection);
+                rejection.add_protocol_headers(&mut response);
+                response
+            }
+        };
+        response.map(ResponseBody::full)
     }
 }
 
@@ -118,7 +134,7 @@ impl<S, St: crate::Store> Job<S, St> {
                 let detail = format!("the request body is larger than {} bytes", policy.max_body);
                 return (
                     Outcome::TooLarge,
-                    Ok(shared.problem(Problem::BodyTooLarge, &detail)),
+                    Ok(shared.problem(Problem::BodyTooLarge, detail)),
                 );
             }
             Err(BufferError::Unreadable(err)) => {
@@ -126,7 +142,7 @@ impl<S, St: crate::Store> Job<S, St> {
                 let detail = format!("the request body could not be read: {err}");
                 return (
                     Outcome::Unreadable,
-                    Ok(shared.problem(Problem::BodyUnreadable, &detail)),
+                    Ok(shared.problem(Problem::BodyUnreadable, detail)),
                 );
             }
         };
