@@ -10,41 +10,70 @@
 //!
 //! # Quick start
 //!
+//! Auth runs outside and puts the caller in the request's extensions; the layer scopes
+//! every key by that caller, so one tenant's key never replays another tenant's
+//! response. `route_layer` wraps the route's handlers only, so a `PATCH` to this POST-only
+//! route still gets its 405.
+//!
 //! ```
 //! use std::time::Duration;
-//! use axum::{body::Body, http::{Request, StatusCode}, routing::post, Router};
-//! use tower::ServiceExt;
+//! use axum::{extract::Request, http::StatusCode, middleware::{self, Next}};
+//! use axum::{response::Response, routing::post, Router};
 //! use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore};
 //!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-//! let store = MemoryStore::default();
-//! let payments = IdempotencyLayer::new(store)
-//!     .ttl(Duration::from_secs(24 * 3600))
+//! /// What your auth layer knows about the caller.
+//! #[derive(Clone)]
+//! struct Claims { sub: String }
+//!
+//! async fn auth(mut request: Request, next: Next) -> Result<Response, StatusCode> {
+//!     let sub = request.headers().get("authorization")
+//!         .and_then(|v| v.to_str().ok()?.strip_prefix("Bearer ").map(str::to_owned))
+//!         .ok_or(StatusCode::UNAUTHORIZED)?; // a real app verifies a token here
+//!     request.extensions_mut().insert(Claims { sub });
+//!     Ok(next.run(request).await)
+//! }
+//!
+//! let payments = IdempotencyLayer::new(MemoryStore::default())
+//!     .tenant_from_extension_with(|claims: &Claims| &claims.sub)
 //!     .require_key()
-//!     .in_flight(InFlight::Wait(Duration::from_secs(10)))
-//!     .global_scope(); // or .tenant(..) once an auth layer outside sets the caller
+//!     .ttl(Duration::from_secs(24 * 3600))
+//!     .in_flight(InFlight::Wait(Duration::from_secs(10)));
 //!
-//! let app = Router::new().route(
-//!     "/payments",
-//!     post(|| async { (StatusCode::CREATED, "payment 1") }).layer(payments),
-//! );
-//!
-//! let pay = || Request::post("/payments").header("Idempotency-Key", "8e03978e").body(Body::empty());
-//! let first = app.clone().oneshot(pay()?).await?;
+//! let app: Router = Router::new()
+//!     .route("/payments", post(|| async { (StatusCode::CREATED, "payment 1") }).route_layer(payments))
+//!     .layer(middleware::from_fn(auth));
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+//! # use axum::body::Body;
+//! # use tower::ServiceExt;
+//! # let pay = |who: &str| Request::post("/payments")
+//! #     .header("authorization", format!("Bearer {who}"))
+//! #     .header("idempotency-key", "8e03978e")
+//! #     .body(Body::empty()).unwrap();
+//! let first = app.clone().oneshot(pay("alice")).await?;
 //! assert_eq!(first.status(), StatusCode::CREATED);
-//! let retry = app.oneshot(pay()?).await?;
-//! assert_eq!(retry.status(), StatusCode::CREATED);
+//! let retry = app.clone().oneshot(pay("alice")).await?;
 //! assert_eq!(retry.headers()["idempotent-replayed"], "true");
-//! # Ok(()) }
+//! let bob = app.clone().oneshot(pay("bob")).await?; // same key, another tenant
+//! assert!(bob.headers().get("idempotent-replayed").is_none());
+//! # let patch = Request::patch("/payments").header("authorization", "Bearer alice").body(Body::empty())?;
+//! # assert_eq!(app.oneshot(patch).await?.status(), StatusCode::METHOD_NOT_ALLOWED);
+//! # Ok::<_, Box<dyn std::error::Error + Send + Sync>>(()) })?;
+//! # Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
 //! ```
+//!
+//! The layer must be told where the tenant comes from —
+//! [`tenant_from_extension_with`](IdempotencyLayer::tenant_from_extension_with),
+//! [`tenant_from_extension`](IdempotencyLayer::tenant_from_extension),
+//! [`tenant`](IdempotencyLayer::tenant) — or that there is none
+//! ([`global_scope`](IdempotencyLayer::global_scope), for public endpoints): a layer
+//! with neither panics when it is applied, at start-up, rather than guess.
 //!
 //! # Where to attach it
 //!
-//! Per route (`post(h).layer(layer)`) or with `Router::route_layer`, so each route has
-//! its own policy; `Router::layer` works too but also wraps fallbacks and 405s. Auth goes
-//! *outside* (so the tenant is known) and so does compression (so what is stored is the
-//! uncompressed response).
+//! Per route, with `post(h).route_layer(layer)` or `Router::route_layer`, so each route has
+//! its own policy. (`.layer(..)` works too, but also wraps the 405 answer for other
+//! methods and, on a `Router`, the fallback.) Auth goes *outside* (so the tenant is known)
+//! and so does compression (so what is stored is the uncompressed response).
 //!
 //! # Status codes
 //!
@@ -53,16 +82,18 @@
 //! | key missing, policy requires one | 400 `idempotency-key-missing` |
 //! | key malformed / too long / two fields | 400 `idempotency-key-invalid` |
 //! | request body unreadable | 400 `request-body-unreadable` |
-//! | request body over the limit | 413 `request-body-too-large`, body drained, `Connection: close` |
+//! | request body over the limit | 413 `request-body-too-large`, `Connection: close` (at once with `Expect: 100-continue`, else after draining the body) |
 //! | same key, different payload | 422 `idempotency-key-reused` |
 //! | same key, in flight, `InFlight::Conflict` | 409 `request-in-flight` with `Retry-After` |
 //! | same key, in flight, `InFlight::Wait(bound)` | the replay, or a run after a release; 409 past the bound |
 //! | same key, completed | the stored response plus `Idempotent-Replayed: true` |
 //! | store unreachable or full | 503 `store-unavailable` with `Retry-After` (or pass-through with `.fail_open()`) |
-//! | response over the stored-size limit | streamed once; retries get 409 `response-not-replayable` |
+//! | response not storable (too large, or its body failed after the status) | sent once; retries get 409 `response-not-replayable` |
 //!
-//! Every error the layer produces is `application/problem+json` (RFC 9457) with a stable
-//! `type` URI; see [`Problem`].
+//! Every answer the layer produces itself is `application/problem+json` (RFC 9457) whose
+//! `type` links to its section of the [`problems`] page, with what the client should do.
+//! Render them in your own format with
+//! [`render_rejections`](IdempotencyLayer::render_rejections).
 //!
 //! # Choosing a store
 //!
@@ -76,7 +107,16 @@
 //! At most one execution per scope while the lease holder is alive and can reach the
 //! store. After a lost lease (process frozen, store unreachable past the lease) a second
 //! execution is possible; the stale owner's result goes to its caller but is never stored
-//! (fencing tokens).
+//! (fencing tokens). A client that hangs up cancels nothing: the rest of the work runs
+//! detached, tracked in the layer's [`DetachedWork`] — wait for it at shutdown, after
+//! `axum::serve(..).with_graceful_shutdown(..)` returns (see [`DetachedWork::wait`]).
+//!
+//! # Features
+//!
+//! - `memory` (default): [`MemoryStore`].
+//! - `axum` (default): the scope uses axum's `OriginalUri` (nested routers) and metrics
+//!   are labelled by `MatchedPath`. Without it the layer is plain tower + http.
+//! - `redis`: the [`redis`] module, `RedisStore` on fred.
 //!
 //! [tower]: https://docs.rs/tower
 //! [axum]: https://docs.rs/axum
@@ -90,7 +130,32 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub use tower_idempotency_core::*;
+#[doc(inline)]
+pub use tower_idempotency_core::{
+    BoxError, Completion, DecodeError, DetachedWork, FencingToken, Fingerprint, Idempotency,
+    IdempotencyKey, IdempotencyLayer, InFlight, KeyError, Policy, PolicyError, Problem, Record,
+    Rejection, RequestBody, Reservation, ResponseBody, ResponseFuture, ScopeHash, Store,
+    StoreError, StorePolicy, StoredResponse, Subscription, Unfinished, IDEMPOTENCY_KEY,
+    IDEMPOTENT_REPLAYED,
+};
+
+#[doc(inline)]
+pub use tower_idempotency_core::policy::{DEFAULT_LEASE, MAX_TTL};
+#[doc(inline)]
+pub use tower_idempotency_core::record::MAX_BODY_LEN;
+
+/// What each problem `type` means and what the client should do; the layer's `type`
+/// URIs link to the sections of this page.
+#[doc(inline)]
+pub use tower_idempotency_core::problems;
+
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+#[doc(inline)]
+pub use tower_idempotency_core::memory::{
+    MemoryStore, MemoryStoreBuilder, MemorySubscription, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES,
+    ENTRY_OVERHEAD_BYTES,
+};
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
