@@ -76,11 +76,11 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -206,20 +206,13 @@ pub fn app<St: Store>(store: St, config: &Config) -> Router {
 /// [`app`], with the work its idempotency layers detach from hung-up requests tracked in
 /// `detached` (what [`serve_until`] waits for at shutdown).
 pub fn tracked_app<St: Store>(store: St, config: &Config, detached: &DetachedWork) -> Router {
-    // Every policy resolves the tenant from the extension the auth layer sets, and covers
-    // POST only: `MethodRouter::layer` also wraps the route's 405 fallback, so with the
-    // default (POST and PATCH) a keyless PATCH would get 400 instead of 405.
+    // Every policy resolves the tenant from the extension the auth layer sets. Each is
+    // a `route_layer`, so a PATCH to a POST-only route still gets axum's 405.
     let policy = |ttl: Duration| {
-        let layer = IdempotencyLayer::new(store.clone())
-            .methods([Method::POST])
+        IdempotencyLayer::new(store.clone())
             .tenant_from_extension::<Tenant>()
-            .track_detached_in(detached.clone());
-        // The builder refuses a TTL shorter than the lease (30 s): shorten the lease too.
-        if ttl < layer.policy().lease() {
-            layer.lease(ttl).ttl(ttl)
-        } else {
-            layer.ttl(ttl)
-        }
+            .ttl(ttl)
+            .track_detached_in(detached.clone())
     };
     let payments = policy(config.payments_ttl)
         .require_key()
@@ -232,14 +225,24 @@ pub fn tracked_app<St: Store>(store: St, config: &Config, detached: &DetachedWor
     Router::new()
         .route(
             "/payments",
-            post(create_payment).layer(payments).get(list_payments),
+            post(create_payment)
+                .route_layer(payments)
+                .get(list_payments),
         )
         .route(
             "/orders",
-            post(create_order).layer(orders.clone()).get(list_orders),
+            post(create_order)
+                .route_layer(orders.clone())
+                .get(list_orders),
         )
-        .route("/orders/{id}/cancel", post(cancel_order).layer(orders))
-        .route("/webhooks/{source}", post(receive_webhook).layer(webhooks))
+        .route(
+            "/orders/{id}/cancel",
+            post(cancel_order).route_layer(orders),
+        )
+        .route(
+            "/webhooks/{source}",
+            post(receive_webhook).route_layer(webhooks),
+        )
         .route("/webhooks", get(webhook_counts))
         .layer(middleware::from_fn(auth))
         .with_state(AppState::default())
@@ -543,7 +546,7 @@ impl IntoResponse for AppError {
 }
 
 // ---------------------------------------------------------------------------------------
-// Ids and time, std only
+// Ids and time
 // ---------------------------------------------------------------------------------------
 
 /// `prefix` + 24 random hex digits: unique across restarts, which matters once the Redis
@@ -565,33 +568,12 @@ fn random_id(prefix: &str) -> Result<String, AppError> {
 
 /// Now as RFC 3339 UTC with milliseconds, e.g. `2025-05-01T12:00:00.123Z`.
 pub fn now_rfc3339() -> String {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    rfc3339(since)
+    rfc3339(SystemTime::now())
 }
 
-/// `since_epoch` as RFC 3339 UTC with milliseconds.
-pub fn rfc3339(since_epoch: Duration) -> String {
-    let secs = since_epoch.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's `civil_from_days`).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since_epoch.subsec_millis()
-    )
+/// `at` as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 // ---------------------------------------------------------------------------------------
