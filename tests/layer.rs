@@ -570,3 +570,21 @@ async fn new_is_counted_only_when_the_record_was_stored() {
     );
     assert_eq!(h.runs(), 2);
 }
+
+/// A store whose record commits with the handler's writes answers `RolledBack` when that
+/// commit fails: the operation did not happen, so the caller gets 503 (retry with the
+/// same key), never the handler's 201, and the retry runs.
+#[tokio::test]
+async fn a_rolled_back_completion_is_503_not_the_handlers_answer() {
+    use common::app::{post as post_json, Harness};
+    use common::faults::Faults;
+    use tower_idempotency::Completion;
+    let store = Faults::new(MemoryStore::default()).answer_next_complete(Completion::RolledBack);
+    let h = Harness::new(IdempotencyLayer::new(store).global_scope());
+    let first = send(&h.router, post_json("/pay", Some("k"), "{}")).await;
+    assert_problem(&first, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    let retry = send(&h.router, post_json("/pay", Some("k"), "{}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(!retry.replayed(), "nothing was stored: the retry ran");
+    assert_eq!(h.runs(), 2);
+}

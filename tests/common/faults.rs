@@ -57,6 +57,9 @@ struct Shared {
     rules: Mutex<Vec<(Op, Arc<Rule>)>>,
     /// Called with each reserve answer, before it is passed on.
     on_reserve: Mutex<Option<Arc<Hook>>>,
+    /// Answers the next completes with this instead of storing (a store whose commit
+    /// failed answers `RolledBack`), then forwards again.
+    complete_answers: Mutex<Vec<Completion>>,
     calls: [AtomicUsize; 5],
     injected: AtomicUsize,
     last_reservation: Mutex<Option<Reservation>>,
@@ -88,6 +91,13 @@ impl<St: Store> Faults<St> {
     /// network at the moment a waiter heard "in flight").
     pub fn on_reserve(self, hook: impl Fn(&Reservation) + Send + Sync + 'static) -> Self {
         *self.shared.on_reserve.lock().unwrap() = Some(Arc::new(Box::new(hook)));
+        self
+    }
+
+    /// Answers the next complete with `answer` without calling the inner store; the
+    /// inner lease is released, as a rolled-back transaction would leave nothing behind.
+    pub fn answer_next_complete(self, answer: Completion) -> Self {
+        self.shared.complete_answers.lock().unwrap().push(answer);
         self
     }
 
@@ -161,6 +171,11 @@ impl<St: Store> Store for Faults<St> {
         ttl: Duration,
     ) -> Result<Completion, StoreError> {
         self.check(Op::Complete)?;
+        let answer = self.shared.complete_answers.lock().unwrap().pop();
+        if let Some(answer) = answer {
+            self.inner.release(scope, token).await?;
+            return Ok(answer);
+        }
         self.inner.complete(scope, token, record, ttl).await
     }
 

@@ -65,6 +65,7 @@ macro_rules! store_suite {
             huge_wait_bound_does_not_panic,
             response_trailers_reach_the_first_caller,
             reserve_is_atomic_over_many_rounds,
+            a_resent_reserve_is_answered_reserved,
             waiter_is_woken_by_the_store_not_by_polling,
         );
     };
@@ -858,4 +859,25 @@ pub async fn waiter_is_woken_by_the_store_not_by_polling<St: Store>(store: St) {
         "the waiter was woken by the store's notification"
     );
     assert_eq!(h.runs(), 1);
+}
+
+/// A reserve sent again with the same token (a client library's re-send after a
+/// reconnect, or a reserve that timed out here but ran in the store) is answered
+/// `Reserved`: its lease is its own. Another token still sees it in flight.
+pub async fn a_resent_reserve_is_answered_reserved<St: Store>(store: St) {
+    let key = FencingToken::generate().to_hex();
+    let scope = ScopeHash::new(None, &axum::http::Method::POST, "/resent", key.as_bytes());
+    let fp = Fingerprint::from_bytes([6; 32]);
+    let lease = Duration::from_secs(30);
+    let token = FencingToken::generate();
+    for _ in 0..2 {
+        let answer = store.reserve(&scope, &fp, token, lease).await.unwrap();
+        assert_eq!(answer, Reservation::Reserved);
+    }
+    let other = store
+        .reserve(&scope, &fp, FencingToken::generate(), lease)
+        .await
+        .unwrap();
+    assert_eq!(other, Reservation::InFlight);
+    assert!(store.release(&scope, token).await.unwrap());
 }

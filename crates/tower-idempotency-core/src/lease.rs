@@ -36,6 +36,9 @@ pub(crate) enum Completed {
     Fenced,
     /// The store kept failing past the policy's `complete_retry` bound.
     GaveUp,
+    /// The record was to commit with the handler's own writes, and the commit failed:
+    /// neither happened.
+    RolledBack,
 }
 
 /// The lease of one owner.
@@ -138,6 +141,13 @@ impl<'a, St: Store> Lease<'a, St> {
             loop {
                 match store.complete(scope, token, record, policy.ttl).await {
                     Ok(Completion::Stored) => return Completed::Stored,
+                    Ok(Completion::RolledBack) => {
+                        tracing::error!(
+                            "the idempotency record and the handler's writes were rolled back \
+                             (the commit failed): the caller gets 503 and may retry"
+                        );
+                        return Completed::RolledBack;
+                    }
                     Ok(Completion::Fenced) => {
                         tracing::error!(
                             "idempotency lease was lost before completion: the response goes to \

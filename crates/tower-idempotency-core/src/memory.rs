@@ -518,6 +518,9 @@ impl MemoryStore {
                     return Some(Reservation::Mismatch);
                 }
                 return Some(match &entry.state {
+                    // The same token again: a re-sent reserve (SPEC section 6). The lease
+                    // it took is its own, and it keeps its expiry.
+                    State::Pending if entry.token == token => Reservation::Reserved,
                     State::Pending => Reservation::InFlight,
                     State::Completed(record) => Reservation::Completed(record.clone()),
                 });

@@ -35,6 +35,9 @@ pub(crate) enum Outcome {
     /// First request: the handler returned a status the policy stores and its body then
     /// failed; the not-replayable marker was stored.
     BodyFailed,
+    /// First request: the handler ran, but the commit of its writes with the record
+    /// failed, so neither happened: 503.
+    RolledBack,
     /// First request: the handler ran and the key was released (response not stored).
     Released,
     /// A stored response was replayed.
@@ -70,6 +73,7 @@ impl Outcome {
             Outcome::Fenced => "fenced",
             Outcome::CompleteFailed => "complete_failed",
             Outcome::BodyFailed => "body_failed",
+            Outcome::RolledBack => "rolled_back",
             Outcome::Released => "released",
             Outcome::Replayed => "replayed",
             Outcome::Conflict => "conflict",
@@ -87,7 +91,7 @@ impl Outcome {
     }
 }
 
-const OUTCOMES: usize = 17;
+const OUTCOMES: usize = 18;
 // Every outcome has a slot in `RouteMeters::outcomes`.
 const _: () = assert!(Outcome::NoKey as usize + 1 == OUTCOMES);
 

@@ -56,6 +56,9 @@ where
     let mut lease = Lease::new(&shared.store, &scope, token, policy, &observer, reserved_at);
     let mut request = Request::from_parts(parts, RequestBody::buffered(body));
     request.extensions_mut().insert(token);
+    shared
+        .store
+        .owner_extensions(&scope, token, request.extensions_mut());
     let called = lease
         .hold_while(AssertUnwindSafe(inner.call(request)).catch_unwind())
         .await;
@@ -88,41 +91,31 @@ where
     let collected = lease
         .hold_while(AssertUnwindSafe(collect(body, policy.max_stored_response)).catch_unwind())
         .await;
-    match collected {
+    let (record, outcome, body) = match collected {
         Ok(Collected::Whole { data, trailers }) => {
             let record = Record::Response(StoredResponse {
                 status: parts.status,
                 headers: stored_headers(&parts.headers, &policy.deny_replay_headers),
                 body: data.clone(),
             });
-            let outcome = match lease.complete(&record).await {
-                Completed::Stored => Outcome::New,
-                Completed::Fenced => Outcome::Fenced,
-                Completed::GaveUp => Outcome::CompleteFailed,
-            };
             let body = ResponseBody::full_with_trailers(data, trailers);
-            (outcome, Ok(Response::from_parts(parts, body)))
+            (record, Outcome::New, body)
         }
         Ok(Collected::TooLarge { read, rest }) => {
             tracing::warn!(
                 limit = policy.max_stored_response,
                 "response too large to store; retries will get 409 response-not-replayable"
             );
-            lease.complete(&Record::NotReplayable).await;
             let body = ResponseBody::prefixed(read, rest);
-            (
-                Outcome::TooLargeToStore,
-                Ok(Response::from_parts(parts, body)),
-            )
+            (Record::NotReplayable, Outcome::TooLargeToStore, body)
         }
         Ok(Collected::Failed { read, error }) => {
             tracing::error!(
                 error = %error,
                 "response body failed after the handler ran; storing the not-replayable marker"
             );
-            lease.complete(&Record::NotReplayable).await;
             let body = ResponseBody::failed(read, error);
-            (Outcome::BodyFailed, Ok(Response::from_parts(parts, body)))
+            (Record::NotReplayable, Outcome::BodyFailed, body)
         }
         Err(panic) => {
             let message = panic_message(&*panic).to_owned();
@@ -130,12 +123,27 @@ where
                 panic = message,
                 "response body panicked after the handler ran; storing the not-replayable marker"
             );
-            lease.complete(&Record::NotReplayable).await;
             let error: BoxError = format!("response body panicked: {message}").into();
             let body = ResponseBody::failed(Bytes::new(), error);
-            (Outcome::BodyFailed, Ok(Response::from_parts(parts, body)))
+            (Record::NotReplayable, Outcome::BodyFailed, body)
         }
-    }
+    };
+    let outcome = match (lease.complete(&record).await, outcome) {
+        (Completed::RolledBack, _) => {
+            let detail = "the operation was rolled back with its idempotency record (the \
+                          commit failed); retry with the same key";
+            return (
+                Outcome::RolledBack,
+                Ok(shared.problem(Problem::StoreUnavailable, detail)),
+            );
+        }
+        (Completed::Stored, outcome) => outcome,
+        (Completed::Fenced, Outcome::New) => Outcome::Fenced,
+        (Completed::GaveUp, Outcome::New) => Outcome::CompleteFailed,
+        // Not stored either way; the lease-lost and complete-failed counters say why.
+        (Completed::Fenced | Completed::GaveUp, outcome) => outcome,
+    };
+    (outcome, Ok(Response::from_parts(parts, body)))
 }
 
 /// The message of a panic payload, for the log.

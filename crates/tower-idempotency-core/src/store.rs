@@ -7,13 +7,16 @@
 //!
 //! | method | pending, same token | pending, other token | completed | absent |
 //! | --- | --- | --- | --- | --- |
-//! | [`reserve`](Store::reserve) | — | `InFlight` / `Mismatch` | `Completed` / `Mismatch` | `Reserved` |
+//! | [`reserve`](Store::reserve) | `Reserved` (a re-sent reserve) | `InFlight` / `Mismatch` | `Completed` / `Mismatch` | `Reserved` |
 //! | [`renew`](Store::renew) | extend lease, `true` | `false` | `true` if same token | `false` |
 //! | [`complete`](Store::complete) | store record, `Stored` | `Fenced` | `Stored` if same token | `Fenced` |
 //! | [`release`](Store::release) | delete, `true` | `false` | `false` | `false` |
 //!
 //! Stores must enforce TTLs and leases with their own clock (Redis `PEXPIRE`), never with
-//! the clocks of application servers.
+//! the clocks of application servers. A reserve must be idempotent under re-send: a
+//! client library may send it again after a reconnect, and a reserve that timed out on
+//! the caller's side may still have run, so the token that holds a pending lease is
+//! answered `Reserved` again (with the same fingerprint).
 //!
 //! # Example
 //!
@@ -72,6 +75,11 @@ pub enum Completion {
     /// The token no longer holds the scope (the lease expired or was taken over):
     /// nothing was written.
     Fenced,
+    /// For stores whose record commits with the handler's own writes (one database
+    /// transaction): the commit failed, so neither the operation nor its record exists.
+    /// The layer answers 503 `store-unavailable` instead of the handler's response, and a
+    /// retry with the same key runs the handler again.
+    RolledBack,
 }
 
 /// An error from a store.
@@ -145,6 +153,20 @@ pub trait Store: Clone + Send + Sync + 'static {
         record: &Record,
         ttl: Duration,
     ) -> impl Future<Output = Result<Completion, StoreError>> + Send;
+
+    /// Adds to the owner's request what the handler needs from the store while `token`
+    /// holds the scope: e.g. the database transaction that the handler's writes and the
+    /// record commit in (a store whose [`complete`](Store::complete) is that commit).
+    /// Called once, after [`reserve`](Store::reserve) answered
+    /// [`Reservation::Reserved`], before the handler runs. The default adds nothing.
+    fn owner_extensions(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+        extensions: &mut http::Extensions,
+    ) {
+        let _ = (scope, token, extensions);
+    }
 
     /// Deletes the pending lease of `token` (fingerprint included) and wakes the scope's
     /// subscribers. `false` means the token did not hold the scope.
