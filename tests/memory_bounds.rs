@@ -3,7 +3,10 @@
 //! heap it really takes. Measured with a counting allocator, so the tests read live bytes,
 //! not timing; they run one at a time, since the counter sees the whole binary.
 
+#[path = "it/common/mod.rs"]
 mod common;
+#[path = "it/support/mod.rs"]
+mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};

@@ -2,10 +2,7 @@
 //! driven with `tower::ServiceExt::oneshot` and over a real TCP socket (`axum::serve` on
 //! 127.0.0.1:0 and a minimal HTTP/1.1 client on `tokio::net::TcpStream`).
 
-// The example's `main` and start-up code are not called from here.
-#[path = "../examples/payments.rs"]
-#[allow(dead_code)]
-mod payments;
+use crate::payments;
 
 use std::collections::HashMap;
 use std::ffi::OsString;

@@ -12,7 +12,7 @@
 //! Run with `cargo test --features redis --test replication`.
 #![cfg(feature = "redis")]
 
-mod support;
+use crate::support;
 
 use std::io;
 use std::sync::{Arc, Mutex, OnceLock};

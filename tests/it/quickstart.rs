@@ -1,8 +1,6 @@
 //! Tests of `examples/quickstart.rs`, in-process.
 
-#[path = "../examples/quickstart.rs"]
-#[allow(dead_code)]
-mod quickstart;
+use crate::quickstart_app as quickstart;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};

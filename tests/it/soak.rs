@@ -11,10 +11,8 @@
 //! a longer run.
 #![cfg(feature = "redis")]
 
-#[path = "../examples/payments.rs"]
-#[allow(dead_code)]
-mod payments;
-mod support;
+use crate::payments;
+use crate::support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

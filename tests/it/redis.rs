@@ -3,8 +3,8 @@
 //! the round trips one request costs.
 #![cfg(feature = "redis")]
 
-mod common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::time::Duration;
 

@@ -4,13 +4,6 @@
 
 pub mod app;
 pub mod faults;
-// The counting `metrics` recorder of the test support, for suites that do not include
-// `support`. A binary that includes both (faults.rs) has two copies of the module; only
-// the suite's copy installs a recorder there, and only for the suite's own cases, which
-// faults.rs does not stamp.
-#[allow(clippy::duplicate_mod)]
-#[path = "../support/metrics.rs"]
-pub mod metrics;
 
 use std::time::Duration;
 
@@ -836,7 +829,7 @@ pub async fn reserve_is_atomic_over_many_rounds<St: Store>(store: St) {
 /// completes, not found later by its back-off polling: counted by the layer's
 /// `idempotency_wait_wakeups_total{via}` metric, on a route of this test's own.
 pub async fn waiter_is_woken_by_the_store_not_by_polling<St: Store>(store: St) {
-    metrics::install();
+    crate::support::metrics::install();
     let route = format!("/wake-{}", FencingToken::generate().to_hex());
     let h = Harness::on(
         IdempotencyLayer::new(store)
@@ -850,7 +843,7 @@ pub async fn waiter_is_woken_by_the_store_not_by_polling<St: Store>(store: St) {
     let waiter = send(&h.router, post(&route, Some("k"), "{}")).await;
     slow.await.unwrap();
     assert!(waiter.replayed(), "{waiter:?}");
-    let notified = metrics::counter(
+    let notified = crate::support::metrics::counter(
         "idempotency_wait_wakeups_total",
         &[("route", &route), ("via", "notification")],
     );

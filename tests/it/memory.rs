@@ -1,6 +1,6 @@
 //! The shared suite on the in-memory store, plus what only the memory store has.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -35,10 +35,17 @@ impl Harness {
     /// The handler on `path` only, so a test's metric labels (the route) are its own.
     pub fn on<St: Store>(layer: IdempotencyLayer<St>, path: &str) -> Self {
         let counters = (Arc::default(), Arc::default(), Arc::default());
-        let mut h = Self::with_counters(layer.clone(), counters);
-        let handler = h.handler();
-        h.router = Router::new().route(path, routing::post(handler).layer(layer));
-        h
+        Self::with_counters(layer.clone(), counters).only_on(layer, path)
+    }
+
+    /// [`sharing_counters`](Self::sharing_counters), with the handler on `path` only.
+    pub fn sharing_counters_on<St: Store>(&self, layer: IdempotencyLayer<St>, path: &str) -> Self {
+        self.sharing_counters(layer.clone()).only_on(layer, path)
+    }
+
+    fn only_on<St: Store>(mut self, layer: IdempotencyLayer<St>, path: &str) -> Self {
+        self.router = Router::new().route(path, routing::post(self.handler()).layer(layer));
+        self
     }
 
     /// A second app server with its own layer (its own store client) whose handler counts

@@ -6,8 +6,8 @@
 //! lost completed record, and a defined answer for every caller.
 #![cfg(feature = "redis")]
 
-mod common;
-mod support;
+use crate::common;
+use crate::support;
 
 use std::time::Duration;
 
@@ -58,38 +58,52 @@ impl Rig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_before_reserve_fails_closed_or_open() {
     support::metrics::install();
-    let counted =
-        |outcome| support::metrics::counter("idempotency_requests_total", &[("outcome", outcome)]);
-    let (errors, opened) = (counted("store_error"), counted("fail_open"));
+    // Routes of this test's own: other tests in this binary count outcomes too.
+    let (closed_route, open_route) = ("/unreachable-closed", "/unreachable-open");
+    let counted = |route: &str, outcome: &str| {
+        support::metrics::counter(
+            "idempotency_requests_total",
+            &[("outcome", outcome), ("route", route)],
+        )
+    };
     let rig = Rig::start("unreachable").await;
     rig.proxy.refuse();
-    let closed = Harness::new(IdempotencyLayer::new(rig.proxied.clone()).global_scope());
-    let r = send(&closed.router, post("/pay", Some("k"), "{}")).await;
+    let closed = Harness::on(
+        IdempotencyLayer::new(rig.proxied.clone()).global_scope(),
+        closed_route,
+    );
+    let r = send(&closed.router, post(closed_route, Some("k"), "{}")).await;
     assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
     assert!(r.headers.contains_key("retry-after"));
     assert_eq!(closed.runs(), 0);
-    let open = Harness::new(
+    let open = Harness::on(
         IdempotencyLayer::new(rig.proxied.clone())
             .global_scope()
             .fail_open(),
+        open_route,
     );
     assert_eq!(
-        send(&open.router, post("/pay", Some("k"), "{}"))
+        send(&open.router, post(open_route, Some("k"), "{}"))
             .await
             .status,
         StatusCode::CREATED
     );
     assert_eq!(open.runs(), 1);
-    assert!(counted("store_error") > errors, "the 503 was counted");
-    assert!(
-        counted("fail_open") > opened,
+    assert_eq!(
+        counted(closed_route, "store_error"),
+        1,
+        "the 503 was counted"
+    );
+    assert_eq!(
+        counted(open_route, "fail_open"),
+        1,
         "the pass-through was counted"
     );
     // Back up: the same layer works again without a restart.
     rig.proxy.pass();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        send(&closed.router, post("/pay", Some("k2"), "{}"))
+        send(&closed.router, post(closed_route, Some("k2"), "{}"))
             .await
             .status,
         StatusCode::CREATED
@@ -135,8 +149,9 @@ async fn cut_between_reserve_and_complete_then_restored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_longer_than_complete_bound_is_the_documented_window() {
     support::metrics::install();
-    let gave_up = || support::metrics::counter("idempotency_complete_failed_total", &[]);
-    let gave_up_before = gave_up();
+    let route = "/cut-long";
+    let gave_up =
+        || support::metrics::counter("idempotency_complete_failed_total", &[("route", route)]);
     let rig = Rig::start("cut-long").await;
     let layer = |store: RedisStore<Client>| {
         IdempotencyLayer::new(store)
@@ -144,12 +159,9 @@ async fn cut_longer_than_complete_bound_is_the_documented_window() {
             .lease(Duration::from_secs(4))
             .complete_retry(Duration::from_millis(600))
     };
-    let server_a = Harness::new(layer(rig.proxied.clone()));
-    let server_b = server_a.sharing_counters(layer(rig.direct.clone()));
-    let first = spawn_send(
-        &server_a.router,
-        delayed(post("/pay", Some("k"), "{}"), 200),
-    );
+    let server_a = Harness::on(layer(rig.proxied.clone()), route);
+    let server_b = server_a.sharing_counters_on(layer(rig.direct.clone()), route);
+    let first = spawn_send(&server_a.router, delayed(post(route, Some("k"), "{}"), 200));
     server_a.started.notified().await;
     rig.proxy.refuse();
     let started = Instant::now(); // about when the lease was taken
@@ -163,12 +175,12 @@ async fn cut_longer_than_complete_bound_is_the_documented_window() {
         started.elapsed() < Duration::from_secs(5),
         "complete gave up at its bound"
     );
-    assert!(gave_up() > gave_up_before, "giving up was counted");
+    assert_eq!(gave_up(), 1, "giving up was counted");
     // Within the lease, retries still see the reservation: 409, no second run.
-    let r = send(&server_b.router, post("/pay", Some("k"), "{}")).await;
+    let r = send(&server_b.router, post(route, Some("k"), "{}")).await;
     assert_problem(&r, StatusCode::CONFLICT, "request-in-flight");
     tokio::time::sleep_until(started + Duration::from_millis(4300)).await; // the lease lapses
-    let after = send(&server_b.router, post("/pay", Some("k"), "{}")).await;
+    let after = send(&server_b.router, post(route, Some("k"), "{}")).await;
     assert_eq!(after.status, StatusCode::CREATED);
     assert!(
         !after.replayed(),

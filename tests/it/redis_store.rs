@@ -8,7 +8,7 @@
 //! `cargo test --features redis --test redis_store`.
 #![cfg(feature = "redis")]
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

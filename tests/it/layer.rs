@@ -1,7 +1,7 @@
 //! HTTP-level tests of the layer that do not depend on the store: how it attaches to a
 //! `Router`, what passes through, real sockets, and hostile input.
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -534,14 +534,14 @@ async fn one_renewal_schedule_across_the_whole_ownership() {
 async fn new_is_counted_only_when_the_record_was_stored() {
     use common::app::{delayed, post as post_json, spawn_send, Harness};
     use std::time::Duration;
-    common::metrics::install();
+    crate::support::metrics::install();
     let route = format!("/counted-{}", tower_idempotency::FencingToken::generate());
     let h = Harness::on(
         layer().lease(Duration::from_millis(200)).no_renewal(),
         &route,
     );
     let count = |outcome: &str| {
-        common::metrics::counter(
+        crate::support::metrics::counter(
             "idempotency_requests_total",
             &[("route", &route), ("outcome", outcome)],
         )
@@ -555,7 +555,7 @@ async fn new_is_counted_only_when_the_record_was_stored() {
         count("new"),
         1,
         "the second owner stored its record: {:?}",
-        common::metrics::dump()
+        crate::support::metrics::dump()
     );
     let stale = stale.await.unwrap();
     assert_eq!(

@@ -1,7 +1,7 @@
 //! Tests of the test support itself (tests/support/): Redis discovery, throwaway servers,
 //! the cluster and the fault proxy. Run with `-- --test-threads=1` for tidy timings.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -1,0 +1,42 @@
+//! The integration tests: one binary with a module per suite.
+//!
+//! One binary because each test binary links the whole crate graph (axum, hyper, fred,
+//! tokio); on a 2-core machine ten of them cost minutes of linking. Only
+//! `tests/memory_bounds.rs` stays apart: its counting global allocator measures heap
+//! deltas, which other tests running in the same process would disturb.
+//!
+//! | module | what |
+//! | --- | --- |
+//! | `common` | the one shared store suite (`store_suite!`), the test app and the fault-injecting store wrapper |
+//! | `support` | Redis servers and clusters for tests, the TCP fault proxy, the counting metrics recorder |
+//! | `memory`, `redis` | the suite on `MemoryStore` and on `RedisStore`, plus store-specific cases |
+//! | `redis_store` | the Redis store alone: Lua semantics, NOSCRIPT, commandstats, check(), pub/sub, ACL, cluster |
+//! | `faults` | through the fault proxy: unreachable, cut, restart, latency, lost replies, hang-ups |
+//! | `replication` | `wait_replicas` with a primary and a replica |
+//! | `layer` | attachment, policy validation, sockets, hostile input, renewal schedule, shutdown of detached work |
+//! | `example`, `quickstart` | the examples, in-process and over TCP |
+//! | `soak` | the example app on its own AOF Redis, restarted mid-run |
+//! | `support_selftest` | the test support itself |
+
+#[macro_use]
+mod common;
+mod support;
+
+// The examples' code, driven by their tests (their `main`s are not called).
+#[path = "../../examples/payments.rs"]
+#[allow(dead_code)]
+mod payments;
+#[path = "../../examples/quickstart.rs"]
+#[allow(dead_code)]
+mod quickstart_app;
+
+mod example;
+mod faults;
+mod layer;
+mod memory;
+mod quickstart;
+mod redis;
+mod redis_store;
+mod replication;
+mod soak;
+mod support_selftest;
