@@ -57,8 +57,9 @@ async fn two_app_servers_run_one_key_once() {
     assert_eq!(replies.iter().filter(|r| !r.replayed()).count(), 1);
 }
 
-/// A new request costs exactly 2 Redis commands (reserve, complete), a replay 1, a
-/// conflict 1, a release 2 (reserve, release), counted by the store itself.
+/// A new request costs exactly 2 Redis commands (reserve, complete), a replay 1 — or 0
+/// once this process has seen the record (the local replay tier), a mismatch 1 or 0 the
+/// same way, a release 2 (reserve, release), counted by the store itself.
 #[tokio::test]
 async fn round_trips_per_request() {
     let store = support::store::test_store("round-trips").await;
@@ -77,15 +78,41 @@ async fn round_trips_per_request() {
     step(
         send(&h.router, post("/pay", Some("k"), "{}")).await,
         1,
-        "replay",
+        "first replay: read from Redis, then kept",
+    );
+    step(
+        send(&h.router, post("/pay", Some("k"), "{}")).await,
+        0,
+        "replay from the local tier",
     );
     step(
         send(&h.router, post("/pay", Some("k"), "{\"x\":1}")).await,
-        1,
-        "mismatch",
+        0,
+        "mismatch from the local tier",
     );
     let bad = common::app::with_header(post("/pay", Some("k2"), "{}"), "x-status", "400");
     step(send(&h.router, bad).await, 2, "released 4xx");
+    assert_eq!(store.round_trips().local_replays, 2);
+
+    // Without the local tier every replay and mismatch asks Redis.
+    let url = support::redis::redis_url().await;
+    let remote = support::store::store(&url, &support::unique_prefix("round-trips-nolocal"))
+        .await
+        .local_replays(None);
+    let h = Harness::new(IdempotencyLayer::new(remote.clone()).global_scope());
+    let mut last = remote.round_trips().total;
+    for (body, expected, what) in [
+        ("{}", 2, "new request"),
+        ("{}", 1, "replay"),
+        ("{}", 1, "replay again"),
+        ("{\"x\":1}", 1, "mismatch"),
+    ] {
+        let reply = send(&h.router, post("/pay", Some("k"), body)).await;
+        let now = remote.round_trips().total;
+        assert_eq!(now - last, expected, "{what}: {reply:?}");
+        last = now;
+    }
+    assert_eq!(remote.round_trips().local_replays, 0);
 }
 
 /// An unreachable Redis answers 503 `store-unavailable` (fail closed), or passes the

@@ -1330,7 +1330,7 @@ async fn acl_user_without_channel_permissions() {
 async fn least_privilege_acl_user_from_the_docs() {
     let server = RedisServer::start();
     let port = server.port();
-    let rules = "on >secret ~idem:* &idem:* +@scripting +hmget +hset +pexpire +del \
+    let rules = "on >secret ~idem:* &idem:* +@scripting +hmget +hset +pexpire +pttl +del \
                  +spublish +ssubscribe +sunsubscribe +ping +info +config|get +client|id";
     let mut args = vec!["ACL", "SETUSER", "app"];
     args.extend(rules.split(' '));
@@ -1361,4 +1361,152 @@ async fn least_privilege_acl_user_from_the_docs() {
     let errors = redis_cli(port, &["INFO", "errorstats"]);
     let log = redis_cli(port, &["ACL", "LOG"]);
     assert!(!errors.contains("errorstat_"), "{errors}\n{log}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The local replay tier (SPEC section 7)
+// ---------------------------------------------------------------------------------------
+
+/// A completed record this process has read is replayed, and a retry with another payload
+/// refused (422), with no command at all: the server's `INFO commandstats` does not move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_replays_send_no_commands() {
+    let server = RedisServer::start();
+    let port = server.port();
+    let store = store(&server.url(), "local:").await;
+    let s = scope();
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&store, &s, token).await, Reservation::Reserved);
+    let done = store.complete(&s, token, &response("paid"), TTL).await;
+    assert_eq!(done.unwrap(), Completion::Stored);
+    // The first replay reads the record from Redis and keeps it.
+    let read = reserve(&store, &s, FencingToken::generate()).await;
+    assert_eq!(read, Reservation::Completed(response("paid")));
+    let evalsha = client_commands(port, "evalsha");
+    for _ in 0..10 {
+        let again = reserve(&store, &s, FencingToken::generate()).await;
+        assert_eq!(again, Reservation::Completed(response("paid")));
+    }
+    let other = store
+        .reserve(&s, &OTHER_FP, FencingToken::generate(), LEASE)
+        .await
+        .unwrap();
+    assert_eq!(other, Reservation::Mismatch);
+    assert_eq!(client_commands(port, "evalsha"), evalsha, "no command sent");
+    assert_eq!(store.round_trips().local_replays, 11);
+}
+
+/// A local entry lives no longer than the record's remaining TTL in Redis: a record
+/// whose TTL was cut to 300 ms by hand is asked for again once that passed, and is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_entry_never_outlives_the_record_in_redis() {
+    let url = redis_url().await;
+    let (writer, reader) = two_stores(&url, "local-ttl").await;
+    let s = scope();
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&writer, &s, token).await, Reservation::Reserved);
+    let done = writer.complete(&s, token, &response("paid"), TTL).await;
+    assert_eq!(done.unwrap(), Completion::Stored);
+    // The record has 10 minutes left; cut them to 300 ms before the reader sees it.
+    let _: i64 = writer
+        .client()
+        .pexpire(writer.key(&s), 300, None)
+        .await
+        .unwrap();
+    let seen = reserve(&reader, &s, FencingToken::generate()).await;
+    assert_eq!(seen, Reservation::Completed(response("paid")));
+    let sent = reader.round_trips().total;
+    assert!(reserve(&reader, &s, FencingToken::generate()).await != Reservation::Reserved);
+    assert_eq!(
+        reader.round_trips().total,
+        sent,
+        "replayed locally meanwhile"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let after = reserve(&reader, &s, FencingToken::generate()).await;
+    assert_eq!(
+        after,
+        Reservation::Reserved,
+        "Redis's TTL passed: the key is new again"
+    );
+    assert_eq!(
+        reader.round_trips().total,
+        sent + 1,
+        "asked Redis, not the local tier"
+    );
+}
+
+/// However long the record lives in Redis, a local entry is replayed for at most
+/// `max_age`, then read from Redis again; with the tier off, every replay asks Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_entry_lives_at_most_max_age_and_the_tier_can_be_turned_off() {
+    use tower_idempotency::redis::LocalReplays;
+    let url = redis_url().await;
+    let prefix = support::unique_prefix("local-age");
+    let store = store(&url, &prefix).await.local_replays(Some(
+        LocalReplays::default().max_age(Duration::from_millis(200)),
+    ));
+    let s = scope();
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&store, &s, token).await, Reservation::Reserved);
+    let done = store.complete(&s, token, &response("paid"), TTL).await;
+    assert_eq!(done.unwrap(), Completion::Stored);
+    async fn replays(store: &RedisStore<Client>, s: &ScopeHash, n: u64) -> u64 {
+        let before = store.round_trips().total;
+        for _ in 0..n {
+            let r = reserve(store, s, FencingToken::generate()).await;
+            assert_eq!(r, Reservation::Completed(response("paid")));
+        }
+        store.round_trips().total - before
+    }
+    assert_eq!(replays(&store, &s, 3).await, 1, "read once, then kept");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        replays(&store, &s, 3).await,
+        1,
+        "max_age passed: read again, then kept"
+    );
+
+    let off = support::store::store(&url, &prefix)
+        .await
+        .local_replays(None);
+    let before = off.round_trips().total;
+    for _ in 0..3 {
+        let r = reserve(&off, &s, FencingToken::generate()).await;
+        assert_eq!(r, Reservation::Completed(response("paid")));
+    }
+    assert_eq!(
+        off.round_trips().total - before,
+        3,
+        "no local tier: one command each"
+    );
+    assert_eq!(off.local_replay_bytes(), 0);
+}
+
+/// The tier keeps to its byte bound however many records pass through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_tier_keeps_to_its_byte_bound() {
+    use tower_idempotency::redis::LocalReplays;
+    let bound = 64 * 1024;
+    let store = store(&redis_url().await, &support::unique_prefix("local-bound"))
+        .await
+        .local_replays(Some(LocalReplays::default().max_bytes(bound)));
+    let body = Bytes::from(vec![b'x'; 2048]);
+    for _ in 0..200 {
+        let s = scope();
+        let token = FencingToken::generate();
+        assert_eq!(reserve(&store, &s, token).await, Reservation::Reserved);
+        let done = store
+            .complete(&s, token, &response(body.clone()), TTL)
+            .await;
+        assert_eq!(done.unwrap(), Completion::Stored);
+        let read = reserve(&store, &s, FencingToken::generate()).await;
+        assert!(matches!(read, Reservation::Completed(_)));
+        assert!(
+            store.local_replay_bytes() <= bound,
+            "{}",
+            store.local_replay_bytes()
+        );
+    }
+    assert!(store.local_replay_bytes() > bound / 2, "the bound is used");
 }

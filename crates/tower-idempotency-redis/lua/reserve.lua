@@ -5,8 +5,9 @@
 -- ARGV[2]  fencing token (16 raw bytes)
 -- ARGV[3]  lease in milliseconds
 --
--- Returns 1 (reserved), 2 (in flight), 3 (fingerprint mismatch), or the completed
--- record's blob (a bulk string, never parsed here).
+-- Returns 1 (reserved), 2 (in flight), 3 (fingerprint mismatch), or for a completed
+-- record {blob, pttl}: the record's blob (never parsed here) and its remaining TTL in
+-- milliseconds, so a client may keep it locally no longer than Redis does.
 -- One read for every answer: a replay (the common retry) needs no second call.
 --
 -- Answering "in flight" marks the pending record (field `w` = 1): someone may now wait
@@ -25,7 +26,7 @@ end
 if st == 'c' then
   -- A completed hash always has `rec`; an empty blob would only come from a damaged
   -- hash, and the client then reports a decode error instead of replaying nothing.
-  return rec or ''
+  return {rec or '', redis.call('PTTL', KEYS[1])}
 end
 if tok == ARGV[2] then
   -- This token's own lease: the same reserve sent again (a client library re-sends a

@@ -1,64 +1,25 @@
-//! Waiting for replicas after a completion: [`RedisStore::wait_replicas`].
-//!
-//! # Why
-//!
-//! Redis replicates asynchronously: `complete` returns once the record is on the
-//! primary, and a failover before a replica received it loses the record. A lost record
-//! means the client's retry finds no key and runs the handler again. `WAIT n timeout`
-//! after the complete returns once `n` replicas acknowledged every write made before it on
-//! the same connection, or when the timeout passes: the window in which a failover loses
-//! a completed record shrinks to the time until the acknowledgement.
-//!
-//! It is not a guarantee: `WAIT` does not make Redis strongly consistent. Sentinel or
-//! Cluster may promote a replica that had not acknowledged yet, and a replica that did
-//! can still lose the record (without AOF, a restart). When fewer than `n` replicas answer
-//! within the timeout (or the `WAIT` fails), the record is still on the primary and the
-//! complete still reports [`Completion::Stored`](tower_idempotency_core::Completion):
-//! the store logs `warn!`, counts `idempotency_store_wait_replicas_short_total` and
-//! [`RedisStore::wait_replicas_short`].
-//!
-//! # How
+//! Waiting for replicas after a completion: how
+//! [`RedisStore::wait_replicas`](crate::RedisStore::wait_replicas) works. What it buys and
+//! its limits, for users, are in the [crate docs](crate#replication-and-failover); this is
+//! the mechanism.
 //!
 //! `WAIT` covers only the writes made on the connection it is sent on, and it holds back
 //! every command queued behind it on that connection. So the complete and its `WAIT` go
 //! over a few dedicated connections (fred [`Client`]s built from the application's client
-//! configuration; [`wait_replicas_connections`], default [`DEFAULT_WAIT_CONNECTIONS`]),
-//! never over the application's client: reserves, renewals and the application's own
-//! commands never queue behind a `WAIT`.
+//! configuration), never over the application's client: reserves, renewals and the
+//! application's own commands never queue behind a `WAIT`.
 //!
 //! Each complete sends its `EVALSHA` on one of them (round robin) and, once it has the
 //! reply, asks that connection's `WAIT` task for a `WAIT`. The task keeps at most one
 //! `WAIT` under way per server, and each `WAIT` answers every complete whose reply came
 //! before it was sent (their writes precede it on the connection). Completes that finish
 //! while a `WAIT` is under way share the next one, like a group commit. So with a replica
-//! down, a new request waits about one to three timeouts (its `EVALSHA` may queue in Redis
-//! behind a `WAIT`, then its reply may just miss the next one), whatever the request
-//! rate: requests never queue behind each other's timeouts one by one, as they would with
-//! one `WAIT` per complete on a connection. Redis checks `WAIT` timeouts at its `hz`
-//! (10 by default), so a timeout may end up to 100 ms late.
+//! down, a new request waits about one to three timeouts, whatever the request rate:
+//! requests never queue behind each other's timeouts one by one. Redis checks `WAIT`
+//! timeouts at its `hz` (10 by default), so a timeout may end up to 100 ms late.
 //!
-//! # Cluster
-//!
-//! On Redis Cluster the complete runs on the primary that owns the key's slot, and its
-//! `WAIT` is sent to the same primary (the one the dedicated client's routing table names
-//! for that slot) over the dedicated client's connection to it. If the slot moves between
-//! the two (resharding, failover), the `WAIT` may reach a node that connection wrote
-//! nothing to, and that `WAIT` answers at once: no protection for that request.
-//!
-//! # Limits
-//!
-//! - A retried complete after a lost reply (the record was already stored through another
-//!   connection) writes nothing, so its `WAIT` confirms nothing about that earlier write.
-//! - Requests waiting on the same key (wait mode) are woken when the record is stored,
-//!   before its `WAIT` returns, so they may replay a record that a failover then loses.
-//! - A reconnect of the dedicated connection between the complete and its `WAIT` fails the
-//!   `WAIT` (it is never retried on the new connection, where it would answer at once):
-//!   counted as short.
-//!
-//! [`RedisStore::wait_replicas`]: crate::RedisStore::wait_replicas
-//! [`RedisStore::wait_replicas_short`]: crate::RedisStore::wait_replicas_short
-//! [`wait_replicas_connections`]: crate::RedisStore::wait_replicas_connections
-
+//! On Redis Cluster the `WAIT` goes to the primary the dedicated client's routing table
+//! names for the key's slot, over that client's connection to it.
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -74,9 +35,9 @@ use tokio::task::{Id, JoinHandle, JoinSet};
 
 use crate::connection;
 use crate::error::{within, DisplayChain, RedisStoreError};
+use crate::eval::eval_on;
 use crate::round_trip::{Counters, Op};
 use crate::scripts::SCRIPTS;
-use crate::store::eval_on;
 
 /// The default number of dedicated `complete` + `WAIT` connections, 2. See
 /// [`RedisStore::wait_replicas_connections`](crate::RedisStore::wait_replicas_connections).

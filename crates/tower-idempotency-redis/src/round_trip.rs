@@ -32,8 +32,10 @@ pub struct RoundTrips {
     /// `WAIT` for replicas after a complete, with
     /// [`wait_replicas`](crate::RedisStore::wait_replicas) (0 without it).
     pub wait: u64,
-    /// The sum of all of the above.
+    /// The sum of all of the above: every command sent.
     pub total: u64,
+    /// Reserves answered from the local replay tier: no command sent (not in `total`).
+    pub local_replays: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -73,17 +75,27 @@ impl Op {
 
 /// Per-operation counters shared by every clone of a store.
 #[derive(Debug, Default)]
-pub(crate) struct Counters([AtomicU64; Op::ALL.len()]);
+pub(crate) struct Counters {
+    commands: [AtomicU64; Op::ALL.len()],
+    local_replays: AtomicU64,
+}
 
 impl Counters {
     /// Counts one command sent for `op`, here and through `metrics`.
     pub(crate) fn count(&self, op: Op) {
-        self.0[op as usize].fetch_add(1, Ordering::Relaxed);
+        self.commands[op as usize].fetch_add(1, Ordering::Relaxed);
         metrics::counter!("idempotency_store_commands_total", "op" => op.as_str()).increment(1);
     }
 
+    /// Counts one reserve answered from the local replay tier (no command sent), here and
+    /// as `idempotency_store_local_replays_total`.
+    pub(crate) fn local_replay(&self) {
+        self.local_replays.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("idempotency_store_local_replays_total").increment(1);
+    }
+
     pub(crate) fn snapshot(&self) -> RoundTrips {
-        let get = |op: Op| self.0[op as usize].load(Ordering::Relaxed);
+        let get = |op: Op| self.commands[op as usize].load(Ordering::Relaxed);
         let mut out = RoundTrips {
             reserve: get(Op::Reserve),
             renew: get(Op::Renew),
@@ -93,6 +105,7 @@ impl Counters {
             unsubscribe: get(Op::Unsubscribe),
             wait: get(Op::Wait),
             total: 0,
+            local_replays: self.local_replays.load(Ordering::Relaxed),
         };
         out.total = Op::ALL.iter().map(|&op| get(op)).sum();
         out

@@ -28,7 +28,6 @@
 //! store and its clones, not per request) and sends no further `SSUBSCRIBE` for
 //! [`DENIED_RETRY`], then tries again, so a permission granted later is picked up.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,6 +41,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tower_idempotency_core::Subscription;
 
+use crate::channels::ChannelTable;
 use crate::check::is_noperm;
 use crate::connection;
 use crate::error::{within, DisplayChain, RedisStoreError};
@@ -55,49 +55,9 @@ const MESSAGE_BUFFER: usize = 1024;
 /// poll) before one of them asks again: 60 seconds.
 pub const DENIED_RETRY: Duration = Duration::from_secs(60);
 
-type Channels = Arc<Mutex<HashMap<String, Channel>>>;
-
-/// The local state of one pub/sub channel.
-struct Channel {
-    /// Bumped on every message (and on reconnects); waiters hold receivers.
-    wake: watch::Sender<u64>,
-    /// Live [`RedisSubscription`]s of this channel.
-    refs: usize,
-    /// Whether the server has our `SSUBSCRIBE`; the lock orders (un)subscriptions.
-    subscribed: Arc<tokio::sync::Mutex<bool>>,
-}
-
-impl Channel {
-    fn new() -> Self {
-        Channel {
-            wake: watch::channel(0).0,
-            refs: 0,
-            subscribed: Arc::default(),
-        }
-    }
-
-    fn wake(&self) {
-        self.wake.send_modify(|n| *n = n.wrapping_add(1));
-    }
-}
-
-/// A poisoned lock only means a panic happened while it was held; every mutation below
-/// leaves the map consistent at each step.
-fn lock(channels: &Mutex<HashMap<String, Channel>>) -> MutexGuard<'_, HashMap<String, Channel>> {
-    channels
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn wake_all(channels: &Mutex<HashMap<String, Channel>>) {
-    for channel in lock(channels).values() {
-        channel.wake();
-    }
-}
-
 /// The shared subscriber of one store (and its clones).
 pub(crate) struct Hub {
-    channels: Channels,
+    channels: Arc<ChannelTable>,
     connection: OnceCell<Connection>,
     counters: Arc<Counters>,
     denied: Arc<Denied>,
@@ -154,7 +114,7 @@ struct Connection {
 impl fmt::Debug for Hub {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hub")
-            .field("channels", &lock(&self.channels).len())
+            .field("channels", &self.channels.len())
             .field("connected", &self.connection.initialized())
             .field("denied", &self.denied.since().is_some())
             .finish()
@@ -189,12 +149,7 @@ impl Hub {
             .connection
             .get_or_try_init(|| self.connect(config, timeout))
             .await?;
-        let (wake, subscribed) = {
-            let mut channels = lock(&self.channels);
-            let entry = channels.entry(channel.clone()).or_insert_with(Channel::new);
-            entry.refs += 1;
-            (entry.wake.subscribe(), entry.subscribed.clone())
-        };
+        let (wake, subscribed) = self.channels.acquire(&channel);
         // From here on, dropping `subscription` (on an error or a cancellation) gives the
         // reference back.
         let subscription = RedisSubscription {
@@ -283,17 +238,13 @@ impl Drop for Hub {
 /// Wakes the waiters of each message's channel.
 async fn dispatch(
     mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
-    channels: Channels,
+    channels: Arc<ChannelTable>,
 ) {
     loop {
         match messages.recv().await {
-            Ok(message) => {
-                if let Some(channel) = lock(&channels).get(&*message.channel) {
-                    channel.wake();
-                }
-            }
+            Ok(message) => channels.wake(&message.channel),
             // Some messages were dropped: wake everyone so they re-read their scope.
-            Err(RecvError::Lagged(_)) => wake_all(&channels),
+            Err(RecvError::Lagged(_)) => channels.wake_all(),
             Err(RecvError::Closed) => return,
         }
     }
@@ -304,7 +255,7 @@ async fn dispatch(
 async fn resubscribe(
     mut reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
     client: Client,
-    channels: Channels,
+    channels: Arc<ChannelTable>,
     counters: Arc<Counters>,
     denied: Arc<Denied>,
     timeout: Duration,
@@ -314,11 +265,7 @@ async fn resubscribe(
             Ok(_) | Err(RecvError::Lagged(_)) => {}
             Err(RecvError::Closed) => return,
         }
-        let snapshot: Vec<(String, Arc<tokio::sync::Mutex<bool>>)> = lock(&channels)
-            .iter()
-            .map(|(name, channel)| (name.clone(), channel.subscribed.clone()))
-            .collect();
-        for (name, subscribed) in snapshot {
+        for (name, subscribed) in channels.states() {
             let mut subscribed = subscribed.lock().await;
             if !*subscribed {
                 continue;
@@ -339,7 +286,7 @@ async fn resubscribe(
                 );
             }
         }
-        wake_all(&channels);
+        channels.wake_all();
     }
 }
 
@@ -347,19 +294,17 @@ async fn resubscribe(
 async fn unsubscribe_idle(
     mut idle: mpsc::UnboundedReceiver<String>,
     client: Client,
-    channels: Channels,
+    channels: Arc<ChannelTable>,
     counters: Arc<Counters>,
     timeout: Duration,
 ) {
-    let is_idle = |name: &str, state: &Arc<tokio::sync::Mutex<bool>>| matches!(lock(&channels).get(name), Some(c) if c.refs == 0 && Arc::ptr_eq(&c.subscribed, state));
     while let Some(name) = idle.recv().await {
-        let state = match lock(&channels).get(&name) {
-            Some(channel) if channel.refs == 0 => channel.subscribed.clone(),
-            _ => continue,
+        let Some(state) = channels.idle_state(&name) else {
+            continue;
         };
         let mut subscribed = state.lock().await;
         // A new waiter may have come while we waited for the lock: it keeps the channel.
-        if !is_idle(&name, &state) {
+        if !channels.is_idle(&name, &state) {
             continue;
         }
         if *subscribed {
@@ -372,10 +317,7 @@ async fn unsubscribe_idle(
         }
         // Still holding the channel's lock: a waiter that arrived meanwhile keeps the
         // entry and subscribes again once we release it.
-        let mut map = lock(&channels);
-        if matches!(map.get(&name), Some(c) if c.refs == 0 && Arc::ptr_eq(&c.subscribed, &state)) {
-            map.remove(&name);
-        }
+        channels.remove_if_idle(&name, &state);
     }
 }
 
@@ -395,7 +337,7 @@ async fn unsubscribe_idle(
 pub struct RedisSubscription {
     channel: String,
     wake: watch::Receiver<u64>,
-    channels: Channels,
+    channels: Arc<ChannelTable>,
     unsubscribe: mpsc::UnboundedSender<String>,
 }
 
@@ -419,13 +361,9 @@ impl Subscription for RedisSubscription {
 
 impl Drop for RedisSubscription {
     fn drop(&mut self) {
-        let mut channels = lock(&self.channels);
-        if let Some(channel) = channels.get_mut(&self.channel) {
-            channel.refs = channel.refs.saturating_sub(1);
-            if channel.refs == 0 {
-                // If the store (and its worker) is gone, the connection is closing anyway.
-                let _ = self.unsubscribe.send(self.channel.clone());
-            }
+        if self.channels.release(&self.channel) {
+            // If the store (and its worker) is gone, the connection is closing anyway.
+            let _ = self.unsubscribe.send(self.channel.clone());
         }
     }
 }

@@ -1,0 +1,267 @@
+//! The local replay tier: completed records this process has seen, replayed with no
+//! round trip (SPEC section 7).
+//!
+//! A completed record never changes until it expires, so a process may keep the ones it
+//! read and answer a retry from memory: a replay costs 0 commands, and so does a 422 for a
+//! retry with another payload. Bounded by bytes (a [`quick_cache`] weighed by each
+//! record's size); an entry lives no longer than the record's remaining TTL in Redis (the
+//! reserve script returns it with the record, and the local entry is dated from *before*
+//! the command was sent, so it always lapses first) and no longer than
+//! [`max_age`](LocalReplays::max_age). Pending records are never kept: only a completed
+//! record is final.
+//!
+//! Its one inconsistency: a record deleted in Redis by hand (`DEL`, a flush) may still be
+//! replayed by a process that kept it, until its local entry lapses — at most
+//! [`max_age`](LocalReplays::max_age).
+
+use std::fmt;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower_idempotency_core::{Fingerprint, Record, Reservation, ScopeHash};
+
+/// The default byte bound of the local replay tier: 64 MiB.
+pub const DEFAULT_LOCAL_REPLAY_BYTES: u64 = 64 * 1024 * 1024;
+/// The default longest life of a local entry: 60 seconds.
+pub const DEFAULT_LOCAL_REPLAY_AGE: Duration = Duration::from_secs(60);
+
+/// What each kept record costs beyond its body and headers: the key, the fingerprint,
+/// the entry and the cache's own bookkeeping.
+const ENTRY_OVERHEAD: u64 = 160;
+
+/// Settings of the local replay tier of a [`RedisStore`](crate::RedisStore): on by
+/// default with [`DEFAULT_LOCAL_REPLAY_BYTES`] and [`DEFAULT_LOCAL_REPLAY_AGE`]. See
+/// [`RedisStore::local_replays`](crate::RedisStore::local_replays).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency_redis::LocalReplays;
+///
+/// let tier = LocalReplays::default()
+///     .max_bytes(16 * 1024 * 1024)
+///     .max_age(Duration::from_secs(30));
+/// assert_eq!(tier.bytes(), 16 * 1024 * 1024);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalReplays {
+    max_bytes: u64,
+    max_age: Duration,
+}
+
+impl Default for LocalReplays {
+    fn default() -> Self {
+        LocalReplays {
+            max_bytes: DEFAULT_LOCAL_REPLAY_BYTES,
+            max_age: DEFAULT_LOCAL_REPLAY_AGE,
+        }
+    }
+}
+
+impl LocalReplays {
+    /// The most bytes the kept records (bodies, headers and a fixed overhead each) take;
+    /// past it the least recently used give way. Default [`DEFAULT_LOCAL_REPLAY_BYTES`].
+    pub fn max_bytes(mut self, bytes: u64) -> Self {
+        self.max_bytes = bytes;
+        self
+    }
+
+    /// The longest a record is replayed from memory, however long it lives in Redis; it
+    /// bounds how long a record deleted in Redis by hand may still be replayed. Default
+    /// [`DEFAULT_LOCAL_REPLAY_AGE`].
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = age;
+        self
+    }
+
+    /// The byte bound.
+    pub fn bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// The longest life of an entry.
+    pub fn age(&self) -> Duration {
+        self.max_age
+    }
+}
+
+/// One kept record.
+#[derive(Clone)]
+struct Kept {
+    fingerprint: Fingerprint,
+    record: Record,
+    /// No later than the record's expiry in Redis.
+    expires: Instant,
+    weight: u64,
+}
+
+#[derive(Clone)]
+struct Weight;
+
+impl quick_cache::Weighter<ScopeHash, Kept> for Weight {
+    fn weight(&self, _: &ScopeHash, kept: &Kept) -> u64 {
+        kept.weight
+    }
+}
+
+/// The tier itself, shared by a store's clones.
+pub(crate) struct LocalTier {
+    cache: quick_cache::sync::Cache<ScopeHash, Kept, Weight>,
+    settings: LocalReplays,
+}
+
+impl fmt::Debug for LocalTier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalTier")
+            .field("settings", &self.settings)
+            .field("records", &self.cache.len())
+            .field("bytes", &self.cache.weight())
+            .finish()
+    }
+}
+
+impl LocalTier {
+    pub(crate) fn new(settings: LocalReplays) -> Self {
+        // quick_cache sizes its table from an estimate of the item count.
+        let estimated = usize::try_from(settings.max_bytes / 2048)
+            .unwrap_or(usize::MAX)
+            .clamp(16, 1 << 20);
+        LocalTier {
+            cache: quick_cache::sync::Cache::with_weighter(estimated, settings.max_bytes, Weight),
+            settings,
+        }
+    }
+
+    /// The answer for `scope` from memory: the record (same fingerprint) or a mismatch
+    /// (another fingerprint), or `None` to ask Redis.
+    pub(crate) fn answer(
+        &self,
+        scope: &ScopeHash,
+        fingerprint: &Fingerprint,
+    ) -> Option<Reservation> {
+        let kept = self.cache.get(scope)?;
+        if kept.expires <= Instant::now() {
+            self.cache.remove(scope);
+            return None;
+        }
+        Some(if kept.fingerprint == *fingerprint {
+            Reservation::Completed(kept.record)
+        } else {
+            Reservation::Mismatch
+        })
+    }
+
+    /// Keeps `record`, completed with `fingerprint`, which Redis said (in a reply to a
+    /// command sent at `sent`) lives `remaining` longer.
+    pub(crate) fn keep(
+        &self,
+        scope: &ScopeHash,
+        fingerprint: &Fingerprint,
+        record: &Record,
+        sent: Instant,
+        remaining: Duration,
+    ) {
+        let life = remaining.min(self.settings.max_age);
+        let Some(expires) = sent.checked_add(life) else {
+            return;
+        };
+        if expires <= Instant::now() {
+            return;
+        }
+        let kept = Kept {
+            fingerprint: *fingerprint,
+            record: record.clone(),
+            expires,
+            weight: weight(record),
+        };
+        self.cache.insert(*scope, kept);
+    }
+
+    /// The bytes the kept records take, as counted against the bound.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.cache.weight()
+    }
+
+    /// How many records are kept.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+/// What a record costs the tier.
+fn weight(record: &Record) -> u64 {
+    let payload = match record {
+        Record::Response(response) => {
+            let headers: usize = response
+                .headers
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 32)
+                .sum();
+            response.body.len() + headers
+        }
+        _ => 0,
+    };
+    ENTRY_OVERHEAD + payload as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http::StatusCode;
+    use tower_idempotency_core::StoredResponse;
+
+    fn record(body: usize) -> Record {
+        Record::Response(StoredResponse {
+            status: StatusCode::CREATED,
+            headers: vec![],
+            body: Bytes::from(vec![b'x'; body]),
+        })
+    }
+
+    const FP: Fingerprint = Fingerprint::from_bytes([1; 32]);
+
+    fn scope(n: u32) -> ScopeHash {
+        let mut bytes = [0u8; 32];
+        bytes[..4].copy_from_slice(&n.to_le_bytes());
+        ScopeHash::from_bytes(bytes)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_until_the_earlier_of_the_ttl_and_the_age() {
+        let tier = LocalTier::new(LocalReplays::default().max_age(Duration::from_secs(5)));
+        let sent = Instant::now();
+        tier.keep(&scope(1), &FP, &record(3), sent, Duration::from_secs(2));
+        tier.keep(&scope(2), &FP, &record(3), sent, Duration::from_secs(60));
+        assert_eq!(
+            tier.answer(&scope(1), &FP),
+            Some(Reservation::Completed(record(3)))
+        );
+        let other = Fingerprint::from_bytes([2; 32]);
+        assert_eq!(tier.answer(&scope(1), &other), Some(Reservation::Mismatch));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(tier.answer(&scope(1), &FP), None, "Redis's TTL passed");
+        assert!(tier.answer(&scope(2), &FP).is_some());
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(tier.answer(&scope(2), &FP), None, "max_age passed");
+        assert_eq!(tier.len(), 0, "lapsed entries are dropped when met");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stays_within_its_byte_bound() {
+        let bound = 256 * 1024;
+        let tier = LocalTier::new(LocalReplays::default().max_bytes(bound));
+        for n in 0..1000 {
+            tier.keep(
+                &scope(n),
+                &FP,
+                &record(4096),
+                Instant::now(),
+                Duration::from_secs(60),
+            );
+            assert!(tier.bytes() <= bound, "{} > {bound}", tier.bytes());
+        }
+        assert!(tier.len() < 1000, "older records gave way");
+        assert!(tier.bytes() > bound / 2, "and the bound is used");
+    }
+}
