@@ -160,3 +160,6 @@ pub use tower_idempotency_core::memory::{
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use tower_idempotency_redis as redis;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use tower_idempotency_postgres as postgres;

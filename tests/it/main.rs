@@ -34,6 +34,7 @@ mod example;
 mod faults;
 mod layer;
 mod memory;
+mod postgres;
 mod quickstart;
 mod redis;
 mod redis_store;

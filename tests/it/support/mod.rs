@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod metrics;
+pub mod postgres;
 pub mod proxy;
 pub mod redis;
 #[cfg(feature = "redis")]

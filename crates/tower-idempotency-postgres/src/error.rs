@@ -1,0 +1,103 @@
+//! [`PostgresStoreError`]: what can go wrong talking to Postgres.
+
+use std::time::Duration;
+
+use tower_idempotency_core::{DecodeError, StoreError};
+
+/// An error from [`PostgresStore`](crate::PostgresStore).
+///
+/// When it crosses the [`Store`](tower_idempotency_core::Store) trait, a record that
+/// cannot be decoded becomes [`StoreError::Decode`] (the layer answers 503 and never
+/// passes the request through), everything else [`StoreError::Backend`] (503
+/// `store-unavailable`, or a pass-through under a fail-open policy on the first reserve).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PostgresStoreError {
+    /// Postgres answered with an error, or the connection failed.
+    #[error("postgres query failed")]
+    Sqlx(#[from] sqlx::Error),
+    /// Postgres did not answer within the store's [`timeout`](crate::PostgresStore::timeout).
+    #[error("postgres did not answer within {0:?}")]
+    Timeout(Duration),
+    /// A stored record could not be decoded (e.g. written by a newer version).
+    #[error("stored record could not be decoded")]
+    Decode(#[from] DecodeError),
+    /// A table or channel name that is not a plain lowercase identifier.
+    #[error("invalid {what} {name:?}: {why}")]
+    InvalidName {
+        /// `"table name"` or `"channel name"`.
+        what: &'static str,
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A row that this crate never writes (an unknown state, a missing record): the
+    /// table is not this crate's, or was edited by hand.
+    #[error("unexpected row in the idempotency table: {0}")]
+    UnexpectedRow(String),
+}
+
+impl From<PostgresStoreError> for StoreError {
+    fn from(err: PostgresStoreError) -> Self {
+        match err {
+            PostgresStoreError::Decode(err) => StoreError::Decode(err),
+            other => StoreError::backend(other),
+        }
+    }
+}
+
+impl PostgresStoreError {
+    /// The SQLSTATE of a database error, e.g. `55P03` for a lock timeout.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            PostgresStoreError::Sqlx(sqlx::Error::Database(db)) => {
+                db.code().map(|code| code.into_owned())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Runs one database call, failing with [`PostgresStoreError::Timeout`] after `timeout`,
+/// so a black-holed connection or an exhausted pool cannot hang a request.
+pub(crate) async fn within<T, E>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, PostgresStoreError>
+where
+    PostgresStoreError: From<E>,
+{
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result.map_err(PostgresStoreError::from),
+        Err(_) => Err(PostgresStoreError::Timeout(timeout)),
+    }
+}
+
+/// Displays an error with its sources, `a: b: c`, for log fields and report lines.
+pub(crate) struct DisplayChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for DisplayChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(err) = source {
+            write!(f, ": {err}")?;
+            source = err.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_errors_stay_decode_errors_for_the_layer() {
+        let err: StoreError = PostgresStoreError::Decode(DecodeError::UnknownVersion(9)).into();
+        assert!(matches!(err, StoreError::Decode(_)), "{err:?}");
+        let err: StoreError = PostgresStoreError::Timeout(Duration::from_secs(1)).into();
+        assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+    }
+}

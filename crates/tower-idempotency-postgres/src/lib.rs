@@ -1,0 +1,163 @@
+//! A Postgres store for [`tower-idempotency`](tower_idempotency_core): [`PostgresStore`],
+//! on the [`sqlx`] pool the application already has.
+//!
+//! Two modes:
+//!
+//! - **Plain** (the default): the Redis store's semantics in a table. A reservation is a
+//!   lease with a fencing token in the scope's row, renewed while the handler runs; TTLs
+//!   and leases follow the database clock; each operation is one atomic statement; waiters
+//!   are woken by `LISTEN`/`NOTIFY`, with polling as the safety net. At most one execution
+//!   while the owner is alive and can reach the database; after a lost lease a second
+//!   execution is possible, and the stale owner's result is never stored.
+//! - **Transactional** ([`PostgresStore::transactional`]): the reservation is the `INSERT`
+//!   of the pending row inside a transaction that the handler receives ([`Tx`]), and the
+//!   record commits in that same transaction, before the response is sent. Exactly once
+//!   for everything the handler writes to this database through [`Tx`], with no lease
+//!   window: see [below](#transactional-mode).
+//!
+//! Key columns are the 32-byte scope hash, never raw keys or tenant ids. The schema ships
+//! with the crate (`sql/schema.sql`) and [`PostgresStore::migrate`] applies it
+//! idempotently; the table name is configurable (`schema.table` too).
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower_idempotency_core::{FencingToken, Fingerprint, Reservation, ScopeHash, Store};
+//! use tower_idempotency_postgres::sqlx::postgres::PgPoolOptions;
+//! use tower_idempotency_postgres::PostgresStore;
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! // The application's own pool.
+//! let pool = PgPoolOptions::new()
+//!     .max_connections(20)
+//!     .connect("postgres://postgres@127.0.0.1/app")
+//!     .await?;
+//! let store = PostgresStore::new(pool)
+//!     .table("app.idempotency")
+//!     .timeout(Duration::from_secs(2));
+//! store.migrate().await?; // CREATE TABLE IF NOT EXISTS ...
+//! let store = store.init().await?; // checks the server, logs its warnings
+//! println!("{}", store.check().await?);
+//!
+//! // The layer drives the store; this is what it does for a new request.
+//! let scope = ScopeHash::from_bytes([7; 32]);
+//! let fingerprint = Fingerprint::from_bytes([1; 32]);
+//! let token = FencingToken::generate();
+//! let reservation = store
+//!     .reserve(&scope, &fingerprint, token, Duration::from_secs(30))
+//!     .await?;
+//! assert_eq!(reservation, Reservation::Reserved);
+//! # Ok(()) }
+//! ```
+//!
+//! Or all at once, with default settings: `PostgresStore::connect(url).await?` connects a
+//! pool, creates the table if it is missing, and checks the server.
+//!
+//! # Transactional mode
+//!
+//! ```no_run
+//! # #[cfg(feature = "axum")]
+//! # mod example {
+//! use http::StatusCode;
+//! use tower_idempotency_postgres::{sqlx, Tx};
+//!
+//! // Behind `IdempotencyLayer::new(PostgresStore::new(pool).transactional())`.
+//! async fn create_payment(tx: Tx) -> Result<StatusCode, StatusCode> {
+//!     let mut conn = tx.lock().await.map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+//!     sqlx::query("INSERT INTO payments (amount) VALUES ($1)")
+//!         .bind(1000_i64)
+//!         .execute(&mut *conn)
+//!         .await
+//!         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+//!     Ok(StatusCode::CREATED)
+//! }
+//! # }
+//! ```
+//!
+//! What happens, step by step:
+//!
+//! 1. **Reserve**: `BEGIN`, then the `INSERT` of the pending row. The row is invisible to
+//!    other transactions until this one commits.
+//! 2. A concurrent request with the same key blocks on the primary key's index until the
+//!    first commits or rolls back, for at most the store's
+//!    [`lock_timeout`](PostgresStore::lock_timeout) (250 ms); then it counts as **in
+//!    flight**: 409 in conflict mode, or in wait mode it waits (notified at commit, polling
+//!    anyway) and tries again within the wait bound. Its connection goes back to the pool
+//!    meanwhile. *A different payload while the first is in flight gets 409, not 422*:
+//!    the pending row, with its fingerprint, cannot be read until it commits; once it has,
+//!    a different payload gets 422.
+//! 3. **The handler** runs its queries on [`Tx`] (an extractor, or the request
+//!    extension). Renewal has nothing to do: the transaction holds the key.
+//! 4. **Complete**: the record is written in the same transaction, then `COMMIT`, before
+//!    the response is sent. The wake-up `NOTIFY` is part of the transaction: waiters
+//!    learn of the commit when it happens.
+//! 5. **A failed `COMMIT` means the operation did not happen** (e.g. a deferred
+//!    constraint the handler's writes violate, a serialization failure, the connection
+//!    lost): the caller gets 503 `store-unavailable`, never the handler's 2xx, and a retry
+//!    with the same key runs again. The same when the handler's own query failed and
+//!    aborted the transaction, even if the handler then answered 201. When the
+//!    connection breaks *during* `COMMIT`, its outcome is unknown: 503 too, and the retry
+//!    replays if it did commit.
+//! 6. **Release is a `ROLLBACK`.** When the store policy does not keep the response (by
+//!    default: any 4xx or 5xx), or the handler returns an error or panics, the
+//!    transaction is rolled back: **the handler's writes are undone with the
+//!    reservation**. A handler that wants to keep a write on failure must make it outside
+//!    [`Tx`], or answer with a status the policy stores.
+//! 7. **A crash, a killed process, a cut connection** aborts the transaction on the
+//!    server: nothing happened, nothing is orphaned, the retry runs once.
+//!
+//! A frozen owner (process stopped, not dead) would hold its transaction and key until
+//! its connection dies. Each reserving transaction sets
+//! `idle_in_transaction_session_timeout` (default: the layer's lease, 30 s), so Postgres
+//! ends it after that much idleness and the key frees. The trade-off: a handler that
+//! waits longer than that between two queries loses its transaction (503 for its caller).
+//! See [`idle_in_transaction_timeout`](PostgresStore::idle_in_transaction_timeout).
+//!
+//! Costs: each request in flight holds one pool connection from reserve to commit, so the
+//! pool's size bounds the requests in flight (a reserve that cannot get a connection
+//! within the store's [`timeout`](PostgresStore::timeout) is a 503); a waiter's reserve
+//! holds one for up to the lock timeout. A new request costs 4 round trips (`BEGIN` with
+//! its settings, `INSERT`, the record `UPDATE`, `COMMIT`), a replay 3. The exactly-once
+//! guarantee covers what the handler writes through [`Tx`] to this database only: a call
+//! to a payment provider from the handler is not undone by a rollback. Use one mode per
+//! table.
+//!
+//! # Features
+//!
+//! - `axum` (default): [`Tx`] implements axum's `FromRequestParts` and
+//!   `OptionalFromRequestParts`.
+//! - `tls-rustls`: sqlx's rustls TLS, for `sslmode=require` URLs.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![warn(
+    clippy::all,
+    rust_2018_idioms,
+    missing_debug_implementations,
+    unreachable_pub
+)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod check;
+mod error;
+pub mod purge;
+pub mod round_trip;
+mod setup;
+mod sql;
+pub mod store;
+pub mod subscriber;
+pub mod tx;
+
+pub use check::{CheckReport, Privileges};
+pub use error::PostgresStoreError;
+pub use purge::PurgeTask;
+pub use round_trip::RoundTrips;
+pub use setup::{DEFAULT_LOCK_TIMEOUT, DEFAULT_TIMEOUT};
+pub use sql::DEFAULT_TABLE;
+pub use sqlx;
+pub use store::PostgresStore;
+pub use subscriber::PgSubscription;
+#[cfg(feature = "axum")]
+pub use tx::MissingTx;
+pub use tx::{Tx, TxError, TxGuard};

@@ -1,0 +1,111 @@
+//! Counting the statements the store sends: [`RoundTrips`].
+//!
+//! A round trip is one statement (or one simple-query batch) sent to Postgres and
+//! answered. Plain mode: a new request costs 2 (reserve, complete), a replay 1, a renewal
+//! 1, a release 1 (a reserve that raced a concurrent insert runs its statement once more,
+//! counted). Transactional mode: a new request costs 4 (`BEGIN` with its settings, the
+//! reserving `INSERT`, the record `UPDATE`, `COMMIT`), a replay or a conflict 3 (`BEGIN`,
+//! `INSERT`, `ROLLBACK`), a release 2 (`ROLLBACK`, and a `NOTIFY` only when a waiter was
+//! seen), a renewal 0.
+//!
+//! Every statement is also counted through the `metrics` facade as
+//! `idempotency_store_commands_total{op="reserve"|"renew"|"complete"|"release"|"notify"|"purge"}`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The statements a [`PostgresStore`](crate::PostgresStore) (and all its clones) sent so
+/// far, per operation, from [`PostgresStore::round_trips`](crate::PostgresStore::round_trips).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RoundTrips {
+    /// Reserving statements, with transactional mode's `BEGIN` and the `ROLLBACK` of a
+    /// reserve that did not reserve.
+    pub reserve: u64,
+    /// Lease renewals (plain mode only).
+    pub renew: u64,
+    /// Completing statements, with transactional mode's `COMMIT`.
+    pub complete: u64,
+    /// Releasing statements (transactional mode: the `ROLLBACK`).
+    pub release: u64,
+    /// `pg_notify` sent on its own: a waiter's "I am waiting" in transactional mode, and
+    /// the wake-up after a rolled-back release.
+    pub notify: u64,
+    /// Purge batches.
+    pub purge: u64,
+    /// The sum of all of the above.
+    pub total: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Op {
+    Reserve,
+    Renew,
+    Complete,
+    Release,
+    Notify,
+    Purge,
+}
+
+impl Op {
+    const ALL: [Op; 6] = [
+        Op::Reserve,
+        Op::Renew,
+        Op::Complete,
+        Op::Release,
+        Op::Notify,
+        Op::Purge,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Op::Reserve => "reserve",
+            Op::Renew => "renew",
+            Op::Complete => "complete",
+            Op::Release => "release",
+            Op::Notify => "notify",
+            Op::Purge => "purge",
+        }
+    }
+}
+
+/// Per-operation counters shared by every clone of a store.
+#[derive(Debug, Default)]
+pub(crate) struct Counters([AtomicU64; Op::ALL.len()]);
+
+impl Counters {
+    /// Counts one statement sent for `op`, here and through `metrics`.
+    pub(crate) fn count(&self, op: Op) {
+        self.0[op as usize].fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("idempotency_store_commands_total", "op" => op.as_str()).increment(1);
+    }
+
+    pub(crate) fn snapshot(&self) -> RoundTrips {
+        let get = |op: Op| self.0[op as usize].load(Ordering::Relaxed);
+        RoundTrips {
+            reserve: get(Op::Reserve),
+            renew: get(Op::Renew),
+            complete: get(Op::Complete),
+            release: get(Op::Release),
+            notify: get(Op::Notify),
+            purge: get(Op::Purge),
+            total: Op::ALL.iter().map(|&op| get(op)).sum(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_per_operation_and_in_total() {
+        let counters = Counters::default();
+        counters.count(Op::Reserve);
+        counters.count(Op::Reserve);
+        counters.count(Op::Complete);
+        counters.count(Op::Notify);
+        let rt = counters.snapshot();
+        assert_eq!((rt.reserve, rt.complete, rt.notify, rt.renew), (2, 1, 1, 0));
+        assert_eq!(rt.total, 4);
+    }
+}

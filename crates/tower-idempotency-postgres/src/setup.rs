@@ -1,0 +1,254 @@
+//! Building a [`PostgresStore`] and starting it up: its settings, connecting, applying
+//! the schema, checking the server. The operations are in [`store`](crate::store).
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, PgPool};
+
+use crate::check::{self, CheckReport};
+use crate::error::{within, PostgresStoreError};
+use crate::round_trip::Counters;
+use crate::sql::{channel_name, Statements, TableName, DEFAULT_TABLE};
+use crate::store::{IdleLimit, PostgresStore, Shared};
+use crate::subscriber::Hub;
+
+/// The default [`timeout`](PostgresStore::timeout) of each database call: 5 seconds.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The default [`lock_timeout`](PostgresStore::lock_timeout) of a transactional
+/// reservation: 250 ms.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// The key of the advisory lock that serialises concurrent [`migrate`](PostgresStore::migrate)
+/// calls (`CREATE TABLE IF NOT EXISTS` is not safe against itself).
+const MIGRATE_LOCK: i64 = 0x7469_6465_6d5f_7067; // "tidem_pg"
+
+impl PostgresStore {
+    /// A store on the application's pool, plain mode, with the table [`DEFAULT_TABLE`]
+    /// (`tower_idempotency`, in the connections' `search_path`), the timeout
+    /// [`DEFAULT_TIMEOUT`] and the table name as its channel. Does no I/O: call
+    /// [`migrate`](Self::migrate) to create the table and [`init`](Self::init) to check
+    /// the server.
+    pub fn new(pool: PgPool) -> Self {
+        let table = match TableName::parse(DEFAULT_TABLE) {
+            Ok(table) => table,
+            // The constant is a valid name (a unit test says so).
+            Err(err) => unreachable!("{err}"),
+        };
+        PostgresStore {
+            pool,
+            channel: Arc::from(table.plain()),
+            sql: Arc::new(Statements::new(table)),
+            timeout: DEFAULT_TIMEOUT,
+            transactional: false,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            idle_limit: IdleLimit::Lease,
+            shared: Arc::new(Shared {
+                counters: Counters::default(),
+                hub: Hub::new(),
+                registry: Arc::default(),
+                report: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Connects a pool to `url` (`postgres://user@host/db`), creates the table if it is
+    /// missing ([`migrate`](Self::migrate)), checks the server ([`init`](Self::init): its
+    /// warnings are logged) and returns a plain store with default settings. For other
+    /// settings, build with [`new`](Self::new).
+    ///
+    /// ```no_run
+    /// # use tower_idempotency_postgres::PostgresStore;
+    /// # async fn f() -> Result<(), tower_idempotency_postgres::PostgresStoreError> {
+    /// let store = PostgresStore::connect("postgres://postgres@127.0.0.1/app").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(url: &str) -> Result<Self, PostgresStoreError> {
+        let pool = within(
+            DEFAULT_TIMEOUT,
+            PgPoolOptions::new()
+                .acquire_timeout(DEFAULT_TIMEOUT)
+                .connect(url),
+        )
+        .await?;
+        let store = Self::new(pool);
+        store.migrate().await?;
+        store.init().await
+    }
+
+    /// The table: `name` or `schema.name`, each part a lowercase identifier
+    /// (`[a-z_][a-z0-9_]*`), the whole at most 63 bytes; default [`DEFAULT_TABLE`]. Also
+    /// sets the channel to the same name unless [`channel`](Self::channel_name) set one.
+    ///
+    /// # Panics
+    ///
+    /// If the name is invalid; use [`try_table`](Self::try_table) for a name that is not
+    /// a literal.
+    pub fn table(self, name: &str) -> Self {
+        match self.try_table(name) {
+            Ok(store) => store,
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    /// Like [`table`](Self::table), but an invalid name is an
+    /// [`PostgresStoreError::InvalidName`].
+    pub fn try_table(mut self, name: &str) -> Result<Self, PostgresStoreError> {
+        let table = TableName::parse(name)?;
+        if *self.channel == *self.sql.table.plain() {
+            self.channel = Arc::from(table.plain());
+        }
+        self.sql = Arc::new(Statements::new(table));
+        Ok(self)
+    }
+
+    /// The `LISTEN`/`NOTIFY` channel of wake-ups; default: the table name. Every process
+    /// sharing the table must use the same one.
+    ///
+    /// # Panics
+    ///
+    /// If the name is not one or two dot-separated lowercase identifiers of at most 63
+    /// bytes; see [`try_channel`](Self::try_channel).
+    pub fn channel_name(self, name: &str) -> Self {
+        match self.try_channel(name) {
+            Ok(store) => store,
+            Err(err) => panic!("{err}"),
+        }
+    }
+
+    /// Like [`channel_name`](Self::channel_name), but an invalid name is an error.
+    pub fn try_channel(mut self, name: &str) -> Result<Self, PostgresStoreError> {
+        channel_name(name)?;
+        self.channel = Arc::from(name);
+        Ok(self)
+    }
+
+    /// How long one database call may take (acquiring a connection included) before it
+    /// fails with [`PostgresStoreError::Timeout`] (for the layer a backend error: 503, or
+    /// a pass-through under a fail-open policy): default [`DEFAULT_TIMEOUT`] (5 s). Keep
+    /// it below the pool's own `acquire_timeout` (sqlx's default is 30 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Transactional mode: each reservation is the `INSERT` of the pending row in a
+    /// transaction the handler receives as a [`Tx`](crate::Tx), and completing writes the
+    /// record in it and `COMMIT`s before the response is sent. A release is a `ROLLBACK`.
+    /// See the [crate docs](crate#transactional-mode) for what it guarantees and costs.
+    pub fn transactional(mut self) -> Self {
+        self.transactional = true;
+        self
+    }
+
+    /// In transactional mode, how long a reservation waits on another request's
+    /// uncommitted row for the same key before it answers "in flight" (the layer then
+    /// answers 409, or in wait mode waits and tries again): `SET LOCAL lock_timeout` on
+    /// the reserving transaction, restored for the handler's own queries once the row is
+    /// held. Default [`DEFAULT_LOCK_TIMEOUT`] (250 ms): short, because the waiting
+    /// reservation holds a pool connection.
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
+    /// In transactional mode, the most a reserving transaction may sit idle (the handler
+    /// running without sending it a query) before Postgres ends its session and rolls it
+    /// back: `SET LOCAL idle_in_transaction_session_timeout`. The safety net for a frozen
+    /// owner, which otherwise holds its key (and a connection) until it dies. Default: the
+    /// layer's lease (30 s unless the policy says otherwise).
+    ///
+    /// The trade-off: a handler that waits longer than this between two queries (a slow
+    /// call to another service) loses its transaction, and its caller gets 503 — while
+    /// what the other service did is not rolled back. Raise it above the slowest such
+    /// wait, or turn it off with [`no_idle_in_transaction_timeout`](Self::no_idle_in_transaction_timeout).
+    pub fn idle_in_transaction_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_limit = IdleLimit::Fixed(timeout);
+        self
+    }
+
+    /// Turns off the [idle-in-transaction timeout](Self::idle_in_transaction_timeout):
+    /// the server's own `idle_in_transaction_session_timeout` applies (0, none, unless
+    /// configured).
+    pub fn no_idle_in_transaction_timeout(mut self) -> Self {
+        self.idle_limit = IdleLimit::Off;
+        self
+    }
+
+    /// Creates the table and its index if they do not exist (`sql/schema.sql`, shipped
+    /// with the crate), in one transaction under an advisory lock, so concurrent calls
+    /// from several processes are safe. Running it again changes nothing. Needs `CREATE`
+    /// on the schema; the schema itself must exist.
+    pub async fn migrate(&self) -> Result<(), PostgresStoreError> {
+        let schema = self.sql.schema.clone();
+        within(self.timeout, async {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(MIGRATE_LOCK)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::raw_sql(AssertSqlSafe(schema))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        })
+        .await
+    }
+
+    /// Runs [`check`](Self::check), logs each of its warnings with `tracing::warn!`, keeps
+    /// the report ([`check_report`](Self::check_report)) and returns the store. Fails only
+    /// if the server is unreachable.
+    pub async fn init(self) -> Result<Self, PostgresStoreError> {
+        let report = self.check().await?;
+        for warning in report.warnings() {
+            tracing::warn!(table = self.table_name(), "{warning}");
+        }
+        let _ = self.shared.report.set(report);
+        Ok(self)
+    }
+
+    /// What [`init`](Self::init)'s check found, if it ran.
+    pub fn check_report(&self) -> Option<&CheckReport> {
+        self.shared.report.get()
+    }
+
+    /// Asks the server what matters to this store: its version, whether the table exists
+    /// with the expected columns, whether the store's user may select, insert, update and
+    /// delete in it, and whether `NOTIFY` works on the store's channel. Everything but an
+    /// unreachable server is a warning in the report, never an error.
+    pub async fn check(&self) -> Result<CheckReport, PostgresStoreError> {
+        check::run(self).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lazy_pool() -> PgPool {
+        PgPoolOptions::new().connect_lazy_with(sqlx::postgres::PgConnectOptions::new())
+    }
+
+    #[tokio::test]
+    async fn table_sets_the_channel_unless_one_was_chosen() {
+        let store = PostgresStore::new(lazy_pool());
+        assert_eq!(store.table_name(), DEFAULT_TABLE);
+        assert_eq!(store.channel(), DEFAULT_TABLE);
+        let store = store.table("app.idem");
+        assert_eq!(store.channel(), "app.idem");
+        let store = PostgresStore::new(lazy_pool())
+            .channel_name("idem_done")
+            .table("app.idem");
+        assert_eq!(store.channel(), "idem_done");
+        assert!(PostgresStore::new(lazy_pool()).try_table("App").is_err());
+        assert!(PostgresStore::new(lazy_pool()).try_channel("a b").is_err());
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "invalid table name")]
+    async fn table_panics_on_an_invalid_name() {
+        let _ = PostgresStore::new(lazy_pool()).table("idem; DROP TABLE x");
+    }
+}

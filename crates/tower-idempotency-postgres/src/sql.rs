@@ -1,0 +1,307 @@
+//! The store's SQL: the table name (validated, quoted), the schema that
+//! [`migrate`](crate::PostgresStore::migrate) applies, and one statement per operation.
+//!
+//! Every operation is one statement, atomic on the scope's row:
+//!
+//! - **reserve**: `INSERT ... ON CONFLICT (scope) DO UPDATE ... WHERE` — the conflict
+//!   branch writes only when it must (take over an expired row, answer a re-sent reserve
+//!   with the same token, mark a live lease as waited on), and `RETURNING` reports the row.
+//!   When the conflict branch does not write, a `SELECT` in the same statement reads the
+//!   row. That `SELECT` sees the statement's snapshot, which misses a row committed by a
+//!   concurrent reserve that the `INSERT` waited for; the statement then returns no row
+//!   and the store runs it again (a new statement, a new snapshot).
+//! - **complete**: `UPDATE ... WHERE token = $ AND state = 'pending' AND expires_at >
+//!   now`, and `pg_notify` when a waiter was seen; a completed row of the same token
+//!   answers "stored" again.
+//! - **release**: `DELETE ... WHERE token = $ AND state = 'pending' AND expires_at > now`,
+//!   `pg_notify` when a waiter was seen.
+//! - **renew**: `UPDATE ... SET expires_at = now + lease WHERE token = $ ...`.
+//! - **purge**: `DELETE` of at most `batch` expired rows, `SKIP LOCKED`.
+//!
+//! Time is always `statement_timestamp()`, the database's clock: `now()` is the start of
+//! the *transaction*, and in transactional mode the record's TTL must count from the
+//! completion, not from the reservation.
+
+use std::sync::Arc;
+
+use crate::error::PostgresStoreError;
+
+/// The default table, `tower_idempotency` (in the connection's `search_path`).
+pub const DEFAULT_TABLE: &str = "tower_idempotency";
+
+/// The longest table name: the index is named `{table}_expires_at_idx`, and Postgres
+/// identifiers have at most 63 bytes.
+const MAX_TABLE: usize = 63 - "_expires_at_idx".len();
+/// Postgres identifiers (and `NOTIFY` channel names) have at most 63 bytes.
+const MAX_IDENT: usize = 63;
+
+/// A validated table name, `table` or `schema.table`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct TableName {
+    /// As given, e.g. `app.idempotency` (also the default channel name).
+    plain: String,
+    /// Quoted for SQL, e.g. `"app"."idempotency"`.
+    quoted: String,
+    /// The quoted index name (unqualified: an index lives in its table's schema).
+    index: String,
+}
+
+impl TableName {
+    /// Accepts `name` or `schema.name`, each part a lowercase identifier (`[a-z_][a-z0-9_]*`),
+    /// the whole at most 63 bytes so that it can also be the `NOTIFY` channel.
+    pub(crate) fn parse(name: &str) -> Result<Self, PostgresStoreError> {
+        let invalid = |why| PostgresStoreError::InvalidName {
+            what: "table name",
+            name: name.to_owned(),
+            why,
+        };
+        let (schema, table) = match name.split_once('.') {
+            Some((schema, table)) => (Some(schema), table),
+            None => (None, name),
+        };
+        if let Some(schema) = schema {
+            identifier(schema).map_err(invalid)?;
+        }
+        identifier(table).map_err(invalid)?;
+        if table.len() > MAX_TABLE {
+            return Err(invalid("the table part must be at most 48 bytes"));
+        }
+        if name.len() > MAX_IDENT {
+            return Err(invalid("the whole name must be at most 63 bytes"));
+        }
+        let quoted = match schema {
+            Some(schema) => format!("\"{schema}\".\"{table}\""),
+            None => format!("\"{table}\""),
+        };
+        Ok(TableName {
+            plain: name.to_owned(),
+            quoted,
+            index: format!("\"{table}_expires_at_idx\""),
+        })
+    }
+
+    /// As given, e.g. `app.idempotency`.
+    pub(crate) fn plain(&self) -> &str {
+        &self.plain
+    }
+
+    /// Quoted for SQL, e.g. `"app"."idempotency"`.
+    pub(crate) fn quoted(&self) -> &str {
+        &self.quoted
+    }
+}
+
+/// Checks a channel name (the store quotes it for `LISTEN`; `pg_notify` takes it as text).
+pub(crate) fn channel_name(name: &str) -> Result<(), PostgresStoreError> {
+    let invalid = |why| PostgresStoreError::InvalidName {
+        what: "channel name",
+        name: name.to_owned(),
+        why,
+    };
+    // A table name (with its dot) is the default channel, so the same rule applies.
+    match name.split_once('.') {
+        Some((a, b)) => {
+            identifier(a).map_err(invalid)?;
+            identifier(b).map_err(invalid)?;
+        }
+        None => identifier(name).map_err(invalid)?,
+    }
+    if name.len() > MAX_IDENT {
+        return Err(invalid("it must be at most 63 bytes"));
+    }
+    Ok(())
+}
+
+/// `[a-z_][a-z0-9_]*`, not empty: safe to quote, and the same name unquoted.
+fn identifier(part: &str) -> Result<(), &'static str> {
+    let mut bytes = part.bytes();
+    match bytes.next() {
+        None => return Err("a part is empty"),
+        Some(b'a'..=b'z' | b'_') => {}
+        Some(_) => return Err("each part must start with a lowercase letter or `_`"),
+    }
+    if bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_')) {
+        Ok(())
+    } else {
+        Err("each part may contain only lowercase letters, digits and `_`")
+    }
+}
+
+/// The statements of one table, built once per store and shared by its clones.
+#[derive(Debug)]
+pub(crate) struct Statements {
+    pub(crate) table: TableName,
+    pub(crate) schema: Arc<str>,
+    pub(crate) reserve: Arc<str>,
+    pub(crate) complete: Arc<str>,
+    pub(crate) completed_by: Arc<str>,
+    pub(crate) release: Arc<str>,
+    pub(crate) renew: Arc<str>,
+    pub(crate) purge: Arc<str>,
+}
+
+/// Whether the conflicting row is taken over by this reserve: an expired row, or a
+/// pending lease of the same token (a re-sent reserve).
+const TAKE: &str =
+    "(r.expires_at <= statement_timestamp() OR (r.state = 'pending' AND r.token = excluded.token))";
+
+impl Statements {
+    pub(crate) fn new(table: TableName) -> Self {
+        let t = table.quoted.as_str();
+        let schema = include_str!("../sql/schema.sql")
+            .replace("{table}", t)
+            .replace("{index}", &table.index);
+        // $1 scope, $2 fingerprint, $3 token, $4 lease in ms. The last column restores
+        // the `lock_timeout` that transactional mode's BEGIN stashed (see `tx.rs`); in
+        // plain mode the stash is empty and the column is NULL.
+        let reserve = format!(
+            "WITH up AS (\
+               INSERT INTO {t} AS r (scope, fingerprint, state, token, record, expires_at, waiter) \
+               VALUES ($1, $2, 'pending', $3, NULL, statement_timestamp() + $4 * interval '1 millisecond', false) \
+               ON CONFLICT (scope) DO UPDATE SET \
+                 fingerprint = CASE WHEN {TAKE} THEN excluded.fingerprint ELSE r.fingerprint END, \
+                 state = CASE WHEN {TAKE} THEN 'pending' ELSE r.state END, \
+                 token = CASE WHEN {TAKE} THEN excluded.token ELSE r.token END, \
+                 record = CASE WHEN {TAKE} THEN NULL ELSE r.record END, \
+                 expires_at = CASE WHEN {TAKE} THEN excluded.expires_at ELSE r.expires_at END, \
+                 waiter = CASE WHEN r.expires_at <= statement_timestamp() THEN false \
+                   WHEN r.token = excluded.token THEN r.waiter ELSE true END \
+               WHERE {TAKE} \
+                  OR (r.state = 'pending' AND r.fingerprint = excluded.fingerprint AND NOT r.waiter) \
+               RETURNING r.state, r.token = $3 AS mine, r.fingerprint = $2 AS same, r.record\
+             ) \
+             SELECT state, mine, same, record, \
+               CASE WHEN mine AND state = 'pending' THEN \
+                 set_config('lock_timeout', coalesce(nullif(current_setting('tower_idempotency.lock_timeout', true), ''), current_setting('lock_timeout')), true) \
+               END AS restored \
+             FROM up \
+             UNION ALL \
+             SELECT state, token = $3, fingerprint = $2, record, NULL FROM {t} \
+             WHERE scope = $1 AND expires_at > statement_timestamp() AND NOT EXISTS (SELECT 1 FROM up)"
+        );
+        // $1 scope, $2 token, $3 record, $4 ttl in ms, $5 channel, $6 notify regardless of
+        // the row's flag (transactional mode: a waiter in another process told us).
+        let complete = format!(
+            "WITH u AS (\
+               UPDATE {t} SET state = 'completed', record = $3, \
+                 expires_at = statement_timestamp() + $4 * interval '1 millisecond' \
+               WHERE scope = $1 AND token = $2 AND state = 'pending' \
+                 AND expires_at > statement_timestamp() \
+               RETURNING waiter\
+             ) \
+             SELECT CASE WHEN waiter OR $6 THEN pg_notify($5, 'c' || encode($1, 'hex')) IS NULL END FROM u \
+             UNION ALL \
+             SELECT NULL FROM {t} WHERE scope = $1 AND token = $2 AND state = 'completed' \
+               AND expires_at > statement_timestamp() AND NOT EXISTS (SELECT 1 FROM u)"
+        );
+        // $1 scope, $2 token.
+        let completed_by = format!(
+            "SELECT 1 FROM {t} WHERE scope = $1 AND token = $2 AND state = 'completed' \
+             AND expires_at > statement_timestamp()"
+        );
+        // $1 scope, $2 token, $3 channel.
+        let release = format!(
+            "WITH d AS (\
+               DELETE FROM {t} WHERE scope = $1 AND token = $2 AND state = 'pending' \
+                 AND expires_at > statement_timestamp() \
+               RETURNING waiter\
+             ) \
+             SELECT CASE WHEN waiter THEN pg_notify($3, 'c' || encode($1, 'hex')) IS NULL END FROM d"
+        );
+        // $1 scope, $2 token, $3 lease in ms. A completed row of the same token answers
+        // `true` and keeps its TTL.
+        let renew = format!(
+            "UPDATE {t} SET expires_at = CASE WHEN state = 'pending' \
+               THEN statement_timestamp() + $3 * interval '1 millisecond' ELSE expires_at END \
+             WHERE scope = $1 AND token = $2 AND expires_at > statement_timestamp()"
+        );
+        // $1 batch.
+        let purge = format!(
+            "DELETE FROM {t} WHERE ctid IN (\
+               SELECT ctid FROM {t} WHERE expires_at <= statement_timestamp() \
+               ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED\
+             ) AND expires_at <= statement_timestamp()"
+        );
+        Statements {
+            table,
+            schema: schema.into(),
+            reserve: reserve.into(),
+            complete: complete.into(),
+            completed_by: completed_by.into(),
+            release: release.into(),
+            renew: renew.into(),
+            purge: purge.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_plain_lowercase_identifiers() {
+        let t = TableName::parse("idem").unwrap();
+        assert_eq!(t.quoted, "\"idem\"");
+        assert_eq!(t.index, "\"idem_expires_at_idx\"");
+        let t = TableName::parse("app_1.idem_records").unwrap();
+        assert_eq!(t.quoted, "\"app_1\".\"idem_records\"");
+        assert_eq!(t.plain(), "app_1.idem_records");
+        assert_eq!(t.index, "\"idem_records_expires_at_idx\"");
+        // Reserved words are fine: the store quotes every name.
+        assert!(TableName::parse("order").is_ok());
+        let long = "t".repeat(48);
+        assert!(TableName::parse(&long).is_ok());
+        for bad in [
+            "",
+            ".",
+            "a.",
+            ".a",
+            "a.b.c",
+            "Idem",
+            "1idem",
+            "idem-records",
+            "idem\"; DROP TABLE x; --",
+            "idem records",
+            "é",
+            &"t".repeat(49),
+            &format!("{}.{}", "s".repeat(40), "t".repeat(30)),
+        ] {
+            let err = TableName::parse(bad).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    PostgresStoreError::InvalidName {
+                        what: "table name",
+                        ..
+                    }
+                ),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn channel_names_follow_the_same_rule() {
+        assert!(channel_name("idem_done").is_ok());
+        assert!(channel_name("app.idem").is_ok());
+        for bad in ["", "Done", "a b", "a\"b", &"c".repeat(64)] {
+            assert!(channel_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn statements_name_the_quoted_table_only() {
+        let s = Statements::new(TableName::parse("app.idem").unwrap());
+        for sql in [&s.reserve, &s.complete, &s.release, &s.renew, &s.purge] {
+            assert!(sql.contains("\"app\".\"idem\""), "{sql}");
+            assert!(!sql.contains("{t}"), "{sql}");
+        }
+        assert!(s
+            .schema
+            .contains("CREATE TABLE IF NOT EXISTS \"app\".\"idem\""));
+        assert!(s
+            .schema
+            .contains("CREATE INDEX IF NOT EXISTS \"idem_expires_at_idx\" ON \"app\".\"idem\""));
+    }
+}

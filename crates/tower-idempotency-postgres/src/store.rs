@@ -1,0 +1,584 @@
+//! [`PostgresStore`]: the [`Store`] on Postgres, one statement per operation.
+//!
+//! # Data model
+//!
+//! One row per scope in the store's table (see [`migrate`](PostgresStore::migrate) and
+//! `sql/schema.sql`):
+//!
+//! | column | value |
+//! | --- | --- |
+//! | `scope` | the 32-byte [`ScopeHash`] (primary key): never the raw key or tenant |
+//! | `fingerprint` | the 32-byte [`Fingerprint`] of the request |
+//! | `state` | `pending` (a lease) or `completed` |
+//! | `token` | the 16 bytes of the owner's [`FencingToken`] |
+//! | `record` | the completed [`Record`], as [`Record::encode`] writes it (never parsed in SQL) |
+//! | `expires_at` | end of the lease or of the TTL, by the database clock |
+//! | `waiter` | a reserve answered "in flight" for this lease: notify on completion |
+//!
+//! A row past its `expires_at` counts as absent: every statement compares with the
+//! database's `statement_timestamp()`, never with the application servers' clocks, and
+//! a reserve takes an expired row over. [`purge`](PostgresStore::purge) deletes expired
+//! rows in bounded batches (or [`spawn_purge`](PostgresStore::spawn_purge) on a
+//! schedule); they cost disk, never correctness.
+//!
+//! # Plain mode
+//!
+//! The default: the Redis store's semantics. A reserve is one `INSERT ... ON CONFLICT`,
+//! the pending row holds a lease renewed by the layer, and complete and release compare
+//! the fencing token. A reserve sent again with the token that holds the lease (a
+//! reserve that timed out here but ran in the database) answers "reserved".
+//!
+//! # Transactional mode
+//!
+//! [`transactional`](PostgresStore::transactional): the reservation `INSERT` runs in a
+//! transaction that the handler receives ([`Tx`](crate::Tx)) and that the record commits
+//! in. See the [crate docs](crate#transactional-mode).
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use sqlx::postgres::PgRow;
+use sqlx::{AssertSqlSafe, PgPool, Row};
+use tower_idempotency_core::{
+    Completion, FencingToken, Fingerprint, Record, Reservation, ScopeHash, Store, StoreError,
+};
+
+use crate::check::CheckReport;
+use crate::error::{within, DisplayChain, PostgresStoreError};
+use crate::round_trip::{Counters, Op, RoundTrips};
+use crate::sql::Statements;
+use crate::subscriber::{Hub, PgSubscription};
+use crate::tx::{Registry, Slot, Tx};
+
+/// SQLSTATE `lock_not_available`: the lock timeout passed while the reserving `INSERT`
+/// waited on another transaction's uncommitted row for the same scope.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// How often a reserve runs its statement when a concurrent reserve of the same scope
+/// committed between its snapshot and its insert (see [`crate::sql`]).
+const RESERVE_ATTEMPTS: usize = 4;
+
+/// How a transactional reservation bounds a frozen owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum IdleLimit {
+    /// `idle_in_transaction_session_timeout` = the policy's lease.
+    Lease,
+    /// A fixed timeout.
+    Fixed(Duration),
+    /// None (the server's setting applies).
+    Off,
+}
+
+/// A [`Store`] on Postgres through a [`sqlx`] pool: plain (leases, as on Redis) or
+/// [transactional](PostgresStore::transactional) (the record commits with the handler's
+/// own writes).
+///
+/// Cheap to clone: clones share the pool, the counters, the listener connection and, in
+/// transactional mode, the open transactions of owned scopes.
+///
+/// See the [crate docs](crate) for an example.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pub(crate) pool: PgPool,
+    pub(crate) sql: Arc<Statements>,
+    pub(crate) channel: Arc<str>,
+    pub(crate) timeout: Duration,
+    pub(crate) transactional: bool,
+    pub(crate) lock_timeout: Duration,
+    pub(crate) idle_limit: IdleLimit,
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// State shared by every clone of a store.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) counters: Counters,
+    pub(crate) hub: Hub,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) report: OnceLock<CheckReport>,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.sql.table.plain())
+            .field("channel", &self.channel)
+            .field("timeout", &self.timeout)
+            .field("transactional", &self.transactional)
+            .field("lock_timeout", &self.lock_timeout)
+            .field("round_trips", &self.shared.counters.snapshot())
+            .field("open_transactions", &self.shared.registry.len())
+            .field("listener", &self.shared.hub)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A reserve's answer as the row says it.
+fn answer(row: &PgRow) -> Result<Reservation, PostgresStoreError> {
+    let state: String = row.try_get("state")?;
+    let mine: bool = row.try_get("mine")?;
+    let same: bool = row.try_get("same")?;
+    match (state.as_str(), mine, same) {
+        ("pending", true, _) => Ok(Reservation::Reserved),
+        ("pending", false, true) => Ok(Reservation::InFlight),
+        (_, _, false) => Ok(Reservation::Mismatch),
+        ("completed", _, true) => {
+            let blob: Option<Vec<u8>> = row.try_get("record")?;
+            let blob = blob.ok_or_else(|| {
+                PostgresStoreError::UnexpectedRow("a completed row without a record".into())
+            })?;
+            Ok(Reservation::Completed(Record::decode(&Bytes::from(blob))?))
+        }
+        (other, _, _) => Err(PostgresStoreError::UnexpectedRow(format!(
+            "unknown state {other:?}"
+        ))),
+    }
+}
+
+/// Milliseconds for a bind parameter, saturating.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A SQL duration literal, `'250ms'`, for `SET LOCAL` (at least 1 ms: 0 means "off").
+fn setting(d: Duration) -> String {
+    format!("'{}ms'", millis(d).max(1))
+}
+
+impl PostgresStore {
+    /// The pool the store runs on.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The table, as configured (e.g. `app.idempotency`).
+    pub fn table_name(&self) -> &str {
+        self.sql.table.plain()
+    }
+
+    /// The `LISTEN`/`NOTIFY` channel of wake-ups.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Whether the store runs in [transactional mode](Self::transactional).
+    pub fn is_transactional(&self) -> bool {
+        self.transactional
+    }
+
+    /// The statements this store (and its clones) sent so far, per operation.
+    pub fn round_trips(&self) -> RoundTrips {
+        self.shared.counters.snapshot()
+    }
+
+    /// How many reservations hold an open transaction now (transactional mode).
+    pub fn open_transactions(&self) -> usize {
+        self.shared.registry.len()
+    }
+
+    fn count(&self, op: Op) {
+        self.shared.counters.count(op);
+    }
+
+    fn start_listener(&self) {
+        self.shared.hub.start(
+            &self.pool,
+            &self.channel,
+            &self.shared.registry,
+            self.timeout,
+        );
+    }
+
+    /// The reserving statement, once more while a concurrent reserve's commit hides the
+    /// row from its snapshot.
+    async fn run_reserve<'e, E>(
+        &self,
+        executor: impl Fn() -> E,
+        scope: &ScopeHash,
+        fingerprint: &Fingerprint,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<Reservation, PostgresStoreError>
+    where
+        E: sqlx::PgExecutor<'e>,
+    {
+        for _ in 0..RESERVE_ATTEMPTS {
+            self.count(Op::Reserve);
+            let query = sqlx::query(AssertSqlSafe(self.sql.reserve.clone()))
+                .bind(scope.as_bytes().as_slice())
+                .bind(fingerprint.as_bytes().as_slice())
+                .bind(token.to_bytes().as_slice())
+                .bind(millis(lease));
+            if let Some(row) = within(self.timeout, query.fetch_optional(executor())).await? {
+                return answer(&row);
+            }
+        }
+        Err(PostgresStoreError::UnexpectedRow(
+            "the scope's row kept changing under the reserve".into(),
+        ))
+    }
+
+    async fn reserve_plain(
+        &self,
+        scope: &ScopeHash,
+        fingerprint: &Fingerprint,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<Reservation, PostgresStoreError> {
+        self.run_reserve(|| &self.pool, scope, fingerprint, token, lease)
+            .await
+    }
+
+    /// `BEGIN`, the reserving `INSERT` in it; the transaction is kept if it reserved.
+    async fn reserve_in_transaction(
+        &self,
+        scope: &ScopeHash,
+        fingerprint: &Fingerprint,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<Reservation, PostgresStoreError> {
+        if self.shared.registry.get(scope, token).is_some() {
+            // A re-sent reserve: this token's transaction holds the scope.
+            return Ok(Reservation::Reserved);
+        }
+        // One simple-query batch: BEGIN; stash the session's lock_timeout (the reserve
+        // statement restores it once it holds the row, so the handler's own queries are
+        // not bounded by ours); bound the wait on another owner's uncommitted row; bound a
+        // frozen owner's idle transaction.
+        let idle = match self.idle_limit {
+            IdleLimit::Lease => Some(lease),
+            IdleLimit::Fixed(d) => Some(d),
+            IdleLimit::Off => None,
+        };
+        let mut begin = format!(
+            "BEGIN; SELECT set_config('tower_idempotency.lock_timeout', \
+             current_setting('lock_timeout'), true); SET LOCAL lock_timeout = {}",
+            setting(self.lock_timeout)
+        );
+        if let Some(idle) = idle {
+            begin.push_str(&format!(
+                "; SET LOCAL idle_in_transaction_session_timeout = {}",
+                setting(idle)
+            ));
+        }
+        self.count(Op::Reserve);
+        let mut tx = within(self.timeout, self.pool.begin_with(AssertSqlSafe(begin))).await?;
+        let answer = {
+            let conn = &mut *tx;
+            let mut answer = Err(PostgresStoreError::UnexpectedRow(String::new()));
+            for _ in 0..RESERVE_ATTEMPTS {
+                self.count(Op::Reserve);
+                let query = sqlx::query(AssertSqlSafe(self.sql.reserve.clone()))
+                    .bind(scope.as_bytes().as_slice())
+                    .bind(fingerprint.as_bytes().as_slice())
+                    .bind(token.to_bytes().as_slice())
+                    .bind(millis(lease));
+                answer = match within(self.timeout, query.fetch_optional(&mut *conn)).await {
+                    Ok(Some(row)) => self::answer(&row),
+                    Ok(None) => continue,
+                    Err(err) if err.sqlstate().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+                        // Another transaction holds the scope's uncommitted row: in flight.
+                        Ok(Reservation::InFlight)
+                    }
+                    Err(err) => Err(err),
+                };
+                break;
+            }
+            answer
+        };
+        match answer {
+            Ok(Reservation::Reserved) => {
+                self.shared.registry.insert(*scope, Slot::new(token, tx));
+                // The owner's process listens, so a waiter elsewhere can ask for a
+                // notification at commit (see the subscriber module).
+                self.start_listener();
+                Ok(Reservation::Reserved)
+            }
+            other => {
+                // Nothing to keep: end the transaction now, so it holds no lock on the
+                // scope's row (dropping it would roll back only at the connection's next use).
+                self.count(Op::Reserve);
+                if let Err(err) = within(self.timeout, tx.rollback()).await {
+                    tracing::debug!(error = %DisplayChain(&err), "rollback after a reserve failed");
+                }
+                other
+            }
+        }
+    }
+
+    async fn complete_plain(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Completion, PostgresStoreError> {
+        self.count(Op::Complete);
+        let query = sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
+            .bind(scope.as_bytes().as_slice())
+            .bind(token.to_bytes().as_slice())
+            .bind(record.encode().as_ref())
+            .bind(millis(ttl))
+            .bind(&*self.channel)
+            .bind(false);
+        let row = within(self.timeout, query.fetch_optional(&self.pool)).await?;
+        Ok(if row.is_some() {
+            Completion::Stored
+        } else {
+            Completion::Fenced
+        })
+    }
+
+    /// Writes the record in the owner's transaction and commits. Never an error: whatever
+    /// fails, the operation's outcome is "rolled back" (or unknown, when the connection
+    /// broke during `COMMIT` — a retry with the key then replays or runs, either is right),
+    /// and the caller must not get the handler's answer.
+    async fn complete_in_transaction(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Completion {
+        let Some(slot) = self.shared.registry.remove(scope, token) else {
+            // Completed before (a retried call), or never reserved here.
+            return self.completed_before(scope, token).await;
+        };
+        let guard = match tokio::time::timeout(self.timeout, slot.tx.clone().lock_owned()).await {
+            Ok(guard) => guard,
+            Err(_) => {
+                tracing::error!(
+                    timeout = ?self.timeout,
+                    "the handler still holds its idempotency transaction (a Tx guard kept \
+                     past the response?); it is rolled back when released"
+                );
+                return Completion::RolledBack;
+            }
+        };
+        let mut guard = guard;
+        let Some(mut tx) = guard.take() else {
+            return Completion::RolledBack;
+        };
+        drop(guard);
+        let notify = slot.waiter_seen.load(std::sync::atomic::Ordering::Relaxed);
+        self.count(Op::Complete);
+        let query = sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
+            .bind(scope.as_bytes().as_slice())
+            .bind(token.to_bytes().as_slice())
+            .bind(record.encode().as_ref())
+            .bind(millis(ttl))
+            .bind(&*self.channel)
+            .bind(notify);
+        match within(self.timeout, query.fetch_optional(&mut *tx)).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                tracing::error!(
+                    "the reservation row is gone from the idempotency transaction (did the \
+                     handler COMMIT or ROLLBACK it with SQL?); rolling back"
+                );
+                self.rollback(tx).await;
+                return Completion::RolledBack;
+            }
+            Err(err) => {
+                // E.g. 25P02: a query of the handler failed and aborted the transaction.
+                tracing::warn!(
+                    error = %DisplayChain(&err),
+                    sqlstate = err.sqlstate(),
+                    "writing the idempotency record failed; the transaction is rolled back"
+                );
+                self.rollback(tx).await;
+                return Completion::RolledBack;
+            }
+        }
+        self.count(Op::Complete);
+        match within(self.timeout, tx.commit()).await {
+            Ok(()) => Completion::Stored,
+            Err(err) => {
+                tracing::warn!(
+                    error = %DisplayChain(&err),
+                    sqlstate = err.sqlstate(),
+                    "COMMIT of the idempotency transaction failed: the operation did not happen"
+                );
+                Completion::RolledBack
+            }
+        }
+    }
+
+    /// `Stored` if `token` completed `scope` already, else `RolledBack`.
+    async fn completed_before(&self, scope: &ScopeHash, token: FencingToken) -> Completion {
+        self.count(Op::Complete);
+        let query = sqlx::query(AssertSqlSafe(self.sql.completed_by.clone()))
+            .bind(scope.as_bytes().as_slice())
+            .bind(token.to_bytes().as_slice());
+        match within(self.timeout, query.fetch_optional(&self.pool)).await {
+            Ok(Some(_)) => Completion::Stored,
+            Ok(None) => Completion::RolledBack,
+            Err(err) => {
+                tracing::warn!(error = %DisplayChain(&err), "cannot tell whether the record was committed; answering rolled back (a retry replays it if it was)");
+                Completion::RolledBack
+            }
+        }
+    }
+
+    async fn rollback(&self, tx: sqlx::Transaction<'static, sqlx::Postgres>) {
+        self.count(Op::Release);
+        if let Err(err) = within(self.timeout, tx.rollback()).await {
+            // The connection is broken or stuck: the server rolls back when it goes.
+            tracing::debug!(error = %DisplayChain(&err), "ROLLBACK failed");
+        }
+    }
+
+    async fn release_plain(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+    ) -> Result<bool, PostgresStoreError> {
+        self.count(Op::Release);
+        let query = sqlx::query(AssertSqlSafe(self.sql.release.clone()))
+            .bind(scope.as_bytes().as_slice())
+            .bind(token.to_bytes().as_slice())
+            .bind(&*self.channel);
+        Ok(within(self.timeout, query.fetch_optional(&self.pool))
+            .await?
+            .is_some())
+    }
+
+    /// `ROLLBACK` of the owner's transaction: the reservation and the handler's writes go.
+    async fn release_in_transaction(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+    ) -> Result<bool, PostgresStoreError> {
+        let Some(slot) = self.shared.registry.remove(scope, token) else {
+            return Ok(false);
+        };
+        let mut guard = within(self.timeout, async {
+            Ok::<_, PostgresStoreError>(slot.tx.clone().lock_owned().await)
+        })
+        .await?;
+        let Some(tx) = guard.take() else {
+            return Ok(false);
+        };
+        drop(guard);
+        self.rollback(tx).await;
+        if slot.waiter_seen.load(std::sync::atomic::Ordering::Relaxed) {
+            // A NOTIFY in the rolled-back transaction is never delivered: send it now, so
+            // a sleeping waiter retries at once (one of them becomes the owner).
+            self.notify(&format!("c{}", scope.to_hex())).await;
+        }
+        Ok(true)
+    }
+
+    /// `pg_notify` on the store's channel, best effort.
+    pub(crate) async fn notify(&self, payload: &str) {
+        self.count(Op::Notify);
+        let query = sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(&*self.channel)
+            .bind(payload);
+        if let Err(err) = within(self.timeout, query.execute(&self.pool)).await {
+            tracing::debug!(error = %DisplayChain(&err), "pg_notify failed; waiters poll");
+        }
+    }
+
+    async fn renew_plain(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, PostgresStoreError> {
+        self.count(Op::Renew);
+        let query = sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
+            .bind(scope.as_bytes().as_slice())
+            .bind(token.to_bytes().as_slice())
+            .bind(millis(lease));
+        let done = within(self.timeout, query.execute(&self.pool)).await?;
+        Ok(done.rows_affected() > 0)
+    }
+}
+
+impl Store for PostgresStore {
+    type Subscription = PgSubscription;
+
+    async fn reserve(
+        &self,
+        scope: &ScopeHash,
+        fingerprint: &Fingerprint,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<Reservation, StoreError> {
+        let answer = if self.transactional {
+            self.reserve_in_transaction(scope, fingerprint, token, lease)
+                .await
+        } else {
+            self.reserve_plain(scope, fingerprint, token, lease).await
+        };
+        Ok(answer?)
+    }
+
+    async fn renew(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        if self.transactional {
+            // Nothing to renew: the transaction holds the scope until it ends, and the
+            // idle-in-transaction timeout bounds a frozen owner.
+            return Ok(self.shared.registry.get(scope, token).is_some());
+        }
+        Ok(self.renew_plain(scope, token, lease).await?)
+    }
+
+    async fn complete(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Completion, StoreError> {
+        if self.transactional {
+            return Ok(self
+                .complete_in_transaction(scope, token, record, ttl)
+                .await);
+        }
+        Ok(self.complete_plain(scope, token, record, ttl).await?)
+    }
+
+    fn owner_extensions(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+        extensions: &mut http::Extensions,
+    ) {
+        if let Some(slot) = self.shared.registry.get(scope, token) {
+            extensions.insert(Tx::new(slot));
+        }
+    }
+
+    async fn release(&self, scope: &ScopeHash, token: FencingToken) -> Result<bool, StoreError> {
+        let released = if self.transactional {
+            self.release_in_transaction(scope, token).await
+        } else {
+            self.release_plain(scope, token).await
+        };
+        Ok(released?)
+    }
+
+    async fn subscribe(&self, scope: &ScopeHash) -> Result<PgSubscription, StoreError> {
+        self.start_listener();
+        let subscription = match self.shared.hub.subscribe(*scope, self.timeout).await {
+            Ok(subscription) => subscription,
+            Err(err) => {
+                tracing::debug!(error = %DisplayChain(&err), "idempotency subscribe failed");
+                return Err(err.into());
+            }
+        };
+        if self.transactional {
+            // The owner's pending row is invisible here: tell its process we wait.
+            self.notify(&format!("w{}", scope.to_hex())).await;
+        }
+        Ok(subscription)
+    }
+}

@@ -1,0 +1,271 @@
+//! Transactional mode's handle for the handler: [`Tx`], the database transaction that
+//! holds the reservation and that the record commits in.
+//!
+//! In [transactional mode](crate::PostgresStore::transactional) the reservation is the
+//! `INSERT` of the pending row inside a transaction on one of the pool's connections. The
+//! store keeps that transaction while the request is owned, and hands the handler a
+//! [`Tx`] as a request extension (through
+//! [`Store::owner_extensions`](tower_idempotency_core::Store::owner_extensions)); with the
+//! `axum` feature (on by default) `Tx` is an extractor. The handler runs its queries on
+//! it; after the handler returns, the layer asks the store to complete, which writes the
+//! record with the same transaction and `COMMIT`s, before the response is sent.
+//!
+//! - Lock it for the queries, and let the guard go before returning: [`Tx::lock`]
+//!   returns a guard that dereferences to [`PgConnection`], so `&mut *guard` is an
+//!   executor. Completing waits (up to the store's timeout) for a guard still held.
+//! - Do not `COMMIT` or `ROLLBACK` it with SQL: the store does both. Nested
+//!   transactions are savepoints: `guard.begin()` (sqlx's `Connection::begin`) gives one.
+//! - A failed query aborts the transaction: the commit then fails, and the caller gets 503
+//!   even if the handler answered 201. Use a savepoint around a query that may fail on
+//!   purpose.
+//! - **A release is a `ROLLBACK`**: when the handler's response is one the store policy
+//!   does not keep (by default a 4xx or 5xx), or the handler fails or panics, everything
+//!   it wrote in the transaction is undone with the reservation.
+//! - Only writes to this database, through this transaction, are exactly once. A call to
+//!   another service from the handler is not undone by a rollback.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # #[cfg(feature = "axum")]
+//! # mod example {
+//! use http::StatusCode;
+//! use tower_idempotency_postgres::{sqlx, Tx};
+//!
+//! async fn create_payment(tx: Tx) -> Result<StatusCode, StatusCode> {
+//!     let mut conn = tx.lock().await.map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+//!     sqlx::query("INSERT INTO payments (amount) VALUES ($1)")
+//!         .bind(1000_i64)
+//!         .execute(&mut *conn)
+//!         .await
+//!         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+//!     // The payment row and the idempotency record commit together, after this returns.
+//!     Ok(StatusCode::CREATED)
+//! }
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use sqlx::{PgConnection, Postgres, Transaction};
+use tokio::sync::OwnedMappedMutexGuard;
+use tower_idempotency_core::{FencingToken, ScopeHash};
+
+/// The open transaction of one owned scope.
+pub(crate) struct Slot {
+    pub(crate) token: FencingToken,
+    /// `None` once the store committed or rolled it back.
+    pub(crate) tx: Arc<tokio::sync::Mutex<Option<Transaction<'static, Postgres>>>>,
+    /// A waiter (in any process) said it waits for this scope: notify on commit/release.
+    pub(crate) waiter_seen: AtomicBool,
+}
+
+impl Slot {
+    pub(crate) fn new(token: FencingToken, tx: Transaction<'static, Postgres>) -> Self {
+        Slot {
+            token,
+            tx: Arc::new(tokio::sync::Mutex::new(Some(tx))),
+            waiter_seen: AtomicBool::new(false),
+        }
+    }
+}
+
+/// The open transactions of a store's owned scopes (shared by its clones).
+#[derive(Default)]
+pub(crate) struct Registry {
+    slots: Mutex<HashMap<ScopeHash, Arc<Slot>>>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("open", &self.lock().len())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// A poisoned lock only means a panic happened while it was held; each operation
+    /// below is a single map call.
+    fn lock(&self) -> MutexGuard<'_, HashMap<ScopeHash, Arc<Slot>>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn insert(&self, scope: ScopeHash, slot: Slot) {
+        self.lock().insert(scope, Arc::new(slot));
+    }
+
+    /// The slot of `scope` if `token` holds it.
+    pub(crate) fn get(&self, scope: &ScopeHash, token: FencingToken) -> Option<Arc<Slot>> {
+        self.lock()
+            .get(scope)
+            .filter(|slot| slot.token == token)
+            .cloned()
+    }
+
+    /// Takes the slot of `scope` out if `token` holds it.
+    pub(crate) fn remove(&self, scope: &ScopeHash, token: FencingToken) -> Option<Arc<Slot>> {
+        let mut slots = self.lock();
+        match slots.get(scope) {
+            Some(slot) if slot.token == token => slots.remove(scope),
+            _ => None,
+        }
+    }
+
+    /// A waiter announced itself for `scope`: its owner here notifies when it is done.
+    pub(crate) fn waiter_seen(&self, scope: &ScopeHash) {
+        if let Some(slot) = self.lock().get(scope) {
+            slot.waiter_seen.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// How many transactions are open.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// The database transaction of the request that owns its idempotency key, in
+/// [transactional mode](crate::PostgresStore::transactional). See the
+/// [module docs](crate::tx).
+///
+/// A request extension, and with the `axum` feature an extractor (also as `Option<Tx>`,
+/// which is `None` for a request that passed through without a key). Cheap to clone;
+/// every clone is the same transaction.
+#[derive(Clone)]
+pub struct Tx {
+    slot: Arc<Slot>,
+}
+
+impl fmt::Debug for Tx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tx")
+            .field("token", &self.slot.token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tx {
+    pub(crate) fn new(slot: Arc<Slot>) -> Self {
+        Tx { slot }
+    }
+
+    /// Waits for the transaction and returns a guard that dereferences to its
+    /// [`PgConnection`]: `sqlx::query(..).execute(&mut *guard)`. Queries of one request
+    /// run one at a time; drop the guard before the handler returns, because completing
+    /// waits for it.
+    ///
+    /// # Errors
+    ///
+    /// [`TxError::Finished`] once the store committed or rolled the transaction back (a
+    /// clone kept past the request).
+    pub async fn lock(&self) -> Result<TxGuard, TxError> {
+        let guard = self.slot.tx.clone().lock_owned().await;
+        tokio::sync::OwnedMutexGuard::try_map(guard, |tx| tx.as_mut().map(|tx| &mut **tx))
+            .map(|guard| TxGuard { guard })
+            .map_err(|_| TxError::Finished)
+    }
+
+    /// The fencing token of the reservation this transaction holds.
+    pub fn token(&self) -> FencingToken {
+        self.slot.token
+    }
+}
+
+/// The locked transaction of a [`Tx`]: dereferences to its [`PgConnection`].
+pub struct TxGuard {
+    guard: OwnedMappedMutexGuard<Option<Transaction<'static, Postgres>>, PgConnection>,
+}
+
+impl fmt::Debug for TxGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TxGuard").finish_non_exhaustive()
+    }
+}
+
+impl Deref for TxGuard {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.guard
+    }
+}
+
+impl DerefMut for TxGuard {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.guard
+    }
+}
+
+/// Why a [`Tx`] cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TxError {
+    /// The store already committed or rolled back the transaction: the request it
+    /// belonged to is over.
+    #[error("the idempotency transaction is finished (committed or rolled back)")]
+    Finished,
+}
+
+#[cfg(feature = "axum")]
+mod extract {
+    use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
+    use axum_core::response::{IntoResponse, Response};
+    use http::request::Parts;
+    use http::StatusCode;
+
+    use super::Tx;
+
+    /// The rejection of the [`Tx`] extractor: the request has no idempotency transaction.
+    /// A 500, since it is a wiring mistake, not the client's.
+    #[derive(Debug, Clone, Copy)]
+    #[non_exhaustive]
+    pub struct MissingTx;
+
+    impl std::fmt::Display for MissingTx {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(
+                "no idempotency transaction for this request: the route needs an \
+                 IdempotencyLayer on a transactional PostgresStore, and the request an \
+                 Idempotency-Key (use Option<Tx> where the key is optional)",
+            )
+        }
+    }
+
+    impl std::error::Error for MissingTx {}
+
+    impl IntoResponse for MissingTx {
+        fn into_response(self) -> Response {
+            tracing::error!("{self}");
+            (StatusCode::INTERNAL_SERVER_ERROR, self.to_string()).into_response()
+        }
+    }
+
+    impl<S: Send + Sync> FromRequestParts<S> for Tx {
+        type Rejection = MissingTx;
+
+        async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, MissingTx> {
+            parts.extensions.get::<Tx>().cloned().ok_or(MissingTx)
+        }
+    }
+
+    impl<S: Send + Sync> OptionalFromRequestParts<S> for Tx {
+        type Rejection = std::convert::Infallible;
+
+        async fn from_request_parts(
+            parts: &mut Parts,
+            _state: &S,
+        ) -> Result<Option<Self>, Self::Rejection> {
+            Ok(parts.extensions.get::<Tx>().cloned())
+        }
+    }
+}
+
+#[cfg(feature = "axum")]
+pub use extract::MissingTx;

@@ -1,0 +1,214 @@
+#![cfg(feature = "postgres")]
+//! Postgres for integration tests (feature `postgres`): [`database_url`] finds the shared
+//! server, [`TestSchema`] is a schema of one test's own, dropped when the test is done,
+//! and [`TestStore`] is a `PostgresStore` on a table in it that keeps the schema alive.
+//!
+//! The server is shared (and never reset): every test works in its own schema
+//! `tidem_<pid>_<nanos>_<n>` and drops only that.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_idempotency::postgres::sqlx::postgres::{PgPool, PgPoolOptions};
+use tower_idempotency::postgres::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
+use tower_idempotency::postgres::PostgresStore;
+use tower_idempotency::{
+    Completion, FencingToken, Fingerprint, Record, Reservation, ScopeHash, Store, StoreError,
+};
+
+const NO_POSTGRES: &str = "no Postgres answered: set DATABASE_URL, or start one with \
+    `docker compose up -d postgres` (postgres:15, trust auth, database `test`)";
+
+/// `DATABASE_URL`, else `postgres://postgres@127.0.0.1:5432/test`.
+pub fn database_url() -> String {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => "postgres://postgres@127.0.0.1:5432/test".to_string(),
+    }
+}
+
+/// A pool of at most `max` connections on the test database; panics, naming
+/// `docker compose up -d postgres`, if none answers within 5 s.
+pub async fn pool(max: u32) -> PgPool {
+    let url = database_url();
+    let connect = PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&url);
+    match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok(pool)) => pool,
+        Ok(Err(e)) => panic!("{NO_POSTGRES}: cannot connect to {url}: {e}"),
+        Err(_) => panic!("{NO_POSTGRES}: {url} did not answer within 5 s"),
+    }
+}
+
+/// A schema of one test's own, created on [`TestSchema::create`] and dropped (with
+/// everything in it) when the last clone of its `Arc` goes.
+#[derive(Debug)]
+pub struct TestSchema {
+    pub name: String,
+}
+
+impl TestSchema {
+    pub async fn create() -> Arc<TestSchema> {
+        let name = format!(
+            "tidem_{}",
+            super::unique_suffix().replace('-', "_").to_lowercase()
+        );
+        let pool = pool(1).await;
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA {name}")))
+            .execute(&pool)
+            .await
+            .expect("create the test schema");
+        pool.close().await;
+        Arc::new(TestSchema { name })
+    }
+
+    /// `schema.table`.
+    pub fn table(&self, table: &str) -> String {
+        format!("{}.{table}", self.name)
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        // On a thread with its own runtime: Drop may run inside (or after) the test's.
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let mut conn = PgConnection::connect(&database_url()).await.ok()?;
+                // Sessions of the test that held locks in the schema are going away with
+                // its runtime; give them a moment rather than failing at once.
+                let sql = format!("SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {name} CASCADE");
+                let done = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut conn).await;
+                let _ = conn.close().await;
+                done.ok()
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(_))) {
+            eprintln!("warning: could not drop test schema {}", self.name);
+        }
+    }
+}
+
+/// A migrated `PostgresStore` on table `idem` in a fresh schema, on a pool of 16; the
+/// schema lives as long as any clone.
+pub async fn store() -> TestStore {
+    let schema = TestSchema::create().await;
+    let store = PostgresStore::new(pool(16).await).table(&schema.table("idem"));
+    store.migrate().await.expect("migrate");
+    TestStore::new(store, schema)
+}
+
+/// As [`store`], in transactional mode.
+pub async fn transactional_store() -> TestStore {
+    let s = store().await;
+    s.map(|store| store.transactional())
+}
+
+/// A store that keeps its test schema alive; derefs to the `PostgresStore`.
+#[derive(Clone, Debug)]
+pub struct TestStore {
+    // Dropped first: the store's pool goes before its schema is dropped.
+    store: PostgresStore,
+    pub schema: Arc<TestSchema>,
+}
+
+impl TestStore {
+    pub fn new(store: PostgresStore, schema: Arc<TestSchema>) -> Self {
+        TestStore { store, schema }
+    }
+
+    /// The same schema, with the store changed by `f` (e.g. another mode or setting).
+    pub fn map(self, f: impl FnOnce(PostgresStore) -> PostgresStore) -> Self {
+        TestStore {
+            store: f(self.store),
+            schema: self.schema,
+        }
+    }
+
+    pub fn store(&self) -> &PostgresStore {
+        &self.store
+    }
+
+    /// Runs `sql` (no result) on the store's pool.
+    pub async fn exec(&self, sql: &str) {
+        sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
+            .execute(self.store.pool())
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// `SELECT count(*)` of `table` in the test schema.
+    pub async fn count(&self, table: &str) -> i64 {
+        let sql = format!("SELECT count(*) FROM {}", self.schema.table(table));
+        sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_one(self.store.pool())
+            .await
+            .expect("count")
+    }
+}
+
+impl Deref for TestStore {
+    type Target = PostgresStore;
+
+    fn deref(&self) -> &PostgresStore {
+        &self.store
+    }
+}
+
+impl Store for TestStore {
+    type Subscription = <PostgresStore as Store>::Subscription;
+
+    async fn reserve(
+        &self,
+        scope: &ScopeHash,
+        fingerprint: &Fingerprint,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<Reservation, StoreError> {
+        self.store.reserve(scope, fingerprint, token, lease).await
+    }
+
+    async fn renew(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        self.store.renew(scope, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Completion, StoreError> {
+        self.store.complete(scope, token, record, ttl).await
+    }
+
+    fn owner_extensions(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+        extensions: &mut axum::http::Extensions,
+    ) {
+        self.store.owner_extensions(scope, token, extensions);
+    }
+
+    async fn release(&self, scope: &ScopeHash, token: FencingToken) -> Result<bool, StoreError> {
+        self.store.release(scope, token).await
+    }
+
+    async fn subscribe(&self, scope: &ScopeHash) -> Result<Self::Subscription, StoreError> {
+        self.store.subscribe(scope).await
+    }
+}
