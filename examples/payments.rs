@@ -7,7 +7,15 @@
 //! cargo run --example payments                        # in-memory store, 127.0.0.1:3000
 //! docker compose up -d redis
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --example payments
+//! docker compose up -d postgres
+//! DATABASE_URL=postgres://postgres@127.0.0.1:5432/test cargo run --example payments
 //! ```
+//!
+//! With `DATABASE_URL`, the idempotency store is a transactional `PostgresStore`: payments,
+//! orders and cancellations are rows in Postgres tables (`example_payments`,
+//! `example_orders`, `example_cancellations`, created at start-up), written in the
+//! idempotency transaction, so a response is stored if and only if its rows committed,
+//! and they survive a restart. Webhook counts stay in memory.
 //!
 //! Environment (a bad value stops it at start-up with a message on stderr, exit code 2):
 //!
@@ -16,6 +24,7 @@
 //! | `BIND` | `127.0.0.1:3000` | socket address to listen on |
 //! | `PAYMENTS_TTL_SECS` | `86400` | how long a `POST /payments` response is replayed |
 //! | `REDIS_URL` | unset: in-memory store | use the Redis store |
+//! | `DATABASE_URL` | unset | use Postgres (transactional store, rows in tables); not together with `REDIS_URL` |
 //! | `SHUTDOWN_GRACE_SECS` | `30` | on SIGTERM / Ctrl-C, how long to wait for work that hung-up clients left running |
 //! | `RUST_LOG` | `info` | log filter (`tracing-subscriber` env filter) |
 //!
@@ -87,6 +96,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use tower_idempotency::{DetachedWork, IdempotencyLayer, InFlight, MemoryStore, Store};
+use tower_idempotency_postgres::sqlx::{self, postgres::PgPool, Row};
+use tower_idempotency_postgres::{PostgresStore, Tx, TxGuard};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 
 /// TTL of `POST /payments` responses unless `PAYMENTS_TTL_SECS` says otherwise.
@@ -120,6 +131,8 @@ pub struct Config {
     pub payments_ttl: Duration,
     /// `REDIS_URL`: `None` is the in-memory store.
     pub redis_url: Option<String>,
+    /// `DATABASE_URL`: Postgres, transactional (payments and orders are rows).
+    pub database_url: Option<String>,
     /// `SHUTDOWN_GRACE_SECS`: how long shutdown waits for work that hung-up clients left
     /// running (their handlers finish and their records are stored).
     pub shutdown_grace: Duration,
@@ -131,14 +144,15 @@ impl Default for Config {
             bind: SocketAddr::from(([127, 0, 0, 1], 3000)),
             payments_ttl: PAYMENTS_TTL,
             redis_url: None,
+            database_url: None,
             shutdown_grace: SHUTDOWN_GRACE,
         }
     }
 }
 
 impl Config {
-    /// Reads `BIND`, `PAYMENTS_TTL_SECS`, `REDIS_URL` and `SHUTDOWN_GRACE_SECS`. A bad
-    /// value is an error, never a silent default.
+    /// Reads `BIND`, `PAYMENTS_TTL_SECS`, `REDIS_URL`, `DATABASE_URL` and
+    /// `SHUTDOWN_GRACE_SECS`. A bad value is an error, never a silent default.
     pub fn from_env() -> Result<Self, String> {
         Self::from_vars(|name| std::env::var_os(name))
     }
@@ -190,6 +204,17 @@ impl Config {
             }
             config.redis_url = Some(url);
         }
+        if let Some(url) = text("DATABASE_URL")? {
+            if url.trim().is_empty() {
+                return Err(
+                    "DATABASE_URL is set but empty: unset it to use another store".to_string(),
+                );
+            }
+            if config.redis_url.is_some() {
+                return Err("REDIS_URL and DATABASE_URL are both set: choose one store".to_string());
+            }
+            config.database_url = Some(url);
+        }
         Ok(config)
     }
 }
@@ -206,6 +231,17 @@ pub fn app<St: Store>(store: St, config: &Config) -> Router {
 /// [`app`], with the work its idempotency layers detach from hung-up requests tracked in
 /// `detached` (what [`serve_until`] waits for at shutdown).
 pub fn tracked_app<St: Store>(store: St, config: &Config, detached: &DetachedWork) -> Router {
+    tracked_app_on(store, AppState::default(), config, detached)
+}
+
+/// [`tracked_app`] on `state`: in memory ([`AppState::default`]) or in Postgres
+/// ([`AppState::postgres`], with a transactional [`PostgresStore`]).
+pub fn tracked_app_on<St: Store>(
+    store: St,
+    state: AppState,
+    config: &Config,
+    detached: &DetachedWork,
+) -> Router {
     // Every policy resolves the tenant from the extension the auth layer sets. Each is
     // a `route_layer`, so a PATCH to a POST-only route still gets axum's 405.
     let policy = |ttl: Duration| {
@@ -245,7 +281,7 @@ pub fn tracked_app<St: Store>(store: St, config: &Config, detached: &DetachedWor
         )
         .route("/webhooks", get(webhook_counts))
         .layer(middleware::from_fn(auth))
-        .with_state(AppState::default())
+        .with_state(state)
 }
 
 /// The caller, set by [`auth`] and read by the idempotency layer
@@ -307,10 +343,14 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, &'static str> {
 // State
 // ---------------------------------------------------------------------------------------
 
-/// Everything the handlers did, per tenant: each entry is one execution.
+/// Everything the handlers did, per tenant: each entry is one execution. In memory, or
+/// with [`AppState::postgres`] payments, orders and cancellations are rows in Postgres.
 #[derive(Clone, Debug, Default)]
 pub struct AppState {
     tenants: Arc<Mutex<HashMap<String, TenantData>>>,
+    /// `Some` in Postgres mode: the pool the listing routes read from (the creating routes
+    /// write through the idempotency transaction, [`Tx`]).
+    db: Option<PgPool>,
 }
 
 #[derive(Debug, Default)]
@@ -321,7 +361,29 @@ struct TenantData {
     webhooks: BTreeMap<String, u64>,
 }
 
+/// The example's own tables, next to the idempotency table (`CREATE ... IF NOT EXISTS`, so
+/// a restart keeps the rows). `seq` orders the listings, oldest first.
+const SCHEMA: &str = "\
+    CREATE TABLE IF NOT EXISTS example_payments (seq bigserial PRIMARY KEY, id text NOT NULL UNIQUE, \
+        tenant text NOT NULL, amount bigint NOT NULL, currency text NOT NULL, created_at text NOT NULL); \
+    CREATE TABLE IF NOT EXISTS example_orders (seq bigserial PRIMARY KEY, id text NOT NULL UNIQUE, \
+        tenant text NOT NULL, item text NOT NULL, quantity bigint NOT NULL, created_at text NOT NULL); \
+    CREATE TABLE IF NOT EXISTS example_cancellations (seq bigserial PRIMARY KEY, \
+        tenant text NOT NULL, order_id text NOT NULL)";
+
 impl AppState {
+    /// Postgres mode on `pool`: creates the example's tables if they are missing.
+    pub async fn postgres(pool: PgPool) -> Result<Self, String> {
+        sqlx::raw_sql(SCHEMA)
+            .execute(&pool)
+            .await
+            .map_err(|e| format!("cannot create the example's tables: {e}"))?;
+        Ok(AppState {
+            tenants: Arc::default(),
+            db: Some(pool),
+        })
+    }
+
     fn with<T>(&self, tenant: &Tenant, f: impl FnOnce(&mut TenantData) -> T) -> T {
         // A handler never panics while holding the lock; recover the data if one did.
         let mut tenants = self
@@ -358,6 +420,7 @@ pub struct Payment {
 async fn create_payment(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
+    tx: Option<Tx>,
     body: Result<Json<NewPayment>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Payment>), AppError> {
     let Json(new) = body?;
@@ -376,7 +439,27 @@ async fn create_payment(
         currency: new.currency,
         created_at: now_rfc3339(),
     };
-    state.with(&tenant, |t| t.payments.push(payment.clone()));
+    match &state.db {
+        None => state.with(&tenant, |t| t.payments.push(payment.clone())),
+        Some(_) => {
+            let amount = i64::try_from(payment.amount)
+                .map_err(|_| AppError::invalid("`amount` is too large"))?;
+            // In the idempotency transaction: the row commits with the stored response.
+            let mut conn = transaction(tx).await?;
+            sqlx::query(
+                "INSERT INTO example_payments (id, tenant, amount, currency, created_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&payment.id)
+            .bind(&tenant.0)
+            .bind(amount)
+            .bind(&payment.currency)
+            .bind(&payment.created_at)
+            .execute(&mut *conn)
+            .await
+            .map_err(AppError::database)?;
+        }
+    }
     tracing::info!(id = %payment.id, amount = payment.amount, "payment created");
     Ok((StatusCode::CREATED, Json(payment)))
 }
@@ -384,8 +467,31 @@ async fn create_payment(
 async fn list_payments(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-) -> Json<Vec<Payment>> {
-    Json(state.with(&tenant, |t| t.payments.clone()))
+) -> Result<Json<Vec<Payment>>, AppError> {
+    let Some(pool) = &state.db else {
+        return Ok(Json(state.with(&tenant, |t| t.payments.clone())));
+    };
+    let rows = sqlx::query(
+        "SELECT id, amount, currency, created_at FROM example_payments \
+         WHERE tenant = $1 ORDER BY seq",
+    )
+    .bind(&tenant.0)
+    .fetch_all(pool)
+    .await
+    .map_err(AppError::database)?;
+    let payments = rows
+        .iter()
+        .map(|row| {
+            Ok(Payment {
+                id: row.try_get("id")?,
+                amount: u64::try_from(row.try_get::<i64, _>("amount")?).unwrap_or_default(),
+                currency: row.try_get("currency")?,
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(AppError::database)?;
+    Ok(Json(payments))
 }
 
 /// `POST /orders` body.
@@ -415,6 +521,7 @@ pub struct Order {
 async fn create_order(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
+    tx: Option<Tx>,
     body: Result<Json<NewOrder>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Order>), AppError> {
     let Json(new) = body?;
@@ -430,7 +537,24 @@ async fn create_order(
         quantity: new.quantity,
         created_at: now_rfc3339(),
     };
-    state.with(&tenant, |t| t.orders.push(order.clone()));
+    match &state.db {
+        None => state.with(&tenant, |t| t.orders.push(order.clone())),
+        Some(_) => {
+            let mut conn = transaction(tx).await?;
+            sqlx::query(
+                "INSERT INTO example_orders (id, tenant, item, quantity, created_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&order.id)
+            .bind(&tenant.0)
+            .bind(&order.item)
+            .bind(i64::from(order.quantity))
+            .bind(&order.created_at)
+            .execute(&mut *conn)
+            .await
+            .map_err(AppError::database)?;
+        }
+    }
     tracing::info!(id = %order.id, "order created");
     Ok((StatusCode::CREATED, Json(order)))
 }
@@ -440,19 +564,85 @@ async fn create_order(
 async fn cancel_order(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
+    tx: Option<Tx>,
     Path(id): Path<String>,
-) -> Json<serde_json::Value> {
-    state.with(&tenant, |t| t.cancelled.push(id.clone()));
+) -> Result<Json<serde_json::Value>, AppError> {
+    match &state.db {
+        None => state.with(&tenant, |t| t.cancelled.push(id.clone())),
+        Some(_) => {
+            let mut conn = transaction(tx).await?;
+            sqlx::query("INSERT INTO example_cancellations (tenant, order_id) VALUES ($1, $2)")
+                .bind(&tenant.0)
+                .bind(&id)
+                .execute(&mut *conn)
+                .await
+                .map_err(AppError::database)?;
+        }
+    }
     tracing::info!(order_id = %id, "order cancelled");
-    Json(serde_json::json!({ "order_id": id, "cancelled": true }))
+    Ok(Json(
+        serde_json::json!({ "order_id": id, "cancelled": true }),
+    ))
 }
 
 async fn list_orders(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
-) -> Json<serde_json::Value> {
-    state.with(&tenant, |t| {
-        Json(serde_json::json!({ "orders": t.orders, "cancelled": t.cancelled }))
+) -> Result<Json<serde_json::Value>, AppError> {
+    let Some(pool) = &state.db else {
+        return Ok(state.with(&tenant, |t| {
+            Json(serde_json::json!({ "orders": t.orders, "cancelled": t.cancelled }))
+        }));
+    };
+    let rows = sqlx::query(
+        "SELECT id, item, quantity, created_at FROM example_orders WHERE tenant = $1 ORDER BY seq",
+    )
+    .bind(&tenant.0)
+    .fetch_all(pool)
+    .await
+    .map_err(AppError::database)?;
+    let orders = rows
+        .iter()
+        .map(|row| {
+            Ok(Order {
+                id: row.try_get("id")?,
+                item: row.try_get("item")?,
+                quantity: u32::try_from(row.try_get::<i64, _>("quantity")?).unwrap_or_default(),
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(AppError::database)?;
+    let cancelled: Vec<String> = sqlx::query_scalar(
+        "SELECT order_id FROM example_cancellations WHERE tenant = $1 ORDER BY seq",
+    )
+    .bind(&tenant.0)
+    .fetch_all(pool)
+    .await
+    .map_err(AppError::database)?;
+    Ok(Json(
+        serde_json::json!({ "orders": orders, "cancelled": cancelled }),
+    ))
+}
+
+/// The request's idempotency transaction, locked for the handler's writes. Every route
+/// that writes rows requires a key, so in Postgres mode it is always there.
+async fn transaction(tx: Option<Tx>) -> Result<TxGuard, AppError> {
+    let tx = tx.ok_or_else(|| {
+        tracing::error!("Postgres mode without an idempotency transaction");
+        AppError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "no idempotency transaction",
+        )
+    })?;
+    tx.lock().await.map_err(|e| {
+        tracing::error!(error = %e, "idempotency transaction unusable");
+        AppError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "transaction finished",
+        )
     })
 }
 
@@ -514,6 +704,17 @@ impl AppError {
 
     fn invalid(detail: impl Into<String>) -> Self {
         AppError::new(StatusCode::BAD_REQUEST, "invalid-request", detail)
+    }
+
+    /// A database error: logged, answered 500 (the idempotency layer then rolls the
+    /// request's transaction back and releases the key).
+    fn database(err: sqlx::Error) -> Self {
+        tracing::error!(error = %err, "database error");
+        AppError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the database failed; retry with the same key",
+        )
     }
 }
 
@@ -610,13 +811,59 @@ async fn start() -> Result<(), StartError> {
     tracing_subscriber::fmt().with_env_filter(filter).init();
 
     let config = Config::from_env().map_err(StartError::Config)?;
+    if let Some(url) = &config.database_url {
+        let (store, state) = postgres_store(url).await.map_err(StartError::Config)?;
+        return serve(store, state, "postgres", &config).await;
+    }
     match &config.redis_url {
-        None => serve(MemoryStore::default(), "memory", &config).await,
+        None => {
+            serve(
+                MemoryStore::default(),
+                AppState::default(),
+                "memory",
+                &config,
+            )
+            .await
+        }
         Some(url) => {
             let store = redis_store(url).await.map_err(StartError::Config)?;
-            serve(store, "redis", &config).await
+            serve(store, AppState::default(), "redis", &config).await
         }
     }
+}
+
+/// For `DATABASE_URL`: a pool, the idempotency table (created if missing) behind a
+/// transactional store, and the example's own tables. An invalid or unreachable URL is an
+/// error, never a silent fallback to memory.
+///
+/// The idle-in-transaction limit is raised above the longest `delay_ms` (60 s): a handler
+/// that sleeps `delay_ms` holds its transaction idle meanwhile, and the store's default
+/// (the lease, 30 s) would end it (a 503). A real app sets it above its slowest wait.
+pub async fn postgres_store(url: &str) -> Result<(PostgresStore, AppState), String> {
+    use tower_idempotency_postgres::sqlx::postgres::PgPoolOptions;
+
+    let pool = PgPoolOptions::new()
+        .max_connections(32)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(|e| format!("cannot connect to DATABASE_URL: {e}"))?;
+    let store = PostgresStore::new(pool.clone())
+        .transactional()
+        .idle_in_transaction_timeout(MAX_DELAY + Duration::from_secs(30));
+    store
+        .migrate()
+        .await
+        .map_err(|e| format!("cannot create the idempotency table: {e}"))?;
+    let store = store
+        .init()
+        .await
+        .map_err(|e| format!("Postgres at DATABASE_URL is not usable: {e}"))?;
+    if let Some(report) = store.check_report() {
+        tracing::info!(%report, "postgres store ready");
+    }
+    let state = AppState::postgres(pool).await?;
+    Ok((store, state))
 }
 
 /// The Redis store for `REDIS_URL`: connected, scripts loaded on every primary, and its
@@ -657,7 +904,12 @@ async fn redis_store(url: &str) -> Result<impl Store, String> {
     Ok(store)
 }
 
-async fn serve<St: Store>(store: St, kind: &str, config: &Config) -> Result<(), StartError> {
+async fn serve<St: Store>(
+    store: St,
+    state: AppState,
+    kind: &str,
+    config: &Config,
+) -> Result<(), StartError> {
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .map_err(|e| StartError::Runtime(format!("cannot listen on {}: {e}", config.bind)))?;
@@ -667,7 +919,7 @@ async fn serve<St: Store>(store: St, kind: &str, config: &Config) -> Result<(), 
         payments_ttl_secs = config.payments_ttl.as_secs(),
         "payments example listening on http://{addr}"
     );
-    serve_until(listener, store, config.clone(), shutdown_signal())
+    serve_until_on(listener, store, state, config.clone(), shutdown_signal())
         .await
         .map_err(StartError::Runtime)?;
     tracing::info!("shut down");
@@ -684,8 +936,19 @@ pub async fn serve_until<St: Store>(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    serve_until_on(listener, store, AppState::default(), config, shutdown).await
+}
+
+/// [`serve_until`] on `state` (in memory, or [`AppState::postgres`]).
+pub async fn serve_until_on<St: Store>(
+    listener: tokio::net::TcpListener,
+    store: St,
+    state: AppState,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
     let detached = DetachedWork::new();
-    axum::serve(listener, tracked_app(store, &config, &detached))
+    axum::serve(listener, tracked_app_on(store, state, &config, &detached))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))?;

@@ -606,6 +606,15 @@ fn config_from_env_rejects_bad_values() {
         Some("redis://127.0.0.1:6379")
     );
     assert!(config_from(&[("REDIS_URL", "")]).is_err());
+
+    let pg = config_from(&[("DATABASE_URL", "postgres://postgres@127.0.0.1/test")]).unwrap();
+    assert_eq!(
+        pg.database_url.as_deref(),
+        Some("postgres://postgres@127.0.0.1/test")
+    );
+    assert!(config_from(&[("DATABASE_URL", " ")]).is_err());
+    let both = config_from(&[("REDIS_URL", "redis://x"), ("DATABASE_URL", "postgres://x")]);
+    assert!(both.unwrap_err().contains("choose one store"));
 }
 
 #[test]
@@ -695,4 +704,213 @@ fn shutdown_waits_for_the_work_of_a_hung_up_request() {
         );
         assert!(retry.replayed(), "stored before the first process exited");
     });
+}
+
+// ---------------------------------------------------------------------------------------
+// Postgres mode (DATABASE_URL): a transactional store, payments and orders as rows
+// ---------------------------------------------------------------------------------------
+
+/// The example in Postgres mode, each test on a schema of its own (through the URL's
+/// `search_path`), as `DATABASE_URL` would configure it.
+#[cfg(feature = "postgres")]
+mod postgres_mode {
+    use super::*;
+    use crate::support::postgres::{database_url, TestSchema};
+    use std::sync::Arc;
+    use tower_idempotency_postgres::sqlx::{self, AssertSqlSafe};
+
+    fn url(schema: &TestSchema) -> String {
+        format!(
+            "{}?options=-c%20search_path%3D{}",
+            database_url(),
+            schema.name
+        )
+    }
+
+    async fn pg_app(schema: &TestSchema) -> Router {
+        let (store, state) = payments::postgres_store(&url(schema)).await.unwrap();
+        let detached = tower_idempotency::DetachedWork::new();
+        payments::tracked_app_on(store, state, &Config::default(), &detached)
+    }
+
+    /// Rows of the example's `table` in `schema`, counted on a connection of its own.
+    async fn rows(schema: &TestSchema, table: &str) -> i64 {
+        let pool = crate::support::postgres::pool(1).await;
+        let sql = format!("SELECT count(*) FROM {}", schema.table(table));
+        let n = sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        n
+    }
+
+    fn pay(key: &str, amount: u64) -> Req {
+        post("/payments")
+            .token("alice")
+            .key(key)
+            .json(payment(amount))
+    }
+
+    /// Same HTTP contract as on memory; the payments are rows, written in the idempotency
+    /// transaction, read back by `GET /payments`, and still there after a restart (a new
+    /// app on a new pool), where retries still replay.
+    #[tokio::test]
+    async fn payments_and_orders_are_rows_that_survive_a_restart() {
+        let schema = TestSchema::create().await;
+        let app = pg_app(&schema).await;
+        let first = oneshot(&app, pay("pg-1", 1000))
+            .await
+            .expect(StatusCode::CREATED);
+        assert!(!first.replayed());
+        let retry = oneshot(&app, pay("pg-1", 1000))
+            .await
+            .expect(StatusCode::CREATED);
+        assert!(retry.replayed());
+        assert_eq!(retry.body, first.body);
+        let reused = oneshot(&app, pay("pg-1", 2000)).await;
+        assert_eq!(
+            reused.expect(StatusCode::UNPROCESSABLE_ENTITY).problem(),
+            "idempotency-key-reused"
+        );
+        // A 400 writes nothing and releases the key.
+        let bad = post("/payments")
+            .token("alice")
+            .key("pg-2")
+            .json(json!({ "amount": 0, "currency": "EUR" }));
+        oneshot(&app, bad).await.expect(StatusCode::BAD_REQUEST);
+        oneshot(&app, pay("pg-2", 5))
+            .await
+            .expect(StatusCode::CREATED);
+        let order = post("/orders")
+            .token("alice")
+            .key("o-1")
+            .json(json!({ "item": "book" }));
+        let order = oneshot(&app, order).await.expect(StatusCode::CREATED);
+        oneshot(&app, post("/orders/1/cancel").token("alice").key("c-1"))
+            .await
+            .expect(StatusCode::OK);
+        let list = payments_of(&app, "alice").await;
+        assert_eq!(list.len(), 2, "{list:?}");
+        assert_eq!(list[0]["id"].as_str(), Some(first.id().as_str()));
+        assert_eq!(rows(&schema, "example_payments").await, 2);
+        assert!(payments_of(&app, "bob").await.is_empty());
+
+        // Restart: a new process would connect anew and find the same rows and records.
+        let restarted = pg_app(&schema).await;
+        let list = payments_of(&restarted, "alice").await;
+        assert_eq!(list.len(), 2, "the payments survived the restart");
+        assert_eq!(list[0]["amount"], 1000);
+        assert_eq!(list[0]["created_at"], first.json()["created_at"]);
+        let retry = oneshot(&restarted, pay("pg-1", 1000))
+            .await
+            .expect(StatusCode::CREATED);
+        assert!(retry.replayed());
+        assert_eq!(retry.body, first.body, "byte-identical after the restart");
+        let orders = oneshot(&restarted, get("/orders").token("alice")).await;
+        let orders = orders.expect(StatusCode::OK).json();
+        assert_eq!(
+            orders["orders"][0]["id"].as_str(),
+            Some(order.id().as_str())
+        );
+        assert_eq!(orders["cancelled"], json!(["1"]));
+        assert_eq!(rows(&schema, "example_payments").await, 2);
+    }
+
+    /// 16 concurrent retries over TCP: one payment row, one original answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_retries_write_one_row() {
+        let schema = TestSchema::create().await;
+        let app = pg_app(&schema).await;
+        let addr = serve(app.clone()).await;
+        let body = json!({ "amount": 1200, "currency": "EUR", "delay_ms": 200 });
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let req = post("/payments")
+                    .token("alice")
+                    .key("pg-concurrent")
+                    .json(body.clone());
+                tokio::spawn(over_tcp(addr, req))
+            })
+            .collect();
+        let mut replies = Vec::new();
+        for task in tasks {
+            replies.push(task.await.unwrap().expect(StatusCode::CREATED));
+        }
+        let id = replies[0].id();
+        assert!(replies.iter().all(|r| r.id() == id), "one payment id");
+        assert_eq!(replies.iter().filter(|r| !r.replayed()).count(), 1);
+        assert_eq!(rows(&schema, "example_payments").await, 1);
+    }
+
+    /// The process dies mid-request, as with SIGKILL: no graceful shutdown, no detached
+    /// work, its connections just close. Here the "process" is a runtime of its own that
+    /// is dropped (in-process, like `shutdown_waits_for_the_work_of_a_hung_up_request`;
+    /// a real child process would need the example binary built first, which
+    /// `cargo test --test it` does not do). Postgres aborts the open transaction: no row,
+    /// no record; the client's retry on the restarted process runs exactly once.
+    #[test]
+    fn killed_process_mid_request_then_the_retry_runs_once() {
+        let runtime = || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let setup = runtime();
+        let schema: Arc<TestSchema> = setup.block_on(TestSchema::create());
+        drop(setup);
+        let body = json!({ "amount": 700, "currency": "EUR", "delay_ms": 1500 });
+        let pay = || {
+            post("/payments")
+                .token("alice")
+                .key("pg-killed")
+                .json(body.clone())
+        };
+
+        let first = runtime();
+        first.block_on(async {
+            let (store, state) = payments::postgres_store(&url(&schema)).await.unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(payments::serve_until_on(
+                listener,
+                store,
+                state,
+                Config::default(),
+                std::future::pending(),
+            ));
+            let mut request = tokio::spawn(over_tcp(addr, pay()));
+            // The handler is asleep in its 1.5 s delay, its transaction open.
+            let early = tokio::time::timeout(Duration::from_millis(600), &mut request).await;
+            assert!(early.is_err(), "the request was still running");
+        });
+        drop(first); // killed: every task and connection of the process goes at once
+
+        let second = runtime();
+        second.block_on(async {
+            assert_eq!(
+                rows(&schema, "example_payments").await,
+                0,
+                "nothing committed"
+            );
+            let app = pg_app(&schema).await;
+            let retry = oneshot(&app, pay()).await.expect(StatusCode::CREATED);
+            assert!(
+                !retry.replayed(),
+                "no record was left by the killed process"
+            );
+            let again = oneshot(&app, pay()).await.expect(StatusCode::CREATED);
+            assert!(again.replayed());
+            assert_eq!(again.id(), retry.id());
+            assert_eq!(
+                rows(&schema, "example_payments").await,
+                1,
+                "ran exactly once"
+            );
+        });
+        drop(second);
+        drop(schema);
+    }
 }
