@@ -157,9 +157,9 @@ pub use tower_idempotency_core::memory::{
     ENTRY_OVERHEAD_BYTES,
 };
 
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use tower_idempotency_redis as redis;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use tower_idempotency_postgres as postgres;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use tower_idempotency_redis as redis;
