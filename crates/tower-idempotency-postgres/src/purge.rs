@@ -1,5 +1,5 @@
 //! Deleting expired rows: [`PostgresStore::purge`] and the background
-//! [`PurgeTask`](crate::PurgeTask).
+//! [`PurgeTask`].
 //!
 //! An expired row already counts as absent (every statement compares `expires_at` with
 //! the database clock, and a reserve takes an expired row over), so purging is about

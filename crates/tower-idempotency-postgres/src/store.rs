@@ -31,7 +31,7 @@
 //! # Transactional mode
 //!
 //! [`transactional`](PostgresStore::transactional): the reservation `INSERT` runs in a
-//! transaction that the handler receives ([`Tx`](crate::Tx)) and that the record commits
+//! transaction that the handler receives ([`Tx`]) and that the record commits
 //! in. See the [crate docs](crate#transactional-mode).
 
 use std::fmt;
