@@ -59,8 +59,15 @@ hash_type!(Fingerprint);
 /// goes straight to the hasher, uncopied.
 struct Fields {
     hasher: blake3::Hasher,
-    small: Vec<u8>,
+    /// Short fields not yet hashed: on the stack, flushed to the hasher when full (what
+    /// is hashed is the same byte stream either way).
+    small: [u8; SMALL],
+    len: usize,
 }
+
+/// Room for the short fields of a typical request (method, path, query, content type,
+/// key), so they take one hasher update.
+const SMALL: usize = 256;
 
 /// The key of each use, derived once from its context string (blake3's derive-key mode).
 fn context_key(context: &'static str, cell: &'static OnceLock<[u8; 32]>) -> &'static [u8; 32] {
@@ -71,33 +78,51 @@ impl Fields {
     fn new(key: &[u8; 32]) -> Self {
         Fields {
             hasher: blake3::Hasher::new_keyed(key),
-            small: Vec::with_capacity(192),
+            small: [0; SMALL],
+            len: 0,
         }
+    }
+
+    /// Appends `bytes` to the buffer, flushing it to the hasher first if they do not fit
+    /// (and hashing them directly if they never would).
+    fn push(&mut self, bytes: &[u8]) {
+        if self.len + bytes.len() > SMALL {
+            self.flush();
+            if bytes.len() > SMALL {
+                self.hasher.update(bytes);
+                return;
+            }
+        }
+        self.small[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    fn flush(&mut self) {
+        self.hasher.update(&self.small[..self.len]);
+        self.len = 0;
     }
 
     fn field(&mut self, bytes: &[u8]) -> &mut Self {
         let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-        self.small.extend_from_slice(&len.to_le_bytes());
-        self.small.extend_from_slice(bytes);
+        self.push(&len.to_le_bytes());
+        self.push(bytes);
         self
     }
 
     fn large_field(&mut self, bytes: &[u8]) -> &mut Self {
-        self.small
-            .extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        self.push(&(bytes.len() as u64).to_le_bytes());
         if bytes.len() <= 128 {
             // Small bodies join the buffer: one update call for the whole input.
-            self.small.extend_from_slice(bytes);
+            self.push(bytes);
         } else {
-            self.hasher.update(&self.small);
-            self.small.clear();
+            self.flush();
             self.hasher.update(bytes);
         }
         self
     }
 
     fn finish(&mut self) -> [u8; 32] {
-        self.hasher.update(&self.small);
+        self.flush();
         *self.hasher.finalize().as_bytes()
     }
 }
@@ -196,5 +221,52 @@ mod tests {
         assert_ne!(base, fp(None, &HeaderMap::new(), b"{}"));
         assert_ne!(base, fp(None, &json, b"{ }"));
         assert_eq!(base, fp(None, &json, b"{}"));
+    }
+
+    /// Scope hashes name records already stored (in Redis, for a TTL of up to years):
+    /// they must never change between versions. Pinned values, with short fields, fields
+    /// longer than the buffer, and bodies over and under the inline limit.
+    #[test]
+    fn hashes_are_stable_across_versions() {
+        let scope = ScopeHash::new(Some(b"tenant-1"), &Method::POST, "/payments", b"8e03978e");
+        let long = ScopeHash::new(None, &Method::PATCH, &"/a".repeat(200), &[b'k'; 255]);
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let ct = [http::header::CONTENT_TYPE];
+        let fp = Fingerprint::new(
+            &Method::POST,
+            "/payments",
+            Some("x=1"),
+            &h,
+            &ct,
+            br#"{"amount":1}"#,
+        );
+        let big = Fingerprint::new(
+            &Method::POST,
+            &"/p".repeat(100),
+            Some(&"q".repeat(300)),
+            &h,
+            &ct,
+            &[7u8; 1000],
+        );
+        assert_eq!(
+            scope.to_hex(),
+            "5682c67002a5b3cf601e3194dc1515d8c5038678ce5cbd8b472626ad782e6153"
+        );
+        assert_eq!(
+            long.to_hex(),
+            "6101e8931ed6961f14d8a3c8726adde4fcdc4131e5c0305eb9265bedf8102da7"
+        );
+        assert_eq!(
+            fp.to_hex(),
+            "d0b04f613017e08bd673a5289ab57465976a036fe6b48837e4ac713fd47d02c2"
+        );
+        assert_eq!(
+            big.to_hex(),
+            "9bd095bbbd15844e9e3e47189b44c1fe05f2a0d38bb40d6d750db323efa5407f"
+        );
     }
 }

@@ -24,6 +24,8 @@
 //! );
 //! ```
 
+use std::borrow::Cow;
+
 use http::{HeaderMap, HeaderName};
 
 /// The default header name, `Idempotency-Key`.
@@ -61,41 +63,57 @@ pub enum KeyError {
 impl IdempotencyKey {
     /// Reads the key from `headers`: `Ok(None)` when the header is absent.
     pub fn from_headers(headers: &HeaderMap, name: &HeaderName) -> Result<Option<Self>, KeyError> {
-        let mut values = headers.get_all(name).iter();
-        let Some(value) = values.next() else {
-            return Ok(None);
-        };
-        if values.next().is_some() {
-            return Err(KeyError::Repeated);
-        }
-        Self::parse(value.as_bytes()).map(Some)
+        Ok(key_bytes(headers, name)?.map(|key| Self::from_valid(&key)))
     }
 
     /// Parses one header value.
     pub fn parse(raw: &[u8]) -> Result<Self, KeyError> {
-        let key = match raw.first() {
-            Some(b'"') => unquote(raw)?,
-            _ => raw.to_vec(),
-        };
-        if key.is_empty() {
-            return Err(KeyError::Empty);
-        }
-        if key.len() > MAX_KEY_LEN {
-            return Err(KeyError::TooLong);
-        }
-        if !key.iter().all(|b| (0x21..=0x7e).contains(b)) {
-            return Err(KeyError::InvalidByte);
-        }
-        // Visible ASCII only, so this cannot fail; map it anyway rather than unwrap.
-        String::from_utf8(key)
-            .map(IdempotencyKey)
-            .map_err(|_| KeyError::InvalidByte)
+        parse(raw).map(|key| Self::from_valid(&key))
+    }
+
+    /// From bytes [`parse`] accepted: visible ASCII, so valid UTF-8.
+    fn from_valid(key: &[u8]) -> Self {
+        IdempotencyKey(String::from_utf8_lossy(key).into_owned())
     }
 
     /// The key as sent, unescaped.
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// The key of `headers`, unescaped and validated, borrowed from the header value when it
+/// is a bare key (the common case: no allocation per request); `Ok(None)` when absent.
+pub(crate) fn key_bytes<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<Cow<'a, [u8]>>, KeyError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(KeyError::Repeated);
+    }
+    parse(value.as_bytes()).map(Some)
+}
+
+/// Unescapes and validates one header value.
+fn parse(raw: &[u8]) -> Result<Cow<'_, [u8]>, KeyError> {
+    let key = match raw.first() {
+        Some(b'"') => Cow::Owned(unquote(raw)?),
+        _ => Cow::Borrowed(raw),
+    };
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong);
+    }
+    if !key.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(KeyError::InvalidByte);
+    }
+    Ok(key)
 }
 
 /// Unescapes an RFC 8941 sf-string: `"`, then chars 0x20–0x7E where `"` and `\` must be

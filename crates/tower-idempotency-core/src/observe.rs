@@ -108,6 +108,9 @@ impl Outcome {
 /// install the recorder before serving (as `metrics` recommends).
 #[derive(Default)]
 pub(crate) struct Meters {
+    /// The first route this layer served: with `route_layer` usually its only one, found
+    /// without a lock or a hash.
+    first: OnceLock<Arc<RouteMeters>>,
     routes: RwLock<HashMap<Arc<str>, Arc<RouteMeters>>>,
 }
 
@@ -145,6 +148,17 @@ impl Wakeup {
 
 impl Meters {
     fn route(&self, route: &str) -> Arc<RouteMeters> {
+        if let Some(first) = self.first.get() {
+            if *first.route == *route {
+                return first.clone();
+            }
+        }
+        let meters = self.lookup(route);
+        let _ = self.first.set(meters.clone());
+        meters
+    }
+
+    fn lookup(&self, route: &str) -> Arc<RouteMeters> {
         // A poisoned lock only means a panic elsewhere while it was held; the map is
         // still a valid cache.
         if let Some(found) = self

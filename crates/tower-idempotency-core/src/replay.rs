@@ -31,14 +31,19 @@ pub(crate) fn stored_headers(
     headers: &HeaderMap,
     denied: &[HeaderName],
 ) -> Vec<(HeaderName, HeaderValue)> {
-    // Headers named in `Connection` are hop-by-hop too (RFC 9110 section 7.6.1).
-    let connection_named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
+    // Headers named in `Connection` are hop-by-hop too (RFC 9110 section 7.6.1). Most
+    // responses have no `Connection` header: no scan then.
+    let connection_named: Vec<HeaderName> = if headers.contains_key(header::CONNECTION) {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let dropped = |name: &HeaderName| {
         HOP_BY_HOP.contains(name)
             || name == header::UPGRADE

@@ -14,7 +14,7 @@ use crate::buffer::expects_continue_over;
 use crate::detach::DetachOnDrop;
 use crate::fingerprint::ScopeHash;
 use crate::future::ResponseFuture;
-use crate::key::IdempotencyKey;
+use crate::key::key_bytes;
 use crate::layer::IdempotencyLayer;
 use crate::observe::{Observer, Outcome};
 use crate::policy::Policy;
@@ -122,7 +122,7 @@ where
             observer.outcome(outcome);
             ResponseFuture::ready(shared.problem(problem, detail))
         };
-        let key = match IdempotencyKey::from_headers(&parts.headers, &policy.header) {
+        let key = match key_bytes(&parts.headers, &policy.header) {
             Ok(Some(key)) => key,
             Ok(None) if policy.require_key => {
                 let detail = format!("this endpoint requires an `{}` header", policy.header);
@@ -157,12 +157,7 @@ where
             let detail = format!("the request body is larger than {} bytes", policy.max_body);
             return reject(Outcome::TooLarge, Problem::BodyTooLarge, detail);
         }
-        let scope = ScopeHash::new(
-            tenant.as_deref(),
-            &parts.method,
-            scope_path(&parts),
-            key.as_str().as_bytes(),
-        );
+        let scope = ScopeHash::new(tenant.as_deref(), &parts.method, scope_path(&parts), &key);
         let span = tracing::debug_span!(
             "idempotency",
             route = observer.route(),

@@ -164,8 +164,11 @@ impl<S, St: crate::Store> Job<S, St> {
         })
         .await;
         match claimed {
+            // The owner's path holds the inner service's future, the body collection and
+            // the lease: boxed, so the future every request moves around (a replay's, a
+            // conflict's) stays small.
             Claim::Owner { token, reserved_at } => {
-                owner::own(self, bytes, token, reserved_at).await
+                Box::pin(owner::own(self, bytes, token, reserved_at)).await
             }
             Claim::Completed(Record::Response(stored)) => (Outcome::Replayed, Ok(replay(stored))),
             Claim::Completed(Record::NotReplayable) => {
@@ -197,8 +200,7 @@ impl<S, St: crate::Store> Job<S, St> {
                     mut inner, parts, ..
                 } = self;
                 let request = Request::from_parts(parts, RequestBody::buffered(bytes));
-                let output = inner
-                    .call(request)
+                let output = Box::pin(inner.call(request))
                     .await
                     .map(|response| response.map(ResponseBody::stream));
                 (Outcome::FailOpen, output)

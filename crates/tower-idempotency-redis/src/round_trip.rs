@@ -10,6 +10,7 @@
 //! `idempotency_store_commands_total{op="reserve"|"renew"|"complete"|"release"|"subscribe"|"unsubscribe"|"wait"}`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// The commands a [`RedisStore`](crate::RedisStore) (and all its clones) sent so far, per
 /// operation, from [`RedisStore::round_trips`](crate::RedisStore::round_trips).
@@ -78,20 +79,30 @@ impl Op {
 pub(crate) struct Counters {
     commands: [AtomicU64; Op::ALL.len()],
     local_replays: AtomicU64,
+    /// The metric handles, registered with the recorder on first use and reused: a
+    /// command then costs an atomic update, not a lookup in the recorder.
+    metrics: [OnceLock<metrics::Counter>; Op::ALL.len()],
+    local_metric: OnceLock<metrics::Counter>,
 }
 
 impl Counters {
     /// Counts one command sent for `op`, here and through `metrics`.
     pub(crate) fn count(&self, op: Op) {
         self.commands[op as usize].fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("idempotency_store_commands_total", "op" => op.as_str()).increment(1);
+        self.metrics[op as usize]
+            .get_or_init(
+                || metrics::counter!("idempotency_store_commands_total", "op" => op.as_str()),
+            )
+            .increment(1);
     }
 
     /// Counts one reserve answered from the local replay tier (no command sent), here and
     /// as `idempotency_store_local_replays_total`.
     pub(crate) fn local_replay(&self) {
         self.local_replays.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("idempotency_store_local_replays_total").increment(1);
+        self.local_metric
+            .get_or_init(|| metrics::counter!("idempotency_store_local_replays_total"))
+            .increment(1);
     }
 
     pub(crate) fn snapshot(&self) -> RoundTrips {

@@ -74,14 +74,30 @@ impl<C> fmt::Debug for RedisStore<C> {
 impl<C> RedisStore<C> {
     /// The key of a scope: `{prefix}{<scope hex>}`.
     pub fn key(&self, scope: &ScopeHash) -> String {
-        format!("{}{{{}}}", self.prefix, scope.to_hex())
+        tagged(&self.prefix, "", scope)
     }
 
     /// The wake-up channel of a scope: `{prefix}done:{<scope hex>}` (same hash tag as
     /// [`key`](Self::key)).
     pub fn channel(&self, scope: &ScopeHash) -> String {
-        format!("{}done:{{{}}}", self.prefix, scope.to_hex())
+        tagged(&self.prefix, "done:", scope)
     }
+}
+
+/// `{prefix}{infix}{<scope hex>}`, built in one allocation of the exact size: every
+/// command names its key, so this is on every request's path.
+fn tagged(prefix: &str, infix: &str, scope: &ScopeHash) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(prefix.len() + infix.len() + 66);
+    out.push_str(prefix);
+    out.push_str(infix);
+    out.push('{');
+    for byte in scope.as_bytes() {
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+    out.push('}');
+    out
 }
 
 impl<C> RedisStore<C>
