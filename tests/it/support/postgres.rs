@@ -32,8 +32,11 @@ pub fn database_url() -> String {
 /// `docker compose up -d postgres`, if none answers within 5 s.
 pub async fn pool(max: u32) -> PgPool {
     let url = database_url();
+    // A few connections kept open: opening one costs a backend fork, ~100 ms on a loaded
+    // 2-core machine, which a test's timing would otherwise absorb.
     let connect = PgPoolOptions::new()
         .max_connections(max)
+        .min_connections(max.min(4))
         .acquire_timeout(Duration::from_secs(10))
         .connect(&url);
     match tokio::time::timeout(Duration::from_secs(5), connect).await {
