@@ -41,7 +41,18 @@ macro_rules! hash_type {
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, concat!(stringify!($name), "({})"), self.to_hex())
+                write!(f, concat!(stringify!($name), "({})"), self)
+            }
+        }
+
+        /// The 64 lowercase hex digits, written without an allocation (a log field is
+        /// formatted only when a subscriber records it).
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                for byte in self.0 {
+                    write!(f, "{byte:02x}")?;
+                }
+                Ok(())
             }
         }
     };

@@ -2,8 +2,9 @@
 //!
 //! On store, hop-by-hop headers (and any named in `Connection`), `Content-Length`,
 //! `Set-Cookie`, `Date` and the headers the policy denies are dropped; the rest keep their
-//! order, count and bytes. On replay the body is a full buffer, so its length is exact,
-//! and `Idempotent-Replayed: true` is added.
+//! order, count and bytes. On replay the body is a full buffer whose size hint is exact
+//! (the server writes `Content-Length` from it), and `Idempotent-Replayed: true` is
+//! added.
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -73,16 +74,15 @@ pub(crate) fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
         || status == StatusCode::NOT_MODIFIED
         || status.is_informational();
     let body = if bodiless { Bytes::new() } else { body };
-    let len = body.len();
+    // The body is one full buffer whose size hint is exact, so the server (hyper, and
+    // axum's router before it) writes the exact `Content-Length`: no header to format
+    // and allocate here.
     let mut response = Response::new(ResponseBody::full(body));
     *response.status_mut() = status;
     let map = response.headers_mut();
-    map.reserve(headers.len() + 2);
+    map.reserve(headers.len() + 1);
     for (name, value) in headers {
         map.append(name, value);
-    }
-    if !bodiless {
-        map.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     map.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     response
@@ -128,12 +128,23 @@ mod tests {
 
     #[test]
     fn no_content_replays_empty() {
-        let r: Response<ResponseBody<()>> = replay(StoredResponse {
+        let r: Response<ResponseBody<http_body_util::Empty<Bytes>>> = replay(StoredResponse {
             status: StatusCode::NO_CONTENT,
             headers: vec![],
             body: Bytes::from_static(b"x"),
         });
         assert!(r.headers().get(header::CONTENT_LENGTH).is_none());
         assert_eq!(r.headers()[IDEMPOTENT_REPLAYED], "true");
+        assert_eq!(http_body::Body::size_hint(r.body()).exact(), Some(0));
+    }
+
+    #[test]
+    fn a_replayed_body_has_an_exact_size_hint() {
+        let r: Response<ResponseBody<http_body_util::Empty<Bytes>>> = replay(StoredResponse {
+            status: StatusCode::CREATED,
+            headers: vec![],
+            body: Bytes::from_static(b"paid"),
+        });
+        assert_eq!(http_body::Body::size_hint(r.body()).exact(), Some(4));
     }
 }

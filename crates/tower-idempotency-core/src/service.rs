@@ -161,7 +161,7 @@ where
         let span = tracing::debug_span!(
             "idempotency",
             route = observer.route(),
-            scope = %scope.to_hex(),
+            scope = %scope,
         );
         let job = Job {
             inner,
