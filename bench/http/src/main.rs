@@ -289,9 +289,7 @@ async fn serve(args: Args) -> Result<(), String> {
         (Variant::Redis | Variant::RedisNoLocal, Some(client)) => {
             let store = RedisStore::new(client).prefix(prefix);
             let store = if args.variant == Variant::RedisNoLocal {
-                // TODO(local tier): .local_replays(None) — until the local replay tier
-                // lands, `redis-nolocal` is the same store as `redis`.
-                store
+                store.local_replays(None)
             } else {
                 store
             };
