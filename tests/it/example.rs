@@ -861,7 +861,7 @@ mod postgres_mode {
         let setup = runtime();
         let schema: Arc<TestSchema> = setup.block_on(TestSchema::create());
         drop(setup);
-        let body = json!({ "amount": 700, "currency": "EUR", "delay_ms": 1500 });
+        let body = json!({ "amount": 700, "currency": "EUR", "delay_ms": 900 });
         let pay = || {
             post("/payments")
                 .token("alice")
@@ -882,8 +882,8 @@ mod postgres_mode {
                 std::future::pending(),
             ));
             let mut request = tokio::spawn(over_tcp(addr, pay()));
-            // The handler is asleep in its 1.5 s delay, its transaction open.
-            let early = tokio::time::timeout(Duration::from_millis(600), &mut request).await;
+            // The handler is asleep in its 0.9 s delay, its transaction open.
+            let early = tokio::time::timeout(Duration::from_millis(400), &mut request).await;
             assert!(early.is_err(), "the request was still running");
         });
         drop(first); // killed: every task and connection of the process goes at once

@@ -314,7 +314,7 @@ async fn unreachable_postgres_is_503_or_pass_through() {
     for transactional in [false, true] {
         let mut store = PostgresStore::new(pool.clone())
             .table(direct.table_name())
-            .timeout(Duration::from_secs(1));
+            .timeout(Duration::from_millis(300));
         if transactional {
             store = store.transactional();
         }
@@ -683,10 +683,10 @@ async fn tx_lock_timeout_is_409_in_conflict_mode() {
         .await
         .map(|s| s.lock_timeout(Duration::from_millis(100)));
     let (app, router) = TxApp::new(store, |l| l.in_flight(InFlight::Conflict)).await;
-    let first = common::app::spawn_send(&router, request("k", r#"{"hold_ms": 1500}"#));
+    let first = common::app::spawn_send(&router, request("k", r#"{"hold_ms": 800}"#));
     app.inserted.notified().await;
     let started = tokio::time::Instant::now();
-    let r = send(&router, request("k", r#"{"hold_ms": 1500}"#)).await;
+    let r = send(&router, request("k", r#"{"hold_ms": 800}"#)).await;
     let waited = started.elapsed();
     assert_problem(&r, StatusCode::CONFLICT, "request-in-flight");
     assert!(r.headers.contains_key("retry-after"));
@@ -695,12 +695,12 @@ async fn tx_lock_timeout_is_409_in_conflict_mode() {
         "waited the lock timeout: {waited:?}"
     );
     assert!(
-        waited < Duration::from_millis(1400),
+        waited < Duration::from_millis(700),
         "not until the commit: {waited:?}"
     );
     let first = first.await.unwrap();
     assert_eq!(first.status, StatusCode::CREATED);
-    let again = send(&router, request("k", r#"{"hold_ms": 1500}"#)).await;
+    let again = send(&router, request("k", r#"{"hold_ms": 800}"#)).await;
     assert!(again.replayed());
     assert_eq!(app.runs(), 1);
     assert_eq!(app.rows().await, 1);
@@ -761,10 +761,10 @@ async fn tx_frozen_owner_is_cut_by_the_idle_timeout() {
         l.in_flight(InFlight::Wait(Duration::from_secs(10)))
     })
     .await;
-    let frozen = common::app::spawn_send(&router, request("k", r#"{"hold_ms": 1500}"#));
+    let frozen = common::app::spawn_send(&router, request("k", r#"{"hold_ms": 900}"#));
     app.inserted.notified().await;
-    let retry = send(&router, request("k", r#"{"hold_ms": 1500}"#)).await;
-    // The retry became the owner after the cut, and was itself idle for 1.5 s: the
+    let retry = send(&router, request("k", r#"{"hold_ms": 900}"#)).await;
+    // The retry became the owner after the cut, and was itself idle for 0.9 s: the
     // same idle timeout cut it too. Its caller gets 503 — and nothing was written.
     let frozen = frozen.await.unwrap();
     assert_problem(
