@@ -507,6 +507,7 @@ async fn one_renewal_schedule_across_the_whole_ownership() {
     };
     let first = spawn_send(&h.router, req());
     h.started.notified().await;
+    // The reserve and the handler's start happen at the same (paused) instant.
     let start = tokio::time::Instant::now();
     let mut probes = 0;
     while !first.is_finished() {
@@ -524,6 +525,23 @@ async fn one_renewal_schedule_across_the_whole_ownership() {
     assert_eq!(first.status, StatusCode::CREATED);
     assert!(probes >= 30, "probed all along the 31 s: {probes}");
     assert!(store.injected() == 1, "one renewal failed");
+    // One schedule: due one interval (5 s) after the last success, whatever the phase
+    // (handler until 19 s, body until 31 s); the failed one at 10 s retried after 100 ms.
+    let at: Vec<Duration> = store.renewals().iter().map(|t| *t - start).collect();
+    let ms = |ms: u64| Duration::from_millis(ms);
+    assert_eq!(
+        at,
+        [
+            ms(5_000),
+            ms(10_000),
+            ms(10_100),
+            ms(15_100),
+            ms(20_100),
+            ms(25_100),
+            ms(30_100)
+        ],
+        "renewals at"
+    );
     assert!(send(&h.router, req()).await.replayed());
     assert_eq!(h.runs(), 1, "the lease never lapsed");
 }

@@ -61,6 +61,8 @@ struct Shared {
     /// failed answers `RolledBack`), then forwards again.
     complete_answers: Mutex<Vec<Completion>>,
     calls: [AtomicUsize; 5],
+    /// When each renewal reached the wrapper (tokio time, so a paused clock is exact).
+    renewals: Mutex<Vec<tokio::time::Instant>>,
     injected: AtomicUsize,
     last_reservation: Mutex<Option<Reservation>>,
 }
@@ -111,7 +113,19 @@ impl<St: Store> Faults<St> {
         self.shared.injected.load(Ordering::SeqCst)
     }
 
+    /// When each renewal was asked for.
+    pub fn renewals(&self) -> Vec<tokio::time::Instant> {
+        self.shared.renewals.lock().unwrap().clone()
+    }
+
     fn check(&self, op: Op) -> Result<(), StoreError> {
+        if op == Op::Renew {
+            self.shared
+                .renewals
+                .lock()
+                .unwrap()
+                .push(tokio::time::Instant::now());
+        }
         let n = self.shared.calls[op as usize].fetch_add(1, Ordering::SeqCst);
         let last = self.shared.last_reservation.lock().unwrap().clone();
         let rules: Vec<Arc<Rule>> = self
