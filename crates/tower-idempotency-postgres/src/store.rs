@@ -191,19 +191,16 @@ impl PostgresStore {
         );
     }
 
-    /// The reserving statement, once more while a concurrent reserve's commit hides the
-    /// row from its snapshot.
-    async fn run_reserve<'e, E>(
+    /// Runs the reserving statement on `conn`, once more while a concurrent reserve's
+    /// commit hides the row from its snapshot (see [`crate::sql`]).
+    async fn run_reserve(
         &self,
-        executor: impl Fn() -> E,
+        conn: &mut sqlx::PgConnection,
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
         lease: Duration,
-    ) -> Result<Reservation, PostgresStoreError>
-    where
-        E: sqlx::PgExecutor<'e>,
-    {
+    ) -> Result<Reservation, PostgresStoreError> {
         for _ in 0..RESERVE_ATTEMPTS {
             self.count(Op::Reserve);
             let query = sqlx::query(AssertSqlSafe(self.sql.reserve.clone()))
@@ -211,7 +208,7 @@ impl PostgresStore {
                 .bind(fingerprint.as_bytes().as_slice())
                 .bind(token.to_bytes().as_slice())
                 .bind(millis(lease));
-            if let Some(row) = within(self.timeout, query.fetch_optional(executor())).await? {
+            if let Some(row) = within(self.timeout, query.fetch_optional(&mut *conn)).await? {
                 return answer(&row);
             }
         }
@@ -227,7 +224,8 @@ impl PostgresStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<Reservation, PostgresStoreError> {
-        self.run_reserve(|| &self.pool, scope, fingerprint, token, lease)
+        let mut conn = within(self.timeout, self.pool.acquire()).await?;
+        self.run_reserve(&mut conn, scope, fingerprint, token, lease)
             .await
     }
 
@@ -265,28 +263,15 @@ impl PostgresStore {
         }
         self.count(Op::Reserve);
         let mut tx = within(self.timeout, self.pool.begin_with(AssertSqlSafe(begin))).await?;
-        let answer = {
-            let conn = &mut *tx;
-            let mut answer = Err(PostgresStoreError::UnexpectedRow(String::new()));
-            for _ in 0..RESERVE_ATTEMPTS {
-                self.count(Op::Reserve);
-                let query = sqlx::query(AssertSqlSafe(self.sql.reserve.clone()))
-                    .bind(scope.as_bytes().as_slice())
-                    .bind(fingerprint.as_bytes().as_slice())
-                    .bind(token.to_bytes().as_slice())
-                    .bind(millis(lease));
-                answer = match within(self.timeout, query.fetch_optional(&mut *conn)).await {
-                    Ok(Some(row)) => self::answer(&row),
-                    Ok(None) => continue,
-                    Err(err) if err.sqlstate().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
-                        // Another transaction holds the scope's uncommitted row: in flight.
-                        Ok(Reservation::InFlight)
-                    }
-                    Err(err) => Err(err),
-                };
-                break;
+        let answer = match self
+            .run_reserve(&mut tx, scope, fingerprint, token, lease)
+            .await
+        {
+            Err(err) if err.sqlstate().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+                // Another transaction holds the scope's uncommitted row: in flight.
+                Ok(Reservation::InFlight)
             }
-            answer
+            other => other,
         };
         match answer {
             Ok(Reservation::Reserved) => {
@@ -342,10 +327,13 @@ impl PostgresStore {
         record: &Record,
         ttl: Duration,
     ) -> Completion {
-        let Some(slot) = self.shared.registry.remove(scope, token) else {
+        let Some(slot) = self.shared.registry.get(scope, token) else {
             // Completed before (a retried call), or never reserved here.
             return self.completed_before(scope, token).await;
         };
+        // Unregistered once the commit is over (or this future is dropped), not before:
+        // until then a renewal still answers that the owner holds the scope.
+        let _unregister = self.shared.registry.unregister_on_drop(*scope, token);
         let guard = match tokio::time::timeout(self.timeout, slot.tx.clone().lock_owned()).await {
             Ok(guard) => guard,
             Err(_) => {
@@ -451,9 +439,10 @@ impl PostgresStore {
         scope: &ScopeHash,
         token: FencingToken,
     ) -> Result<bool, PostgresStoreError> {
-        let Some(slot) = self.shared.registry.remove(scope, token) else {
+        let Some(slot) = self.shared.registry.get(scope, token) else {
             return Ok(false);
         };
+        let _unregister = self.shared.registry.unregister_on_drop(*scope, token);
         let mut guard = within(self.timeout, async {
             Ok::<_, PostgresStoreError>(slot.tx.clone().lock_owned().await)
         })

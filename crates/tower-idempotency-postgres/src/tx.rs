@@ -118,6 +118,20 @@ impl Registry {
         }
     }
 
+    /// Removes the slot of `scope` (if `token` holds it) when the returned guard drops:
+    /// at the end of a commit or rollback, or when its future is cancelled.
+    pub(crate) fn unregister_on_drop(
+        &self,
+        scope: ScopeHash,
+        token: FencingToken,
+    ) -> Unregister<'_> {
+        Unregister {
+            registry: self,
+            scope,
+            token,
+        }
+    }
+
     /// A waiter announced itself for `scope`: its owner here notifies when it is done.
     pub(crate) fn waiter_seen(&self, scope: &ScopeHash) {
         if let Some(slot) = self.lock().get(scope) {
@@ -128,6 +142,19 @@ impl Registry {
     /// How many transactions are open.
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
+    }
+}
+
+/// Removes a slot from its registry when dropped.
+pub(crate) struct Unregister<'a> {
+    registry: &'a Registry,
+    scope: ScopeHash,
+    token: FencingToken,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.registry.remove(&self.scope, self.token);
     }
 }
 
