@@ -94,7 +94,16 @@ impl Read {
     }
 
     fn into_bytes(self) -> Bytes {
-        self.first.unwrap_or_else(|| self.rest.freeze())
+        match self.first {
+            Some(first) => first,
+            // A body of several chunks grew a buffer by doubling; a stored record would
+            // keep all of that capacity alive (up to twice what a store counts). Copy it
+            // to its exact size when the slack is large: one copy, multi-chunk bodies only.
+            None if self.rest.capacity() > self.rest.len() + self.rest.len() / 4 => {
+                Bytes::copy_from_slice(&self.rest)
+            }
+            None => self.rest.freeze(),
+        }
     }
 }
 

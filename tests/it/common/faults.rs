@@ -193,6 +193,15 @@ impl<St: Store> Store for Faults<St> {
         self.inner.complete(scope, token, record, ttl).await
     }
 
+    fn owner_extensions(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+        extensions: &mut http::Extensions,
+    ) {
+        self.inner.owner_extensions(scope, token, extensions);
+    }
+
     async fn release(&self, scope: &ScopeHash, token: FencingToken) -> Result<bool, StoreError> {
         self.check(Op::Release)?;
         self.inner.release(scope, token).await

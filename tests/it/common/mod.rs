@@ -558,11 +558,20 @@ pub async fn hang_up_mid_handler_still_stores<St: Store>(store: St) {
     tokio::time::timeout(Duration::from_secs(5), h.finished.notified())
         .await
         .expect("the handler finished although the client hung up");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let retry = send(&h.router, post("/pay", Some("k"), "{}")).await;
+    // The record lands right after the handler: retry until it does (a 409 meanwhile),
+    // bounded, never a second run.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let retry = loop {
+        let retry = send(&h.router, post("/pay", Some("k"), "{}")).await;
+        if retry.replayed() || tokio::time::Instant::now() > deadline {
+            break retry;
+        }
+        assert_problem(&retry, StatusCode::CONFLICT, "request-in-flight");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         retry.replayed(),
-        "the result was stored although the caller left"
+        "the result was stored although the caller left: {retry:?}"
     );
     assert_eq!(h.runs(), 1);
 }
