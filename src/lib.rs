@@ -99,7 +99,10 @@
 //!
 //! - [`MemoryStore`] (feature `memory`, default): one process, tests, development.
 //! - `RedisStore` (feature `redis`): shared by every app server, on a `fred` client, pool,
-//!   Sentinel or Cluster client.
+//!   Sentinel or Cluster client; replays answered from a local tier with no round trip.
+//! - `PostgresStore` (feature `postgres`): shared by every app server on one database. In
+//!   its transactional mode the record commits in the handler's own transaction: exactly
+//!   once for what the handler writes to that database, with no lease window.
 //! - Your own: implement [`Store`].
 //!
 //! # What is guaranteed
@@ -117,6 +120,7 @@
 //! - `axum` (default): the scope uses axum's `OriginalUri` (nested routers) and metrics
 //!   are labelled by `MatchedPath`. Without it the layer is plain tower + http.
 //! - `redis`: the [`redis`] module, `RedisStore` on fred.
+//! - `postgres`: the [`postgres`] module, `PostgresStore` on sqlx 0.9 (needs Rust 1.94).
 //!
 //! [tower]: https://docs.rs/tower
 //! [axum]: https://docs.rs/axum

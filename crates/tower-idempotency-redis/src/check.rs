@@ -34,7 +34,7 @@ use crate::error::{within, DisplayChain, RedisStoreError};
 /// anything that weakens the store's guarantees or its waiters' wake-ups.
 ///
 /// Its `Display` is a few human-readable lines, for a start-up log or a CLI. See the
-/// [module docs](crate::check).
+/// [crate docs](crate).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckReport {
     server_version: Option<String>,

@@ -332,7 +332,7 @@ async fn unsubscribe_idle(
 ///
 /// Wake-ups are published only for a record that a reserve answered "in flight" for:
 /// subscribe, then re-read the scope. Where the server refused the subscription
-/// (`NOPERM`, see the [module docs](crate::subscriber)), only reconnects wake it, and the
+/// (`NOPERM`, see [ACL users](crate#acl-users)), only reconnects wake it, and the
 /// caller's polling finds the result.
 pub struct RedisSubscription {
     channel: String,
