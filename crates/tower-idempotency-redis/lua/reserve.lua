@@ -4,10 +4,12 @@
 -- ARGV[1]  request fingerprint (32 raw bytes)
 -- ARGV[2]  fencing token (16 raw bytes)
 -- ARGV[3]  lease in milliseconds
+-- ARGV[4]  '1' if the caller keeps completed records locally (it then needs their TTL)
 --
 -- Returns 1 (reserved), 2 (in flight), 3 (fingerprint mismatch), or for a completed
--- record {blob, pttl}: the record's blob (never parsed here) and its remaining TTL in
--- milliseconds, so a client may keep it locally no longer than Redis does.
+-- record {blob, pttl}: the record's blob (never parsed here) and, if asked for, its
+-- remaining TTL in milliseconds, so a client may keep it locally no longer than Redis
+-- does ({blob} otherwise).
 -- One read for every answer: a replay (the common retry) needs no second call.
 --
 -- Answering "in flight" marks the pending record (field `w` = 1): someone may now wait
@@ -26,7 +28,10 @@ end
 if st == 'c' then
   -- A completed hash always has `rec`; an empty blob would only come from a damaged
   -- hash, and the client then reports a decode error instead of replaying nothing.
-  return {rec or '', redis.call('PTTL', KEYS[1])}
+  if ARGV[4] == '1' then
+    return {rec or '', redis.call('PTTL', KEYS[1])}
+  end
+  return {rec or ''}
 end
 if tok == ARGV[2] then
   -- This token's own lease: the same reserve sent again (a client library re-sends a

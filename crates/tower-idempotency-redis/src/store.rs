@@ -171,6 +171,8 @@ where
             bytes(fingerprint.as_bytes()),
             bytes(&token.to_bytes()),
             millis(lease),
+            // Only a store that keeps records locally needs their TTL.
+            Value::Integer(i64::from(self.local.is_some())),
         ];
         let sent = Instant::now();
         let reply = self
