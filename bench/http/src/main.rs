@@ -2,8 +2,8 @@
 //! wrk over loopback.
 //!
 //! ```text
-//! bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor> --port <p>
-//!            [--redis-url <url>] [--workers <n>]
+//! bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres> --port <p>
+//!            [--redis-url <url>] [--database-url <url>] [--workers <n>]
 //! ```
 //!
 //! Every variant serves `POST /payments` with the same handler (it counts its runs and
@@ -19,10 +19,12 @@
 //! | `redis-nolocal` | the same with the local replay tier off |
 //! | `peer` | axum-idempotent 0.6 in direct-key mode, in a ruts 0.13 Redis session (plus `POST /login`) |
 //! | `floor` | hand-written: reserve = 1 `EVALSHA`, complete = 1 `EVALSHA`, replay = 1 `EVALSHA` |
+//! | `postgres` | `IdempotencyLayer` on a transactional `PostgresStore`; the handler also `INSERT`s one row through its `Tx` |
 //!
 //! All layers are attached per route (`post(h).route_layer(..)`, or `.layer(..)` for
 //! the peer, as its README and `bench/peer` do), keys are required, responses are kept
-//! for [`TTL_SECS`]. The server listens on 127.0.0.1 only and stops on SIGTERM or
+//! for [`TTL_SECS`]. The postgres variant works in a schema of its own, `bench_<pid>_<secs>`,
+//! created at start and dropped (`CASCADE`) when the server stops. The server listens on 127.0.0.1 only and stops on SIGTERM or
 //! Ctrl-C, printing its counters as one JSON line on stderr.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -45,6 +47,9 @@ use ruts::store::redis::RedisStore as PeerStore;
 use ruts::store::Ttl;
 use ruts::{CookieOptions, Session, SessionLayer};
 use tower_cookies::CookieManagerLayer;
+use tower_idempotency::postgres::sqlx::postgres::PgPoolOptions;
+use tower_idempotency::postgres::sqlx::{self, AssertSqlSafe, PgPool};
+use tower_idempotency::postgres::{PostgresStore, Tx};
 use tower_idempotency::redis::RedisStore;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
@@ -59,9 +64,17 @@ const SESSION_COOKIE: &str = "session";
 const REPLAYED: &str = "idempotent-replayed";
 /// Largest response the floor stores; the handler's is about 30 bytes.
 const FLOOR_MAX_RESPONSE: usize = 64 * 1024;
+/// The postgres variant's pool: every request in flight holds one connection from
+/// reserve to commit, and wrk keeps 32 requests in flight; 8 to spare so that a burst
+/// never waits for a connection (the store's `LISTEN` connection is detached from the
+/// pool and not counted here).
+const PG_POOL_SIZE: u32 = 40;
+/// Where the postgres variant connects unless `--database-url` or `$DATABASE_URL` says.
+const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
-const USAGE: &str = "usage: bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor> \
---port <port> [--redis-url <url>] [--workers <n>]";
+const USAGE: &str =
+    "usage: bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres> \
+--port <port> [--redis-url <url>] [--database-url <url>] [--workers <n>]";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Variant {
@@ -71,16 +84,18 @@ enum Variant {
     RedisNoLocal,
     Peer,
     Floor,
+    Postgres,
 }
 
 impl Variant {
-    const ALL: [(&'static str, Variant); 6] = [
+    const ALL: [(&'static str, Variant); 7] = [
         ("bare", Variant::Bare),
         ("memory", Variant::Memory),
         ("redis", Variant::Redis),
         ("redis-nolocal", Variant::RedisNoLocal),
         ("peer", Variant::Peer),
         ("floor", Variant::Floor),
+        ("postgres", Variant::Postgres),
     ];
 
     fn parse(name: &str) -> Option<Variant> {
@@ -106,6 +121,7 @@ struct Args {
     variant: Variant,
     port: u16,
     redis_url: String,
+    database_url: String,
     workers: usize,
 }
 
@@ -113,6 +129,8 @@ fn parse_args() -> Result<Args, String> {
     let mut variant = None;
     let mut port = None;
     let mut redis_url = "redis://127.0.0.1:6379".to_string();
+    let mut database_url =
+        std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_string());
     let mut workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -125,6 +143,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--port" => port = Some(value()?.parse().map_err(|e| format!("--port: {e}"))?),
             "--redis-url" => redis_url = value()?,
+            "--database-url" => database_url = value()?,
             "--workers" => {
                 workers = value()?.parse().map_err(|e| format!("--workers: {e}"))?;
                 if workers == 0 {
@@ -139,6 +158,7 @@ fn parse_args() -> Result<Args, String> {
         variant: variant.ok_or("--variant is required")?,
         port: port.ok_or("--port is required")?,
         redis_url,
+        database_url,
         workers,
     })
 }
@@ -184,6 +204,9 @@ struct Stats {
     handler_runs: AtomicU64,
     /// Commands the floor sent (its own count, to check against `INFO commandstats`).
     floor_commands: AtomicU64,
+    /// Rows the postgres variant's handler inserted through its `Tx`: one statement
+    /// each, on top of the store's own round trips.
+    pg_inserts: AtomicU64,
 }
 
 /// Where `GET /stats` finds the store's own round-trip counter, if there is one.
@@ -193,17 +216,32 @@ struct StatsState {
     stats: Arc<Stats>,
     store: Option<RedisStore<Client>>,
     memory: Option<MemoryStore>,
+    postgres: Option<PostgresStore>,
 }
 
 impl StatsState {
     fn json(&self) -> String {
-        let round_trips = self.store.as_ref().map(|s| s.round_trips());
+        let redis = self.store.as_ref().map(|s| s.round_trips());
+        let pg = self.postgres.as_ref().map(|s| s.round_trips());
+        // One set of keys for either store, so run.py reads them the same way.
+        let total = redis.map(|r| r.total).or(pg.map(|r| r.total));
+        let reserve = redis.map(|r| r.reserve).or(pg.map(|r| r.reserve));
+        let complete = redis.map(|r| r.complete).or(pg.map(|r| r.complete));
         serde_json::json!({
             "variant": self.variant.name(),
             "handler_runs": self.stats.handler_runs.load(Ordering::Relaxed),
-            "store_round_trips": round_trips.map(|r| r.total),
-            "store_reserve": round_trips.map(|r| r.reserve),
-            "store_complete": round_trips.map(|r| r.complete),
+            "store_round_trips": total,
+            "store_reserve": reserve,
+            "store_complete": complete,
+            "store_release": pg.map(|r| r.release),
+            "store_notify": pg.map(|r| r.notify),
+            "store_renew": pg.map(|r| r.renew),
+            "pg_inserts": (self.variant == Variant::Postgres)
+                .then(|| self.stats.pg_inserts.load(Ordering::Relaxed)),
+            "pg_open_transactions": self.postgres.as_ref().map(|s| s.open_transactions()),
+            "pg_server_version": self.postgres.as_ref()
+                .and_then(|s| s.check_report())
+                .map(|r| r.server_version().to_string()),
             "memory_entries": self.memory.as_ref().map(|m| m.len()),
             "memory_bytes": self.memory.as_ref().map(|m| m.bytes()),
             "floor_commands": (self.variant == Variant::Floor)
@@ -228,6 +266,41 @@ fn payments(stats: Arc<Stats>) -> MethodRouter {
                 [(header::CONTENT_TYPE, "application/json")],
                 format!(r#"{{"id":"pay_{run}","len":{}}}"#, body.len()),
             )
+        }
+    })
+}
+
+/// `POST /payments` for the postgres variant: the same run counter and the same 201 body
+/// as [`payments`], plus what a handler behind a transactional store is for: one
+/// `INSERT` into the run's `payments` table through the request's [`Tx`], which commits
+/// together with the idempotency record. `insert` is that statement, schema-qualified.
+fn payments_in_tx(stats: Arc<Stats>, insert: Arc<str>) -> MethodRouter {
+    post(move |tx: Tx, body: Bytes| {
+        let stats = stats.clone();
+        let insert = insert.clone();
+        async move {
+            let run = stats.handler_runs.fetch_add(1, Ordering::Relaxed) + 1;
+            let Ok(mut conn) = tx.lock().await else {
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            };
+            stats.pg_inserts.fetch_add(1, Ordering::Relaxed);
+            let inserted = sqlx::query(AssertSqlSafe(insert))
+                .bind(i64::try_from(run).unwrap_or(i64::MAX))
+                .bind(i32::try_from(body.len()).unwrap_or(i32::MAX))
+                .execute(&mut *conn)
+                .await;
+            // Completing waits for the guard: let it go before answering.
+            drop(conn);
+            if inserted.is_err() {
+                // The transaction is aborted now: the commit would fail anyway (503).
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
+            (
+                StatusCode::CREATED,
+                [(header::CONTENT_TYPE, "application/json")],
+                format!(r#"{{"id":"pay_{run}","len":{}}}"#, body.len()),
+            )
+                .into_response()
         }
     })
 }
@@ -257,7 +330,107 @@ async fn redis_client(url: &str) -> Result<Client, String> {
     }
 }
 
+/// The postgres variant's pool and the schema of its run: `bench_<pid>_<unix secs>`,
+/// created by [`PgSchema::create`] (with a small `payments` table for the handler's rows)
+/// and dropped by [`PgSchema::drop`], so runs sharing a database never meet and leave
+/// nothing behind.
+struct PgSchema {
+    pool: PgPool,
+    name: String,
+}
+
+/// `url` with its password, if any, as `***`: error messages end up in run logs.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+impl PgSchema {
+    async fn create(url: &str) -> Result<PgSchema, String> {
+        let connect = PgPoolOptions::new()
+            .max_connections(PG_POOL_SIZE)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url);
+        let pool = match tokio::time::timeout(Duration::from_secs(10), connect).await {
+            Ok(Ok(pool)) => pool,
+            Ok(Err(e)) => return Err(format!("cannot connect to {}: {e}", redact(url))),
+            Err(_) => return Err(format!("cannot connect to {} within 10 s", redact(url))),
+        };
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        // Only digits and underscores after a fixed prefix: a valid, unquoted identifier,
+        // which is what makes the `AssertSqlSafe` below true.
+        let name = format!("bench_{}_{secs}", std::process::id());
+        // Plain `CREATE SCHEMA`, not `IF NOT EXISTS`: a name that exists belongs to
+        // someone else, and `drop` must never drop it.
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE SCHEMA {name}; \
+             CREATE TABLE {name}.payments (id bigserial PRIMARY KEY, run bigint NOT NULL, \
+             len integer NOT NULL)"
+        )))
+        .execute(&pool)
+        .await
+        .map_err(|e| format!("CREATE SCHEMA {name}: {e}"))?;
+        Ok(PgSchema { pool, name })
+    }
+
+    /// The handler's statement.
+    fn insert(&self) -> Arc<str> {
+        format!(
+            "INSERT INTO {}.payments (run, len) VALUES ($1, $2)",
+            self.name
+        )
+        .into()
+    }
+
+    async fn drop(self) -> Result<(), String> {
+        let dropped = sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {} CASCADE", self.name)))
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("DROP SCHEMA {}: {e}", self.name));
+        self.pool.close().await;
+        dropped
+    }
+}
+
 async fn serve(args: Args) -> Result<(), String> {
+    // The schema goes whatever happens after it exists: a failed start drops it too.
+    let schema = if args.variant == Variant::Postgres {
+        Some(PgSchema::create(&args.database_url).await?)
+    } else {
+        None
+    };
+    let served = serve_with(args, schema.as_ref()).await;
+    let Some(schema) = schema else {
+        return served;
+    };
+    let name = schema.name.clone();
+    match (served, schema.drop().await) {
+        (Ok(()), Ok(())) => {
+            eprintln!("bench-http: dropped schema {name}");
+            Ok(())
+        }
+        (Ok(()), Err(e)) => Err(e),
+        (Err(e), dropped) => {
+            if let Err(d) = dropped {
+                eprintln!("bench-http: {d}");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn serve_with(args: Args, schema: Option<&PgSchema>) -> Result<(), String> {
     let stats = Arc::new(Stats::default());
     let client = if args.variant.uses_redis() {
         Some(redis_client(&args.redis_url).await?)
@@ -268,6 +441,7 @@ async fn serve(args: Args) -> Result<(), String> {
     let ttl = Duration::from_secs(TTL_SECS);
     let mut store_for_stats = None;
     let mut memory_for_stats = None;
+    let mut postgres_for_stats = None;
 
     let app: Router = match (args.variant, client) {
         (Variant::Bare, _) => Router::new().route("/payments", payments(stats.clone())),
@@ -313,6 +487,37 @@ async fn serve(args: Args) -> Result<(), String> {
                     .route_layer(middleware::from_fn_with_state(floor, floor_layer)),
             )
         }
+        (Variant::Postgres, _) => {
+            let schema = schema.ok_or("the postgres variant needs its schema")?;
+            // The default transactional settings: lock timeout 250 ms, idle-in-transaction
+            // limit = the layer's lease, store timeout 5 s.
+            let store = PostgresStore::new(schema.pool.clone())
+                .try_table(&format!("{}.idempotency", schema.name))
+                .map_err(|e| format!("PostgresStore::table: {e}"))?
+                .transactional();
+            store
+                .migrate()
+                .await
+                .map_err(|e| format!("PostgresStore::migrate: {e}"))?;
+            let store = store
+                .init()
+                .await
+                .map_err(|e| format!("PostgresStore::init: {e}"))?;
+            // `init` logs its warnings through tracing, which this binary does not
+            // install: print them, since they would change what is measured.
+            for warning in store.check_report().map_or(&[][..], |r| r.warnings()) {
+                eprintln!("bench-http: postgres check: {warning}");
+            }
+            postgres_for_stats = Some(store.clone());
+            let layer = IdempotencyLayer::new(store)
+                .global_scope()
+                .require_key()
+                .ttl(ttl);
+            Router::new().route(
+                "/payments",
+                payments_in_tx(stats.clone(), schema.insert()).route_layer(layer),
+            )
+        }
         (variant, None) => return Err(format!("{} needs Redis", variant.name())),
     };
 
@@ -321,6 +526,7 @@ async fn serve(args: Args) -> Result<(), String> {
         stats,
         store: store_for_stats,
         memory: memory_for_stats,
+        postgres: postgres_for_stats,
     };
     // Added after the variant's layers, so no idempotency (or session) layer sees it.
     let app = app.route("/stats", get(stats_handler).with_state(state.clone()));
