@@ -962,3 +962,38 @@ async fn tx_extractor_without_a_transaction() {
     let r = send(&router, common::app::post("/maybe", Some("k"), "{}")).await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
 }
+
+/// Replays of one key do not queue behind each other: the transactional reserve reads a
+/// completed row without locking it (`ON CONFLICT DO NOTHING`). Here another transaction
+/// holds a lock on the completed row (as a concurrent replay's `DO UPDATE` used to, until
+/// its rollback): the replay still answers from the row at once, never 409 after the
+/// lock timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_a_replay_never_waits_on_a_lock_of_the_completed_row() {
+    let store = support::postgres::transactional_store()
+        .await
+        .map(|s| s.lock_timeout(Duration::from_millis(100)));
+    let (app, router) = TxApp::new(store.clone(), |l| l.in_flight(InFlight::Conflict)).await;
+    let first = send(&router, request("hot", "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    // Another session locks the completed row and keeps its transaction open.
+    let table = store.schema.table("idem");
+    let mut holder = store.store().pool().begin().await.expect("begin");
+    let locked: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM (SELECT 1 FROM {table} WHERE state = 'completed' FOR UPDATE) x"
+    )))
+    .fetch_one(&mut *holder)
+    .await
+    .expect("lock the completed row");
+    assert_eq!(locked, 1);
+    let started = tokio::time::Instant::now();
+    let replays = join_all((0..8).map(|_| send(&router, request("hot", "{}")))).await;
+    let took = started.elapsed();
+    for r in &replays {
+        assert!(r.replayed(), "{r:?}");
+        assert_eq!(r.body, first.body);
+    }
+    holder.rollback().await.expect("rollback");
+    eprintln!("8 replays of a locked completed row took {took:?}");
+    assert_eq!(app.runs(), 1);
+}

@@ -133,6 +133,7 @@ pub(crate) struct Statements {
     pub(crate) table: TableName,
     pub(crate) schema: Arc<str>,
     pub(crate) reserve: Arc<str>,
+    pub(crate) reserve_tx: Arc<str>,
     pub(crate) complete: Arc<str>,
     pub(crate) completed_by: Arc<str>,
     pub(crate) release: Arc<str>,
@@ -178,6 +179,26 @@ impl Statements {
              UNION ALL \
              SELECT state, token = $3, fingerprint = $2, record, NULL FROM {t} \
              WHERE scope = $1 AND expires_at > statement_timestamp() AND NOT EXISTS (SELECT 1 FROM up)"
+        );
+        // Transactional mode's reserve: `ON CONFLICT DO NOTHING`, which (unlike `DO UPDATE`)
+        // locks no existing row. A completed row is read without a lock, so concurrent
+        // replays of one key do not queue behind each other's transactions; an uncommitted
+        // pending row still makes the insert wait (bounded by `lock_timeout`). An expired
+        // row is reported (`expired`) and taken over with `reserve`, the rare path.
+        let reserve_tx = format!(
+            "WITH ins AS (\
+               INSERT INTO {t} AS r (scope, fingerprint, state, token, record, expires_at, waiter) \
+               VALUES ($1, $2, 'pending', $3, NULL, statement_timestamp() + $4 * interval '1 millisecond', false) \
+               ON CONFLICT (scope) DO NOTHING \
+               RETURNING r.state\
+             ) \
+             SELECT state, true AS mine, true AS same, NULL::bytea AS record, false AS expired, \
+               set_config('lock_timeout', coalesce(nullif(current_setting('tower_idempotency.lock_timeout', true), ''), current_setting('lock_timeout')), true) AS restored \
+             FROM ins \
+             UNION ALL \
+             SELECT state, token = $3, fingerprint = $2, record, \
+               expires_at <= statement_timestamp(), NULL FROM {t} \
+             WHERE scope = $1 AND NOT EXISTS (SELECT 1 FROM ins)"
         );
         // $1 scope, $2 token, $3 record, $4 ttl in ms, $5 channel, $6 notify regardless of
         // the row's flag (transactional mode: a waiter in another process told us).
@@ -226,6 +247,7 @@ impl Statements {
             table,
             schema: schema.into(),
             reserve: reserve.into(),
+            reserve_tx: reserve_tx.into(),
             complete: complete.into(),
             completed_by: completed_by.into(),
             release: release.into(),

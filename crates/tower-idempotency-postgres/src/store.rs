@@ -217,6 +217,40 @@ impl PostgresStore {
         ))
     }
 
+    /// Transactional mode's reserve on `conn` (in its transaction): the lock-free
+    /// statement, and the taking over of an expired row through [`run_reserve`].
+    async fn run_reserve_tx(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        scope: &ScopeHash,
+        fingerprint: &Fingerprint,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<Reservation, PostgresStoreError> {
+        for _ in 0..RESERVE_ATTEMPTS {
+            self.count(Op::Reserve);
+            let query = sqlx::query(AssertSqlSafe(self.sql.reserve_tx.clone()))
+                .bind(scope.as_bytes().as_slice())
+                .bind(fingerprint.as_bytes().as_slice())
+                .bind(token.to_bytes().as_slice())
+                .bind(millis(lease));
+            match within(self.timeout, query.fetch_optional(&mut *conn)).await? {
+                Some(row) if row.try_get::<bool, _>("expired")? => {
+                    return self
+                        .run_reserve(conn, scope, fingerprint, token, lease)
+                        .await;
+                }
+                Some(row) => return answer(&row),
+                // The insert waited for a concurrent reserve that committed, and the
+                // statement's snapshot predates that row: run it again.
+                None => {}
+            }
+        }
+        Err(PostgresStoreError::UnexpectedRow(
+            "the scope's row kept changing under the reserve".into(),
+        ))
+    }
+
     async fn reserve_plain(
         &self,
         scope: &ScopeHash,
@@ -264,7 +298,7 @@ impl PostgresStore {
         self.count(Op::Reserve);
         let mut tx = within(self.timeout, self.pool.begin_with(AssertSqlSafe(begin))).await?;
         let answer = match self
-            .run_reserve(&mut tx, scope, fingerprint, token, lease)
+            .run_reserve_tx(&mut tx, scope, fingerprint, token, lease)
             .await
         {
             Err(err) if err.sqlstate().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
