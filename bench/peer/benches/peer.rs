@@ -139,6 +139,7 @@ fn memory_cases(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, run_id: 
     let our_store = || {
         MemoryStore::builder()
             .max_entries(OUR_MEMORY_ENTRIES)
+            .max_bytes(OUR_MEMORY_ENTRIES * 1024)
             .build()
     };
     let moka = || Arc::new(bench::moka_store());
