@@ -192,10 +192,13 @@ impl PostgresStore {
     }
 
     /// Runs the reserving statement on `conn`, once more while a concurrent reserve's
-    /// commit hides the row from its snapshot (see [`crate::sql`]).
+    /// commit hides the row from its snapshot (see [`crate::sql`]). In a transaction
+    /// (`locking == false`) it starts with the statement that locks no existing row, and
+    /// takes an expired row over with the locking one.
     async fn run_reserve(
         &self,
         conn: &mut sqlx::PgConnection,
+        mut locking: bool,
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
@@ -203,43 +206,18 @@ impl PostgresStore {
     ) -> Result<Reservation, PostgresStoreError> {
         for _ in 0..RESERVE_ATTEMPTS {
             self.count(Op::Reserve);
-            let query = sqlx::query(AssertSqlSafe(self.sql.reserve.clone()))
-                .bind(scope.as_bytes().as_slice())
-                .bind(fingerprint.as_bytes().as_slice())
-                .bind(token.to_bytes().as_slice())
-                .bind(millis(lease));
-            if let Some(row) = within(self.timeout, query.fetch_optional(&mut *conn)).await? {
-                return answer(&row);
-            }
-        }
-        Err(PostgresStoreError::UnexpectedRow(
-            "the scope's row kept changing under the reserve".into(),
-        ))
-    }
-
-    /// Transactional mode's reserve on `conn` (in its transaction): the lock-free
-    /// statement, and the taking over of an expired row through [`run_reserve`].
-    async fn run_reserve_tx(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        scope: &ScopeHash,
-        fingerprint: &Fingerprint,
-        token: FencingToken,
-        lease: Duration,
-    ) -> Result<Reservation, PostgresStoreError> {
-        for _ in 0..RESERVE_ATTEMPTS {
-            self.count(Op::Reserve);
-            let query = sqlx::query(AssertSqlSafe(self.sql.reserve_tx.clone()))
+            let sql = if locking {
+                &self.sql.reserve
+            } else {
+                &self.sql.reserve_tx
+            };
+            let query = sqlx::query(AssertSqlSafe(sql.clone()))
                 .bind(scope.as_bytes().as_slice())
                 .bind(fingerprint.as_bytes().as_slice())
                 .bind(token.to_bytes().as_slice())
                 .bind(millis(lease));
             match within(self.timeout, query.fetch_optional(&mut *conn)).await? {
-                Some(row) if row.try_get::<bool, _>("expired")? => {
-                    return self
-                        .run_reserve(conn, scope, fingerprint, token, lease)
-                        .await;
-                }
+                Some(row) if !locking && row.try_get::<bool, _>("expired")? => locking = true,
                 Some(row) => return answer(&row),
                 // The insert waited for a concurrent reserve that committed, and the
                 // statement's snapshot predates that row: run it again.
@@ -259,7 +237,7 @@ impl PostgresStore {
         lease: Duration,
     ) -> Result<Reservation, PostgresStoreError> {
         let mut conn = within(self.timeout, self.pool.acquire()).await?;
-        self.run_reserve(&mut conn, scope, fingerprint, token, lease)
+        self.run_reserve(&mut conn, true, scope, fingerprint, token, lease)
             .await
     }
 
@@ -298,7 +276,7 @@ impl PostgresStore {
         self.count(Op::Reserve);
         let mut tx = within(self.timeout, self.pool.begin_with(AssertSqlSafe(begin))).await?;
         let answer = match self
-            .run_reserve_tx(&mut tx, scope, fingerprint, token, lease)
+            .run_reserve(&mut tx, false, scope, fingerprint, token, lease)
             .await
         {
             Err(err) if err.sqlstate().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
