@@ -606,3 +606,33 @@ async fn a_rolled_back_completion_is_503_not_the_handlers_answer() {
     assert!(!retry.replayed(), "nothing was stored: the retry ran");
     assert_eq!(h.runs(), 2);
 }
+
+/// The largest values every setter accepts never overflow a clock or a counter: the
+/// requests they govern are answered, never a panic.
+#[tokio::test]
+async fn huge_config_values_do_not_panic() {
+    use std::time::Duration;
+    let (runs, h) = counted();
+    let huge = layer()
+        .drain(usize::MAX, Duration::MAX)
+        .retry_after(Duration::MAX)
+        .complete_retry(Duration::MAX)
+        .max_body(16)
+        .in_flight(tower_idempotency::InFlight::Wait(Duration::MAX));
+    let app = Router::new()
+        .route("/pay", post(h.clone()).route_layer(huge))
+        .route(
+            "/big",
+            post(h).route_layer(layer().max_body(usize::MAX).ttl(tower_idempotency::MAX_TTL)),
+        );
+    let mut over = req(Method::POST, "/pay", Some("k"));
+    *over.body_mut() = Body::from(vec![b'x'; 64]);
+    let r = send(&app, over).await;
+    assert_problem(&r, StatusCode::PAYLOAD_TOO_LARGE, "request-body-too-large");
+    let ok = send(&app, req(Method::POST, "/pay", Some("k2"))).await;
+    assert_eq!(ok.status, StatusCode::CREATED);
+    let mut big = req(Method::POST, "/big", Some("k"));
+    *big.body_mut() = Body::from(vec![b'x'; 4096]);
+    assert_eq!(send(&app, big).await.status, StatusCode::CREATED);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
