@@ -96,7 +96,8 @@
 //!
 //! A round trip is one command the client sends (commands a script runs inside Redis do
 //! not count): a new request 2 (reserve, complete), a replay 1 or 0 from the local tier, a
-//! conflict or mismatch 1, a released 4xx 2, a renewal 1 per interval. Each is one
+//! mismatch 1 or 0 the same way, a conflict 1, a released 4xx 2, a renewal 1 per interval.
+//! Each is one
 //! `EVALSHA`; if the server answers `NOSCRIPT` (a flushed script cache, a new or
 //! failed-over node) the store sends the source with `EVAL` once, a counted extra
 //! command. [`RedisStore::round_trips`] counts them exactly, and so does the metric
