@@ -397,13 +397,18 @@ async fn two_tenants_with_one_key_get_two_payments() {
 async fn concurrent_retries_wait_and_run_once() {
     let app = new_app();
     let addr = serve(app.clone()).await;
+    sixteen_concurrent_payments(addr, "pay-concurrent").await;
+    let list = payments_of(&app, "alice").await;
+    assert_eq!(list.len(), 1, "exactly one execution: {list:?}");
+}
+
+/// 16 concurrent `POST /payments` with one key over TCP (the handler takes 200 ms): all
+/// get 201 with one payment id, and exactly one answer is the original.
+async fn sixteen_concurrent_payments(addr: SocketAddr, key: &str) {
     let body = json!({ "amount": 1200, "currency": "EUR", "delay_ms": 200 });
     let tasks: Vec<_> = (0..16)
         .map(|_| {
-            let req = post("/payments")
-                .token("alice")
-                .key("pay-concurrent")
-                .json(body.clone());
+            let req = post("/payments").token("alice").key(key).json(body.clone());
             tokio::spawn(over_tcp(addr, req))
         })
         .collect();
@@ -415,8 +420,6 @@ async fn concurrent_retries_wait_and_run_once() {
     assert!(replies.iter().all(|r| r.id() == id), "one payment id");
     let fresh = replies.iter().filter(|r| !r.replayed()).count();
     assert_eq!(fresh, 1, "exactly one response is the original");
-    let list = payments_of(&app, "alice").await;
-    assert_eq!(list.len(), 1, "exactly one execution: {list:?}");
 }
 
 #[tokio::test]
@@ -823,23 +826,7 @@ mod postgres_mode {
         let schema = TestSchema::create().await;
         let app = pg_app(&schema).await;
         let addr = serve(app.clone()).await;
-        let body = json!({ "amount": 1200, "currency": "EUR", "delay_ms": 200 });
-        let tasks: Vec<_> = (0..16)
-            .map(|_| {
-                let req = post("/payments")
-                    .token("alice")
-                    .key("pg-concurrent")
-                    .json(body.clone());
-                tokio::spawn(over_tcp(addr, req))
-            })
-            .collect();
-        let mut replies = Vec::new();
-        for task in tasks {
-            replies.push(task.await.unwrap().expect(StatusCode::CREATED));
-        }
-        let id = replies[0].id();
-        assert!(replies.iter().all(|r| r.id() == id), "one payment id");
-        assert_eq!(replies.iter().filter(|r| !r.replayed()).count(), 1);
+        sixteen_concurrent_payments(addr, "pg-concurrent").await;
         assert_eq!(rows(&schema, "example_payments").await, 1);
     }
 
