@@ -833,12 +833,12 @@ async fn start() -> Result<(), StartError> {
 }
 
 /// For `DATABASE_URL`: a pool, the idempotency table (created if missing) behind a
-/// transactional store, and the example's own tables. An invalid or unreachable URL is an
-/// error, never a silent fallback to memory.
+/// transactional store with its default settings, and the example's own tables. An
+/// invalid or unreachable URL is an error, never a silent fallback to memory.
 ///
-/// The idle-in-transaction limit is raised above the longest `delay_ms` (60 s): a handler
-/// that sleeps `delay_ms` holds its transaction idle meanwhile, and the store's default
-/// (the lease, 30 s) would end it (a 503). A real app sets it above its slowest wait.
+/// A payment with a `delay_ms` longer than the lease (30 s) still commits: the lease
+/// renewals keep its transaction alive (the handler sleeps without holding the
+/// transaction's guard), and the lease does not bound a transactional completion.
 pub async fn postgres_store(url: &str) -> Result<(PostgresStore, AppState), String> {
     use tower_idempotency_postgres::sqlx::postgres::PgPoolOptions;
 
@@ -848,9 +848,7 @@ pub async fn postgres_store(url: &str) -> Result<(PostgresStore, AppState), Stri
         .connect(url)
         .await
         .map_err(|e| format!("cannot connect to DATABASE_URL: {e}"))?;
-    let store = PostgresStore::new(pool.clone())
-        .transactional()
-        .idle_in_transaction_timeout(MAX_DELAY + Duration::from_secs(30));
+    let store = PostgresStore::new(pool.clone()).transactional();
     store
         .migrate()
         .await

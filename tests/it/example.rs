@@ -820,6 +820,33 @@ mod postgres_mode {
         assert_eq!(rows(&schema, "example_payments").await, 2);
     }
 
+    /// A payment whose handler runs longer than the lease (33 s against 30 s), with a
+    /// retry while it runs: 201 once, one payment row, and the retry gets the same
+    /// payment (it waits, as `/payments` does, then replays).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_payment_longer_than_the_lease_commits_once() {
+        let schema = TestSchema::create().await;
+        let app = pg_app(&schema).await;
+        let slow = || {
+            post("/payments")
+                .token("alice")
+                .key("pg-slow")
+                .json(json!({ "amount": 900, "currency": "EUR", "delay_ms": 33000 }))
+        };
+        let first = tokio::spawn({
+            let app = app.clone();
+            async move { oneshot(&app, slow()).await }
+        });
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        // Waits up to 10 s for the first (which ends at 33 s), then replays it.
+        let retry = oneshot(&app, slow()).await.expect(StatusCode::CREATED);
+        let first = first.await.unwrap().expect(StatusCode::CREATED);
+        assert!(!first.replayed());
+        assert!(retry.replayed());
+        assert_eq!(retry.id(), first.id());
+        assert_eq!(rows(&schema, "example_payments").await, 1);
+    }
+
     /// 16 concurrent retries over TCP: one payment row, one original answer.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_retries_write_one_row() {

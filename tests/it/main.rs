@@ -13,6 +13,7 @@
 //! | `redis_store` | the Redis store alone: Lua semantics, NOSCRIPT, commandstats, check(), pub/sub, ACL, cluster |
 //! | `faults` | through the fault proxy: unreachable, cut, restart, latency, lost replies, hang-ups |
 //! | `replication` | `wait_replicas` with a primary and a replica |
+//! | `postgres`, `postgres_tx` | the suite on `PostgresStore` (plain and transactional) and its own cases; `postgres_tx`: transactional mode past the lease, cuts, clamped settings, isolation, foreign locks, `migrate()` beside a long transaction |
 //! | `layer` | attachment, policy validation, sockets, hostile input, renewal schedule, shutdown of detached work |
 //! | `example`, `quickstart` | the examples, in-process and over TCP |
 //! | `soak` | the example app on its own AOF Redis, restarted mid-run |
@@ -35,6 +36,7 @@ mod faults;
 mod layer;
 mod memory;
 mod postgres;
+mod postgres_tx;
 mod quickstart;
 mod redis;
 mod redis_store;

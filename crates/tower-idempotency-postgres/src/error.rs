@@ -32,6 +32,22 @@ pub enum PostgresStoreError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// A lock on the idempotency table was not granted in time, and it was not a
+    /// reservation's: another session (a long transaction, a migration, DDL, a purge)
+    /// holds the table or the scope's row. `what` is the operation that gave up.
+    #[error(
+        "{what}: a lock on the idempotency table was not granted within {waited:?}; another \
+         session holds the table or the row (a long transaction, a migration, DDL, a purge)"
+    )]
+    Locked {
+        /// `"reserve"` or `"migrate"`.
+        what: &'static str,
+        /// How long it waited.
+        waited: Duration,
+        /// The lock timeout error.
+        #[source]
+        source: Box<PostgresStoreError>,
+    },
     /// A row that this crate never writes (an unknown state, a missing record): the
     /// table is not this crate's, or was edited by hand.
     #[error("unexpected row in the idempotency table: {0}")]

@@ -80,16 +80,28 @@
 //!
 //! 1. **Reserve**: `BEGIN`, then the `INSERT` of the pending row. The row is invisible to
 //!    other transactions until this one commits.
-//! 2. A concurrent request with the same key blocks on the primary key's index until the
-//!    first commits or rolls back, for at most the store's
-//!    [`lock_timeout`](PostgresStore::lock_timeout) (250 ms); then it counts as **in
-//!    flight**: 409 in conflict mode, or in wait mode it waits (notified at commit, polling
-//!    anyway) and tries again within the wait bound. Its connection goes back to the pool
-//!    meanwhile. *A different payload while the first is in flight gets 409, not 422*:
-//!    the pending row, with its fingerprint, cannot be read until it commits; once it has,
-//!    a different payload gets 422.
+//! 2. A concurrent request with the same key finds the owner's advisory lock on the scope
+//!    (taken with the insert, held until the transaction ends) and counts as **in
+//!    flight** at once: 409 in conflict mode, or in wait mode it waits (notified at commit,
+//!    polling anyway) and tries again within the wait bound. Its connection goes back to
+//!    the pool meanwhile. *A different payload while the first is in flight gets 409, not
+//!    422*: the pending row, with its fingerprint, cannot be read until it commits; once it
+//!    has, a different payload gets 422. A reserving insert that waits on a lock that is
+//!    not a reservation's (a purge deleting the key's expired row, DDL) is tried again
+//!    after the store's [`lock_timeout`](PostgresStore::lock_timeout), up to its
+//!    [`timeout`](PostgresStore::timeout), then answered 503: never 409 for a key that
+//!    nobody holds. Every reserving transaction runs at READ COMMITTED, whatever the
+//!    server's or role's default (at REPEATABLE READ a reserve that waited on a row
+//!    would fail when it commits), so the handler's queries in [`Tx`] run at READ
+//!    COMMITTED too (use `SELECT ... FOR UPDATE` for read-modify-write).
 //! 3. **The handler** runs its queries on [`Tx`] (an extractor, or the request
-//!    extension). Renewal has nothing to do: the transaction holds the key.
+//!    extension). **The lease does not apply to it**: the uncommitted row is the lock,
+//!    nobody else can read or take it, so a handler that runs longer than the lease
+//!    still commits its record. Each renewal (every third of the lease) is a statement on
+//!    the transaction, which keeps a live owner from looking idle to Postgres and finds
+//!    out if the session was ended (terminated, or cut for idleness): that is reported as
+//!    a lost lease (`error!`, `idempotency_lease_lost_total`) while the handler still
+//!    runs, and its caller gets 503.
 //! 4. **Complete**: the record is written in the same transaction, then `COMMIT`, before
 //!    the response is sent. The wake-up `NOTIFY` is part of the transaction: waiters
 //!    learn of the commit when it happens.
@@ -108,21 +120,25 @@
 //! 7. **A crash, a killed process, a cut connection** aborts the transaction on the
 //!    server: nothing happened, nothing is orphaned, the retry runs once.
 //!
-//! A frozen owner (process stopped, not dead) would hold its transaction and key until
-//! its connection dies. Each reserving transaction sets
+//! A frozen owner (process stopped, not dead) makes no renewals, and would hold its
+//! transaction and key until its connection dies. Each reserving transaction sets
 //! `idle_in_transaction_session_timeout` (default: the layer's lease, 30 s), so Postgres
-//! ends it after that much idleness and the key frees. The trade-off: a handler that
-//! waits longer than that between two queries loses its transaction (503 for its caller).
-//! See [`idle_in_transaction_timeout`](PostgresStore::idle_in_transaction_timeout).
+//! ends it after that much idleness and the key frees. The one way a live owner looks
+//! idle: holding the transaction's [`TxGuard`] across a slow call that is not a query
+//! (the renewal cannot use the connection then) — lock [`Tx`] per query. Durations are
+//! clamped to what Postgres accepts (2^31 - 1 ms); zero means no limit. See
+//! [`idle_in_transaction_timeout`](PostgresStore::idle_in_transaction_timeout).
 //!
 //! Costs: each request in flight holds one pool connection from reserve to commit, so the
 //! pool's size bounds the requests in flight (a reserve that cannot get a connection
-//! within the store's [`timeout`](PostgresStore::timeout) is a 503); a waiter's reserve
-//! holds one for up to the lock timeout. A new request costs 4 round trips (`BEGIN` with
-//! its settings, `INSERT`, the record `UPDATE`, `COMMIT`), a replay 3. The exactly-once
-//! guarantee covers what the handler writes through [`Tx`] to this database only: a call
-//! to a payment provider from the handler is not undone by a rollback. Use one mode per
-//! table.
+//! within the store's [`timeout`](PostgresStore::timeout) is a 503). A new request costs 4
+//! round trips (`BEGIN` with its settings, `INSERT`, the record `UPDATE`, `COMMIT`) plus
+//! one per renewal, a replay or a conflict 3. The exactly-once guarantee covers what the
+//! handler writes through [`Tx`] to this database only: a call to a payment provider from
+//! the handler is not undone by a rollback. Use one mode per table.
+//!
+//! [`migrate`](PostgresStore::migrate) takes no lock when the schema is in place, so a
+//! server can start (and migrate) beside long transactional requests of others.
 //!
 //! # Features
 //!
@@ -153,7 +169,7 @@ pub use check::{CheckReport, Privileges};
 pub use error::PostgresStoreError;
 pub use purge::PurgeTask;
 pub use round_trip::RoundTrips;
-pub use setup::{DEFAULT_LOCK_TIMEOUT, DEFAULT_TIMEOUT};
+pub use setup::{DEFAULT_LOCK_TIMEOUT, DEFAULT_TIMEOUT, MIGRATE_LOCK_TIMEOUT};
 pub use sql::DEFAULT_TABLE;
 pub use sqlx;
 pub use store::PostgresStore;

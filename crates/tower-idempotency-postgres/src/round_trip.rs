@@ -6,7 +6,9 @@
 //! counted). Transactional mode: a new request costs 4 (`BEGIN` with its settings, the
 //! reserving `INSERT`, the record `UPDATE`, `COMMIT`), a replay or a conflict 3 (`BEGIN`,
 //! `INSERT`, `ROLLBACK`), a release 2 (`ROLLBACK`, and a `NOTIFY` only when a waiter was
-//! seen), a renewal 0.
+//! seen), a renewal 1 (a statement on the owner's transaction, or a look at
+//! `pg_stat_activity` while the handler holds it). A reserve that waited past the lock
+//! timeout adds 1 (is the scope held by an owner?) and, when it was not, runs again.
 //!
 //! Every statement is also counted through the `metrics` facade as
 //! `idempotency_store_commands_total{op="reserve"|"renew"|"complete"|"release"|"notify"|"purge"}`.
@@ -21,7 +23,7 @@ pub struct RoundTrips {
     /// Reserving statements, with transactional mode's `BEGIN` and the `ROLLBACK` of a
     /// reserve that did not reserve.
     pub reserve: u64,
-    /// Lease renewals (plain mode only).
+    /// Lease renewals (transactional mode: keep-alives of the owner's transaction).
     pub renew: u64,
     /// Completing statements, with transactional mode's `COMMIT`.
     pub complete: u64,

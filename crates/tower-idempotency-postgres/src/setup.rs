@@ -25,6 +25,11 @@ pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_millis(250);
 /// calls (`CREATE TABLE IF NOT EXISTS` is not safe against itself).
 const MIGRATE_LOCK: i64 = 0x7469_6465_6d5f_7067; // "tidem_pg"
 
+/// The most [`migrate`](PostgresStore::migrate) waits for a lock (its advisory lock, or
+/// the table's for `CREATE INDEX`), as the server's `lock_timeout`: while DDL waits for
+/// the table, every new reservation queues behind it, so the wait must stay short.
+pub const MIGRATE_LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl PostgresStore {
     /// A store on the application's pool, plain mode, with the table [`DEFAULT_TABLE`]
     /// (`tower_idempotency`, in the connections' `search_path`), the timeout
@@ -143,27 +148,42 @@ impl PostgresStore {
         self
     }
 
-    /// In transactional mode, how long a reservation waits on another request's
-    /// uncommitted row for the same key before it answers "in flight" (the layer then
-    /// answers 409, or in wait mode waits and tries again): `SET LOCAL lock_timeout` on
-    /// the reserving transaction, restored for the handler's own queries once the row is
-    /// held. Default [`DEFAULT_LOCK_TIMEOUT`] (250 ms): short, because the waiting
-    /// reservation holds a pool connection.
+    /// In transactional mode, how long a reservation waits on another session's
+    /// uncommitted row for the same key: `SET LOCAL lock_timeout` on the reserving
+    /// transaction, restored for the handler's own queries once the row is held. Default
+    /// [`DEFAULT_LOCK_TIMEOUT`] (250 ms): short, because the waiting reservation holds a
+    /// pool connection.
+    ///
+    /// A live reservation is found without waiting (its owner holds the scope's advisory
+    /// lock): the wait is for the rare rest — an owner caught between its insert and its
+    /// lock, or a lock that is not a reservation (a purge deleting the key's expired row,
+    /// DDL on the table). After it, the reservation is "in flight" only if an owner holds
+    /// the key; otherwise it is tried again, up to the store's [`timeout`](Self::timeout),
+    /// and then fails ([`PostgresStoreError::Locked`]: 503, never 409 for a key that nobody
+    /// holds). `Duration::ZERO` waits 1 ms (to Postgres, 0 would mean "for ever"); values
+    /// above Postgres's limit (2^31 - 1 ms, ~24.8 days) are clamped to it.
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
         self.lock_timeout = timeout;
         self
     }
 
-    /// In transactional mode, the most a reserving transaction may sit idle (the handler
-    /// running without sending it a query) before Postgres ends its session and rolls it
-    /// back: `SET LOCAL idle_in_transaction_session_timeout`. The safety net for a frozen
-    /// owner, which otherwise holds its key (and a connection) until it dies. Default: the
-    /// layer's lease (30 s unless the policy says otherwise).
+    /// In transactional mode, the most a reserving transaction may sit idle before
+    /// Postgres ends its session and rolls it back: `SET LOCAL
+    /// idle_in_transaction_session_timeout`. The safety net for a frozen owner (a process
+    /// stopped, not dead), which otherwise holds its key and a connection until its
+    /// connection dies. Default: the layer's lease (30 s unless the policy says otherwise).
     ///
-    /// The trade-off: a handler that waits longer than this between two queries (a slow
-    /// call to another service) loses its transaction, and its caller gets 503 — while
-    /// what the other service did is not rolled back. Raise it above the slowest such
-    /// wait, or turn it off with [`no_idle_in_transaction_timeout`](Self::no_idle_in_transaction_timeout).
+    /// A live owner is not idle: each lease renewal (every third of the lease) is a
+    /// statement on its transaction, so a handler that waits longer than the lease on
+    /// another service keeps its transaction — unless it holds the transaction's
+    /// [`TxGuard`](crate::TxGuard) meanwhile (the renewal cannot use the connection then):
+    /// lock [`Tx`](crate::Tx) per query, not across a slow call. A limit below the
+    /// renewal interval cuts live owners too (a renewal then reports the lost lease, and
+    /// the caller gets 503).
+    ///
+    /// `Duration::ZERO` means what 0 means to Postgres: no limit. Values above Postgres's
+    /// limit (2^31 - 1 ms, ~24.8 days) are clamped to it; so is a lease that long when the
+    /// limit derives from it.
     pub fn idle_in_transaction_timeout(mut self, timeout: Duration) -> Self {
         self.idle_limit = IdleLimit::Fixed(timeout);
         self
@@ -178,13 +198,34 @@ impl PostgresStore {
     }
 
     /// Creates the table and its index if they do not exist (`sql/schema.sql`, shipped
-    /// with the crate), in one transaction under an advisory lock, so concurrent calls
-    /// from several processes are safe. Running it again changes nothing. Needs `CREATE`
-    /// on the schema; the schema itself must exist.
+    /// with the crate). Safe to run from every process at start-up, also while others
+    /// serve requests:
+    ///
+    /// - When the table and its index exist, it only reads the catalog: no DDL, no lock
+    ///   on the table, so a server starting beside a long transactional request never
+    ///   queues behind it (nor makes new reservations queue behind its DDL).
+    /// - Otherwise it runs the schema in one transaction under an advisory lock (so
+    ///   concurrent calls are safe), with the server's `lock_timeout` at
+    ///   [`MIGRATE_LOCK_TIMEOUT`] (or half the store's [`timeout`](Self::timeout), if
+    ///   shorter): a lock it cannot get in that time fails with
+    ///   [`PostgresStoreError::Locked`], and the server gives up waiting as well.
+    ///
+    /// Needs `CREATE` on the schema when it creates; the schema itself must exist.
     pub async fn migrate(&self) -> Result<(), PostgresStoreError> {
+        if self.schema_is_current().await? {
+            return Ok(());
+        }
+        let lock_timeout = MIGRATE_LOCK_TIMEOUT.min(self.timeout / 2);
         let schema = self.sql.schema.clone();
-        within(self.timeout, async {
+        let started = tokio::time::Instant::now();
+        let migrated = within(self.timeout, async {
             let mut tx = self.pool.begin().await?;
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "SET LOCAL lock_timeout = '{}ms'",
+                lock_timeout.as_millis().max(1)
+            )))
+            .execute(&mut *tx)
+            .await?;
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
                 .bind(MIGRATE_LOCK)
                 .execute(&mut *tx)
@@ -194,7 +235,23 @@ impl PostgresStore {
                 .await?;
             tx.commit().await
         })
-        .await
+        .await;
+        match migrated {
+            Err(err) if err.sqlstate().as_deref() == Some("55P03") => {
+                Err(PostgresStoreError::Locked {
+                    what: "migrate",
+                    waited: started.elapsed(),
+                    source: Box::new(err),
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the table and its index exist, from the catalog alone.
+    async fn schema_is_current(&self) -> Result<bool, PostgresStoreError> {
+        let query = sqlx::query_scalar(AssertSqlSafe(self.sql.schema_current.clone()));
+        within(self.timeout, query.fetch_one(&self.pool)).await
     }
 
     /// Runs [`check`](Self::check), logs each of its warnings with `tracing::warn!`, keeps

@@ -18,6 +18,18 @@
 //! - **renew**: `UPDATE ... SET expires_at = now + lease WHERE token = $ ...`.
 //! - **purge**: `DELETE` of at most `batch` expired rows, `SKIP LOCKED`.
 //!
+//! Transactional mode's own:
+//!
+//! - **reserve** (`reserve_tx`): a probe of the scope's advisory lock (an owner holds it
+//!   for its whole transaction: "in flight" at once), then `INSERT ... ON CONFLICT DO
+//!   NOTHING`, which locks no existing row, and the owner's advisory lock. An expired row
+//!   is taken over with the locking `reserve` above.
+//! - **complete** (`complete_tx`): the same `UPDATE` without the lease check, in the
+//!   owner's transaction: the uncommitted row is the lock, so a handler longer than the
+//!   lease still commits.
+//! - **renew**: `SELECT 1` on the owner's transaction (a live owner is never idle), or,
+//!   while the handler holds it, a look at `pg_stat_activity` from another connection.
+//!
 //! Time is always `statement_timestamp()`, the database's clock: `now()` is the start of
 //! the *transaction*, and in transactional mode the record's TTL must count from the
 //! completion, not from the reservation.
@@ -44,6 +56,8 @@ pub(crate) struct TableName {
     quoted: String,
     /// The quoted index name (unqualified: an index lives in its table's schema).
     index: String,
+    /// The index name as `to_regclass` finds it: qualified by the table's schema, if any.
+    qualified_index: String,
 }
 
 impl TableName {
@@ -73,10 +87,16 @@ impl TableName {
             Some(schema) => format!("\"{schema}\".\"{table}\""),
             None => format!("\"{table}\""),
         };
+        let index = format!("\"{table}_expires_at_idx\"");
+        let qualified_index = match schema {
+            Some(schema) => format!("\"{schema}\".{index}"),
+            None => index.clone(),
+        };
         Ok(TableName {
             plain: name.to_owned(),
             quoted,
-            index: format!("\"{table}_expires_at_idx\""),
+            index,
+            qualified_index,
         })
     }
 
@@ -132,14 +152,41 @@ fn identifier(part: &str) -> Result<(), &'static str> {
 pub(crate) struct Statements {
     pub(crate) table: TableName,
     pub(crate) schema: Arc<str>,
+    /// Whether the schema is in place: no DDL, no lock on the table.
+    pub(crate) schema_current: Arc<str>,
     pub(crate) reserve: Arc<str>,
     pub(crate) reserve_tx: Arc<str>,
     pub(crate) complete: Arc<str>,
+    pub(crate) complete_tx: Arc<str>,
     pub(crate) completed_by: Arc<str>,
     pub(crate) release: Arc<str>,
     pub(crate) renew: Arc<str>,
     pub(crate) purge: Arc<str>,
+    /// Mixed into every scope's advisory lock key, so stores on two tables never share
+    /// one (see [`Statements::lock_key`]).
+    lock_salt: i64,
 }
+
+/// Whether a transactional owner holds the scope whose advisory lock key is `$1`: a shared
+/// try-lock, released at once, that fails only while an owner holds the exclusive one.
+/// Shared, so that concurrent probes never see each other.
+pub(crate) const HELD: &str = "SELECT NOT (CASE WHEN pg_try_advisory_lock_shared($1) \
+     THEN pg_advisory_unlock_shared($1) ELSE false END)";
+
+/// Whether the owner's transaction (backend `$1`, started at `$2` µs since the epoch) is
+/// still open, asked from another connection: for a renewal that finds the transaction's
+/// connection busy with the handler.
+pub(crate) const ALIVE: &str = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+     WHERE pid = $1 AND (extract(epoch FROM xact_start) * 1000000)::int8 = $2)";
+
+/// The owner's backend and the start of its transaction, in µs since the epoch: what
+/// [`ALIVE`] compares.
+const BACKEND: &str =
+    "pg_backend_pid() AS pid, (extract(epoch FROM now()) * 1000000)::int8 AS xact";
+
+/// The renewal of a transactional reservation: a statement on the owner's transaction, so
+/// that Postgres does not count a live owner as idle (and a cut shows as an error).
+pub(crate) const KEEPALIVE: &str = "SELECT 1";
 
 /// Whether the conflicting row is taken over by this reserve: an expired row, or a
 /// pending lease of the same token (a re-sent reserve).
@@ -152,9 +199,14 @@ impl Statements {
         let schema = include_str!("../sql/schema.sql")
             .replace("{table}", t)
             .replace("{index}", &table.index);
-        // $1 scope, $2 fingerprint, $3 token, $4 lease in ms. The last column restores
-        // the `lock_timeout` that transactional mode's BEGIN stashed (see `tx.rs`); in
-        // plain mode the stash is empty and the column is NULL.
+        let schema_current = format!(
+            "SELECT to_regclass('{}') IS NOT NULL AND to_regclass('{}') IS NOT NULL",
+            table.quoted, table.qualified_index
+        );
+        // $1 scope, $2 fingerprint, $3 token, $4 lease in ms, $5 the scope's advisory lock
+        // key in transactional mode (NULL in plain mode). `restored` restores the
+        // `lock_timeout` that transactional mode's BEGIN stashed (see `tx.rs`; in plain mode
+        // the stash is empty), `locked` takes the owner's advisory lock.
         let reserve = format!(
             "WITH up AS (\
                INSERT INTO {t} AS r (scope, fingerprint, state, token, record, expires_at, waiter) \
@@ -172,33 +224,46 @@ impl Statements {
                RETURNING r.state, r.token = $3 AS mine, r.fingerprint = $2 AS same, r.record\
              ) \
              SELECT state, mine, same, record, \
-               CASE WHEN mine AND state = 'pending' THEN \
-                 set_config('lock_timeout', coalesce(nullif(current_setting('tower_idempotency.lock_timeout', true), ''), current_setting('lock_timeout')), true) \
-               END AS restored \
+               CASE WHEN mine AND state = 'pending' THEN {RESTORE} END AS restored, \
+               CASE WHEN $5::int8 IS NOT NULL AND mine AND state = 'pending' THEN \
+                 pg_advisory_xact_lock($5::int8)::text END AS locked, \
+               {BACKEND} \
              FROM up \
              UNION ALL \
-             SELECT state, token = $3, fingerprint = $2, record, NULL FROM {t} \
+             SELECT state, token = $3, fingerprint = $2, record, NULL, NULL, NULL, NULL FROM {t} \
              WHERE scope = $1 AND expires_at > statement_timestamp() AND NOT EXISTS (SELECT 1 FROM up)"
         );
-        // Transactional mode's reserve: `ON CONFLICT DO NOTHING`, which (unlike `DO UPDATE`)
-        // locks no existing row. A completed row is read without a lock, so concurrent
-        // replays of one key do not queue behind each other's transactions; an uncommitted
-        // pending row still makes the insert wait (bounded by `lock_timeout`). An expired
-        // row is reported (`expired`) and taken over with `reserve`, the rare path.
+        // Transactional mode's reserve. First the probe: an owner holds the scope's
+        // advisory lock for its whole transaction, so a held lock answers "in flight" at
+        // once, without waiting on the owner's row (nor holding a connection meanwhile).
+        // Then `ON CONFLICT DO NOTHING`, which (unlike `DO UPDATE`) locks no existing row:
+        // a completed row is read without a lock, so concurrent replays of one key do not
+        // queue behind each other's transactions. An uncommitted row can still make the
+        // insert wait (bounded by `lock_timeout`): an owner between its insert and its lock,
+        // or another session's lock on the row or table; the store then asks again
+        // (`HELD`). An expired row is reported (`expired`) and taken over with `reserve`,
+        // the rare path. $5 is the scope's advisory lock key.
         let reserve_tx = format!(
-            "WITH ins AS (\
+            "WITH probe AS (\
+               SELECT CASE WHEN pg_try_advisory_lock_shared($5) \
+                 THEN pg_advisory_unlock_shared($5) ELSE false END AS free\
+             ), ins AS (\
                INSERT INTO {t} AS r (scope, fingerprint, state, token, record, expires_at, waiter) \
-               VALUES ($1, $2, 'pending', $3, NULL, statement_timestamp() + $4 * interval '1 millisecond', false) \
+               SELECT $1, $2, 'pending', $3, NULL, statement_timestamp() + $4 * interval '1 millisecond', false \
+               FROM probe WHERE free \
                ON CONFLICT (scope) DO NOTHING \
                RETURNING r.state\
              ) \
              SELECT state, true AS mine, true AS same, NULL::bytea AS record, false AS expired, \
-               set_config('lock_timeout', coalesce(nullif(current_setting('tower_idempotency.lock_timeout', true), ''), current_setting('lock_timeout')), true) AS restored \
+               {RESTORE} AS restored, pg_advisory_xact_lock($5)::text AS locked, {BACKEND} \
              FROM ins \
              UNION ALL \
+             SELECT 'pending', false, true, NULL, false, NULL, NULL, NULL, NULL \
+             FROM probe WHERE NOT free \
+             UNION ALL \
              SELECT state, token = $3, fingerprint = $2, record, \
-               expires_at <= statement_timestamp(), NULL FROM {t} \
-             WHERE scope = $1 AND NOT EXISTS (SELECT 1 FROM ins)"
+               expires_at <= statement_timestamp(), NULL, NULL, NULL, NULL FROM {t} \
+             WHERE scope = $1 AND (SELECT free FROM probe) AND NOT EXISTS (SELECT 1 FROM ins)"
         );
         // $1 scope, $2 token, $3 record, $4 ttl in ms, $5 channel, $6 notify regardless of
         // the row's flag (transactional mode: a waiter in another process told us).
@@ -214,6 +279,18 @@ impl Statements {
              UNION ALL \
              SELECT NULL FROM {t} WHERE scope = $1 AND token = $2 AND state = 'completed' \
                AND expires_at > statement_timestamp() AND NOT EXISTS (SELECT 1 FROM u)"
+        );
+        // Transactional mode's complete, in the owner's transaction. No lease check: the
+        // uncommitted row is the lock, nobody else can read or take it, so a handler that
+        // ran longer than the lease still commits (SPEC section 10). Same parameters.
+        let complete_tx = format!(
+            "WITH u AS (\
+               UPDATE {t} SET state = 'completed', record = $3, \
+                 expires_at = statement_timestamp() + $4 * interval '1 millisecond' \
+               WHERE scope = $1 AND token = $2 AND state = 'pending' \
+               RETURNING waiter\
+             ) \
+             SELECT CASE WHEN waiter OR $6 THEN pg_notify($5, 'c' || encode($1, 'hex')) IS NULL END FROM u"
         );
         // $1 scope, $2 token.
         let completed_by = format!(
@@ -244,17 +321,41 @@ impl Statements {
              ) AND expires_at <= statement_timestamp()"
         );
         Statements {
+            lock_salt: fnv1a(table.plain.as_bytes()),
             table,
             schema: schema.into(),
+            schema_current: schema_current.into(),
             reserve: reserve.into(),
             reserve_tx: reserve_tx.into(),
             complete: complete.into(),
+            complete_tx: complete_tx.into(),
             completed_by: completed_by.into(),
             release: release.into(),
             renew: renew.into(),
             purge: purge.into(),
         }
     }
+
+    /// The advisory lock key of `scope` on this table: 64 bits of the scope hash mixed
+    /// with the table's salt. Every process must compute the same key, so the salt is a
+    /// fixed function of the table name (FNV-1a), not a seeded hasher.
+    pub(crate) fn lock_key(&self, scope: &tower_idempotency_core::ScopeHash) -> i64 {
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&scope.as_bytes()[..8]);
+        i64::from_be_bytes(head) ^ self.lock_salt
+    }
+}
+
+/// Restores the session's `lock_timeout`, stashed by transactional mode's `BEGIN`.
+const RESTORE: &str = "set_config('lock_timeout', coalesce(nullif(current_setting(\
+    'tower_idempotency.lock_timeout', true), ''), current_setting('lock_timeout')), true)";
+
+/// 64-bit FNV-1a: stable across processes, platforms and Rust versions.
+fn fnv1a(bytes: &[u8]) -> i64 {
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgPool, Row};
+use tower_idempotency_core::policy::MAX_TTL;
 use tower_idempotency_core::{
     Completion, FencingToken, Fingerprint, Record, Reservation, ScopeHash, Store, StoreError,
 };
@@ -50,7 +51,7 @@ use crate::error::{within, DisplayChain, PostgresStoreError};
 use crate::round_trip::{Counters, Op, RoundTrips};
 use crate::sql::Statements;
 use crate::subscriber::{Hub, PgSubscription};
-use crate::tx::{Registry, Slot, Tx};
+use crate::tx::{Backend, Registry, Slot, Tx};
 
 /// SQLSTATE `lock_not_available`: the lock timeout passed while the reserving `INSERT`
 /// waited on another transaction's uncommitted row for the same scope.
@@ -137,14 +138,78 @@ fn answer(row: &PgRow) -> Result<Reservation, PostgresStoreError> {
     }
 }
 
-/// Milliseconds for a bind parameter, saturating.
+/// SQLSTATE `serialization_failure` and `deadlock_detected`: a single statement that ran
+/// in a transaction of its own at the server's default isolation (REPEATABLE READ or
+/// SERIALIZABLE on some servers) lost a race; running it again is always safe, since each
+/// of plain mode's statements decides from the row it finds.
+const RETRY_STATES: [&str; 2] = ["40001", "40P01"];
+
+/// Milliseconds for a bind parameter: at most [`MAX_TTL`], so that `now() + $n` stays
+/// within Postgres's range whatever duration reaches the store.
 fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+    i64::try_from(d.min(MAX_TTL).as_millis()).unwrap_or(i64::MAX)
 }
 
-/// A SQL duration literal, `'250ms'`, for `SET LOCAL` (at least 1 ms: 0 means "off").
+/// The largest value Postgres accepts for a duration setting such as `lock_timeout` or
+/// `idle_in_transaction_session_timeout`: 2^31 - 1 ms, about 24.8 days.
+const MAX_SETTING_MS: u128 = i32::MAX as u128;
+
+/// A duration setting for `SET LOCAL`, in ms, clamped to what Postgres accepts. `0` means
+/// "no limit" to Postgres; callers decide whether a zero duration may mean that.
 fn setting(d: Duration) -> String {
-    format!("'{}ms'", millis(d).max(1))
+    format!("'{}ms'", d.as_millis().min(MAX_SETTING_MS))
+}
+
+/// Whether `err` ended the owner's session, and with it its transaction (the connection
+/// is gone, or the server sent a fatal error: terminated, idle-in-transaction timeout,
+/// shut down). Any other error leaves the transaction holding its row.
+fn session_ended(err: &PostgresStoreError) -> bool {
+    let PostgresStoreError::Sqlx(err) = err else {
+        return false;
+    };
+    match err {
+        sqlx::Error::Database(db) => {
+            let fatal = db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|pg| {
+                    matches!(
+                        pg.severity(),
+                        sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic
+                    )
+                });
+            let code = db.code().unwrap_or_default();
+            fatal || code.starts_with("08") || code.starts_with("57P") || code == "25P03"
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// Runs one of plain mode's statements, again when the server's default isolation made
+/// it fail with a serialization failure or a deadlock (see [`RETRY_STATES`]).
+async fn at_read_committed<T, F, Fut>(mut run: F) -> Result<T, PostgresStoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, PostgresStoreError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match run().await {
+            Err(err)
+                if attempt < RESERVE_ATTEMPTS
+                    && err
+                        .sqlstate()
+                        .is_some_and(|code| RETRY_STATES.contains(&code.as_str())) =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 impl PostgresStore {
@@ -192,18 +257,23 @@ impl PostgresStore {
     }
 
     /// Runs the reserving statement on `conn`, once more while a concurrent reserve's
-    /// commit hides the row from its snapshot (see [`crate::sql`]). In a transaction
-    /// (`locking == false`) it starts with the statement that locks no existing row, and
-    /// takes an expired row over with the locking one.
+    /// commit hides the row from its snapshot (see [`crate::sql`]), or while the server's
+    /// default isolation turns that race into a serialization failure (plain mode's
+    /// statement is a transaction of its own). In a transaction (`in_tx`) it starts with
+    /// the statement that locks no existing row, and takes an expired row over with the
+    /// locking one; a reservation there comes with the owner's backend.
+    #[allow(clippy::too_many_arguments)] // one reserve's inputs, passed straight through
     async fn run_reserve(
         &self,
         conn: &mut sqlx::PgConnection,
-        mut locking: bool,
+        in_tx: bool,
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
         lease: Duration,
-    ) -> Result<Reservation, PostgresStoreError> {
+    ) -> Result<(Reservation, Option<Backend>), PostgresStoreError> {
+        let mut locking = !in_tx;
+        let lock_key = in_tx.then(|| self.sql.lock_key(scope));
         for _ in 0..RESERVE_ATTEMPTS {
             self.count(Op::Reserve);
             let sql = if locking {
@@ -215,13 +285,29 @@ impl PostgresStore {
                 .bind(scope.as_bytes().as_slice())
                 .bind(fingerprint.as_bytes().as_slice())
                 .bind(token.to_bytes().as_slice())
-                .bind(millis(lease));
-            match within(self.timeout, query.fetch_optional(&mut *conn)).await? {
-                Some(row) if !locking && row.try_get::<bool, _>("expired")? => locking = true,
-                Some(row) => return answer(&row),
+                .bind(millis(lease))
+                .bind(lock_key);
+            match within(self.timeout, query.fetch_optional(&mut *conn)).await {
+                Ok(Some(row)) if !locking && row.try_get::<bool, _>("expired")? => locking = true,
+                Ok(Some(row)) => {
+                    let answer = answer(&row)?;
+                    let backend = match (row.try_get("pid")?, row.try_get("xact")?) {
+                        (Some(pid), Some(xact)) if answer == Reservation::Reserved => {
+                            Some(Backend { pid, xact })
+                        }
+                        _ => None,
+                    };
+                    return Ok((answer, backend));
+                }
                 // The insert waited for a concurrent reserve that committed, and the
                 // statement's snapshot predates that row: run it again.
-                None => {}
+                Ok(None) => {}
+                Err(err)
+                    if !in_tx
+                        && err
+                            .sqlstate()
+                            .is_some_and(|code| RETRY_STATES.contains(&code.as_str())) => {}
+                Err(err) => return Err(err),
             }
         }
         Err(PostgresStoreError::UnexpectedRow(
@@ -237,11 +323,17 @@ impl PostgresStore {
         lease: Duration,
     ) -> Result<Reservation, PostgresStoreError> {
         let mut conn = within(self.timeout, self.pool.acquire()).await?;
-        self.run_reserve(&mut conn, true, scope, fingerprint, token, lease)
-            .await
+        let (answer, _) = self
+            .run_reserve(&mut conn, false, scope, fingerprint, token, lease)
+            .await?;
+        Ok(answer)
     }
 
-    /// `BEGIN`, the reserving `INSERT` in it; the transaction is kept if it reserved.
+    /// Reserves in a transaction of its own, kept if it reserved. "In flight" only when a
+    /// live reservation holds the scope: an `INSERT` that waited past the lock timeout on
+    /// something else (a purge deleting the scope's expired row, DDL, `LOCK TABLE`) is
+    /// tried again, up to the store's timeout, then fails (503, never 409 for a key that
+    /// nobody holds).
     async fn reserve_in_transaction(
         &self,
         scope: &ScopeHash,
@@ -253,41 +345,82 @@ impl PostgresStore {
             // A re-sent reserve: this token's transaction holds the scope.
             return Ok(Reservation::Reserved);
         }
-        // One simple-query batch: BEGIN; stash the session's lock_timeout (the reserve
-        // statement restores it once it holds the row, so the handler's own queries are
-        // not bounded by ours); bound the wait on another owner's uncommitted row; bound a
-        // frozen owner's idle transaction.
+        let started = tokio::time::Instant::now();
+        loop {
+            let blocked = match self
+                .try_reserve_in_transaction(scope, fingerprint, token, lease)
+                .await
+            {
+                Err(err) if err.sqlstate().as_deref() == Some(LOCK_NOT_AVAILABLE) => err,
+                other => return other,
+            };
+            if self.held(scope).await? {
+                return Ok(Reservation::InFlight);
+            }
+            let waited = started.elapsed();
+            if waited >= self.timeout {
+                return Err(PostgresStoreError::Locked {
+                    what: "reserve",
+                    waited,
+                    source: Box::new(blocked),
+                });
+            }
+            tracing::debug!(
+                waited = ?waited,
+                "the reserving insert waited past the lock timeout on a lock that is not a \
+                 reservation (a purge, DDL); trying again"
+            );
+        }
+    }
+
+    /// Whether a transactional owner holds `scope` now (its advisory lock), asked on a
+    /// connection of the pool.
+    async fn held(&self, scope: &ScopeHash) -> Result<bool, PostgresStoreError> {
+        self.count(Op::Reserve);
+        let query = sqlx::query_scalar(crate::sql::HELD).bind(self.sql.lock_key(scope));
+        within(self.timeout, query.fetch_one(&self.pool)).await
+    }
+
+    /// `BEGIN`, the reserving statement in it; the transaction is kept if it reserved.
+    async fn try_reserve_in_transaction(
+        &self,
+        scope: &ScopeHash,
+        fingerprint: &Fingerprint,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<Reservation, PostgresStoreError> {
+        // One simple-query batch: BEGIN at READ COMMITTED (at REPEATABLE READ, a reserve
+        // that waited on the owner's row would fail when the owner commits, instead of
+        // reading its record); stash the session's lock_timeout (the reserve statement
+        // restores it once it holds the row, so the handler's own queries are not bounded
+        // by ours); bound the wait on another session's uncommitted row; bound a frozen
+        // owner's idle transaction.
         let idle = match self.idle_limit {
-            IdleLimit::Lease => Some(lease),
-            IdleLimit::Fixed(d) => Some(d),
+            IdleLimit::Lease => Some(setting(lease)),
+            IdleLimit::Fixed(d) => Some(setting(d)),
             IdleLimit::Off => None,
         };
         let mut begin = format!(
-            "BEGIN; SELECT set_config('tower_idempotency.lock_timeout', \
-             current_setting('lock_timeout'), true); SET LOCAL lock_timeout = {}",
-            setting(self.lock_timeout)
+            "BEGIN ISOLATION LEVEL READ COMMITTED; \
+             SELECT set_config('tower_idempotency.lock_timeout', current_setting('lock_timeout'), true); \
+             SET LOCAL lock_timeout = {}",
+            // At least 1 ms: to Postgres 0 would mean "wait for ever".
+            setting(self.lock_timeout.max(Duration::from_millis(1)))
         );
         if let Some(idle) = idle {
-            begin.push_str(&format!(
-                "; SET LOCAL idle_in_transaction_session_timeout = {}",
-                setting(idle)
-            ));
+            begin.push_str("; SET LOCAL idle_in_transaction_session_timeout = ");
+            begin.push_str(&idle);
         }
         self.count(Op::Reserve);
         let mut tx = within(self.timeout, self.pool.begin_with(AssertSqlSafe(begin))).await?;
-        let answer = match self
-            .run_reserve(&mut tx, false, scope, fingerprint, token, lease)
-            .await
-        {
-            Err(err) if err.sqlstate().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
-                // Another transaction holds the scope's uncommitted row: in flight.
-                Ok(Reservation::InFlight)
-            }
-            other => other,
-        };
+        let answer = self
+            .run_reserve(&mut tx, true, scope, fingerprint, token, lease)
+            .await;
         match answer {
-            Ok(Reservation::Reserved) => {
-                self.shared.registry.insert(*scope, Slot::new(token, tx));
+            Ok((Reservation::Reserved, Some(backend))) => {
+                self.shared
+                    .registry
+                    .insert(*scope, Slot::new(token, tx, backend));
                 // The owner's process listens, so a waiter elsewhere can ask for a
                 // notification at commit (see the subscriber module).
                 self.start_listener();
@@ -300,7 +433,12 @@ impl PostgresStore {
                 if let Err(err) = within(self.timeout, tx.rollback()).await {
                     tracing::debug!(error = %DisplayChain(&err), "rollback after a reserve failed");
                 }
-                other
+                match other {
+                    Ok((Reservation::Reserved, None)) => Err(PostgresStoreError::UnexpectedRow(
+                        "a reservation without its backend".into(),
+                    )),
+                    other => other.map(|(answer, _)| answer),
+                }
             }
         }
     }
@@ -312,15 +450,19 @@ impl PostgresStore {
         record: &Record,
         ttl: Duration,
     ) -> Result<Completion, PostgresStoreError> {
-        self.count(Op::Complete);
-        let query = sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
-            .bind(scope.as_bytes().as_slice())
-            .bind(token.to_bytes().as_slice())
-            .bind(record.encode().as_ref())
-            .bind(millis(ttl))
-            .bind(&*self.channel)
-            .bind(false);
-        let row = within(self.timeout, query.fetch_optional(&self.pool)).await?;
+        let encoded = record.encode();
+        let row = at_read_committed(|| {
+            self.count(Op::Complete);
+            let query = sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
+                .bind(scope.as_bytes().as_slice())
+                .bind(token.to_bytes().as_slice())
+                .bind(encoded.as_ref())
+                .bind(millis(ttl))
+                .bind(&*self.channel)
+                .bind(false);
+            within(self.timeout, query.fetch_optional(&self.pool))
+        })
+        .await?;
         Ok(if row.is_some() {
             Completion::Stored
         } else {
@@ -364,7 +506,7 @@ impl PostgresStore {
         drop(guard);
         let notify = slot.waiter_seen.load(std::sync::atomic::Ordering::Relaxed);
         self.count(Op::Complete);
-        let query = sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
+        let query = sqlx::query(AssertSqlSafe(self.sql.complete_tx.clone()))
             .bind(scope.as_bytes().as_slice())
             .bind(token.to_bytes().as_slice())
             .bind(record.encode().as_ref())
@@ -435,14 +577,16 @@ impl PostgresStore {
         scope: &ScopeHash,
         token: FencingToken,
     ) -> Result<bool, PostgresStoreError> {
-        self.count(Op::Release);
-        let query = sqlx::query(AssertSqlSafe(self.sql.release.clone()))
-            .bind(scope.as_bytes().as_slice())
-            .bind(token.to_bytes().as_slice())
-            .bind(&*self.channel);
-        Ok(within(self.timeout, query.fetch_optional(&self.pool))
-            .await?
-            .is_some())
+        let row = at_read_committed(|| {
+            self.count(Op::Release);
+            let query = sqlx::query(AssertSqlSafe(self.sql.release.clone()))
+                .bind(scope.as_bytes().as_slice())
+                .bind(token.to_bytes().as_slice())
+                .bind(&*self.channel);
+            within(self.timeout, query.fetch_optional(&self.pool))
+        })
+        .await?;
+        Ok(row.is_some())
     }
 
     /// `ROLLBACK` of the owner's transaction: the reservation and the handler's writes go.
@@ -489,13 +633,59 @@ impl PostgresStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<bool, PostgresStoreError> {
-        self.count(Op::Renew);
-        let query = sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
-            .bind(scope.as_bytes().as_slice())
-            .bind(token.to_bytes().as_slice())
-            .bind(millis(lease));
-        let done = within(self.timeout, query.execute(&self.pool)).await?;
+        let done = at_read_committed(|| {
+            self.count(Op::Renew);
+            let query = sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
+                .bind(scope.as_bytes().as_slice())
+                .bind(token.to_bytes().as_slice())
+                .bind(millis(lease));
+            within(self.timeout, query.execute(&self.pool))
+        })
+        .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// Transactional mode's renewal: there is no lease to extend (the transaction holds
+    /// the scope until it ends), but the owner's transaction must stay alive and its loss
+    /// must be noticed. A statement on the transaction keeps Postgres from counting a live
+    /// owner as idle (the idle limit then cuts only a frozen one) and fails if the session
+    /// was ended. While the handler holds the transaction, the server is asked about it
+    /// from another connection instead. `false`: the transaction is gone.
+    async fn renew_in_transaction(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+    ) -> Result<bool, PostgresStoreError> {
+        let Some(slot) = self.shared.registry.get(scope, token) else {
+            return Ok(false);
+        };
+        self.count(Op::Renew);
+        let Ok(mut guard) = slot.tx.clone().try_lock_owned() else {
+            let query = sqlx::query_scalar(crate::sql::ALIVE)
+                .bind(slot.backend.pid)
+                .bind(slot.backend.xact);
+            return within(self.timeout, query.fetch_one(&self.pool)).await;
+        };
+        let Some(tx) = guard.as_mut() else {
+            return Ok(false); // committed or rolled back meanwhile
+        };
+        match within(
+            self.timeout,
+            sqlx::query(crate::sql::KEEPALIVE).execute(&mut **tx),
+        )
+        .await
+        {
+            Ok(_) => Ok(true),
+            Err(err) if session_ended(&err) => {
+                tracing::debug!(error = %DisplayChain(&err), "the idempotency transaction's session ended");
+                Ok(false)
+            }
+            // Timed out: unknown, the layer retries soon.
+            Err(err @ PostgresStoreError::Timeout(_)) => Err(err),
+            // E.g. 25P02, the handler's own query failed: the transaction still holds its
+            // row (and will not commit); the key stays held until it ends.
+            Err(_) => Ok(true),
+        }
     }
 }
 
@@ -525,9 +715,7 @@ impl Store for PostgresStore {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         if self.transactional {
-            // Nothing to renew: the transaction holds the scope until it ends, and the
-            // idle-in-transaction timeout bounds a frozen owner.
-            return Ok(self.shared.registry.get(scope, token).is_some());
+            return Ok(self.renew_in_transaction(scope, token).await?);
         }
         Ok(self.renew_plain(scope, token, lease).await?)
     }

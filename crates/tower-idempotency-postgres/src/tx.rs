@@ -55,20 +55,36 @@ use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::sync::OwnedMappedMutexGuard;
 use tower_idempotency_core::{FencingToken, ScopeHash};
 
+/// Which server session holds an owner's transaction: enough to ask the server, from
+/// another connection, whether that transaction is still open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Backend {
+    /// `pg_backend_pid()` of the transaction's session.
+    pub(crate) pid: i32,
+    /// The transaction's start (`now()`), in µs since the epoch.
+    pub(crate) xact: i64,
+}
+
 /// The open transaction of one owned scope.
 pub(crate) struct Slot {
     pub(crate) token: FencingToken,
     /// `None` once the store committed or rolled it back.
     pub(crate) tx: Arc<tokio::sync::Mutex<Option<Transaction<'static, Postgres>>>>,
+    pub(crate) backend: Backend,
     /// A waiter (in any process) said it waits for this scope: notify on commit/release.
     pub(crate) waiter_seen: AtomicBool,
 }
 
 impl Slot {
-    pub(crate) fn new(token: FencingToken, tx: Transaction<'static, Postgres>) -> Self {
+    pub(crate) fn new(
+        token: FencingToken,
+        tx: Transaction<'static, Postgres>,
+        backend: Backend,
+    ) -> Self {
         Slot {
             token,
             tx: Arc::new(tokio::sync::Mutex::new(Some(tx))),
+            backend,
             waiter_seen: AtomicBool::new(false),
         }
     }

@@ -35,3 +35,15 @@ fn unique_suffix() -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{}-{nanos}-{n}", std::process::id())
 }
+
+/// An error and its sources, `a: b: c`, for assertions on what a log or a caller sees.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

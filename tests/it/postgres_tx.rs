@@ -1,0 +1,653 @@
+//! Transactional `PostgresStore` at its edges: a handler longer than the lease, a
+//! transaction cut under a live owner, settings past what Postgres accepts, a server whose
+//! default isolation is not READ COMMITTED, locks held by something other than a
+//! reservation (a purge, DDL), and `migrate()` while a long transaction runs.
+//!
+//! Every test works in a schema (and, where it needs one, a role) of its own.
+#![cfg(feature = "postgres")]
+
+use crate::common;
+use crate::postgres::{request, scope, TxApp, FP, LEASE};
+use crate::support;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use common::app::{assert_problem, send, spawn_send, Harness, Reply};
+use futures_util::future::join_all;
+use support::postgres::{TestSchema, TestStore};
+use tokio::time::Instant;
+use tower_idempotency::postgres::sqlx::{self, AssertSqlSafe};
+use tower_idempotency::postgres::PostgresStore;
+use tower_idempotency::{
+    Completion, FencingToken, IdempotencyLayer, InFlight, Record, Reservation, Store,
+};
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+fn lease_lost(route: &str) -> u64 {
+    support::metrics::counter("idempotency_lease_lost_total", &[("route", route)])
+}
+
+// ---------------------------------------------------------------------------------------
+// Past the lease
+// ---------------------------------------------------------------------------------------
+
+/// The uncommitted row is the lock: a handler that runs longer than the lease still
+/// commits its record (with the idle limit off, nothing else can end the transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_a_handler_longer_than_the_lease_commits() {
+    let store = support::postgres::transactional_store()
+        .await
+        .map(PostgresStore::no_idle_in_transaction_timeout);
+    let (app, router) = TxApp::new(store, |l| l.lease(Duration::from_secs(1))).await;
+    let first = send(&router, request("long", r#"{"hold_ms": 1500}"#)).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert_eq!(app.rows().await, 1);
+    let retry = send(&router, request("long", r#"{"hold_ms": 1500}"#)).await;
+    assert!(retry.replayed(), "{retry:?}");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(app.runs(), 1);
+}
+
+/// With the default idle limit (the lease), a live owner that idles in its transaction
+/// longer than the lease is not cut: each renewal is a statement on the transaction, so
+/// Postgres never sees it idle that long. Only a frozen owner (no renewals) is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_renewals_keep_a_live_owner_past_the_idle_limit() {
+    let store = support::postgres::transactional_store().await;
+    let (app, router) = TxApp::new(store, |l| l.lease(Duration::from_secs(1))).await;
+    let first = send(&router, request("idle", r#"{"hold_ms": 2500}"#)).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert_eq!(app.rows().await, 1);
+    assert!(send(&router, request("idle", r#"{"hold_ms": 2500}"#))
+        .await
+        .replayed());
+}
+
+/// A frozen owner (reserved, then no renewals: here the store is driven by hand) is cut
+/// by the default idle limit, which is the lease: the key frees for the next owner, and
+/// the frozen one can no longer complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_default_idle_limit_is_the_lease() {
+    let store = support::postgres::transactional_store()
+        .await
+        .map(|s| s.lock_timeout(Duration::from_millis(100)));
+    let s = scope("/frozen");
+    let frozen = FencingToken::generate();
+    let lease = Duration::from_millis(400);
+    assert_eq!(
+        store.reserve(&s, &FP, frozen, lease).await.unwrap(),
+        Reservation::Reserved
+    );
+    let other = FencingToken::generate();
+    assert_eq!(
+        store.reserve(&s, &FP, other, lease).await.unwrap(),
+        Reservation::InFlight,
+        "held while the owner's transaction lives"
+    );
+    // Idle for well over the lease: Postgres ends the frozen owner's session.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let token = FencingToken::generate();
+        match store.reserve(&s, &FP, token, LEASE).await.unwrap() {
+            Reservation::InFlight if Instant::now() < deadline => continue,
+            answer => break (answer, token),
+        }
+    };
+    assert_eq!(
+        answer.0,
+        Reservation::Reserved,
+        "the idle limit freed the key"
+    );
+    assert_eq!(
+        store
+            .complete(&s, frozen, &Record::NotReplayable, LEASE)
+            .await
+            .unwrap(),
+        Completion::RolledBack,
+        "the frozen owner's transaction is gone"
+    );
+    assert!(store.release(&s, answer.1).await.unwrap());
+}
+
+// ---------------------------------------------------------------------------------------
+// A cut is noticed while the handler still runs
+// ---------------------------------------------------------------------------------------
+
+/// Postgres ends the owner's transaction for idleness (an explicit idle limit far below
+/// the renewal interval): the next renewal finds the transaction gone and reports a lost
+/// lease (`error!`, `idempotency_lease_lost_total`) while the handler still runs — not
+/// only when the commit fails. The caller then gets 503 and nothing was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_an_idle_cut_is_noticed_by_the_next_renewal() {
+    support::metrics::install();
+    for (route, body) in [
+        ("/idle-cut", r#"{"hold_ms": 2500}"#),
+        // The handler keeps the transaction's guard while it idles: the renewal cannot
+        // use the connection and asks the server about it instead.
+        ("/idle-cut-locked", r#"{"hold_locked_ms": 2500}"#),
+    ] {
+        let store = support::postgres::transactional_store()
+            .await
+            .map(|s| s.idle_in_transaction_timeout(Duration::from_millis(300)));
+        let (app, router) = TxApp::on(route, store, |l| l.lease(Duration::from_secs(3))).await;
+        let first = spawn_send(&router, common::app::post(route, Some("k"), body));
+        app.inserted.notified().await;
+        // Renewals every second: the one at 1 s finds the session ended at 0.3 s.
+        tokio::time::sleep(Duration::from_millis(1700)).await;
+        assert_eq!(
+            lease_lost(route),
+            1,
+            "{route}: noticed before the handler ended"
+        );
+        let first = first.await.unwrap();
+        assert_problem(&first, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+        assert_eq!(app.rows().await, 0);
+        assert_eq!(lease_lost(route), 1, "{route}: counted once");
+    }
+}
+
+/// The owner's connection is terminated (`pg_terminate_backend`, as an operator or a
+/// failover would): the next renewal notices, long before the handler returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_a_terminated_connection_is_noticed_by_the_next_renewal() {
+    support::metrics::install();
+    let route = "/terminated";
+    let store = support::postgres::transactional_store().await;
+    let (app, router) = TxApp::on(route, store, |l| l.lease(Duration::from_secs(3))).await;
+    let first = spawn_send(
+        &router,
+        common::app::post(route, Some("k"), r#"{"hold_ms": 3000}"#),
+    );
+    app.inserted.notified().await;
+    let pid = app.pid.lock().unwrap().expect("pid");
+    let admin = support::postgres::pool(1).await;
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert!(killed);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        lease_lost(route),
+        1,
+        "noticed at the renewal after the kill"
+    );
+    let first = first.await.unwrap();
+    assert_problem(&first, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    assert_eq!(app.rows().await, 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Settings past what Postgres accepts
+// ---------------------------------------------------------------------------------------
+
+/// Postgres's `lock_timeout` and `idle_in_transaction_session_timeout` take at most
+/// 2^31 - 1 ms (~24.8 days): a longer lease (from which the idle limit derives), idle
+/// limit or lock timeout is clamped, never a failed reserve (503 on every request, or a
+/// pass-through to the handler without its transaction under `fail_open`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_durations_past_postgres_limits_are_clamped() {
+    let lease = 30 * DAY;
+    for fail_open in [false, true] {
+        let store = support::postgres::transactional_store().await;
+        let (app, router) = TxApp::new(store, |l| {
+            let l = l.lease(lease).ttl(60 * DAY);
+            if fail_open {
+                l.fail_open()
+            } else {
+                l
+            }
+        })
+        .await;
+        let first = send(&router, request("long-lease", "{}")).await;
+        assert_eq!(
+            first.status,
+            StatusCode::CREATED,
+            "fail_open {fail_open}: {first:?}"
+        );
+        assert!(send(&router, request("long-lease", "{}")).await.replayed());
+        assert_eq!(app.rows().await, 1);
+    }
+    let store = support::postgres::transactional_store().await.map(|s| {
+        s.idle_in_transaction_timeout(Duration::MAX)
+            .lock_timeout(Duration::MAX)
+    });
+    let (app, router) = TxApp::new(store, |l| l).await;
+    assert_eq!(
+        send(&router, request("max", "{}")).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(app.rows().await, 1);
+}
+
+/// `idle_in_transaction_timeout(Duration::ZERO)` means what 0 means to Postgres: no
+/// limit (not "cut at once", which would fail every request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_a_zero_idle_limit_is_no_limit() {
+    let store = support::postgres::transactional_store()
+        .await
+        .map(|s| s.idle_in_transaction_timeout(Duration::ZERO));
+    let (app, router) = TxApp::new(store.clone(), |l| l.no_renewal()).await;
+    let r = send(&router, request("zero", r#"{"hold_ms": 300}"#)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_eq!(app.rows().await, 1);
+    // And it reaches the session as 0 (the server's "off"), not 1 ms.
+    let router = axum::Router::new().route(
+        "/show",
+        axum::routing::post(|tx: tower_idempotency::postgres::Tx| async move {
+            let mut conn = tx.lock().await.unwrap();
+            let value: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            (StatusCode::CREATED, value)
+        })
+        .layer(IdempotencyLayer::new(store).global_scope()),
+    );
+    let r = send(&router, common::app::post("/show", Some("k"), "{}")).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.body, "0");
+}
+
+// ---------------------------------------------------------------------------------------
+// Isolation
+// ---------------------------------------------------------------------------------------
+
+/// A role of the test's own whose sessions default to REPEATABLE READ (a server or role
+/// setting some teams use), with a pool of 16 on it; dropped by [`RrRole::drop_role`].
+struct RrRole {
+    name: String,
+    pool: tower_idempotency::postgres::sqlx::PgPool,
+}
+
+impl RrRole {
+    async fn create(schema: &TestSchema) -> RrRole {
+        let name = format!("{}_rr", schema.name);
+        let admin = support::postgres::pool(1).await;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE ROLE {name} LOGIN; \
+             ALTER ROLE {name} SET default_transaction_isolation = 'repeatable read'; \
+             GRANT ALL ON SCHEMA {s} TO {name}",
+            s = schema.name
+        )))
+        .execute(&admin)
+        .await
+        .unwrap();
+        admin.close().await;
+        let url = support::postgres::database_url().replacen("postgres@", &format!("{name}@"), 1);
+        let pool = tower_idempotency::postgres::sqlx::postgres::PgPoolOptions::new()
+            .max_connections(16)
+            .connect(&url)
+            .await
+            .unwrap();
+        let isolation: String = sqlx::query_scalar("SHOW default_transaction_isolation")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(isolation, "repeatable read");
+        RrRole { name, pool }
+    }
+
+    async fn drop_role(self) {
+        self.pool.close().await;
+        let admin = support::postgres::pool(1).await;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP OWNED BY {n}; DROP ROLE {n}",
+            n = self.name
+        )))
+        .execute(&admin)
+        .await
+        .unwrap();
+        admin.close().await;
+    }
+}
+
+/// On a role whose default isolation is REPEATABLE READ, a waiter whose reserve blocks on
+/// the owner's row gets the replay when the owner commits (not a serialization failure,
+/// 503): every reserve transaction runs at READ COMMITTED. Plain mode too, and many
+/// concurrent first requests there get 201 or 409, never 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeatable_read_default_does_not_break_waiters() {
+    let schema = TestSchema::create().await;
+    let role = RrRole::create(&schema).await;
+    let table = schema.table("idem");
+    let plain = PostgresStore::new(role.pool.clone()).table(&table);
+    plain.migrate().await.unwrap();
+
+    // Store level: a reserve that blocks on another session's uncommitted row (an owner
+    // caught between its insert and its advisory lock, or one of an older version) for
+    // as long as it takes answers with the record that session commits.
+    let tx = plain
+        .clone()
+        .transactional()
+        .lock_timeout(Duration::from_secs(5));
+    let s = scope("/rr");
+    let mut other = role.pool.begin().await.unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {table} (scope, fingerprint, state, token, record, expires_at) \
+         VALUES ($1, $2, 'completed', '\\x00', $3, now() + interval '1 hour')"
+    )))
+    .bind(s.as_bytes().as_slice())
+    .bind(FP.as_bytes().as_slice())
+    .bind(Record::NotReplayable.encode().to_vec())
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let blocked = tokio::spawn({
+        let tx = tx.clone();
+        async move { tx.reserve(&s, &FP, FencingToken::generate(), LEASE).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    other.commit().await.unwrap();
+    assert_eq!(
+        blocked.await.unwrap().expect("not a serialization failure"),
+        Reservation::Completed(Record::NotReplayable)
+    );
+
+    // Transactional: the owner holds 600 ms, the waiter waits and replays.
+    let tx = TestStore::new(plain.clone().transactional(), schema.clone());
+    let (app, router) =
+        TxApp::new(tx, |l| l.in_flight(InFlight::Wait(Duration::from_secs(10)))).await;
+    let first = spawn_send(&router, request("rr", r#"{"hold_ms": 600}"#));
+    app.inserted.notified().await;
+    let waiter = send(&router, request("rr", r#"{"hold_ms": 600}"#)).await;
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    assert_eq!(waiter.status, StatusCode::CREATED, "{waiter:?}");
+    assert!(waiter.replayed());
+    assert_eq!(app.runs(), 1);
+
+    // Plain: 16 concurrent first requests, conflict mode, then wait mode.
+    let plain = TestStore::new(plain, schema.clone());
+    for (round, mode) in [InFlight::Conflict, InFlight::Wait(Duration::from_secs(10))]
+        .into_iter()
+        .enumerate()
+    {
+        let h = Harness::new(
+            IdempotencyLayer::new(plain.clone())
+                .global_scope()
+                .in_flight(mode),
+        );
+        let key = format!("rr-plain-{round}");
+        let replies: Vec<Reply> = join_all((0..16).map(|_| {
+            let router = h.router.clone();
+            let req = common::app::delayed(request(&key, "{}"), 200);
+            tokio::spawn(async move { send(&router, req).await })
+        }))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+        assert_eq!(h.runs(), 1, "{mode:?}");
+        for r in &replies {
+            assert!(
+                r.status == StatusCode::CREATED || r.status == StatusCode::CONFLICT,
+                "{mode:?}: {r:?}"
+            );
+        }
+    }
+    drop(app);
+    drop(plain);
+    role.drop_role().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Locks that are not reservations
+// ---------------------------------------------------------------------------------------
+
+/// Another session holds a lock that blocks the reserving `INSERT` past the lock timeout
+/// — a table lock (DDL, `LOCK TABLE`), or the row of an expired record that a slow purge
+/// is deleting — while nobody holds the key: the reserve is tried again, and the request
+/// runs once the lock goes (never 409 for a key nobody holds). Held longer than the
+/// store's timeout, it is 503 (retry later), still not 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_a_foreign_lock_is_not_in_flight() {
+    let store = support::postgres::transactional_store().await.map(|s| {
+        s.lock_timeout(Duration::from_millis(100))
+            .timeout(Duration::from_secs(2))
+    });
+    let (app, router) = TxApp::new(store.clone(), |l| l.in_flight(InFlight::Conflict)).await;
+    let table = store.schema.table("idem");
+
+    // A live reservation is in flight (the positive case), answered without waiting.
+    let first = spawn_send(&router, request("live", r#"{"hold_ms": 800}"#));
+    app.inserted.notified().await;
+    let r = send(&router, request("live", "{}")).await;
+    assert_problem(&r, StatusCode::CONFLICT, "request-in-flight");
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+
+    // A table lock held for 800 ms.
+    let mut ddl = store.store().pool().begin().await.unwrap();
+    sqlx::raw_sql(AssertSqlSafe(format!("LOCK TABLE {table} IN SHARE MODE")))
+        .execute(&mut *ddl)
+        .await
+        .unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        ddl.rollback().await.unwrap();
+    });
+    let r = send(&router, request("table-lock", "{}")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "a table lock is not in flight: {r:?}"
+    );
+    release.await.unwrap();
+
+    // An expired record of the key, deleted by a purge that holds it for 800 ms.
+    let key = "purged";
+    let probe = request(key, "{}");
+    let scope = tower_idempotency::ScopeHash::new(None, probe.method(), "/pay", key.as_bytes());
+    store
+        .exec(&format!(
+            "INSERT INTO {table} (scope, fingerprint, state, token, record, expires_at) \
+             VALUES ('\\x{}', '\\x00', 'completed', '\\x00', '\\x0101', now() - interval '1 s')",
+            scope.to_hex()
+        ))
+        .await;
+    let mut purge = store.store().pool().begin().await.unwrap();
+    let deleted = sqlx::raw_sql(AssertSqlSafe(format!(
+        "DELETE FROM {table} WHERE expires_at <= now()"
+    )))
+    .execute(&mut *purge)
+    .await
+    .unwrap();
+    assert_eq!(deleted.rows_affected(), 1);
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        purge.commit().await.unwrap();
+    });
+    let r = send(&router, request(key, "{}")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "a purge is not in flight: {r:?}"
+    );
+    release.await.unwrap();
+
+    // A table lock held past the store's timeout: 503, and the handler did not run.
+    let mut ddl = store.store().pool().begin().await.unwrap();
+    sqlx::raw_sql(AssertSqlSafe(format!("LOCK TABLE {table} IN SHARE MODE")))
+        .execute(&mut *ddl)
+        .await
+        .unwrap();
+    let runs = app.runs();
+    let r = send(&router, request("locked-long", "{}")).await;
+    assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    assert_eq!(app.runs(), runs);
+    ddl.rollback().await.unwrap();
+    assert_eq!(
+        send(&router, request("locked-long", "{}")).await.status,
+        StatusCode::CREATED
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// migrate() next to a long transaction
+// ---------------------------------------------------------------------------------------
+
+/// A second server starts (`migrate()`, `init()`) while the first holds a long
+/// transactional request: with the schema current, `migrate()` takes no lock and returns
+/// at once, and a brand-new key on the first server is answered at once (not queued
+/// behind DDL, not 409).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_on_a_current_schema_stalls_nobody() {
+    let a = support::postgres::transactional_store().await;
+    let (app, router) = TxApp::new(a.clone(), |l| l.in_flight(InFlight::Conflict)).await;
+    let long = spawn_send(&router, request("long", r#"{"wait_for_proceed": true}"#));
+    app.inserted.notified().await;
+
+    let b = PostgresStore::new(support::postgres::pool(2).await)
+        .table(a.table_name())
+        .transactional();
+    let started = Instant::now();
+    let migrated = tokio::time::timeout(Duration::from_secs(10), async {
+        b.migrate().await?;
+        b.clone().init().await
+    })
+    .await
+    .expect("migrate and init return");
+    assert!(migrated.is_ok(), "{migrated:?}");
+    eprintln!(
+        "migrate + init beside a long transaction: {:?}",
+        started.elapsed()
+    );
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        send(&router, request("brand-new", "{}")),
+    )
+    .await
+    .expect("answered");
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    app.proceed.notify_one();
+    assert_eq!(long.await.unwrap().status, StatusCode::CREATED);
+    b.pool().close().await;
+}
+
+/// When the schema is not current (here its index is missing) and a long transaction
+/// holds the table, `migrate()` gives up within its own bound with an error that says
+/// why, instead of queueing forever behind it (and every reserve behind itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_that_cannot_lock_the_table_fails_clearly() {
+    let a = support::postgres::transactional_store().await;
+    a.exec(&format!(
+        "DROP INDEX {}",
+        a.schema.table("idem_expires_at_idx")
+    ))
+    .await;
+    let (app, router) = TxApp::new(a.clone(), |l| l.in_flight(InFlight::Conflict)).await;
+    let long = spawn_send(&router, request("long", r#"{"wait_for_proceed": true}"#));
+    app.inserted.notified().await;
+    let b = PostgresStore::new(support::postgres::pool(2).await)
+        .table(a.table_name())
+        .transactional();
+    let err = tokio::time::timeout(Duration::from_secs(15), b.migrate())
+        .await
+        .expect("migrate gives up by itself")
+        .expect_err("it cannot lock the table");
+    let message = support::error_chain(&err);
+    assert!(message.contains("lock"), "{message}");
+    // Meanwhile, and after, the first server answers new keys.
+    let r = send(&router, request("brand-new", "{}")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    app.proceed.notify_one();
+    assert_eq!(long.await.unwrap().status, StatusCode::CREATED);
+    b.migrate()
+        .await
+        .expect("once the table is free, it migrates");
+    b.pool().close().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Wake-ups and fencing
+// ---------------------------------------------------------------------------------------
+
+/// A waiter in another process announced itself; the owner's release (a ROLLBACK, whose
+/// own NOTIFY is never delivered) still wakes it, with a NOTIFY sent after the rollback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_release_notifies_a_waiter_that_announced_itself() {
+    let owner = support::postgres::transactional_store().await;
+    let waiter = TestStore::new(
+        PostgresStore::new(support::postgres::pool(4).await)
+            .table(owner.table_name())
+            .transactional(),
+        owner.schema.clone(),
+    );
+    let s = scope("/notify-release");
+    let token = FencingToken::generate();
+    assert_eq!(
+        owner.reserve(&s, &FP, token, LEASE).await.unwrap(),
+        Reservation::Reserved
+    );
+    let _owner_listening = owner.subscribe(&scope("/other")).await.unwrap();
+    let mut subscription = waiter.subscribe(&s).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(owner.release(&s, token).await.unwrap());
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tower_idempotency::Subscription::changed(&mut subscription),
+    )
+    .await
+    .expect("the release's NOTIFY woke the waiter");
+}
+
+/// Plain mode's complete and release compare the fencing token: another token can
+/// neither complete nor release a live lease, nor claim a completed record as its own;
+/// the holder still can.
+#[tokio::test]
+async fn plain_complete_and_release_check_the_token() {
+    let store = support::postgres::store().await;
+    let s = scope("/fenced");
+    let holder = FencingToken::generate();
+    let stranger = FencingToken::generate();
+    assert_eq!(
+        store.reserve(&s, &FP, holder, LEASE).await.unwrap(),
+        Reservation::Reserved
+    );
+    assert_eq!(
+        store
+            .complete(&s, stranger, &Record::NotReplayable, LEASE)
+            .await
+            .unwrap(),
+        Completion::Fenced
+    );
+    assert!(!store.release(&s, stranger).await.unwrap());
+    assert_eq!(
+        store
+            .reserve(&s, &FP, FencingToken::generate(), LEASE)
+            .await
+            .unwrap(),
+        Reservation::InFlight,
+        "the stranger changed nothing"
+    );
+    assert_eq!(
+        store
+            .complete(&s, holder, &Record::NotReplayable, LEASE)
+            .await
+            .unwrap(),
+        Completion::Stored
+    );
+    assert_eq!(
+        store
+            .complete(&s, stranger, &Record::NotReplayable, LEASE)
+            .await
+            .unwrap(),
+        Completion::Fenced,
+        "a completed record is stored again only for its own token"
+    );
+    assert!(
+        !store.release(&s, holder).await.unwrap(),
+        "completed: no release"
+    );
+    assert_eq!(
+        store
+            .reserve(&s, &FP, FencingToken::generate(), LEASE)
+            .await
+            .unwrap(),
+        Reservation::Completed(Record::NotReplayable)
+    );
+}
