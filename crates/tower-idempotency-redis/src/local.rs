@@ -176,6 +176,11 @@ impl LocalTier {
         self.cache.insert(*scope, kept);
     }
 
+    /// The settings the tier was made with.
+    pub(crate) fn settings(&self) -> LocalReplays {
+        self.settings
+    }
+
     /// The bytes the kept records take, as counted against the bound.
     pub(crate) fn bytes(&self) -> u64 {
         self.cache.weight()
