@@ -337,3 +337,42 @@ async fn prefixed_clones_never_answer_for_each_other() {
     assert_eq!(live_app.runs(), 2, "one run per key in live");
     assert_eq!(sandbox_app.runs(), 2, "one run per key in the sandbox");
 }
+
+/// One tenant's record kept in the local replay tier is never another tenant's answer:
+/// alice's replay is answered from memory, then bob sends the same key and body, and his
+/// request runs (the tier is keyed by the scope, which holds the tenant).
+#[tokio::test]
+async fn a_locally_kept_replay_is_never_another_tenants() {
+    let store = support::store::test_store("tenant-local").await;
+    let h = Harness::new(IdempotencyLayer::new(store.clone()).tenant(common::app::bearer_tenant));
+    let from = |tenant: &str| {
+        common::app::with_header(
+            post("/pay", Some("k"), "{}"),
+            "authorization",
+            &format!("Bearer {tenant}"),
+        )
+    };
+    let alice = send(&h.router, from("alice")).await;
+    assert_eq!(alice.status, StatusCode::CREATED, "{alice:?}");
+    let from_tier = store.round_trips().local_replays;
+    for _ in 0..2 {
+        let replay = send(&h.router, from("alice")).await;
+        assert!(replay.replayed(), "{replay:?}");
+        assert_eq!(replay.body, alice.body);
+    }
+    assert_eq!(
+        store.round_trips().local_replays,
+        from_tier + 1,
+        "alice's record is kept in the tier"
+    );
+    let bob = send(&h.router, from("bob")).await;
+    assert_eq!(bob.status, StatusCode::CREATED, "{bob:?}");
+    assert!(!bob.replayed(), "bob got alice's response: {bob:?}");
+    assert_ne!(bob.body, alice.body);
+    assert_eq!(h.runs(), 2, "one run per tenant");
+    let bob_again = send(&h.router, from("bob")).await;
+    assert_eq!(bob_again.body, bob.body);
+    let alice_again = send(&h.router, from("alice")).await;
+    assert_eq!(alice_again.body, alice.body);
+    assert_eq!(h.runs(), 2);
+}
