@@ -10,6 +10,17 @@
 //! [`max_age`](LocalReplays::max_age). Pending records are never kept: only a completed
 //! record is final.
 //!
+//! A tier belongs to one namespace. It is keyed by scope hash alone, so it is shared only
+//! by clones of a store that keep its prefix; a clone under another
+//! [`prefix`](crate::RedisStore::prefix) (live and sandbox on one Redis) gets a tier of
+//! its own and never replays, or refuses with 422, the other's keys.
+//!
+//! Its memory is what it counts. A record decoded from a reply is a slice of the
+//! connection's read buffer, and a reply that arrived right behind a large one is a slice
+//! of that large buffer; a kept entry therefore owns a copy of its body and header values
+//! (made only when an entry is kept, not for replays read from Redis), and weighs them,
+//! its headers' bookkeeping and its slot in the cache.
+//!
 //! Its one inconsistency: a record deleted in Redis by hand (`DEL`, a flush) may still be
 //! replayed by a process that kept it, until its local entry lapses — at most
 //! [`max_age`](LocalReplays::max_age).

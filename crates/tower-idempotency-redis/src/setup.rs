@@ -287,7 +287,9 @@ where
         self.replication.as_ref().map_or(0, |r| r.short())
     }
 
-    /// The bytes the local replay tier holds (0 when it is off).
+    /// The bytes the local replay tier of this store's prefix holds (0 when it is off):
+    /// its entries' bodies, headers and bookkeeping, the bytes its byte bound counts. An
+    /// entry owns its bytes, so this is the heap it keeps alive.
     pub fn local_replay_bytes(&self) -> u64 {
         self.local.as_ref().map_or(0, |local| local.bytes())
     }
