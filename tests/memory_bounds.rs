@@ -193,3 +193,117 @@ async fn a_byte_budget_bounds_the_heap_of_completed_records() {
     assert!(counted <= budget as isize + 10_100, "{counted} counted");
     assert!(grown > budget as isize * 9 / 10, "{grown} bytes taken");
 }
+
+/// The Redis store's local replay tier holds what it counts. A record decoded from a
+/// reply is a slice of the connection's read buffer, and a reply that arrives right
+/// behind a large one on the same connection lands in that large buffer: here 64 small
+/// records come back pipelined behind a 1 MiB `GET`, eight times over. Kept as slices,
+/// they would pin eight read buffers of megabytes; the tier copies what it keeps, so once
+/// the connection is closed the heap still taken is within what `local_replay_bytes()`
+/// counts.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "current_thread")]
+async fn the_redis_local_tier_holds_what_it_counts() {
+    use futures_util::future::join_all;
+    use tower_idempotency::redis::fred::prelude::*;
+    use tower_idempotency::redis::fred::types::Expiration;
+
+    const ROUNDS: u64 = 8;
+    const PER_ROUND: u64 = 64;
+    const BIG: usize = 1024 * 1024;
+    const TTL: Duration = Duration::from_secs(600);
+    let _serial = SERIAL.lock().await;
+    let record = |n: u64| {
+        Record::Response(StoredResponse {
+            status: StatusCode::CREATED,
+            headers: vec![
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                ),
+                (
+                    header::HeaderName::from_static("x-request-id"),
+                    HeaderValue::from_str(&format!("req-{n:08}")).unwrap(),
+                ),
+            ],
+            body: Bytes::from(format!("{{\"payment\":{n},\"amount\":1000}}")),
+        })
+    };
+    let url = support::redis::redis_url().await;
+    let prefix = support::unique_prefix("local-owned");
+    let writer = support::store::store(&url, &prefix).await;
+    for n in 0..ROUNDS * PER_ROUND {
+        let token = FencingToken::generate();
+        let r = writer.reserve(&scope(n), &FP, token, LEASE).await;
+        assert_eq!(r.unwrap(), Reservation::Reserved);
+        let done = writer.complete(&scope(n), token, &record(n), TTL).await;
+        assert_eq!(done.unwrap(), Completion::Stored);
+    }
+    let big_key = format!("{prefix}big");
+    let _: () = writer
+        .client()
+        .set(
+            &big_key,
+            vec![b'x'; BIG],
+            Some(Expiration::EX(600)),
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+
+    let reader = support::store::store(&url, &prefix).await;
+    let base = live();
+    for round in 0..ROUNDS {
+        let first = round * PER_ROUND;
+        let scopes: Vec<ScopeHash> = (first..first + PER_ROUND).map(scope).collect();
+        let reads = scopes
+            .iter()
+            .map(|s| reader.reserve(s, &FP, FencingToken::generate(), LEASE));
+        // The GET is sent first, so the reserves' replies arrive right behind its 1 MiB.
+        let (big, answers) =
+            tokio::join!(reader.client().get::<Bytes, _>(&big_key), join_all(reads));
+        assert_eq!(big.unwrap().len(), BIG);
+        for (n, answer) in (first..).zip(answers) {
+            assert_eq!(answer.unwrap(), Reservation::Completed(record(n)));
+        }
+    }
+    // Every record is kept: each is now answered from the tier, with no command.
+    let from_tier = reader.round_trips().local_replays;
+    for n in 0..ROUNDS * PER_ROUND {
+        let r = reader
+            .reserve(&scope(n), &FP, FencingToken::generate(), LEASE)
+            .await;
+        assert_eq!(r.unwrap(), Reservation::Completed(record(n)));
+    }
+    assert_eq!(
+        reader.round_trips().local_replays - from_tier,
+        ROUNDS * PER_ROUND
+    );
+    // The read buffer is the connection's: closing it leaves only what the tier keeps.
+    reader.client().quit().await.unwrap();
+    let counted = reader.local_replay_bytes() as isize;
+    // What the run leaves besides the tier (fred's and tokio's own state).
+    let slack = 64 * 1024;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut grown = live() - base;
+    // The connection's tasks end after `quit` returns; give them time to drop the buffer.
+    while grown > counted + slack && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        grown = live() - base;
+    }
+    println!(
+        "{} records kept: {grown} bytes taken, {counted} counted",
+        ROUNDS * PER_ROUND
+    );
+    assert!(
+        grown <= counted + slack,
+        "{} records kept: {grown} bytes taken, {counted} counted",
+        ROUNDS * PER_ROUND
+    );
+    // An upper bound, but not a wild one: the byte bound is not spent on nothing.
+    assert!(
+        grown > counted / 3,
+        "{grown} bytes taken, {counted} counted"
+    );
+}

@@ -391,3 +391,53 @@ async fn client_disconnect_over_tcp_still_stores() {
     assert_eq!(h.runs(), 1);
     server.abort();
 }
+
+/// A local replay entry is dated from when the reserve was sent, not from when its reply
+/// arrived: a reply held back by the network must not let the entry outlive the record in
+/// Redis (SPEC section 7). The record lives 5 s; a second app server reads it through a
+/// proxy that delays only replies, by 2 s (the command runs at once, so the TTL Redis
+/// reports is exact and 2 s old on arrival), replays it from memory while it lives, and
+/// once Redis has dropped it runs the request anew. An entry dated from the reply would
+/// replay it for 2 s more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reply_does_not_stretch_a_local_entry() {
+    let rig = Rig::start("slow-reply-entry").await;
+    let (ttl, delay) = (Duration::from_secs(5), Duration::from_secs(2));
+    let layer = |store: RedisStore<Client>| IdempotencyLayer::new(store).global_scope().ttl(ttl);
+    let writer = Harness::new(layer(rig.direct.clone()));
+    // A clone with the same prefix shares the proxied store's tier and counters.
+    let slow_store = rig.proxied.clone().command_timeout(Duration::from_secs(10));
+    let reader = writer.sharing_counters(layer(slow_store));
+
+    let before = Instant::now();
+    let first = send(&writer.router, post("/pay", Some("k"), "{}")).await;
+    let completed = Instant::now(); // Redis drops the record by `completed + ttl`
+    assert_eq!(first.status, StatusCode::CREATED);
+
+    rig.proxy.delay_replies(delay);
+    let slow = send(&reader.router, post("/pay", Some("k"), "{}")).await;
+    rig.proxy.pass();
+    assert!(slow.replayed(), "{slow:?}");
+    assert_eq!(slow.body, first.body);
+    let sent = rig.proxied.round_trips().total;
+    let kept = send(&reader.router, post("/pay", Some("k"), "{}")).await;
+    assert!(kept.replayed(), "{kept:?}");
+    assert_eq!(
+        rig.proxied.round_trips().total,
+        sent,
+        "replayed from the local tier while the record lives"
+    );
+
+    tokio::time::sleep_until(completed + ttl + Duration::from_millis(300)).await;
+    if Instant::now() >= before + ttl + delay {
+        // Correct code passes either way; only the bug's window was missed.
+        eprintln!("the machine was too slow to open the window this test looks into");
+    }
+    let after = send(&reader.router, post("/pay", Some("k"), "{}")).await;
+    assert_eq!(after.status, StatusCode::CREATED, "{after:?}");
+    assert!(
+        !after.replayed(),
+        "replayed from a local entry that outlived the record in Redis: {after:?}"
+    );
+    assert_eq!(writer.runs(), 2, "the expired key ran anew");
+}

@@ -287,3 +287,92 @@ async fn wait_bound_holds_when_the_subscriber_is_black_holed() {
     assert_eq!(slow.await.unwrap().status, StatusCode::CREATED);
     assert_eq!(owner.runs(), 1);
 }
+
+/// Two clones of one store under two prefixes (live and sandbox on one Redis) are two
+/// namespaces: the same key with the same payload runs once in each, and with another
+/// payload it is not a 422 in the other, however many replays one of them answered from
+/// its local tier before (SPEC section 7: a tier belongs to one namespace).
+#[tokio::test]
+async fn prefixed_clones_never_answer_for_each_other() {
+    let store = support::store::test_store("namespaces").await;
+    let base = support::unique_prefix("namespaces");
+    let live = store.clone().prefix(format!("{base}live:"));
+    let sandbox = store.clone().prefix(format!("{base}sandbox:"));
+    let live_app = Harness::new(IdempotencyLayer::new(live.clone()).global_scope());
+    let sandbox_app = Harness::new(IdempotencyLayer::new(sandbox.clone()).global_scope());
+    // Key "same": one payload in both; key "other": the sandbox sends another payload.
+    for (key, sandbox_body) in [("other", "{\"x\":1}"), ("same", "{}")] {
+        let first = send(&live_app.router, post("/pay", Some(key), "{}")).await;
+        assert_eq!(first.status, StatusCode::CREATED, "{key}: {first:?}");
+        let from_tier = store.round_trips().local_replays;
+        for _ in 0..2 {
+            // The first replay reads the record from Redis and keeps it, the second is
+            // answered from the live tier.
+            let replay = send(&live_app.router, post("/pay", Some(key), "{}")).await;
+            assert!(replay.replayed(), "{key}: {replay:?}");
+            assert_eq!(replay.body, first.body);
+        }
+        assert_eq!(
+            store.round_trips().local_replays,
+            from_tier + 1,
+            "{key}: the live tier keeps the record"
+        );
+        let there = send(&sandbox_app.router, post("/pay", Some(key), sandbox_body)).await;
+        assert_eq!(
+            there.status,
+            StatusCode::CREATED,
+            "{key}: the sandbox runs its own request; body {:?}",
+            there.body
+        );
+        assert!(!there.replayed(), "{key}: replayed the live record");
+        let again = send(&sandbox_app.router, post("/pay", Some(key), sandbox_body)).await;
+        assert!(again.replayed(), "{key}: {again:?}");
+        assert_eq!(again.body, there.body);
+        let live_again = send(&live_app.router, post("/pay", Some(key), "{}")).await;
+        assert_eq!(
+            live_again.body, first.body,
+            "{key}: live keeps its own record"
+        );
+    }
+    assert_eq!(live_app.runs(), 2, "one run per key in live");
+    assert_eq!(sandbox_app.runs(), 2, "one run per key in the sandbox");
+}
+
+/// One tenant's record kept in the local replay tier is never another tenant's answer:
+/// alice's replay is answered from memory, then bob sends the same key and body, and his
+/// request runs (the tier is keyed by the scope, which holds the tenant).
+#[tokio::test]
+async fn a_locally_kept_replay_is_never_another_tenants() {
+    let store = support::store::test_store("tenant-local").await;
+    let h = Harness::new(IdempotencyLayer::new(store.clone()).tenant(common::app::bearer_tenant));
+    let from = |tenant: &str| {
+        common::app::with_header(
+            post("/pay", Some("k"), "{}"),
+            "authorization",
+            &format!("Bearer {tenant}"),
+        )
+    };
+    let alice = send(&h.router, from("alice")).await;
+    assert_eq!(alice.status, StatusCode::CREATED, "{alice:?}");
+    let from_tier = store.round_trips().local_replays;
+    for _ in 0..2 {
+        let replay = send(&h.router, from("alice")).await;
+        assert!(replay.replayed(), "{replay:?}");
+        assert_eq!(replay.body, alice.body);
+    }
+    assert_eq!(
+        store.round_trips().local_replays,
+        from_tier + 1,
+        "alice's record is kept in the tier"
+    );
+    let bob = send(&h.router, from("bob")).await;
+    assert_eq!(bob.status, StatusCode::CREATED, "{bob:?}");
+    assert!(!bob.replayed(), "bob got alice's response: {bob:?}");
+    assert_ne!(bob.body, alice.body);
+    assert_eq!(h.runs(), 2, "one run per tenant");
+    let bob_again = send(&h.router, from("bob")).await;
+    assert_eq!(bob_again.body, bob.body);
+    let alice_again = send(&h.router, from("alice")).await;
+    assert_eq!(alice_again.body, alice.body);
+    assert_eq!(h.runs(), 2);
+}

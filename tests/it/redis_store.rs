@@ -1510,3 +1510,43 @@ async fn the_local_tier_keeps_to_its_byte_bound() {
     }
     assert!(store.local_replay_bytes() > bound / 2, "the bound is used");
 }
+
+/// The tier weighs a record's headers, not only its body: reading a record with 16 KiB of
+/// header values and a 2-byte body adds at least those 16 KiB to `local_replay_bytes()`,
+/// so large headers cannot slip past the byte bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_tier_weighs_headers() {
+    let store = store(&redis_url().await, &support::unique_prefix("local-headers")).await;
+    let headers: Vec<(HeaderName, HeaderValue)> = (0..16)
+        .map(|i| {
+            let name = HeaderName::try_from(format!("x-large-{i}")).unwrap();
+            (name, HeaderValue::from_str(&"v".repeat(1024)).unwrap())
+        })
+        .collect();
+    let header_bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    let record = Record::Response(StoredResponse {
+        status: StatusCode::CREATED,
+        headers,
+        body: Bytes::from_static(b"{}"),
+    });
+    let s = scope();
+    let token = FencingToken::generate();
+    assert_eq!(reserve(&store, &s, token).await, Reservation::Reserved);
+    let done = store.complete(&s, token, &record, TTL).await;
+    assert_eq!(done.unwrap(), Completion::Stored);
+    let before = store.local_replay_bytes();
+    let read = reserve(&store, &s, FencingToken::generate()).await;
+    assert_eq!(read, Reservation::Completed(record.clone()));
+    let sent = store.round_trips().total;
+    let kept = reserve(&store, &s, FencingToken::generate()).await;
+    assert_eq!(kept, Reservation::Completed(record));
+    assert_eq!(store.round_trips().total, sent, "answered from the tier");
+    let weighed = store.local_replay_bytes() - before;
+    assert!(
+        weighed >= header_bytes as u64 + 2,
+        "a record with {header_bytes} header bytes weighs {weighed}"
+    );
+}

@@ -157,6 +157,27 @@ async fn proxy_faults() {
     );
     proxy.pass();
 
+    // delay_replies: the PING runs on the server at once; only its reply is held back
+    proxy.delay_replies(Duration::from_secs(30));
+    let pings_before = ping_calls(server.port());
+    let mut held = connect(addr).await;
+    assert_eq!(ping(&mut held, short).await, Reply::Timeout);
+    let deadline = Instant::now() + ok;
+    while ping_calls(server.port()) == pings_before {
+        assert!(
+            Instant::now() < deadline,
+            "the PING did not reach the server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(held);
+    proxy.pass();
+    assert_eq!(
+        ping(&mut c1, ok).await,
+        Reply::Pong,
+        "other connections pass"
+    );
+
     // blackhole: live and new connections hang; after pass both work again
     proxy.blackhole();
     assert_eq!(ping(&mut c1, short).await, Reply::Timeout);
@@ -222,7 +243,7 @@ async fn proxy_faults() {
         Reply::Pong,
         "only one reply is lost"
     );
-    assert_eq!(proxy.connections_accepted(), 8);
+    assert_eq!(proxy.connections_accepted(), 9);
 
     // drop: live connections die and the port is closed
     drop(proxy);

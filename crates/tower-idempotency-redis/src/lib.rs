@@ -120,9 +120,17 @@
 //! than the record's remaining TTL in Redis (the reserve script returns it, and the entry
 //! is dated from before the command was sent) and no longer than
 //! [`LocalReplays::max_age`]; pending records are never kept. On by default (64 MiB,
-//! 60 s); size it or turn it off with [`RedisStore::local_replays`]. Its one
-//! inconsistency: a record deleted in Redis by hand may still be replayed by a process
-//! that kept it, until its entry lapses (at most `max_age`).
+//! 60 s); size it or turn it off with [`RedisStore::local_replays`].
+//!
+//! A tier belongs to one namespace: clones of a store share it only while they keep its
+//! prefix, and a clone under another [`prefix`](RedisStore::prefix) (live and sandbox on
+//! one Redis) gets one of its own, so neither replays, nor refuses with 422, the other's
+//! keys. Its memory is what it counts ([`RedisStore::local_replay_bytes`]): an entry owns
+//! a copy of its body and header values, never a slice of a reply that would pin the
+//! connection's whole read buffer.
+//!
+//! Its one inconsistency: a record deleted in Redis by hand may still be replayed by a
+//! process that kept it, until its entry lapses (at most `max_age`).
 //!
 //! # ACL users
 //!

@@ -10,6 +10,17 @@
 //! [`max_age`](LocalReplays::max_age). Pending records are never kept: only a completed
 //! record is final.
 //!
+//! A tier belongs to one namespace. It is keyed by scope hash alone, so it is shared only
+//! by clones of a store that keep its prefix; a clone under another
+//! [`prefix`](crate::RedisStore::prefix) (live and sandbox on one Redis) gets a tier of
+//! its own and never replays, or refuses with 422, the other's keys.
+//!
+//! Its memory is what it counts. A record decoded from a reply is a slice of the
+//! connection's read buffer, and a reply that arrived right behind a large one is a slice
+//! of that large buffer; a kept entry therefore owns a copy of its body and header values
+//! (made only when an entry is kept, not for replays read from Redis), and weighs them,
+//! its headers' bookkeeping and its slot in the cache.
+//!
 //! Its one inconsistency: a record deleted in Redis by hand (`DEL`, a flush) may still be
 //! replayed by a process that kept it, until its local entry lapses — at most
 //! [`max_age`](LocalReplays::max_age).
@@ -17,17 +28,30 @@
 use std::fmt;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
 use tokio::time::Instant;
-use tower_idempotency_core::{Fingerprint, Record, Reservation, ScopeHash};
+use tower_idempotency_core::{Fingerprint, Record, Reservation, ScopeHash, StoredResponse};
 
 /// The default byte bound of the local replay tier: 64 MiB.
 pub const DEFAULT_LOCAL_REPLAY_BYTES: u64 = 64 * 1024 * 1024;
 /// The default longest life of a local entry: 60 seconds.
 pub const DEFAULT_LOCAL_REPLAY_AGE: Duration = Duration::from_secs(60);
 
-/// What each kept record costs beyond its body and headers: the key, the fingerprint,
-/// the entry and the cache's own bookkeeping.
-const ENTRY_OVERHEAD: u64 = 160;
+/// What `bytes` allocates when a buffer made from a `Vec` is first shared (every answer
+/// clones the kept record): its pointer, capacity and reference count.
+const SHARED_HEADER: usize = 3 * size_of::<usize>();
+
+/// What each kept record costs beyond its body and header bytes: its slot in the cache's
+/// slab (key, [`Kept`], and 24 bytes of the cache's links and state) twice over, since
+/// the slab doubles as it grows; its index in the cache's table (a 4-byte token and a
+/// control byte per bucket, at most 16/7 buckets per entry); and the body's
+/// [`SHARED_HEADER`]. Measured against the heap by `tests/memory_bounds.rs`.
+const ENTRY_OVERHEAD: u64 = (2 * (size_of::<(ScopeHash, Kept)>() + 24) + 12 + SHARED_HEADER) as u64;
+
+/// What each kept header costs beyond its name and value bytes: its place in the
+/// record's `Vec` and the [`SHARED_HEADER`]s of its name and value.
+const HEADER_OVERHEAD: usize = size_of::<(HeaderName, HeaderValue)>() + 2 * SHARED_HEADER;
 
 /// Settings of the local replay tier of a [`RedisStore`](crate::RedisStore): on by
 /// default with [`DEFAULT_LOCAL_REPLAY_BYTES`] and [`DEFAULT_LOCAL_REPLAY_AGE`]. See
@@ -167,13 +191,21 @@ impl LocalTier {
         if expires <= Instant::now() {
             return;
         }
+        let Some(record) = owned(record) else {
+            return;
+        };
         let kept = Kept {
             fingerprint: *fingerprint,
-            record: record.clone(),
+            weight: weight(&record),
+            record,
             expires,
-            weight: weight(record),
         };
         self.cache.insert(*scope, kept);
+    }
+
+    /// The settings the tier was made with.
+    pub(crate) fn settings(&self) -> LocalReplays {
+        self.settings
     }
 
     /// The bytes the kept records take, as counted against the bound.
@@ -188,6 +220,29 @@ impl LocalTier {
     }
 }
 
+/// A copy of `record` that owns its bytes. A record decoded from a reply shares the
+/// connection's read buffer (its body and header values are slices of it), and a reply
+/// that arrived behind a large one is a slice of that large buffer: kept as it is, a
+/// small entry would pin all of it, unseen by the byte bound. `None` only if a header
+/// value fails to copy, which a value that was valid cannot.
+fn owned(record: &Record) -> Option<Record> {
+    let Record::Response(response) = record else {
+        return Some(record.clone());
+    };
+    let mut headers = Vec::with_capacity(response.headers.len());
+    for (name, value) in &response.headers {
+        // `from_bytes` copies; `HeaderName`s are copied when decoded already.
+        let mut copy = HeaderValue::from_bytes(value.as_bytes()).ok()?;
+        copy.set_sensitive(value.is_sensitive());
+        headers.push((name.clone(), copy));
+    }
+    Some(Record::Response(StoredResponse {
+        status: response.status,
+        headers,
+        body: Bytes::copy_from_slice(&response.body),
+    }))
+}
+
 /// What a record costs the tier.
 fn weight(record: &Record) -> u64 {
     let payload = match record {
@@ -195,7 +250,7 @@ fn weight(record: &Record) -> u64 {
             let headers: usize = response
                 .headers
                 .iter()
-                .map(|(name, value)| name.as_str().len() + value.len() + 32)
+                .map(|(name, value)| name.as_str().len() + value.len() + HEADER_OVERHEAD)
                 .sum();
             response.body.len() + headers
         }
@@ -207,9 +262,7 @@ fn weight(record: &Record) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use http::StatusCode;
-    use tower_idempotency_core::StoredResponse;
 
     fn record(body: usize) -> Record {
         Record::Response(StoredResponse {
@@ -245,6 +298,44 @@ mod tests {
         tokio::time::advance(Duration::from_secs(3)).await;
         assert_eq!(tier.answer(&scope(2), &FP), None, "max_age passed");
         assert_eq!(tier.len(), 0, "lapsed entries are dropped when met");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keeps_copies_that_share_nothing_with_the_reply() {
+        let record = Record::Response(StoredResponse {
+            status: StatusCode::CREATED,
+            headers: vec![(
+                HeaderName::from_static("x-request-id"),
+                HeaderValue::from_static("req-1"),
+            )],
+            body: Bytes::from_static(b"paid"),
+        });
+        // A reply buffer with the record in the middle of much else, as a read buffer is.
+        let mut buffer = vec![0u8; 64 * 1024];
+        let encoded = record.encode();
+        buffer[1024..1024 + encoded.len()].copy_from_slice(&encoded);
+        let buffer = Bytes::from(buffer);
+        let decoded = Record::decode(&buffer.slice(1024..1024 + encoded.len())).unwrap();
+        let tier = LocalTier::new(LocalReplays::default());
+        tier.keep(
+            &scope(1),
+            &FP,
+            &decoded,
+            Instant::now(),
+            Duration::from_secs(60),
+        );
+        drop(decoded);
+        let Some(Reservation::Completed(Record::Response(kept))) = tier.answer(&scope(1), &FP)
+        else {
+            panic!("kept");
+        };
+        let within = |bytes: &[u8]| buffer.as_ptr_range().contains(&bytes.as_ptr());
+        assert!(!within(&kept.body), "the body is a copy");
+        assert!(
+            !within(kept.headers[0].1.as_bytes()),
+            "header values are copies"
+        );
+        assert_eq!(Record::Response(kept), record);
     }
 
     #[tokio::test(start_paused = true)]

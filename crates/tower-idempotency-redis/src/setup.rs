@@ -116,10 +116,22 @@ where
 
     /// Like [`prefix`](Self::prefix), but a prefix containing `{` or `}` is an
     /// [`RedisStoreError::InvalidPrefix`] instead of a panic.
+    ///
+    /// A store given another prefix than it had gets a local replay tier of its own (empty,
+    /// with the same settings): a clone under another prefix is another namespace, and
+    /// never replays, or refuses with 422, what it kept for the other one.
     pub fn try_prefix(mut self, prefix: impl Into<String>) -> Result<Self, RedisStoreError> {
         let prefix = prefix.into();
         if prefix.contains(['{', '}']) {
             return Err(RedisStoreError::InvalidPrefix(prefix));
+        }
+        if *self.prefix != *prefix {
+            // The tier is keyed by scope hash alone: shared with a store under another
+            // prefix, it would replay that namespace's records here, or answer 422 for
+            // its keys. Clones that keep the prefix keep sharing it.
+            self.local = self
+                .local
+                .map(|tier| Arc::new(LocalTier::new(tier.settings())));
         }
         self.prefix = Arc::from(prefix);
         Ok(self)
@@ -275,7 +287,9 @@ where
         self.replication.as_ref().map_or(0, |r| r.short())
     }
 
-    /// The bytes the local replay tier holds (0 when it is off).
+    /// The bytes the local replay tier of this store's prefix holds (0 when it is off):
+    /// its entries' bodies, headers and bookkeeping, the bytes its byte bound counts. An
+    /// entry owns its bytes, so this is the heap it keeps alive.
     pub fn local_replay_bytes(&self) -> u64 {
         self.local.as_ref().map_or(0, |local| local.bytes())
     }

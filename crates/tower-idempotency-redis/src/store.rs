@@ -30,7 +30,8 @@ use crate::subscriber::{Hub, RedisSubscription};
 /// [`Client`](fred::clients::Client) (also for Sentinel and Cluster configurations) or a
 /// [`Pool`](fred::clients::Pool); [`RedisStore::connect`] makes one for a URL. Cheap to
 /// clone: clones share the client, the counters, the local replay tier and the
-/// subscriber connection.
+/// subscriber connection — the tier only while they keep one prefix (a clone under
+/// another [`prefix`](RedisStore::prefix) gets its own).
 ///
 /// See the [crate docs](crate) for an example.
 #[derive(Clone)]
@@ -42,7 +43,9 @@ pub struct RedisStore<C> {
     /// `Some` with [`wait_replicas`](RedisStore::wait_replicas); shared by clones.
     pub(crate) replication: Option<Arc<Replication>>,
     pub(crate) wait_connections: usize,
-    /// The local replay tier; `None` when turned off.
+    /// The local replay tier; `None` when turned off. Keyed by scope hash alone, so it
+    /// belongs to one namespace: whatever changes [`key`](RedisStore::key) (the prefix)
+    /// must give the store a tier of its own.
     pub(crate) local: Option<Arc<LocalTier>>,
     /// Whether [`init`](RedisStore::init) connects the client (one made by
     /// [`from_url`](RedisStore::from_url)) rather than wait for the application to.
@@ -302,6 +305,27 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_tier_is_shared_only_within_one_prefix() {
+        use crate::local::LocalReplays;
+        let tier = |store: &RedisStore<Client>| store.local.clone().expect("tier on");
+        let settings = LocalReplays::default().max_bytes(1 << 20);
+        let store = RedisStore::new(Client::default())
+            .local_replays(Some(settings))
+            .prefix("app:");
+        let same = store.clone().prefix("app:");
+        let live = store.clone().prefix("live:");
+        let sandbox = store.clone().prefix("sandbox:");
+        assert!(Arc::ptr_eq(&tier(&store), &tier(&same)));
+        assert!(!Arc::ptr_eq(&tier(&store), &tier(&live)));
+        assert!(!Arc::ptr_eq(&tier(&live), &tier(&sandbox)));
+        assert_eq!(tier(&live).settings(), settings, "settings carry over");
+        let off = RedisStore::new(Client::default())
+            .local_replays(None)
+            .prefix("x:");
+        assert!(off.local.is_none(), "an off tier stays off");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! A fault-injection TCP proxy on loopback, to put between a Redis client and a server
-//! and break the network on cue: delay, black-hole, reset, cut mid-stream, lose one
-//! reply, refuse.
+//! and break the network on cue: delay (both ways, or only replies), black-hole, reset,
+//! cut mid-stream, lose one reply, refuse.
 //!
 //! The mode is shared by the accept loop and every live connection (a `watch` channel),
 //! so switching it affects connections that are already open. Modes that cut
@@ -24,6 +24,8 @@ use tokio::sync::watch;
 enum Mode {
     Pass,
     Delay(Duration),
+    /// Only the upstream → client direction is delayed.
+    DelayReplies(Duration),
     Blackhole,
     Reset,
     CutAfter,
@@ -146,6 +148,15 @@ impl FaultProxy {
     pub fn delay(&self, d: Duration) {
         self.relisten();
         self.shared.set(Mode::Delay(d), false);
+    }
+
+    /// Delays every chunk read from upstream by `d` before forwarding it; requests pass at
+    /// once. So a command runs in the server when it is sent, and only its reply is late:
+    /// what the server answered about time (a remaining TTL) is older than it looks to the
+    /// client. Back-to-back reply chunks add up, as with [`delay`](Self::delay).
+    pub fn delay_replies(&self, d: Duration) {
+        self.relisten();
+        self.shared.set(Mode::DelayReplies(d), false);
     }
 
     /// Keeps connections open and accepts new ones, but forwards nothing: bytes read in
@@ -316,6 +327,11 @@ async fn pump(
                 tokio::time::sleep(d).await;
                 n
             }
+            Mode::DelayReplies(d) if reply => {
+                tokio::time::sleep(d).await;
+                n
+            }
+            Mode::DelayReplies(_) => n,
             Mode::CutAfter => sh.take_budget(n),
             Mode::CutNextReply if reply => {
                 // Only the first connection to see a reply after the switch cuts; the
