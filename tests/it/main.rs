@@ -15,6 +15,7 @@
 //! | `replication` | `wait_replicas` with a primary and a replica |
 //! | `layer` | attachment, policy validation, sockets, hostile input, renewal schedule, shutdown of detached work |
 //! | `example`, `quickstart` | the examples, in-process and over TCP |
+//! | `tower_http` | tower-http's layers inside and outside ours: timeout, compression, body limits, request ids, catch-panic, CORS, trace |
 //! | `soak` | the example app on its own AOF Redis, restarted mid-run |
 //! | `support_selftest` | the test support itself |
 
@@ -41,3 +42,4 @@ mod redis_store;
 mod replication;
 mod soak;
 mod support_selftest;
+mod tower_http;
