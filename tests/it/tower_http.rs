@@ -346,7 +346,9 @@ fn upload(key: &str, len: usize, chunked: bool) -> Request<Body> {
 }
 
 /// `RequestBodyLimitLayer` outside: a declared length over its limit gets its plain 413
-/// before the key is looked at; the handler never runs and nothing is reserved.
+/// before the key is looked at; a chunked body over it ends the layer's buffering with
+/// 413 `request-body-too-large` (its length-limit error, recognised as such). Either
+/// way the handler never runs and nothing is reserved.
 #[tokio::test]
 async fn request_body_limit_outside_answers_413_before_anything_runs() {
     let p = Payments::new();
@@ -361,6 +363,12 @@ async fn request_body_limit_outside_answers_413_before_anything_runs() {
         header(&declared, "content-type"),
         Some("application/problem+json"),
         "tower-http's own answer"
+    );
+    let chunked = send(&app, upload("k", 100, true)).await;
+    assert_problem(
+        &chunked,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request-body-too-large",
     );
     assert_eq!(p.counts().0, 0);
     // Nothing was reserved: the same key with a body under the limit runs.
