@@ -15,7 +15,7 @@
 //! | `replication` | `wait_replicas` with a primary and a replica |
 //! | `layer` | attachment, policy validation, sockets, hostile input, renewal schedule, shutdown of detached work |
 //! | `example`, `quickstart` | the examples, in-process and over TCP |
-//! | `tower_http` | tower-http's layers inside and outside ours: timeout, compression, body limits, request ids, catch-panic, CORS, trace |
+//! | `tower_http` | tower-http's layers inside and outside ours (timeout, compression, body limits, request ids, catch-panic, CORS, trace), and the README's stack |
 //! | `soak` | the example app on its own AOF Redis, restarted mid-run |
 //! | `support_selftest` | the test support itself |
 

@@ -468,6 +468,32 @@ async fn request_ids_inside_replay_the_first_requests_id() {
     assert_eq!(header(&retry, "x-request-id"), Some("first"));
 }
 
+/// A handler that sets `x-request-id` itself has it stored, and `PropagateRequestId`
+/// (outside) keeps a response's own id: every replay carries the first one, unless the
+/// policy denies the header.
+#[tokio::test]
+async fn a_request_id_the_handler_sets_is_replayed_unless_denied() {
+    let echo = post(|headers: axum::http::HeaderMap| async move {
+        let id = headers["x-request-id"].clone();
+        (StatusCode::CREATED, [("x-request-id", id)], "paid")
+    });
+    let denied = [axum::http::HeaderName::from_static("x-request-id")];
+    for (idem, replayed_id) in [
+        (layer(), "first"),
+        (layer().deny_replay_headers(denied.clone()), "retry"),
+    ] {
+        let app = routed(
+            echo.clone()
+                .layer::<_, Infallible>(idem)
+                .layer(request_ids()),
+        );
+        send(&app, with(pay("k"), "x-request-id", "first")).await;
+        let retry = send(&app, with(pay("k"), "x-request-id", "retry")).await;
+        assert!(retry.replayed());
+        assert_eq!(header(&retry, "x-request-id"), Some(replayed_id));
+    }
+}
+
 // ---- CatchPanic ----
 
 /// Outside, CatchPanic never sees a covered request's panic: the layer answers its 500
@@ -653,4 +679,48 @@ async fn trace_outside_sees_replays_and_problems_inside_only_runs() {
         send(&app, req).await;
     }
     assert_eq!(*inside.lock().unwrap(), [(StatusCode::CREATED, false)]);
+}
+
+// ---- The README's stack ----
+
+/// The stack the README's "Layer order" shows, as written there: every tower-http layer
+/// outside the route's idempotency layer. A retry gets the stored answer, compressed for
+/// its own `Accept-Encoding`, with its own request id and its own origin's CORS headers.
+#[tokio::test]
+async fn the_readme_stack_replays_with_each_requests_own_headers() {
+    use tower::ServiceBuilder;
+    let p = Payments::new();
+    let idempotency = layer();
+    let app = Router::new()
+        .route("/pay", p.route().route_layer(idempotency))
+        .layer(
+            ServiceBuilder::new() // the first layer is the outermost
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(TraceLayer::new_for_http())
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(CatchPanicLayer::new())
+                .layer(cors())
+                .layer(CompressionLayer::new())
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::REQUEST_TIMEOUT,
+                    Duration::from_secs(10),
+                )),
+        );
+    let request = |origin: &str, id: &str, gzip: bool| {
+        let mut req = with(from(origin, pay("k")), "x-request-id", id);
+        if gzip {
+            req = with(req, "accept-encoding", "gzip");
+        }
+        req
+    };
+    let first = send(&app, request("https://a.example", "one", false)).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = send(&app, request("https://b.example", "two", true)).await;
+    assert!(retry.replayed() && gzipped(&retry));
+    assert_eq!(header(&retry, "x-request-id"), Some("two"));
+    assert_eq!(
+        header(&retry, "access-control-allow-origin"),
+        Some("https://b.example")
+    );
+    assert_eq!(p.counts().0, 1);
 }
