@@ -16,6 +16,7 @@
 //! | `postgres`, `postgres_tx` | the suite on `PostgresStore` (plain and transactional) and its own cases; `postgres_tx`: transactional mode past the lease, cuts, clamped settings, isolation, foreign locks, `migrate()` beside a long transaction |
 //! | `layer` | attachment, policy validation, sockets, hostile input, renewal schedule, shutdown of detached work |
 //! | `example`, `quickstart` | the examples, in-process and over TCP |
+//! | `tower_http` | tower-http's layers inside and outside ours (timeout, compression, body limits, request ids, catch-panic, CORS, trace), and the README's stack |
 //! | `soak` | the example app on its own AOF Redis, restarted mid-run |
 //! | `support_selftest` | the test support itself |
 
@@ -43,3 +44,4 @@ mod redis_store;
 mod replication;
 mod soak;
 mod support_selftest;
+mod tower_http;

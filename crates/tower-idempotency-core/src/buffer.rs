@@ -10,13 +10,15 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::EXPECT;
 use http::HeaderMap;
 use http_body::Body;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, LengthLimitError};
 
 /// Why a body could not be buffered.
 #[derive(Debug)]
 pub(crate) enum BufferError {
     /// Over the limit; the rest was drained (or the drain cap was hit).
     TooLarge,
+    /// Over a limit set outside the layer (a `LengthLimitError` from the body).
+    OverOuterLimit,
     /// The body failed while it was read.
     Unreadable(crate::body::BoxError),
 }
@@ -53,7 +55,7 @@ where
     let mut buf = BytesMut::new();
     let mut len = 0usize;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| BufferError::Unreadable(e.into()))?;
+        let frame = frame.map_err(|e| read_error(e.into()))?;
         let Ok(mut data) = frame.into_data() else {
             continue; // trailers are not part of the payload
         };
@@ -78,6 +80,21 @@ where
         }
     }
     Ok(first.unwrap_or_else(|| buf.freeze()))
+}
+
+/// A body that an outer layer limited (tower-http's `RequestBodyLimitLayer`, anything
+/// built on `http_body_util::Limited`) fails with `LengthLimitError`, wrapped or not
+/// (axum's `Body` wraps its errors): that body is over a limit, so 413, not 400. The
+/// limiting layer yields nothing more, so there is nothing to drain.
+fn read_error(err: crate::body::BoxError) -> BufferError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*err);
+    while let Some(e) = cause {
+        if e.is::<LengthLimitError>() {
+            return BufferError::OverOuterLimit;
+        }
+        cause = e.source();
+    }
+    BufferError::Unreadable(err)
 }
 
 /// Reads and discards up to the drain cap, in bytes and time. Errors end the drain.
@@ -152,6 +169,26 @@ mod tests {
         h.insert(EXPECT, "100-Continue".parse().unwrap());
         assert!(expects_continue_over(&h, 10, 4));
         assert!(!expects_continue_over(&h, 4, 4));
+    }
+
+    /// A body an outer layer limited (tower-http's `RequestBodyLimitLayer`, axum's
+    /// `Limited`) fails with `LengthLimitError`, also when wrapped (axum's `Body` wraps
+    /// its error): that is a body over a limit, not an unreadable one.
+    #[tokio::test]
+    async fn a_length_limit_error_is_over_the_outer_limit() {
+        let body = http_body_util::Limited::new(Full::new(Bytes::from_static(b"hello")), 4);
+        assert!(matches!(
+            buffer(body, &limits(10)).await,
+            Err(BufferError::OverOuterLimit)
+        ));
+        let wrapped = axum::body::Body::new(http_body_util::Limited::new(
+            Full::new(Bytes::from_static(b"hello")),
+            4,
+        ));
+        assert!(matches!(
+            buffer(wrapped, &limits(10)).await,
+            Err(BufferError::OverOuterLimit)
+        ));
     }
 
     #[tokio::test]

@@ -137,6 +137,13 @@ impl<S, St: crate::Store> Job<S, St> {
                     Ok(shared.problem(Problem::BodyTooLarge, detail)),
                 );
             }
+            Err(BufferError::OverOuterLimit) => {
+                let detail = "the request body is larger than the server accepts";
+                return (
+                    Outcome::TooLarge,
+                    Ok(shared.problem(Problem::BodyTooLarge, detail)),
+                );
+            }
             Err(BufferError::Unreadable(err)) => {
                 tracing::debug!(error = %err, "request body unreadable");
                 let detail = format!("the request body could not be read: {err}");
