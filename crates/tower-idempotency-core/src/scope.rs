@@ -19,9 +19,9 @@ pub(crate) fn tenant<'a>(policy: &Policy, parts: &'a Parts) -> Result<Option<Cow
 }
 
 /// The full path the client sent: nested routers strip their prefix from the URI, so
-/// axum's `OriginalUri` wins when present.
+/// axum's `OriginalUri` wins when present. Read whatever the crate's features: the scope
+/// hash of a request must never depend on them (SPEC section 4).
 pub(crate) fn scope_path(parts: &Parts) -> &str {
-    #[cfg(feature = "axum")]
     if let Some(original) = parts.extensions.get::<axum::extract::OriginalUri>() {
         return original.0.path();
     }
