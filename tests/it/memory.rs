@@ -156,3 +156,76 @@ async fn a_waiter_is_woken_by_the_owner_that_follows_a_release() {
         "the other waiter answered at {other:?}, the new owner finished at {owner:?}"
     );
 }
+
+/// A waiter's reserve that reaches the store after the owner released, reserves there,
+/// and answers only after the wait bound (a slow reply): the waiter gives up with 409,
+/// and the fenced release that follows frees the key at once — a fresh request runs
+/// instead of getting 409 for the whole lease.
+#[tokio::test(start_paused = true)]
+async fn a_waiters_reserve_cut_by_its_deadline_is_released() {
+    use common::faults::Faults;
+    use tower_idempotency::{FencingToken, Fingerprint, Reservation, ScopeHash, Store};
+
+    let memory = MemoryStore::default();
+    let store = Faults::new(memory.clone()).delay_reserved_replies(Duration::from_secs(5));
+    let waiting = Harness::new(
+        IdempotencyLayer::new(store)
+            .global_scope()
+            .in_flight(InFlight::Wait(Duration::from_secs(1))),
+    );
+    // The owner: a lease held straight in the store, released half-way through the wait.
+    let probe = post("/pay", Some("k"), "{}");
+    let scope = ScopeHash::new(None, probe.method(), "/pay", b"k");
+    let owner = FencingToken::generate();
+    let lease = Duration::from_secs(30);
+    let fp = Fingerprint::new(
+        probe.method(),
+        "/pay",
+        None,
+        probe.headers(),
+        &[axum::http::header::CONTENT_TYPE],
+        b"{}",
+    );
+    assert_eq!(
+        memory.reserve(&scope, &fp, owner, lease).await.unwrap(),
+        Reservation::Reserved
+    );
+    let waiter = spawn_send(&waiting.router, post("/pay", Some("k"), "{}"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(memory.release(&scope, owner).await.unwrap());
+    let waiter = waiter.await.unwrap();
+    assert_problem(&waiter, StatusCode::CONFLICT, "request-in-flight");
+    assert_eq!(waiting.runs(), 0);
+    // Let the detached release finish, then a fresh request (no delays) runs.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let fresh = waiting.sharing_counters(IdempotencyLayer::new(memory.clone()).global_scope());
+    let r = send(&fresh.router, post("/pay", Some("k"), "{}")).await;
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "the cut reserve left no lease: {r:?}"
+    );
+}
+
+/// A release gives its bytes back: many requests whose responses are not stored (4xx)
+/// pass through a store whose byte budget holds only a few entries at once, and the
+/// store ends empty.
+#[tokio::test]
+async fn released_keys_give_their_bytes_back() {
+    let overhead = tower_idempotency_core::memory::ENTRY_OVERHEAD_BYTES;
+    let store = MemoryStore::builder().max_bytes(4 * overhead).build();
+    let h = Harness::new(IdempotencyLayer::new(store.clone()).global_scope());
+    for i in 0..20 {
+        let bad = with_header(
+            post("/pay", Some(&format!("k{i}")), "{}"),
+            "x-status",
+            "400",
+        );
+        let r = send(&h.router, bad).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "request {i}: {r:?}");
+    }
+    assert_eq!(h.runs(), 20);
+    assert_eq!((store.len(), store.bytes()), (0, 0));
+    let r = send(&h.router, post("/pay", Some("after"), "{}")).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+}

@@ -60,6 +60,9 @@ struct Shared {
     /// Answers the next completes with this instead of storing (a store whose commit
     /// failed answers `RolledBack`), then forwards again.
     complete_answers: Mutex<Vec<Completion>>,
+    /// How long a reserve that reserved takes to answer (it has run in the store): a
+    /// reply that arrives late.
+    reserved_reply_delay: Mutex<Option<Duration>>,
     calls: [AtomicUsize; 5],
     /// When each renewal reached the wrapper (tokio time, so a paused clock is exact).
     renewals: Mutex<Vec<tokio::time::Instant>>,
@@ -100,6 +103,13 @@ impl<St: Store> Faults<St> {
     /// inner lease is released, as a rolled-back transaction would leave nothing behind.
     pub fn answer_next_complete(self, answer: Completion) -> Self {
         self.shared.complete_answers.lock().unwrap().push(answer);
+        self
+    }
+
+    /// Every reserve that reserves answers `delay` late, after it ran in the inner store
+    /// (a reply that took long on the way back).
+    pub fn delay_reserved_replies(self, delay: Duration) -> Self {
+        *self.shared.reserved_reply_delay.lock().unwrap() = Some(delay);
         self
     }
 
@@ -159,6 +169,10 @@ impl<St: Store> Store for Faults<St> {
     ) -> Result<Reservation, StoreError> {
         self.check(Op::Reserve)?;
         let answer = self.inner.reserve(scope, fingerprint, token, lease).await?;
+        let delay = *self.shared.reserved_reply_delay.lock().unwrap();
+        if let (Reservation::Reserved, Some(delay)) = (&answer, delay) {
+            tokio::time::sleep(delay).await;
+        }
         *self.shared.last_reservation.lock().unwrap() = Some(answer.clone());
         let hook = self.shared.on_reserve.lock().unwrap().clone();
         if let Some(hook) = hook {
