@@ -20,6 +20,7 @@
 //! | [`idempotency-key-reused`](#idempotency-key-reused) | 422 | same key, different payload |
 //! | [`request-in-flight`](#request-in-flight) | 409 | same key still running (`Retry-After`) |
 //! | [`response-not-replayable`](#response-not-replayable) | 409 | the first request ran, its response could not be stored |
+//! | [`operation-uncertain`](#operation-uncertain) | 409 | the first request's lease lapsed before it finished: it may or may not have happened |
 //! | [`store-unavailable`](#store-unavailable) | 503 | the store is unreachable or full (`Retry-After`) |
 //! | [`scope-not-configured`](#scope-not-configured) | 500 | the server found no tenant for the request |
 //! | [`handler-failed`](#handler-failed) | 500 | the handler panicked or failed; the key was released |
@@ -66,6 +67,16 @@
 //! was larger than the server stores, or it failed mid-stream. It will not run again.
 //! **Client:** do not retry with this key; look the result up another way (e.g. `GET`
 //! the resource).
+//!
+//! # operation-uncertain
+//!
+//! Status 409. The first request with this key started, but its server stopped renewing its
+//! hold on the key (it crashed, froze, or lost the store) before it recorded an answer: the
+//! operation may or may not have happened. The route refuses to run it again until an
+//! operator decides (resolves the key with the real answer, or forgets it so the next
+//! request runs). **Client:** do not retry blindly; look the result up another way (e.g.
+//! `GET` the resource), or retry later: once an operator resolved the key, the retry
+//! gets the recorded answer.
 //!
 //! # store-unavailable
 //!
@@ -118,6 +129,9 @@ pub enum Problem {
     InFlight,
     /// 409: the first request ran, but its response could not be stored.
     NotReplayable,
+    /// 409: the first request's lease lapsed before it recorded an answer; the route
+    /// refuses to run it again until an operator resolves or forgets the key.
+    OperationUncertain,
     /// 503: the store is unavailable or full.
     StoreUnavailable,
     /// 500: the tenant could not be resolved.
@@ -137,6 +151,7 @@ impl Problem {
             Problem::KeyReused => "idempotency-key-reused",
             Problem::InFlight => "request-in-flight",
             Problem::NotReplayable => "response-not-replayable",
+            Problem::OperationUncertain => "operation-uncertain",
             Problem::StoreUnavailable => "store-unavailable",
             Problem::ScopeNotConfigured => "scope-not-configured",
             Problem::HandlerFailed => "handler-failed",
@@ -151,7 +166,9 @@ impl Problem {
             }
             Problem::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Problem::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            Problem::InFlight | Problem::NotReplayable => StatusCode::CONFLICT,
+            Problem::InFlight | Problem::NotReplayable | Problem::OperationUncertain => {
+                StatusCode::CONFLICT
+            }
             Problem::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Problem::ScopeNotConfigured | Problem::HandlerFailed => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -169,6 +186,7 @@ impl Problem {
             Problem::KeyReused => "Idempotency key reused with a different payload",
             Problem::InFlight => "Request with this idempotency key is in flight",
             Problem::NotReplayable => "Response cannot be replayed",
+            Problem::OperationUncertain => "Outcome of the first request is uncertain",
             Problem::StoreUnavailable => "Idempotency store unavailable",
             Problem::ScopeNotConfigured => "Idempotency scope not configured",
             Problem::HandlerFailed => "Request failed",
@@ -334,6 +352,7 @@ mod tests {
             Problem::KeyReused,
             Problem::InFlight,
             Problem::NotReplayable,
+            Problem::OperationUncertain,
             Problem::StoreUnavailable,
             Problem::ScopeNotConfigured,
             Problem::HandlerFailed,
