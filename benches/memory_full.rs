@@ -39,7 +39,7 @@ fn reserve(
     token: FencingToken,
 ) -> Result<Reservation, StoreError> {
     store
-        .reserve(scope, &FP, token, LEASE)
+        .reserve(scope, &FP, token, LEASE.into())
         .now_or_never()
         .expect("the memory store answers without waiting")
 }

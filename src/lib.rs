@@ -137,10 +137,10 @@
 #[doc(inline)]
 pub use tower_idempotency_core::{
     BoxError, Completion, DecodeError, DetachedWork, FencingToken, Fingerprint, Idempotency,
-    IdempotencyKey, IdempotencyLayer, InFlight, KeyError, Policy, PolicyError, Problem, Record,
-    Rejection, RequestBody, Reservation, ResponseBody, ResponseFuture, ScopeHash, Store,
-    StoreError, StorePolicy, StoredResponse, Subscription, Unfinished, IDEMPOTENCY_KEY,
-    IDEMPOTENT_REPLAYED,
+    IdempotencyKey, IdempotencyLayer, InFlight, KeyError, KeyState, LeaseTerms, Policy,
+    PolicyError, Problem, Record, Rejection, RequestBody, Reservation, Resolved, ResponseBody,
+    ResponseFuture, ScopeHash, Store, StoreError, StorePolicy, StoredResponse, Subscription,
+    Uncertain, Unfinished, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
 };
 
 #[doc(inline)]

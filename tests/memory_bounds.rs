@@ -124,7 +124,7 @@ async fn counted_bytes_cover_the_heap_of_pending_entries() {
     let mut worst = 0.0f64;
     for n in 0..200_000u64 {
         let r = store
-            .reserve(&scope(n), &FP, FencingToken::generate(), LEASE)
+            .reserve(&scope(n), &FP, FencingToken::generate(), LEASE.into())
             .await;
         assert_eq!(r.unwrap(), Reservation::Reserved);
         if n % 997 == 0 {
@@ -168,7 +168,10 @@ async fn a_byte_budget_bounds_the_heap_of_completed_records() {
     let mut stored = 0u64;
     loop {
         let token = FencingToken::generate();
-        match store.reserve(&scope(stored), &FP, token, LEASE).await {
+        match store
+            .reserve(&scope(stored), &FP, token, LEASE.into())
+            .await
+        {
             Ok(Reservation::Reserved) => {}
             Err(StoreError::Full { .. }) => break,
             other => panic!("{other:?}"),
@@ -234,7 +237,7 @@ async fn the_redis_local_tier_holds_what_it_counts() {
     let writer = support::store::store(&url, &prefix).await;
     for n in 0..ROUNDS * PER_ROUND {
         let token = FencingToken::generate();
-        let r = writer.reserve(&scope(n), &FP, token, LEASE).await;
+        let r = writer.reserve(&scope(n), &FP, token, LEASE.into()).await;
         assert_eq!(r.unwrap(), Reservation::Reserved);
         let done = writer.complete(&scope(n), token, &record(n), TTL).await;
         assert_eq!(done.unwrap(), Completion::Stored);
@@ -259,7 +262,7 @@ async fn the_redis_local_tier_holds_what_it_counts() {
         let scopes: Vec<ScopeHash> = (first..first + PER_ROUND).map(scope).collect();
         let reads = scopes
             .iter()
-            .map(|s| reader.reserve(s, &FP, FencingToken::generate(), LEASE));
+            .map(|s| reader.reserve(s, &FP, FencingToken::generate(), LEASE.into()));
         // The GET is sent first, so the reserves' replies arrive right behind its 1 MiB.
         let (big, answers) =
             tokio::join!(reader.client().get::<Bytes, _>(&big_key), join_all(reads));
@@ -272,7 +275,7 @@ async fn the_redis_local_tier_holds_what_it_counts() {
     let from_tier = reader.round_trips().local_replays;
     for n in 0..ROUNDS * PER_ROUND {
         let r = reader
-            .reserve(&scope(n), &FP, FencingToken::generate(), LEASE)
+            .reserve(&scope(n), &FP, FencingToken::generate(), LEASE.into())
             .await;
         assert_eq!(r.unwrap(), Reservation::Completed(record(n)));
     }

@@ -187,7 +187,10 @@ async fn a_waiters_reserve_cut_by_its_deadline_is_released() {
         b"{}",
     );
     assert_eq!(
-        memory.reserve(&scope, &fp, owner, lease).await.unwrap(),
+        memory
+            .reserve(&scope, &fp, owner, lease.into())
+            .await
+            .unwrap(),
         Reservation::Reserved
     );
     let waiter = spawn_send(&waiting.router, post("/pay", Some("k"), "{}"));

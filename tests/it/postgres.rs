@@ -47,6 +47,8 @@ mod plain {
 ///   timeout (`tx_frozen_owner_is_cut_by_the_idle_timeout`, `tx_store_level_semantics`);
 /// - `reserve_is_atomic_over_many_rounds`: it never releases its 100 winners, which here
 ///   are 100 open transactions (`tx_reserve_is_atomic_over_rounds` releases them);
+/// - the uncertainty cases: a transactional owner that dies or freezes rolls back with
+///   its transaction, so no key is ever uncertain;
 /// - `waiter_is_woken_by_the_store_not_by_polling`: a waiter here mostly waits inside its
 ///   reserving `INSERT`, which returns at the commit — counted as a re-read, not as a
 ///   notification — so the metric it counts is not deterministic
@@ -86,6 +88,7 @@ mod transactional {
         huge_wait_bound_does_not_panic,
         response_trailers_reach_the_first_caller,
         a_resent_reserve_is_answered_reserved,
+        operators_inspect_forget_and_resolve,
     );
 }
 
@@ -439,7 +442,10 @@ async fn purge_deletes_expired_rows_in_bounded_batches() {
     let live = scope("/live");
     let token = FencingToken::generate();
     assert_eq!(
-        store.reserve(&live, &FP, token, LEASE).await.unwrap(),
+        store
+            .reserve(&live, &FP, token, LEASE.into())
+            .await
+            .unwrap(),
         Reservation::Reserved
     );
     assert_eq!(store.purge(10).await.unwrap(), 10);
@@ -559,7 +565,7 @@ async fn connect_creates_the_table_and_checks() {
     let s = scope("/connect");
     assert_eq!(
         store
-            .reserve(&s, &FP, FencingToken::generate(), LEASE)
+            .reserve(&s, &FP, FencingToken::generate(), LEASE.into())
             .await
             .unwrap(),
         Reservation::Reserved
@@ -813,17 +819,17 @@ async fn tx_store_level_semantics() {
     let lease = Duration::from_millis(100);
     let t1 = FencingToken::generate();
     assert_eq!(
-        store.reserve(&s, &FP, t1, lease).await.unwrap(),
+        store.reserve(&s, &FP, t1, lease.into()).await.unwrap(),
         Reservation::Reserved
     );
     assert_eq!(
-        store.reserve(&s, &FP, t1, lease).await.unwrap(),
+        store.reserve(&s, &FP, t1, lease.into()).await.unwrap(),
         Reservation::Reserved
     );
     tokio::time::sleep(Duration::from_millis(200)).await; // longer than the "lease"
     let t2 = FencingToken::generate();
     assert_eq!(
-        store.reserve(&s, &FP, t2, lease).await.unwrap(),
+        store.reserve(&s, &FP, t2, lease.into()).await.unwrap(),
         Reservation::InFlight
     );
     let before = store.round_trips().total;
@@ -847,7 +853,7 @@ async fn tx_store_level_semantics() {
     assert!(!store.release(&s, t1).await.unwrap());
     let t3 = FencingToken::generate();
     assert_eq!(
-        store.reserve(&s, &FP, t3, lease).await.unwrap(),
+        store.reserve(&s, &FP, t3, lease.into()).await.unwrap(),
         Reservation::Reserved
     );
     assert_eq!(
@@ -868,14 +874,14 @@ async fn tx_store_level_semantics() {
     let other = Fingerprint::from_bytes([1; 32]);
     assert_eq!(
         store
-            .reserve(&s, &FP, FencingToken::generate(), lease)
+            .reserve(&s, &FP, FencingToken::generate(), lease.into())
             .await
             .unwrap(),
         Reservation::Completed(Record::NotReplayable)
     );
     assert_eq!(
         store
-            .reserve(&s, &other, FencingToken::generate(), lease)
+            .reserve(&s, &other, FencingToken::generate(), lease.into())
             .await
             .unwrap(),
         Reservation::Mismatch
@@ -896,7 +902,10 @@ async fn tx_reserve_is_atomic_over_rounds() {
             let store = store.clone();
             tokio::spawn(async move {
                 let token = FencingToken::generate();
-                (token, store.reserve(&s, &FP, token, LEASE).await.unwrap())
+                (
+                    token,
+                    store.reserve(&s, &FP, token, LEASE.into()).await.unwrap(),
+                )
             })
         }))
         .await;
@@ -926,7 +935,7 @@ async fn tx_commit_notifies_a_waiter_that_announced_itself() {
     let s = scope("/notify");
     let token = FencingToken::generate();
     assert_eq!(
-        owner.reserve(&s, &FP, token, LEASE).await.unwrap(),
+        owner.reserve(&s, &FP, token, LEASE.into()).await.unwrap(),
         Reservation::Reserved
     );
     // The owner's listener (started by its reservation) must be up to hear the waiter.
@@ -944,7 +953,7 @@ async fn tx_commit_notifies_a_waiter_that_announced_itself() {
     .expect("the commit's NOTIFY woke the waiter");
     assert_eq!(
         waiter
-            .reserve(&s, &FP, FencingToken::generate(), LEASE)
+            .reserve(&s, &FP, FencingToken::generate(), LEASE.into())
             .await
             .unwrap(),
         Reservation::Completed(Record::NotReplayable)

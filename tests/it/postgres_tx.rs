@@ -77,12 +77,12 @@ async fn tx_default_idle_limit_is_the_lease() {
     let frozen = FencingToken::generate();
     let lease = Duration::from_millis(400);
     assert_eq!(
-        store.reserve(&s, &FP, frozen, lease).await.unwrap(),
+        store.reserve(&s, &FP, frozen, lease.into()).await.unwrap(),
         Reservation::Reserved
     );
     let other = FencingToken::generate();
     assert_eq!(
-        store.reserve(&s, &FP, other, lease).await.unwrap(),
+        store.reserve(&s, &FP, other, lease.into()).await.unwrap(),
         Reservation::InFlight,
         "held while the owner's transaction lives"
     );
@@ -91,7 +91,7 @@ async fn tx_default_idle_limit_is_the_lease() {
     let answer = loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let token = FencingToken::generate();
-        match store.reserve(&s, &FP, token, LEASE).await.unwrap() {
+        match store.reserve(&s, &FP, token, LEASE.into()).await.unwrap() {
             Reservation::InFlight if Instant::now() < deadline => continue,
             answer => break (answer, token),
         }
@@ -339,7 +339,10 @@ async fn a_repeatable_read_default_does_not_break_waiters() {
     .unwrap();
     let blocked = tokio::spawn({
         let tx = tx.clone();
-        async move { tx.reserve(&s, &FP, FencingToken::generate(), LEASE).await }
+        async move {
+            tx.reserve(&s, &FP, FencingToken::generate(), LEASE.into())
+                .await
+        }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     other.commit().await.unwrap();
@@ -580,7 +583,7 @@ async fn tx_release_notifies_a_waiter_that_announced_itself() {
     let s = scope("/notify-release");
     let token = FencingToken::generate();
     assert_eq!(
-        owner.reserve(&s, &FP, token, LEASE).await.unwrap(),
+        owner.reserve(&s, &FP, token, LEASE.into()).await.unwrap(),
         Reservation::Reserved
     );
     let _owner_listening = owner.subscribe(&scope("/other")).await.unwrap();
@@ -605,7 +608,7 @@ async fn plain_complete_and_release_check_the_token() {
     let holder = FencingToken::generate();
     let stranger = FencingToken::generate();
     assert_eq!(
-        store.reserve(&s, &FP, holder, LEASE).await.unwrap(),
+        store.reserve(&s, &FP, holder, LEASE.into()).await.unwrap(),
         Reservation::Reserved
     );
     assert_eq!(
@@ -618,7 +621,7 @@ async fn plain_complete_and_release_check_the_token() {
     assert!(!store.release(&s, stranger).await.unwrap());
     assert_eq!(
         store
-            .reserve(&s, &FP, FencingToken::generate(), LEASE)
+            .reserve(&s, &FP, FencingToken::generate(), LEASE.into())
             .await
             .unwrap(),
         Reservation::InFlight,
@@ -645,7 +648,7 @@ async fn plain_complete_and_release_check_the_token() {
     );
     assert_eq!(
         store
-            .reserve(&s, &FP, FencingToken::generate(), LEASE)
+            .reserve(&s, &FP, FencingToken::generate(), LEASE.into())
             .await
             .unwrap(),
         Reservation::Completed(Record::NotReplayable)

@@ -100,7 +100,10 @@ async fn cluster_pair(test: &str) -> Option<(RedisStore<Client>, RedisStore<Clie
 }
 
 async fn reserve(store: &impl Store, scope: &ScopeHash, token: FencingToken) -> Reservation {
-    store.reserve(scope, &FP, token, LEASE).await.unwrap()
+    store
+        .reserve(scope, &FP, token, LEASE.into())
+        .await
+        .unwrap()
 }
 
 /// A waiter as the layer makes one: subscribe, then re-read the scope and be told it is in
@@ -141,7 +144,10 @@ async fn semantics_table(store: impl Store) {
 
     // pending, other token
     assert_eq!(reserve(&store, &s, stranger).await, Reservation::InFlight);
-    let mismatch = store.reserve(&s, &OTHER_FP, stranger, LEASE).await.unwrap();
+    let mismatch = store
+        .reserve(&s, &OTHER_FP, stranger, LEASE.into())
+        .await
+        .unwrap();
     assert_eq!(
         mismatch,
         Reservation::Mismatch,
@@ -183,7 +189,10 @@ async fn semantics_table(store: impl Store) {
         Reservation::Completed(rec.clone()),
         "the first record is replayed, not the retried one"
     );
-    let mismatch = store.reserve(&s, &OTHER_FP, stranger, LEASE).await.unwrap();
+    let mismatch = store
+        .reserve(&s, &OTHER_FP, stranger, LEASE.into())
+        .await
+        .unwrap();
     assert_eq!(
         mismatch,
         Reservation::Mismatch,
@@ -196,7 +205,10 @@ async fn semantics_table(store: impl Store) {
     assert!(store.release(&s, owner).await.unwrap());
     assert!(!store.release(&s, owner).await.unwrap(), "released once");
     let next = FencingToken::generate();
-    let fresh = store.reserve(&s, &OTHER_FP, next, LEASE).await.unwrap();
+    let fresh = store
+        .reserve(&s, &OTHER_FP, next, LEASE.into())
+        .await
+        .unwrap();
     assert_eq!(
         fresh,
         Reservation::Reserved,
@@ -209,7 +221,10 @@ async fn semantics_table(store: impl Store) {
         .await
         .unwrap();
     assert_eq!(stored, Completion::Stored);
-    let replay = store.reserve(&s, &OTHER_FP, owner, LEASE).await.unwrap();
+    let replay = store
+        .reserve(&s, &OTHER_FP, owner, LEASE.into())
+        .await
+        .unwrap();
     assert_eq!(replay, Reservation::Completed(Record::NotReplayable));
 }
 
@@ -236,7 +251,10 @@ async fn reserve_again_with_the_same_token(store: impl Store) {
         Reservation::Reserved,
         "a waiter's mark on the record changes nothing for the owner"
     );
-    let other_payload = store.reserve(&s, &OTHER_FP, owner, LEASE).await.unwrap();
+    let other_payload = store
+        .reserve(&s, &OTHER_FP, owner, LEASE.into())
+        .await
+        .unwrap();
     assert_eq!(other_payload, Reservation::Mismatch);
     // The lease is still the owner's: it renews, completes, and is replayed.
     assert!(store.renew(&s, owner, LEASE).await.unwrap());
@@ -281,14 +299,14 @@ async fn fencing_after_lease_expiry(store: impl Store) {
     let s = scope();
     let stale = FencingToken::generate();
     assert_eq!(
-        store.reserve(&s, &FP, stale, short).await.unwrap(),
+        store.reserve(&s, &FP, stale, short.into()).await.unwrap(),
         Reservation::Reserved
     );
     tokio::time::sleep(Duration::from_millis(400)).await;
 
     let newer = FencingToken::generate();
     assert_eq!(
-        store.reserve(&s, &FP, newer, LEASE).await.unwrap(),
+        store.reserve(&s, &FP, newer, LEASE.into()).await.unwrap(),
         Reservation::Reserved
     );
     assert!(
@@ -348,7 +366,7 @@ async fn ttl_expiry(store: impl Store) {
     let token = FencingToken::generate();
     let lease = Duration::from_millis(300);
     assert_eq!(
-        store.reserve(&s, &FP, token, lease).await.unwrap(),
+        store.reserve(&s, &FP, token, lease.into()).await.unwrap(),
         Reservation::Reserved
     );
     for _ in 0..3 {
@@ -380,9 +398,9 @@ async fn concurrent_reserves_one_winner(a: impl Store, b: impl Store) {
             tokio::spawn(async move {
                 let token = FencingToken::generate();
                 if i % 2 == 0 {
-                    a.reserve(&s, &FP, token, LEASE).await
+                    a.reserve(&s, &FP, token, LEASE.into()).await
                 } else {
-                    b.reserve(&s, &FP, token, LEASE).await
+                    b.reserve(&s, &FP, token, LEASE.into()).await
                 }
             })
         })
@@ -758,7 +776,7 @@ async fn unknown_record_version_is_a_decode_error() {
             .await
             .unwrap();
         match store
-            .reserve(&s, &FP, FencingToken::generate(), LEASE)
+            .reserve(&s, &FP, FencingToken::generate(), LEASE.into())
             .await
         {
             Err(StoreError::Decode(err)) => assert_eq!(err, expected),
@@ -850,7 +868,7 @@ async fn check_on_unreachable_redis_is_an_error() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(store.clone().init().await.is_err());
     let err = store
-        .reserve(&scope(), &FP, FencingToken::generate(), LEASE)
+        .reserve(&scope(), &FP, FencingToken::generate(), LEASE.into())
         .await;
     assert!(matches!(err, Err(StoreError::Backend(_))), "{err:?}");
 }
@@ -871,7 +889,7 @@ async fn black_holed_connection_times_out_as_backend_error() {
     proxy.blackhole();
     let started = Instant::now();
     let result = store
-        .reserve(&scope(), &FP, FencingToken::generate(), LEASE)
+        .reserve(&scope(), &FP, FencingToken::generate(), LEASE.into())
         .await;
     let elapsed = started.elapsed();
     match result {
@@ -915,7 +933,7 @@ async fn subscriber_resubscribes_after_a_reconnect() {
     let token = FencingToken::generate();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        match a.reserve(&s, &FP, token, LEASE).await {
+        match a.reserve(&s, &FP, token, LEASE.into()).await {
             Ok(r) => {
                 assert_eq!(r, Reservation::Reserved);
                 break;
@@ -1058,7 +1076,7 @@ async fn publishes_only_when_a_waiter_was_seen() {
     assert_eq!(reserve(&a, &s, token).await, Reservation::Reserved);
     assert!(a.renew(&s, token, LEASE).await.unwrap());
     let other = a
-        .reserve(&s, &OTHER_FP, FencingToken::generate(), LEASE)
+        .reserve(&s, &OTHER_FP, FencingToken::generate(), LEASE.into())
         .await;
     assert_eq!(other.unwrap(), Reservation::Mismatch);
     assert_eq!(
@@ -1388,7 +1406,7 @@ async fn local_replays_send_no_commands() {
         assert_eq!(again, Reservation::Completed(response("paid")));
     }
     let other = store
-        .reserve(&s, &OTHER_FP, FencingToken::generate(), LEASE)
+        .reserve(&s, &OTHER_FP, FencingToken::generate(), LEASE.into())
         .await
         .unwrap();
     assert_eq!(other, Reservation::Mismatch);

@@ -114,7 +114,7 @@ impl Pair {
 async fn retry_on_promoted_replica(pair: &Pair, prefix: &str, scope: &ScopeHash) -> Reservation {
     let promoted = store(&pair.replica.url(), prefix).await;
     promoted
-        .reserve(scope, &FP, FencingToken::generate(), LEASE)
+        .reserve(scope, &FP, FencingToken::generate(), LEASE.into())
         .await
         .unwrap()
 }
@@ -167,7 +167,7 @@ async fn a_waited_complete_survives_a_failover() {
     let before = store.round_trips();
     let s = scope();
     let token = FencingToken::generate();
-    let reservation = store.reserve(&s, &FP, token, LEASE).await.unwrap();
+    let reservation = store.reserve(&s, &FP, token, LEASE.into()).await.unwrap();
     assert_eq!(reservation, Reservation::Reserved);
     let started = Instant::now();
     let done = store.complete(&s, token, &record("paid"), TTL).await;
@@ -214,7 +214,7 @@ async fn an_unwaited_complete_is_lost_in_a_failover() {
     let s = scope();
     let token = FencingToken::generate();
     assert_eq!(
-        store.reserve(&s, &FP, token, LEASE).await.unwrap(),
+        store.reserve(&s, &FP, token, LEASE.into()).await.unwrap(),
         Reservation::Reserved
     );
     let started = Instant::now();
@@ -259,7 +259,7 @@ async fn without_a_replica_complete_is_stored_after_the_timeout_and_counted_shor
     let s = scope();
     let token = FencingToken::generate();
     assert_eq!(
-        store.reserve(&s, &FP, token, LEASE).await.unwrap(),
+        store.reserve(&s, &FP, token, LEASE.into()).await.unwrap(),
         Reservation::Reserved
     );
     let before = store.round_trips();
@@ -273,7 +273,7 @@ async fn without_a_replica_complete_is_stored_after_the_timeout_and_counted_shor
     tokio::time::sleep(Duration::from_millis(50)).await;
     let other = Instant::now();
     let reservation = store
-        .reserve(&scope(), &FP, FencingToken::generate(), LEASE)
+        .reserve(&scope(), &FP, FencingToken::generate(), LEASE.into())
         .await
         .unwrap();
     assert_eq!(reservation, Reservation::Reserved);
@@ -305,7 +305,7 @@ async fn without_a_replica_complete_is_stored_after_the_timeout_and_counted_shor
 
     // The record is there all the same.
     let replay = store
-        .reserve(&s, &FP, FencingToken::generate(), LEASE)
+        .reserve(&s, &FP, FencingToken::generate(), LEASE.into())
         .await
         .unwrap();
     assert_eq!(replay, Reservation::Completed(record("ok")));
@@ -330,7 +330,7 @@ async fn concurrent_completes_share_waits() {
     for _ in 0..N {
         let (s, token) = (scope(), FencingToken::generate());
         assert_eq!(
-            store.reserve(&s, &FP, token, LEASE).await.unwrap(),
+            store.reserve(&s, &FP, token, LEASE.into()).await.unwrap(),
             Reservation::Reserved
         );
         reserved.push((s, token));
@@ -395,7 +395,7 @@ async fn on_a_cluster_wait_goes_to_the_keys_primary() {
     for _ in 0..6 {
         let (s, token) = (scope(), FencingToken::generate());
         assert_eq!(
-            store.reserve(&s, &FP, token, LEASE).await.unwrap(),
+            store.reserve(&s, &FP, token, LEASE.into()).await.unwrap(),
             Reservation::Reserved
         );
         let before = waits();

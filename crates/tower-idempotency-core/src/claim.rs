@@ -53,6 +53,9 @@ pub(crate) enum Claim {
     Completed(Record),
     /// Pending or completed with another fingerprint.
     Mismatch,
+    /// A lease with the same fingerprint lapsed before completion, and the route refuses
+    /// to run it again.
+    Uncertain,
     /// Still in flight: conflict mode, or the wait bound passed.
     InFlight,
     /// The store could not answer. `may_pass` is `true` only for an unavailable store on
@@ -88,7 +91,7 @@ pub(crate) async fn claim<St: Store>(c: Claimant<'_, St>) -> Claim {
         let reserved_at = Instant::now();
         let reserve = c
             .store
-            .reserve(c.scope, c.fingerprint, token, c.policy.lease());
+            .reserve(c.scope, c.fingerprint, token, c.policy.lease_terms());
         // The first attempt is bounded by the store's own timeouts; later ones by the
         // wait's deadline as well.
         let answer = match deadline.filter(|_| !first) {
@@ -106,6 +109,8 @@ pub(crate) async fn claim<St: Store>(c: Claimant<'_, St>) -> Claim {
             Ok(Reservation::Reserved) => return Claim::Owner { token, reserved_at },
             Ok(Reservation::Completed(record)) => return Claim::Completed(record),
             Ok(Reservation::Mismatch) => return Claim::Mismatch,
+            // Waiting cannot settle it: only an operator (or its owner) can.
+            Ok(Reservation::Uncertain) => return Claim::Uncertain,
             Ok(Reservation::InFlight) => None,
             Err(error) => {
                 if matches!(error, StoreError::Backend(_)) {
@@ -241,7 +246,7 @@ mod tests {
         let store = MemoryStore::default();
         let owner = FencingToken::generate();
         store
-            .reserve(&SCOPE, &FP, owner, Duration::from_secs(30))
+            .reserve(&SCOPE, &FP, owner, Duration::from_secs(30).into())
             .await
             .unwrap();
         let completer = store.clone();
@@ -274,7 +279,7 @@ mod tests {
                 &SCOPE,
                 &FP,
                 FencingToken::generate(),
-                Duration::from_secs(30),
+                Duration::from_secs(30).into(),
             )
             .await
             .unwrap();

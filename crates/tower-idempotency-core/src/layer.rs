@@ -9,7 +9,9 @@ use tower::Layer;
 
 use crate::detach::DetachedWork;
 use crate::observe::Meters;
-use crate::policy::{InFlight, Policy, Renewal, StorePolicy, Tenant, TenantResolver, COVERABLE};
+use crate::policy::{
+    InFlight, Policy, Renewal, StorePolicy, Tenant, TenantResolver, Uncertain, COVERABLE,
+};
 use crate::problems::{Rejection, Renderer};
 use crate::service::Idempotency;
 use crate::store::Store;
@@ -162,6 +164,25 @@ impl<St: Store> IdempotencyLayer<St> {
     /// What a request does while its key is in flight. Default [`InFlight::Conflict`].
     pub fn in_flight(self, mode: InFlight) -> Self {
         self.with(|p| p.in_flight = mode)
+    }
+
+    /// What the next request with a key gets when the key's first request lost its lease
+    /// before it recorded an answer (it may or may not have happened). Default
+    /// [`Uncertain::RunAgain`]; [`Uncertain::Refuse`] answers 409 `operation-uncertain`
+    /// until an operator resolves or forgets the key ([`Store::inspect`],
+    /// [`Store::resolve`], [`Store::forget`]).
+    ///
+    /// ```
+    /// # use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    /// use tower_idempotency_core::policy::Uncertain;
+    ///
+    /// let payments = IdempotencyLayer::new(MemoryStore::default())
+    ///     .global_scope()
+    ///     .uncertain(Uncertain::Refuse);
+    /// assert_eq!(payments.policy().uncertain(), Uncertain::Refuse);
+    /// ```
+    pub fn uncertain(self, when: Uncertain) -> Self {
+        self.with(|p| p.uncertain = when)
     }
 
     /// When the store is unavailable on the first reserve attempt (unreachable, timed

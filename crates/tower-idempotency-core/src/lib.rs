@@ -68,10 +68,12 @@ pub use key::{IdempotencyKey, KeyError, IDEMPOTENCY_KEY};
 pub use layer::IdempotencyLayer;
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder, MemorySubscription};
-pub use policy::{InFlight, Policy, PolicyError, StorePolicy};
+pub use policy::{InFlight, Policy, PolicyError, StorePolicy, Uncertain};
 pub use problems::{Problem, Rejection};
 pub use record::{DecodeError, Record, StoredResponse};
 pub use replay::IDEMPOTENT_REPLAYED;
 pub use service::Idempotency;
-pub use store::{Completion, Reservation, Store, StoreError, Subscription};
+pub use store::{
+    Completion, KeyState, LeaseTerms, Reservation, Resolved, Store, StoreError, Subscription,
+};
 pub use token::FencingToken;

@@ -61,7 +61,9 @@ use tokio::time::Instant;
 
 use crate::fingerprint::{Fingerprint, ScopeHash};
 use crate::record::Record;
-use crate::store::{Completion, Reservation, Store, StoreError, Subscription};
+use crate::store::{
+    Completion, KeyState, LeaseTerms, Reservation, Resolved, Store, StoreError, Subscription,
+};
 use crate::token::FencingToken;
 
 /// Default entry capacity of a [`MemoryStore`].
@@ -152,15 +154,30 @@ struct Entry {
     fingerprint: Fingerprint,
     token: FencingToken,
     state: State,
+    /// When the entry goes: the end of the lease (or of the time a lapsed lease is kept),
+    /// or of the record's TTL.
     expires: Instant,
+    /// When the entry took its state: the reservation, or the completion.
+    since: Instant,
     /// What this entry counts against the byte budget; given back when it goes.
     bytes: usize,
 }
 
 #[derive(Debug)]
 enum State {
-    Pending,
+    /// A lease. `lease_until` is set when a lapsed lease is kept as uncertain (it then
+    /// ends before `expires`); otherwise the lease ends with the entry.
+    Pending {
+        lease_until: Option<Instant>,
+    },
     Completed(Record),
+}
+
+impl Entry {
+    /// Whether this is a pending entry whose lease lapsed (kept as uncertain).
+    fn lapsed(&self, now: Instant) -> bool {
+        matches!(self.state, State::Pending { lease_until: Some(until) } if until <= now)
+    }
 }
 
 /// Scope hashes are already uniform blake3 output: use their first 8 bytes as the hash.
@@ -508,24 +525,32 @@ impl MemoryStore {
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
-        lease: Duration,
+        lease: LeaseTerms,
         now: Instant,
     ) -> Option<Reservation> {
         let mut shard = self.shard(scope);
         if let Some(entry) = shard.entries.get(scope) {
-            if entry.expires > now {
+            // A lapsed lease kept as uncertain is taken over by a reserve that does not
+            // keep lapsed leases itself (its route runs such keys again).
+            let take_over = entry.lapsed(now) && lease.keep_lapsed.is_none();
+            if entry.expires > now && !take_over {
+                let pending = matches!(entry.state, State::Pending { .. });
+                // The same token again: a re-sent reserve (SPEC section 6). The lease it
+                // took is its own, and it keeps its expiry.
+                if pending && entry.token == token && entry.fingerprint == *fingerprint {
+                    return Some(Reservation::Reserved);
+                }
                 if entry.fingerprint != *fingerprint {
                     return Some(Reservation::Mismatch);
                 }
                 return Some(match &entry.state {
-                    // The same token again: a re-sent reserve (SPEC section 6). The lease
-                    // it took is its own, and it keeps its expiry.
-                    State::Pending if entry.token == token => Reservation::Reserved,
-                    State::Pending => Reservation::InFlight,
+                    State::Pending { .. } if entry.lapsed(now) => Reservation::Uncertain,
+                    State::Pending { .. } => Reservation::InFlight,
                     State::Completed(record) => Reservation::Completed(record.clone()),
                 });
             }
-            // Expired: the slot is reused in place, waking anyone waiting on the old one.
+            // Expired (or taken over): the slot is reused in place, waking anyone waiting
+            // on the old one.
             if let Some(old) = shard.entries.remove(scope) {
                 self.inner.give_back(&old);
                 wake(&shard.waiters, scope);
@@ -546,14 +571,16 @@ impl MemoryStore {
         if shard.inserts % SWEEP_EVERY == 0 && shard.due(now) {
             self.inner.sweep_shard(&mut shard, now);
         }
-        let expires = deadline(now, lease);
+        let expires = deadline(now, lease.record_life());
+        let lease_until = lease.keep_lapsed.map(|_| deadline(now, lease.duration));
         shard.entries.insert(
             *scope,
             Entry {
                 fingerprint: *fingerprint,
                 token,
-                state: State::Pending,
+                state: State::Pending { lease_until },
                 expires,
+                since: now,
                 bytes: ENTRY_OVERHEAD_BYTES,
             },
         );
@@ -571,7 +598,7 @@ impl Store for MemoryStore {
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
-        lease: Duration,
+        lease: LeaseTerms,
     ) -> Result<Reservation, StoreError> {
         let now = Instant::now();
         if let Some(answer) = self.reserve_now(scope, fingerprint, token, lease, now) {
@@ -605,14 +632,21 @@ impl Store for MemoryStore {
         let mut shard = self.shard(scope);
         let Shard { entries, .. } = &mut *shard;
         let renewed = match entries.get_mut(scope) {
-            Some(entry) if entry.token == token && entry.expires > now => {
-                if matches!(entry.state, State::Pending) {
+            Some(entry) if entry.token == token && entry.expires > now => match &mut entry.state {
+                // A kept lease: its end moves, and the entry lives at least as long.
+                State::Pending {
+                    lease_until: Some(until),
+                } => {
+                    *until = deadline(now, lease);
+                    entry.expires = entry.expires.max(*until);
+                    Some(entry.expires)
+                }
+                State::Pending { lease_until: None } => {
                     entry.expires = deadline(now, lease);
                     Some(entry.expires)
-                } else {
-                    None
                 }
-            }
+                State::Completed(_) => None,
+            },
             _ => return Ok(false),
         };
         // A shorter lease than before moves the expiry earlier: keep the bounds valid.
@@ -637,13 +671,16 @@ impl Store for MemoryStore {
         } = &mut *shard;
         let stored = match entries.get_mut(scope) {
             Some(entry) if entry.token == token && entry.expires > now => {
-                if !matches!(entry.state, State::Pending) {
+                if !matches!(entry.state, State::Pending { .. }) {
                     // Already stored by this token: a retry after a lost reply.
                     return Ok(Completion::Stored);
                 }
-                // Never refused, even past the byte budget: the operation happened.
+                // Never refused, even past the byte budget: the operation happened. (Also
+                // after a kept lease lapsed: nobody else took the key, and this is what
+                // really happened.)
                 let extra = record_bytes(record);
                 entry.state = State::Completed(record.clone());
+                entry.since = now;
                 entry.expires = deadline(now, ttl);
                 entry.bytes = entry.bytes.saturating_add(extra);
                 self.inner.bytes.fetch_add(extra, Ordering::Relaxed);
@@ -665,7 +702,7 @@ impl Store for MemoryStore {
             shard.entries.get(scope),
             Some(entry) if entry.token == token
                 && entry.expires > now
-                && matches!(entry.state, State::Pending)
+                && matches!(entry.state, State::Pending { .. })
         );
         if held {
             if let Some(entry) = shard.entries.remove(scope) {
@@ -691,6 +728,85 @@ impl Store for MemoryStore {
             }
         };
         Ok(MemorySubscription::new(self.inner.clone(), *scope, notify))
+    }
+
+    async fn inspect(&self, scope: &ScopeHash) -> Result<KeyState, StoreError> {
+        let now = Instant::now();
+        let shard = self.shard(scope);
+        let Some(entry) = shard.entries.get(scope).filter(|e| e.expires > now) else {
+            return Ok(KeyState::Absent);
+        };
+        let expires_in = entry.expires - now;
+        Ok(match &entry.state {
+            State::Pending {
+                lease_until: Some(until),
+            } if *until <= now => KeyState::Uncertain {
+                owner: entry.token,
+                lapsed_for: Some(now - *until),
+                expires_in,
+            },
+            State::Pending { lease_until } => KeyState::InFlight {
+                owner: Some(entry.token),
+                lease_remaining: Some(lease_until.unwrap_or(entry.expires) - now),
+            },
+            State::Completed(record) => KeyState::Completed {
+                record: record.clone(),
+                age: Some(now - entry.since),
+                expires_in,
+            },
+        })
+    }
+
+    async fn forget(&self, scope: &ScopeHash) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut shard = self.shard(scope);
+        let Some(entry) = shard.entries.remove(scope) else {
+            return Ok(false);
+        };
+        self.inner.give_back(&entry);
+        wake(&shard.waiters, scope);
+        Ok(entry.expires > now)
+    }
+
+    async fn resolve(
+        &self,
+        scope: &ScopeHash,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Resolved, StoreError> {
+        let now = Instant::now();
+        let mut shard = self.shard(scope);
+        let Shard {
+            entries, waiters, ..
+        } = &mut *shard;
+        let expires = match entries.get_mut(scope) {
+            Some(entry) if entry.expires > now => {
+                if matches!(entry.state, State::Pending { .. }) && !entry.lapsed(now) {
+                    return Ok(Resolved::InFlight);
+                }
+                // Never refused for the byte budget: an operator's decision.
+                let before = match &entry.state {
+                    State::Completed(old) => record_bytes(old),
+                    State::Pending { .. } => 0,
+                };
+                let after = record_bytes(record);
+                entry.state = State::Completed(record.clone());
+                // A token nobody holds: the owner of a lapsed lease, alive after all,
+                // cannot overwrite the operator's answer.
+                entry.token = FencingToken::generate();
+                entry.since = now;
+                entry.expires = deadline(now, ttl);
+                entry.bytes = entry.bytes.saturating_sub(before).saturating_add(after);
+                self.inner.bytes.fetch_sub(before, Ordering::Relaxed);
+                self.inner.bytes.fetch_add(after, Ordering::Relaxed);
+                wake(waiters, scope);
+                entry.expires
+            }
+            _ => return Ok(Resolved::Absent),
+        };
+        shard.note_expiry(expires);
+        self.inner.note_expiry(expires);
+        Ok(Resolved::Stored)
     }
 }
 
@@ -776,14 +892,20 @@ mod tests {
         let store = MemoryStore::default();
         let t1 = FencingToken::generate();
         assert_eq!(
-            store.reserve(&scope(1), &FP, t1, LEASE).await.unwrap(),
+            store
+                .reserve(&scope(1), &FP, t1, LEASE.into())
+                .await
+                .unwrap(),
             Reservation::Reserved
         );
         tokio::time::advance(Duration::from_secs(31)).await;
         // The lease expired: a new owner gets it and the stale one is fenced.
         let t2 = FencingToken::generate();
         assert_eq!(
-            store.reserve(&scope(1), &FP, t2, LEASE).await.unwrap(),
+            store
+                .reserve(&scope(1), &FP, t2, LEASE.into())
+                .await
+                .unwrap(),
             Reservation::Reserved
         );
         let rec = Record::NotReplayable;
@@ -805,7 +927,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(59)).await;
         assert_eq!(
             store
-                .reserve(&scope(1), &FP, FencingToken::generate(), LEASE)
+                .reserve(&scope(1), &FP, FencingToken::generate(), LEASE.into())
                 .await
                 .unwrap(),
             Reservation::Completed(rec)
@@ -813,7 +935,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(
             store
-                .reserve(&scope(1), &FP, FencingToken::generate(), LEASE)
+                .reserve(&scope(1), &FP, FencingToken::generate(), LEASE.into())
                 .await
                 .unwrap(),
             Reservation::Reserved
@@ -825,17 +947,17 @@ mod tests {
         let store = MemoryStore::builder().max_entries(2).build();
         for n in 0..2 {
             let r = store
-                .reserve(&scope(n), &FP, FencingToken::generate(), LEASE)
+                .reserve(&scope(n), &FP, FencingToken::generate(), LEASE.into())
                 .await;
             assert_eq!(r.unwrap(), Reservation::Reserved);
         }
         let r = store
-            .reserve(&scope(9), &FP, FencingToken::generate(), LEASE)
+            .reserve(&scope(9), &FP, FencingToken::generate(), LEASE.into())
             .await;
         assert!(matches!(r, Err(StoreError::Full { max_entries: 2, .. })));
         // The live entries are still there.
         let r = store
-            .reserve(&scope(0), &FP, FencingToken::generate(), LEASE)
+            .reserve(&scope(0), &FP, FencingToken::generate(), LEASE.into())
             .await;
         assert_eq!(r.unwrap(), Reservation::InFlight);
         assert_eq!(store.len(), 2);
@@ -846,13 +968,13 @@ mod tests {
         let store = MemoryStore::builder().max_entries(2).build();
         for n in 0..2 {
             store
-                .reserve(&scope(n), &FP, FencingToken::generate(), LEASE)
+                .reserve(&scope(n), &FP, FencingToken::generate(), LEASE.into())
                 .await
                 .unwrap();
         }
         tokio::time::advance(LEASE + Duration::from_millis(1)).await;
         let r = store
-            .reserve(&scope(7), &FP, FencingToken::generate(), LEASE)
+            .reserve(&scope(7), &FP, FencingToken::generate(), LEASE.into())
             .await;
         assert_eq!(r.unwrap(), Reservation::Reserved);
         assert_eq!(store.len(), 1);
@@ -862,7 +984,10 @@ mod tests {
     async fn release_wakes_a_subscriber_registered_before() {
         let store = MemoryStore::default();
         let t = FencingToken::generate();
-        store.reserve(&scope(3), &FP, t, LEASE).await.unwrap();
+        store
+            .reserve(&scope(3), &FP, t, LEASE.into())
+            .await
+            .unwrap();
         let mut sub = store.subscribe(&scope(3)).await.unwrap();
         // Released before the subscriber polls: the wake-up must not be lost.
         assert!(store.release(&scope(3), t).await.unwrap());
@@ -908,7 +1033,7 @@ mod tests {
         for (n, lease) in [(1, 10), (2, 100), (3, 100), (4, 100)] {
             let lease = Duration::from_secs(lease);
             let scope = scope_in(n, n.into());
-            let r = store.reserve(&scope, &FP, FencingToken::generate(), lease);
+            let r = store.reserve(&scope, &FP, FencingToken::generate(), lease.into());
             assert_eq!(r.await.unwrap(), Reservation::Reserved);
         }
         let flood = |from: u32| {
@@ -917,7 +1042,7 @@ mod tests {
                 for n in from..from + 1000 {
                     let scope = scope_in(n as u8, n);
                     let r = store
-                        .reserve(&scope, &FP, FencingToken::generate(), LEASE)
+                        .reserve(&scope, &FP, FencingToken::generate(), LEASE.into())
                         .await;
                     assert!(
                         matches!(r, Err(StoreError::Full { max_entries: 4, .. })),
@@ -932,7 +1057,7 @@ mod tests {
         // The 10 s lease has passed: the next new key sweeps once and takes its slot.
         tokio::time::advance(Duration::from_secs(11)).await;
         let r = store
-            .reserve(&scope_in(9, 9), &FP, FencingToken::generate(), LEASE)
+            .reserve(&scope_in(9, 9), &FP, FencingToken::generate(), LEASE.into())
             .await;
         assert_eq!(r.unwrap(), Reservation::Reserved);
         // One pass over the shards, one of which held the expired entry.
@@ -956,7 +1081,7 @@ mod tests {
         let s = scope(5);
         let owner1 = FencingToken::generate();
         assert_eq!(
-            store.reserve(&s, &FP, owner1, LEASE).await.unwrap(),
+            store.reserve(&s, &FP, owner1, LEASE.into()).await.unwrap(),
             Reservation::Reserved
         );
         let mut a = store.subscribe(&s).await.unwrap();
@@ -972,11 +1097,11 @@ mod tests {
 
         let owner2 = FencingToken::generate(); // A
         assert_eq!(
-            store.reserve(&s, &FP, owner2, LEASE).await.unwrap(),
+            store.reserve(&s, &FP, owner2, LEASE.into()).await.unwrap(),
             Reservation::Reserved
         );
         let again = store
-            .reserve(&s, &FP, FencingToken::generate(), LEASE)
+            .reserve(&s, &FP, FencingToken::generate(), LEASE.into())
             .await; // B
         assert_eq!(again.unwrap(), Reservation::InFlight);
         let rec = Record::NotReplayable;
@@ -999,7 +1124,7 @@ mod tests {
         let ttl = Duration::from_secs(60);
         let reserve = |s: ScopeHash, t: FencingToken| {
             let store = store.clone();
-            async move { store.reserve(&s, &FP, t, LEASE).await }
+            async move { store.reserve(&s, &FP, t, LEASE.into()).await }
         };
         let (t1, t2, t3) = (
             FencingToken::generate(),
@@ -1075,7 +1200,9 @@ mod tests {
         let record = |n: u32| response(n as usize);
         for n in 0..MAX {
             let token = FencingToken::generate();
-            let r = store.reserve(&scope_in(7, n), &FP, token, LEASE).await;
+            let r = store
+                .reserve(&scope_in(7, n), &FP, token, LEASE.into())
+                .await;
             assert_eq!(r.unwrap(), Reservation::Reserved);
             if n % 2 == 0 {
                 let done = store
@@ -1086,14 +1213,14 @@ mod tests {
         }
         for n in MAX..MAX + 10 {
             let r = store
-                .reserve(&scope_in(7, n), &FP, FencingToken::generate(), LEASE)
+                .reserve(&scope_in(7, n), &FP, FencingToken::generate(), LEASE.into())
                 .await;
             assert!(matches!(r, Err(StoreError::Full { .. })), "{r:?}");
         }
         assert_eq!(store.len(), MAX as usize);
         for n in 0..MAX {
             let r = store
-                .reserve(&scope_in(7, n), &FP, FencingToken::generate(), LEASE)
+                .reserve(&scope_in(7, n), &FP, FencingToken::generate(), LEASE.into())
                 .await;
             let expected = if n % 2 == 0 {
                 Reservation::Completed(record(n))
@@ -1116,7 +1243,10 @@ mod tests {
         let ttl = Duration::from_secs(60);
 
         let t1 = FencingToken::generate();
-        store.reserve(&scope(1), &FP, t1, LEASE).await.unwrap();
+        store
+            .reserve(&scope(1), &FP, t1, LEASE.into())
+            .await
+            .unwrap();
         assert_eq!(store.bytes(), ENTRY_OVERHEAD_BYTES);
         for _ in 0..2 {
             let done = store.complete(&scope(1), t1, &rec, ttl).await.unwrap();
@@ -1124,7 +1254,10 @@ mod tests {
             assert_eq!(store.bytes(), ENTRY_OVERHEAD_BYTES + record_bytes(&rec));
         }
         let t2 = FencingToken::generate();
-        store.reserve(&scope(2), &FP, t2, LEASE).await.unwrap();
+        store
+            .reserve(&scope(2), &FP, t2, LEASE.into())
+            .await
+            .unwrap();
         assert_eq!(store.bytes(), 2 * ENTRY_OVERHEAD_BYTES + record_bytes(&rec));
         assert!(store.release(&scope(2), t2).await.unwrap());
         assert_eq!(store.bytes(), ENTRY_OVERHEAD_BYTES + record_bytes(&rec));
@@ -1155,11 +1288,11 @@ mod tests {
             .max_bytes(ENTRY_OVERHEAD_BYTES * 10)
             .build();
         store
-            .reserve(&scope(1), &FP, FencingToken::generate(), LEASE)
+            .reserve(&scope(1), &FP, FencingToken::generate(), LEASE.into())
             .await
             .unwrap();
         let err = store
-            .reserve(&scope(2), &FP, FencingToken::generate(), LEASE)
+            .reserve(&scope(2), &FP, FencingToken::generate(), LEASE.into())
             .await
             .unwrap_err();
         assert_eq!(
@@ -1175,7 +1308,7 @@ mod tests {
             .max_bytes(ENTRY_OVERHEAD_BYTES - 1)
             .build();
         let r = tiny
-            .reserve(&scope(1), &FP, FencingToken::generate(), LEASE)
+            .reserve(&scope(1), &FP, FencingToken::generate(), LEASE.into())
             .await;
         assert!(
             matches!(
@@ -1198,11 +1331,11 @@ mod tests {
         let store = MemoryStore::builder().max_entries(2).build();
         let (t1, t2) = (FencingToken::generate(), FencingToken::generate());
         store
-            .reserve(&scope_in(1, 1), &FP, t1, LEASE)
+            .reserve(&scope_in(1, 1), &FP, t1, LEASE.into())
             .await
             .unwrap();
         store
-            .reserve(&scope_in(2, 2), &FP, t2, LEASE)
+            .reserve(&scope_in(2, 2), &FP, t2, LEASE.into())
             .await
             .unwrap();
         let short = Duration::from_secs(5);
@@ -1217,7 +1350,7 @@ mod tests {
             async move {
                 let scope = scope_in(3, n);
                 store
-                    .reserve(&scope, &FP, FencingToken::generate(), LEASE)
+                    .reserve(&scope, &FP, FencingToken::generate(), LEASE.into())
                     .await
             }
         };
@@ -1235,7 +1368,10 @@ mod tests {
         let second = Duration::from_secs(1);
         let mut early = store.subscribe(&scope(6)).await.unwrap();
         let t = FencingToken::generate();
-        store.reserve(&scope(6), &FP, t, LEASE).await.unwrap();
+        store
+            .reserve(&scope(6), &FP, t, LEASE.into())
+            .await
+            .unwrap();
         let rec = Record::NotReplayable;
         store.complete(&scope(6), t, &rec, LEASE).await.unwrap();
         tokio::time::timeout(second, early.changed())
@@ -1243,7 +1379,7 @@ mod tests {
             .expect("woken by the first owner's completion");
 
         store
-            .reserve(&scope(7), &FP, FencingToken::generate(), LEASE)
+            .reserve(&scope(7), &FP, FencingToken::generate(), LEASE.into())
             .await
             .unwrap();
         let mut sub = store.subscribe(&scope(7)).await.unwrap();
@@ -1269,7 +1405,10 @@ mod tests {
         assert_eq!(waiters(&store), 0);
         // A new subscription after that gets a fresh one and is woken as before.
         let t = FencingToken::generate();
-        store.reserve(&scope(8), &FP, t, LEASE).await.unwrap();
+        store
+            .reserve(&scope(8), &FP, t, LEASE.into())
+            .await
+            .unwrap();
         let mut c = store.subscribe(&scope(8)).await.unwrap();
         assert!(store.release(&scope(8), t).await.unwrap());
         tokio::time::timeout(Duration::from_secs(1), c.changed())
@@ -1296,7 +1435,7 @@ mod tests {
                         let scope = scope_in((n % 7) as u8, n % 300);
                         let token = FencingToken::generate();
                         let lease = Duration::from_millis(u64::from(n % 3));
-                        match store.reserve(&scope, &FP, token, lease).await {
+                        match store.reserve(&scope, &FP, token, lease.into()).await {
                             Ok(Reservation::Reserved) => match n % 3 {
                                 0 => {
                                     let rec = response((n % 500) as usize);
@@ -1334,12 +1473,12 @@ mod tests {
     async fn mismatch_while_in_flight() {
         let store = MemoryStore::default();
         store
-            .reserve(&scope(4), &FP, FencingToken::generate(), LEASE)
+            .reserve(&scope(4), &FP, FencingToken::generate(), LEASE.into())
             .await
             .unwrap();
         let other = Fingerprint::from_bytes([2; 32]);
         let r = store
-            .reserve(&scope(4), &other, FencingToken::generate(), LEASE)
+            .reserve(&scope(4), &other, FencingToken::generate(), LEASE.into())
             .await;
         assert_eq!(r.unwrap(), Reservation::Mismatch);
     }

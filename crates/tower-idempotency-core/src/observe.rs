@@ -50,7 +50,6 @@ pub(crate) enum Outcome {
     NotReplayable,
     /// The first request's lease lapsed before it recorded an answer, and the route
     /// refuses to run it again: 409 `operation-uncertain`.
-    #[allow(dead_code)] // answered once the stores report lapsed leases (issue 15)
     Uncertain,
     /// The response was too large to store: streamed, marker stored.
     TooLargeToStore,

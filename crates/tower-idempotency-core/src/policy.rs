@@ -52,6 +52,26 @@ pub enum InFlight {
     Wait(Duration),
 }
 
+/// What the next request with a key gets when the key's first request lost its lease
+/// before it recorded an answer (its server crashed, froze, or could not reach the store
+/// for longer than the lease), so that the operation may or may not have happened (SPEC
+/// section 11). A store whose record commits with the handler's own writes
+/// (transactional Postgres) has no such case: a lost owner's work is rolled back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Uncertain {
+    /// Run the handler again (the default): right when running twice is harmless, or
+    /// when the handler itself can tell it already ran (e.g. it passes the key on to a
+    /// payment provider that deduplicates).
+    #[default]
+    RunAgain,
+    /// Answer 409 `operation-uncertain` until an operator resolves the key (with the
+    /// answer that really happened) or forgets it (so the next request runs): for money
+    /// movements and other external effects that must not happen twice. The lapsed
+    /// record is kept for the route's TTL.
+    Refuse,
+}
+
 /// Which completed responses are stored and replayed. Responses not stored release the key,
 /// so the client may retry with the same key and run the handler again.
 #[derive(Clone)]
@@ -208,6 +228,7 @@ pub struct Policy {
     pub(crate) fingerprint_headers: Arc<[HeaderName]>,
     pub(crate) store_when: StorePolicy,
     pub(crate) in_flight: InFlight,
+    pub(crate) uncertain: Uncertain,
     pub(crate) fail_open: bool,
     pub(crate) header: HeaderName,
     pub(crate) tenant: Tenant,
@@ -234,6 +255,7 @@ impl Default for Policy {
             fingerprint_headers: Arc::new([http::header::CONTENT_TYPE]),
             store_when: StorePolicy::Successes,
             in_flight: InFlight::Conflict,
+            uncertain: Uncertain::RunAgain,
             fail_open: false,
             header: IDEMPOTENCY_KEY,
             tenant: Tenant::Unset,
@@ -294,6 +316,21 @@ impl Policy {
     /// What happens to a request whose key is in flight.
     pub fn in_flight(&self) -> InFlight {
         self.in_flight
+    }
+
+    /// What the next request gets when a key's lease lapsed before it completed.
+    pub fn uncertain(&self) -> Uncertain {
+        self.uncertain
+    }
+
+    /// The terms of each reservation: the lease, and, when the route refuses uncertain
+    /// keys, a lapsed lease kept for the TTL.
+    pub(crate) fn lease_terms(&self) -> crate::store::LeaseTerms {
+        let terms = crate::store::LeaseTerms::new(self.lease());
+        match self.uncertain {
+            Uncertain::RunAgain => terms,
+            Uncertain::Refuse => terms.keep_lapsed(self.ttl),
+        }
     }
 
     /// Which responses are stored.
@@ -385,6 +422,7 @@ impl fmt::Debug for Policy {
             .field("fingerprint_headers", &self.fingerprint_headers)
             .field("store_when", &self.store_when)
             .field("in_flight", &self.in_flight)
+            .field("uncertain", &self.uncertain)
             .field("fail_open", &self.fail_open)
             .field("header", &self.header)
             .field("tenant", &tenant)

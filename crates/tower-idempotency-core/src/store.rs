@@ -12,6 +12,18 @@
 //! | [`complete`](Store::complete) | store record, `Stored` | `Fenced` | `Stored` if same token | `Fenced` |
 //! | [`release`](Store::release) | delete, `true` | `false` | `false` | `false` |
 //!
+//! A pending record whose lease lapsed counts as absent, unless its reserve asked to keep
+//! lapsed leases ([`LeaseTerms::keep_lapsed`], a route that refuses uncertain keys): then
+//! it stays, with its token and fingerprint, until `keep_lapsed` passed. A reserve with the
+//! same fingerprint and another token is answered [`Reservation::Uncertain`] (another
+//! fingerprint: `Mismatch`), or, if it does not keep lapsed leases itself, takes the
+//! record over. The token whose lease lapsed still holds it: its renew, complete and
+//! release work as in the table (nobody else took it).
+//!
+//! Operators: [`inspect`](Store::inspect), [`forget`](Store::forget) and
+//! [`resolve`](Store::resolve), with defaults that answer
+//! [`StoreError::Unsupported`] for a store that does not offer them.
+//!
 //! Stores must enforce TTLs and leases with their own clock (Redis `PEXPIRE`), never with
 //! the clocks of application servers. A reserve must be idempotent under re-send: a
 //! client library may send it again after a reconnect, and a reserve that timed out on
@@ -35,8 +47,8 @@
 //! let token = FencingToken::generate();
 //! let lease = Duration::from_secs(30);
 //!
-//! assert_eq!(store.reserve(&scope, &fp, token, lease).await?, Reservation::Reserved);
-//! let again = store.reserve(&scope, &fp, FencingToken::generate(), lease).await?;
+//! assert_eq!(store.reserve(&scope, &fp, token, lease.into()).await?, Reservation::Reserved);
+//! let again = store.reserve(&scope, &fp, FencingToken::generate(), lease.into()).await?;
 //! assert_eq!(again, Reservation::InFlight);
 //! let done = store
 //!     .complete(&scope, token, &Record::NotReplayable, Duration::from_secs(60))
@@ -65,6 +77,117 @@ pub enum Reservation {
     Completed(Record),
     /// The scope (pending or completed) belongs to a request with another fingerprint.
     Mismatch,
+    /// A lease with the same fingerprint lapsed before it completed, and the reserve asked
+    /// to keep lapsed leases ([`LeaseTerms::keep_lapsed`]): the operation may or may not
+    /// have happened, and the scope stays so until an operator resolves or forgets it
+    /// (or its owner, alive after all, completes it).
+    Uncertain,
+}
+
+/// The terms of one reservation: how long its lease lasts, and what a lease that lapses
+/// without completing leaves behind (SPEC section 11).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency_core::store::LeaseTerms;
+///
+/// let terms = LeaseTerms::new(Duration::from_secs(30));
+/// assert_eq!(terms.keep_lapsed, None);
+/// let refusing = terms.keep_lapsed(Duration::from_secs(24 * 3600));
+/// assert_eq!(refusing.keep_lapsed, Some(Duration::from_secs(24 * 3600)));
+/// let same: LeaseTerms = Duration::from_secs(30).into();
+/// assert_eq!(same, terms);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaseTerms {
+    /// How long the lease lasts without renewal.
+    pub duration: Duration,
+    /// `None`: a lease that lapses is gone, and the next request with the key runs (the
+    /// default). `Some(keep)`: the store keeps the lapsed pending record for `keep` from
+    /// the reservation and answers [`Reservation::Uncertain`] for it meanwhile.
+    pub keep_lapsed: Option<Duration>,
+}
+
+impl LeaseTerms {
+    /// A lease of `duration`; a lapsed one is not kept.
+    pub const fn new(duration: Duration) -> Self {
+        LeaseTerms {
+            duration,
+            keep_lapsed: None,
+        }
+    }
+
+    /// Keeps a lapsed lease as "uncertain" for `keep` from the reservation (at least the
+    /// lease itself).
+    pub const fn keep_lapsed(mut self, keep: Duration) -> Self {
+        self.keep_lapsed = Some(keep);
+        self
+    }
+
+    /// How long the pending record lives in the store: the lease, or `keep_lapsed` if that
+    /// is longer.
+    pub fn record_life(&self) -> Duration {
+        match self.keep_lapsed {
+            Some(keep) => keep.max(self.duration),
+            None => self.duration,
+        }
+    }
+}
+
+impl From<Duration> for LeaseTerms {
+    fn from(duration: Duration) -> Self {
+        LeaseTerms::new(duration)
+    }
+}
+
+/// What an operator sees of one scope: the answer to [`Store::inspect`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyState {
+    /// No record: the next request with the key runs.
+    Absent,
+    /// A request holds the key now. A store that cannot tell the owner or the lease left
+    /// (transactional Postgres: the row is not visible until it commits) says `None`.
+    InFlight {
+        /// The owner's fencing token.
+        owner: Option<FencingToken>,
+        /// How long the lease lasts unless renewed.
+        lease_remaining: Option<Duration>,
+    },
+    /// Completed: retries get `record` replayed (or 409 `response-not-replayable` for
+    /// [`Record::NotReplayable`]).
+    Completed {
+        /// What retries get.
+        record: Record,
+        /// How long ago it was completed (or resolved), where the store knows.
+        age: Option<Duration>,
+        /// How long it is kept from now.
+        expires_in: Duration,
+    },
+    /// The lease lapsed before completion and the route keeps lapsed leases: the
+    /// operation may or may not have happened; the route answers 409
+    /// `operation-uncertain` until the key is resolved or forgotten.
+    Uncertain {
+        /// The token of the owner whose lease lapsed.
+        owner: FencingToken,
+        /// How long ago the lease lapsed, where the store knows.
+        lapsed_for: Option<Duration>,
+        /// How long the uncertain record is kept from now.
+        expires_in: Duration,
+    },
+}
+
+/// The answer to [`Store::resolve`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Resolved {
+    /// The record now replays the operator's answer (for the TTL given).
+    Stored,
+    /// Nothing to resolve: no record for the scope (its fingerprint would be unknown).
+    Absent,
+    /// A live request holds the key: wait for it, or resolve after its lease lapsed.
+    InFlight,
 }
 
 /// The answer to [`Store::complete`].
@@ -105,6 +228,11 @@ pub enum StoreError {
     /// A stored record could not be decoded.
     #[error("stored record could not be decoded")]
     Decode(#[from] DecodeError),
+    /// The store does not offer this operation (an operator's
+    /// [`inspect`](Store::inspect), [`forget`](Store::forget) or
+    /// [`resolve`](Store::resolve) on a store that does not implement them).
+    #[error("this store does not support {0}")]
+    Unsupported(&'static str),
 }
 
 impl StoreError {
@@ -130,7 +258,7 @@ pub trait Store: Clone + Send + Sync + 'static {
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
-        lease: Duration,
+        lease: LeaseTerms,
     ) -> impl Future<Output = Result<Reservation, StoreError>> + Send;
 
     /// Extends the lease of `token` to `lease` from now. `false` means the token no longer
@@ -183,6 +311,40 @@ pub trait Store: Clone + Send + Sync + 'static {
         &self,
         scope: &ScopeHash,
     ) -> impl Future<Output = Result<Self::Subscription, StoreError>> + Send;
+
+    /// What the store holds for `scope`, for an operator (SPEC section 11). The default
+    /// says the store does not support it ([`StoreError::Unsupported`]).
+    fn inspect(
+        &self,
+        scope: &ScopeHash,
+    ) -> impl Future<Output = Result<KeyState, StoreError>> + Send {
+        let _ = scope;
+        std::future::ready(Err(StoreError::Unsupported("inspect")))
+    }
+
+    /// Deletes whatever the store holds for `scope` (a completed, uncertain or pending
+    /// record), so the next request with the key runs; wakes the scope's waiters. `false`:
+    /// there was nothing. An owner whose pending record is forgotten can no longer
+    /// complete (its result is fenced off). The default says the store does not support
+    /// it.
+    fn forget(&self, scope: &ScopeHash) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = scope;
+        std::future::ready(Err(StoreError::Unsupported("forget")))
+    }
+
+    /// Makes `scope` replay `record` for `ttl` from now, keeping the fingerprint of the
+    /// request that first used the key: an operator's decision for an uncertain key (or a
+    /// correction of a completed one). Refused for an absent key and for a live lease.
+    /// The default says the store does not support it.
+    fn resolve(
+        &self,
+        scope: &ScopeHash,
+        record: &Record,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Resolved, StoreError>> + Send {
+        let _ = (scope, record, ttl);
+        std::future::ready(Err(StoreError::Unsupported("resolve")))
+    }
 }
 
 /// A live interest in one scope, from [`Store::subscribe`].

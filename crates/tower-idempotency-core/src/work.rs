@@ -194,6 +194,15 @@ impl<S, St: crate::Store> Job<S, St> {
                     Ok(shared.problem(Problem::KeyReused, detail)),
                 )
             }
+            Claim::Uncertain => {
+                let detail = "the first request with this key stopped before it recorded an \
+                              answer, so it may or may not have happened; this endpoint will \
+                              not run it again until the operators have resolved the key";
+                (
+                    Outcome::Uncertain,
+                    Ok(shared.problem(Problem::OperationUncertain, detail)),
+                )
+            }
             Claim::InFlight => {
                 let detail = "a request with this idempotency key is still being processed";
                 (

@@ -33,7 +33,7 @@ impl Store for Recording {
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
-        lease: Duration,
+        lease: tower_idempotency_core::LeaseTerms,
     ) -> Result<Reservation, StoreError> {
         self.scopes.lock().unwrap().push(*scope);
         self.inner.reserve(scope, fingerprint, token, lease).await

@@ -16,6 +16,15 @@ CREATE TABLE IF NOT EXISTS {table} (
     -- End of the lease (pending) or of the TTL (completed), by the database clock.
     expires_at timestamptz NOT NULL,
     -- A reserve answered "in flight" for this lease: notify on completion or release.
-    waiter boolean NOT NULL DEFAULT false
+    waiter boolean NOT NULL DEFAULT false,
+    -- A lease kept as "uncertain" past its lapse (a route that refuses uncertain keys):
+    -- the end of the lease; `expires_at` is then the end of the time it is kept. NULL:
+    -- the lease ends at `expires_at`.
+    lease_until timestamptz,
+    -- When the record was completed (or resolved by an operator): its age.
+    completed_at timestamptz
 );
+-- Columns added after the first release (a no-op on a table created above).
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS lease_until timestamptz,
+    ADD COLUMN IF NOT EXISTS completed_at timestamptz;
 CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);

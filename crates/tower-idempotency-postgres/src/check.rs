@@ -21,7 +21,7 @@ use crate::error::{within, DisplayChain, PostgresStoreError};
 use crate::store::PostgresStore;
 
 /// The columns the store reads and writes.
-const COLUMNS: [&str; 7] = [
+const COLUMNS: [&str; 9] = [
     "scope",
     "fingerprint",
     "state",
@@ -29,6 +29,8 @@ const COLUMNS: [&str; 7] = [
     "record",
     "expires_at",
     "waiter",
+    "lease_until",
+    "completed_at",
 ];
 
 /// Whether the store's user may do each of the table operations it needs.

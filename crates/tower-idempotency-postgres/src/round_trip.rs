@@ -11,7 +11,7 @@
 //! timeout adds 1 (is the scope held by an owner?) and, when it was not, runs again.
 //!
 //! Every statement is also counted through the `metrics` facade as
-//! `idempotency_store_commands_total{op="reserve"|"renew"|"complete"|"release"|"notify"|"purge"}`.
+//! `idempotency_store_commands_total{op="reserve"|"renew"|"complete"|"release"|"notify"|"purge"|"admin"}`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -34,6 +34,10 @@ pub struct RoundTrips {
     pub notify: u64,
     /// Purge batches.
     pub purge: u64,
+    /// An operator's [`inspect`](tower_idempotency_core::Store::inspect),
+    /// [`forget`](tower_idempotency_core::Store::forget) or
+    /// [`resolve`](tower_idempotency_core::Store::resolve).
+    pub admin: u64,
     /// The sum of all of the above.
     pub total: u64,
 }
@@ -46,16 +50,18 @@ pub(crate) enum Op {
     Release,
     Notify,
     Purge,
+    Admin,
 }
 
 impl Op {
-    const ALL: [Op; 6] = [
+    const ALL: [Op; 7] = [
         Op::Reserve,
         Op::Renew,
         Op::Complete,
         Op::Release,
         Op::Notify,
         Op::Purge,
+        Op::Admin,
     ];
 
     fn as_str(self) -> &'static str {
@@ -66,6 +72,7 @@ impl Op {
             Op::Release => "release",
             Op::Notify => "notify",
             Op::Purge => "purge",
+            Op::Admin => "admin",
         }
     }
 }
@@ -90,6 +97,7 @@ impl Counters {
             release: get(Op::Release),
             notify: get(Op::Notify),
             purge: get(Op::Purge),
+            admin: get(Op::Admin),
             total: Op::ALL.iter().map(|&op| get(op)).sum(),
         }
     }

@@ -162,6 +162,9 @@ pub(crate) struct Statements {
     pub(crate) release: Arc<str>,
     pub(crate) renew: Arc<str>,
     pub(crate) purge: Arc<str>,
+    pub(crate) inspect: Arc<str>,
+    pub(crate) forget: Arc<str>,
+    pub(crate) resolve: Arc<str>,
     /// Mixed into every scope's advisory lock key, so stores on two tables never share
     /// one (see [`Statements::lock_key`]).
     lock_salt: i64,
@@ -188,10 +191,20 @@ const BACKEND: &str =
 /// that Postgres does not count a live owner as idle (and a cut shows as an error).
 pub(crate) const KEEPALIVE: &str = "SELECT 1";
 
-/// Whether the conflicting row is taken over by this reserve: an expired row, or a
-/// pending lease of the same token (a re-sent reserve).
-const TAKE: &str =
-    "(r.expires_at <= statement_timestamp() OR (r.state = 'pending' AND r.token = excluded.token))";
+/// Whether the conflicting row is a pending lease that lapsed while kept as uncertain.
+const LAPSED: &str =
+    "(r.state = 'pending' AND coalesce(r.lease_until <= statement_timestamp(), false))";
+
+/// [`LAPSED`] for the table's own row, unaliased.
+const LAPSED_ROW: &str =
+    "(state = 'pending' AND coalesce(lease_until <= statement_timestamp(), false))";
+
+/// Whether the conflicting row is taken over by this reserve: an expired row, a pending
+/// lease of the same token (a re-sent reserve), or a lapsed lease when this reserve does
+/// not keep lapsed leases (`$6` is 0).
+const TAKE: &str = "(r.expires_at <= statement_timestamp() \
+    OR (r.state = 'pending' AND r.token = excluded.token) \
+    OR ($6 = 0 AND (r.state = 'pending' AND coalesce(r.lease_until <= statement_timestamp(), false))))";
 
 impl Statements {
     pub(crate) fn new(table: TableName) -> Self {
@@ -199,28 +212,41 @@ impl Statements {
         let schema = include_str!("../sql/schema.sql")
             .replace("{table}", t)
             .replace("{index}", &table.index);
+        // The table, its index, and the columns added since the first release.
         let schema_current = format!(
-            "SELECT to_regclass('{}') IS NOT NULL AND to_regclass('{}') IS NOT NULL",
-            table.quoted, table.qualified_index
+            "SELECT to_regclass('{t}') IS NOT NULL AND to_regclass('{i}') IS NOT NULL \
+               AND (SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass('{t}') \
+                    AND attname IN ('lease_until', 'completed_at') AND NOT attisdropped) = 2",
+            t = table.quoted,
+            i = table.qualified_index
         );
         // $1 scope, $2 fingerprint, $3 token, $4 lease in ms, $5 the scope's advisory lock
-        // key in transactional mode (NULL in plain mode). `restored` restores the
-        // `lock_timeout` that transactional mode's BEGIN stashed (see `tx.rs`; in plain mode
-        // the stash is empty), `locked` takes the owner's advisory lock.
+        // key in transactional mode (NULL in plain mode), $6 how long to keep a lapsed
+        // lease as "uncertain", in ms (0: not kept). A kept lease's row lives $6 and
+        // `lease_until` holds the end of its lease; a reserve that does not keep lapsed
+        // leases takes a lapsed one over, one that does answers 'uncertain' for it.
+        // `restored` restores the `lock_timeout` that transactional mode's BEGIN stashed
+        // (see `tx.rs`; in plain mode the stash is empty), `locked` takes the owner's
+        // advisory lock.
         let reserve = format!(
             "WITH up AS (\
-               INSERT INTO {t} AS r (scope, fingerprint, state, token, record, expires_at, waiter) \
-               VALUES ($1, $2, 'pending', $3, NULL, statement_timestamp() + $4 * interval '1 millisecond', false) \
+               INSERT INTO {t} AS r (scope, fingerprint, state, token, record, expires_at, waiter, lease_until) \
+               VALUES ($1, $2, 'pending', $3, NULL, \
+                 statement_timestamp() + greatest($4, $6) * interval '1 millisecond', false, \
+                 CASE WHEN $6 > $4 THEN statement_timestamp() + $4 * interval '1 millisecond' END) \
                ON CONFLICT (scope) DO UPDATE SET \
                  fingerprint = CASE WHEN {TAKE} THEN excluded.fingerprint ELSE r.fingerprint END, \
                  state = CASE WHEN {TAKE} THEN 'pending' ELSE r.state END, \
                  token = CASE WHEN {TAKE} THEN excluded.token ELSE r.token END, \
                  record = CASE WHEN {TAKE} THEN NULL ELSE r.record END, \
                  expires_at = CASE WHEN {TAKE} THEN excluded.expires_at ELSE r.expires_at END, \
+                 lease_until = CASE WHEN {TAKE} THEN excluded.lease_until ELSE r.lease_until END, \
+                 completed_at = CASE WHEN {TAKE} THEN NULL ELSE r.completed_at END, \
                  waiter = CASE WHEN r.expires_at <= statement_timestamp() THEN false \
-                   WHEN r.token = excluded.token THEN r.waiter ELSE true END \
+                   WHEN r.token = excluded.token THEN r.waiter WHEN {LAPSED} THEN false ELSE true END \
                WHERE {TAKE} \
-                  OR (r.state = 'pending' AND r.fingerprint = excluded.fingerprint AND NOT r.waiter) \
+                  OR (r.state = 'pending' AND r.fingerprint = excluded.fingerprint AND NOT r.waiter \
+                      AND NOT {LAPSED}) \
                RETURNING r.state, r.token = $3 AS mine, r.fingerprint = $2 AS same, r.record\
              ) \
              SELECT state, mine, same, record, \
@@ -230,7 +256,8 @@ impl Statements {
                {BACKEND} \
              FROM up \
              UNION ALL \
-             SELECT state, token = $3, fingerprint = $2, record, NULL, NULL, NULL, NULL FROM {t} \
+             SELECT CASE WHEN {LAPSED_ROW} THEN 'uncertain' ELSE state END, \
+               token = $3, fingerprint = $2, record, NULL, NULL, NULL, NULL FROM {t} \
              WHERE scope = $1 AND expires_at > statement_timestamp() AND NOT EXISTS (SELECT 1 FROM up)"
         );
         // Transactional mode's reserve. First the probe: an owner holds the scope's
@@ -269,7 +296,8 @@ impl Statements {
         // the row's flag (transactional mode: a waiter in another process told us).
         let complete = format!(
             "WITH u AS (\
-               UPDATE {t} SET state = 'completed', record = $3, \
+               UPDATE {t} SET state = 'completed', record = $3, lease_until = NULL, \
+                 completed_at = statement_timestamp(), \
                  expires_at = statement_timestamp() + $4 * interval '1 millisecond' \
                WHERE scope = $1 AND token = $2 AND state = 'pending' \
                  AND expires_at > statement_timestamp() \
@@ -286,6 +314,7 @@ impl Statements {
         let complete_tx = format!(
             "WITH u AS (\
                UPDATE {t} SET state = 'completed', record = $3, \
+                 completed_at = statement_timestamp(), \
                  expires_at = statement_timestamp() + $4 * interval '1 millisecond' \
                WHERE scope = $1 AND token = $2 AND state = 'pending' \
                RETURNING waiter\
@@ -307,11 +336,45 @@ impl Statements {
              SELECT CASE WHEN waiter THEN pg_notify($3, 'c' || encode($1, 'hex')) IS NULL END FROM d"
         );
         // $1 scope, $2 token, $3 lease in ms. A completed row of the same token answers
-        // `true` and keeps its TTL.
+        // `true` and keeps its TTL. A kept lease moves its end, and its row lives at
+        // least as long; it may have lapsed already (nobody else took it: the token still
+        // holds it).
         let renew = format!(
-            "UPDATE {t} SET expires_at = CASE WHEN state = 'pending' \
-               THEN statement_timestamp() + $3 * interval '1 millisecond' ELSE expires_at END \
+            "UPDATE {t} SET \
+               expires_at = CASE WHEN state <> 'pending' THEN expires_at \
+                 WHEN lease_until IS NULL THEN statement_timestamp() + $3 * interval '1 millisecond' \
+                 ELSE greatest(expires_at, statement_timestamp() + $3 * interval '1 millisecond') END, \
+               lease_until = CASE WHEN state = 'pending' AND lease_until IS NOT NULL \
+                 THEN statement_timestamp() + $3 * interval '1 millisecond' ELSE lease_until END \
              WHERE scope = $1 AND token = $2 AND expires_at > statement_timestamp()"
+        );
+        // Operators. $1 scope.
+        let inspect = format!(
+            "SELECT state, token, record, \
+               (extract(epoch FROM expires_at - statement_timestamp()) * 1000)::int8 AS expires_ms, \
+               (extract(epoch FROM lease_until - statement_timestamp()) * 1000)::int8 AS lease_ms, \
+               (extract(epoch FROM statement_timestamp() - completed_at) * 1000)::int8 AS age_ms \
+             FROM {t} WHERE scope = $1 AND expires_at > statement_timestamp()"
+        );
+        // $1 scope, $2 channel. Answers whether a live row went.
+        let forget = format!(
+            "WITH d AS (DELETE FROM {t} WHERE scope = $1 \
+               RETURNING expires_at > statement_timestamp() AS live) \
+             SELECT live, pg_notify($2, 'c' || encode($1, 'hex')) IS NULL FROM d"
+        );
+        // $1 scope, $2 record, $3 ttl in ms, $4 channel. Only a completed row or a lapsed
+        // kept lease; the token is cleared, so a lapsed owner alive after all cannot
+        // overwrite the operator's answer.
+        let resolve = format!(
+            "WITH u AS (\
+               UPDATE {t} SET state = 'completed', record = $2, token = '\\x'::bytea, \
+                 waiter = false, lease_until = NULL, completed_at = statement_timestamp(), \
+                 expires_at = statement_timestamp() + $3 * interval '1 millisecond' \
+               WHERE scope = $1 AND expires_at > statement_timestamp() \
+                 AND (state = 'completed' OR {LAPSED_ROW}) \
+               RETURNING 1\
+             ) \
+             SELECT pg_notify($4, 'c' || encode($1, 'hex')) IS NULL FROM u"
         );
         // $1 batch.
         let purge = format!(
@@ -333,6 +396,9 @@ impl Statements {
             release: release.into(),
             renew: renew.into(),
             purge: purge.into(),
+            inspect: inspect.into(),
+            forget: forget.into(),
+            resolve: resolve.into(),
         }
     }
 

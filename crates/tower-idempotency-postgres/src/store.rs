@@ -43,7 +43,8 @@ use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 use tower_idempotency_core::policy::MAX_TTL;
 use tower_idempotency_core::{
-    Completion, FencingToken, Fingerprint, Record, Reservation, ScopeHash, Store, StoreError,
+    Completion, FencingToken, Fingerprint, KeyState, LeaseTerms, Record, Reservation, Resolved,
+    ScopeHash, Store, StoreError,
 };
 
 use crate::check::CheckReport;
@@ -125,6 +126,7 @@ fn answer(row: &PgRow) -> Result<Reservation, PostgresStoreError> {
         ("pending", true, _) => Ok(Reservation::Reserved),
         ("pending", false, true) => Ok(Reservation::InFlight),
         (_, _, false) => Ok(Reservation::Mismatch),
+        ("uncertain", _, true) => Ok(Reservation::Uncertain),
         ("completed", _, true) => {
             let blob: Option<Vec<u8>> = row.try_get("record")?;
             let blob = blob.ok_or_else(|| {
@@ -270,9 +272,15 @@ impl PostgresStore {
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
-        lease: Duration,
+        lease: LeaseTerms,
     ) -> Result<(Reservation, Option<Backend>), PostgresStoreError> {
         let mut locking = !in_tx;
+        // A lapsed lease kept as uncertain: plain mode only (a transactional owner's
+        // work rolls back with it).
+        let keep = match lease.keep_lapsed {
+            Some(keep) if !in_tx => millis(keep),
+            _ => 0,
+        };
         let lock_key = in_tx.then(|| self.sql.lock_key(scope));
         for _ in 0..RESERVE_ATTEMPTS {
             self.count(Op::Reserve);
@@ -285,8 +293,9 @@ impl PostgresStore {
                 .bind(scope.as_bytes().as_slice())
                 .bind(fingerprint.as_bytes().as_slice())
                 .bind(token.to_bytes().as_slice())
-                .bind(millis(lease))
-                .bind(lock_key);
+                .bind(millis(lease.duration))
+                .bind(lock_key)
+                .bind(keep);
             match within(self.timeout, query.fetch_optional(&mut *conn)).await {
                 Ok(Some(row)) if !locking && row.try_get::<bool, _>("expired")? => locking = true,
                 Ok(Some(row)) => {
@@ -320,7 +329,7 @@ impl PostgresStore {
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
-        lease: Duration,
+        lease: LeaseTerms,
     ) -> Result<Reservation, PostgresStoreError> {
         let mut conn = within(self.timeout, self.pool.acquire()).await?;
         let (answer, _) = self
@@ -339,7 +348,7 @@ impl PostgresStore {
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
-        lease: Duration,
+        lease: LeaseTerms,
     ) -> Result<Reservation, PostgresStoreError> {
         if self.shared.registry.get(scope, token).is_some() {
             // A re-sent reserve: this token's transaction holds the scope.
@@ -387,7 +396,7 @@ impl PostgresStore {
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
-        lease: Duration,
+        lease: LeaseTerms,
     ) -> Result<Reservation, PostgresStoreError> {
         // One simple-query batch: BEGIN at READ COMMITTED (at REPEATABLE READ, a reserve
         // that waited on the owner's row would fail when the owner commits, instead of
@@ -396,7 +405,7 @@ impl PostgresStore {
         // by ours); bound the wait on another session's uncommitted row; bound a frozen
         // owner's idle transaction.
         let idle = match self.idle_limit {
-            IdleLimit::Lease => Some(setting(lease)),
+            IdleLimit::Lease => Some(setting(lease.duration)),
             IdleLimit::Fixed(d) => Some(setting(d)),
             IdleLimit::Off => None,
         };
@@ -689,6 +698,56 @@ impl PostgresStore {
     }
 }
 
+/// Milliseconds from the database as a duration; `None` for NULL, 0 for a negative value.
+fn ms(value: Option<i64>) -> Option<Duration> {
+    value.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+}
+
+impl PostgresStore {
+    async fn inspect_row(&self, scope: &ScopeHash) -> Result<KeyState, PostgresStoreError> {
+        self.count(Op::Admin);
+        let query =
+            sqlx::query(AssertSqlSafe(self.sql.inspect.clone())).bind(scope.as_bytes().as_slice());
+        let Some(row) = within(self.timeout, query.fetch_optional(&self.pool)).await? else {
+            return Ok(KeyState::Absent);
+        };
+        let state: String = row.try_get("state")?;
+        let token: Vec<u8> = row.try_get("token")?;
+        let token = <[u8; 16]>::try_from(token.as_slice())
+            .ok()
+            .map(FencingToken::from_bytes);
+        let expires_in = ms(row.try_get("expires_ms")?).unwrap_or_default();
+        let lease_ms: Option<i64> = row.try_get("lease_ms")?;
+        match (state.as_str(), lease_ms) {
+            ("completed", _) => {
+                let blob: Option<Vec<u8>> = row.try_get("record")?;
+                let blob = blob.ok_or_else(|| {
+                    PostgresStoreError::UnexpectedRow("a completed row without a record".into())
+                })?;
+                Ok(KeyState::Completed {
+                    record: Record::decode(&Bytes::from(blob))?,
+                    age: ms(row.try_get("age_ms")?),
+                    expires_in,
+                })
+            }
+            ("pending", Some(lease)) if lease <= 0 => Ok(KeyState::Uncertain {
+                owner: token.ok_or_else(|| {
+                    PostgresStoreError::UnexpectedRow("a pending row without a token".into())
+                })?,
+                lapsed_for: ms(Some(-lease)),
+                expires_in,
+            }),
+            ("pending", lease) => Ok(KeyState::InFlight {
+                owner: token,
+                lease_remaining: ms(lease).or(Some(expires_in)),
+            }),
+            (other, _) => Err(PostgresStoreError::UnexpectedRow(format!(
+                "unknown state {other:?}"
+            ))),
+        }
+    }
+}
+
 impl Store for PostgresStore {
     type Subscription = PgSubscription;
 
@@ -697,7 +756,7 @@ impl Store for PostgresStore {
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
-        lease: Duration,
+        lease: LeaseTerms,
     ) -> Result<Reservation, StoreError> {
         let answer = if self.transactional {
             self.reserve_in_transaction(scope, fingerprint, token, lease)
@@ -753,6 +812,54 @@ impl Store for PostgresStore {
             self.release_plain(scope, token).await
         };
         Ok(released?)
+    }
+
+    /// Transactional mode: a key in flight is an uncommitted row, invisible here; its
+    /// owner's advisory lock tells (without the owner or the lease left).
+    async fn inspect(&self, scope: &ScopeHash) -> Result<KeyState, StoreError> {
+        if self.transactional && self.held(scope).await? {
+            return Ok(KeyState::InFlight {
+                owner: None,
+                lease_remaining: None,
+            });
+        }
+        Ok(self.inspect_row(scope).await?)
+    }
+
+    /// Transactional mode: a key in flight cannot be forgotten (its row is not committed
+    /// yet): `false`, as for an absent key.
+    async fn forget(&self, scope: &ScopeHash) -> Result<bool, StoreError> {
+        self.count(Op::Admin);
+        let query = sqlx::query_scalar::<_, bool>(AssertSqlSafe(self.sql.forget.clone()))
+            .bind(scope.as_bytes().as_slice())
+            .bind(&*self.channel);
+        let live = within(self.timeout, query.fetch_optional(&self.pool)).await?;
+        Ok(live.unwrap_or(false))
+    }
+
+    async fn resolve(
+        &self,
+        scope: &ScopeHash,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Resolved, StoreError> {
+        self.count(Op::Admin);
+        let query = sqlx::query(AssertSqlSafe(self.sql.resolve.clone()))
+            .bind(scope.as_bytes().as_slice())
+            .bind(record.encode().as_ref())
+            .bind(millis(ttl))
+            .bind(&*self.channel);
+        if within(self.timeout, query.fetch_optional(&self.pool))
+            .await?
+            .is_some()
+        {
+            return Ok(Resolved::Stored);
+        }
+        // Not resolvable: say why (a live lease, or nothing there).
+        Ok(match self.inspect(scope).await? {
+            KeyState::Absent => Resolved::Absent,
+            _ => Resolved::InFlight,
+        })
     }
 
     async fn subscribe(&self, scope: &ScopeHash) -> Result<PgSubscription, StoreError> {

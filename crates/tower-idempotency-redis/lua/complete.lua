@@ -7,18 +7,24 @@
 -- ARGV[4]  the scope's wake-up channel (same hash tag as KEYS[1])
 --
 -- Returns 1 (stored, or already stored by this token: a retry after a lost reply) or
--- 0 (fenced: the token no longer holds the scope, nothing written).
+-- 0 (fenced: the token no longer holds the scope, nothing written). A kept lease that
+-- lapsed (field `le`, see reserve.lua) is still this token's: nobody else took it, and
+-- its record is what really happened. The TTL is kept in field `ttl`, so an operator can
+-- tell the record's age.
 --
 -- Publishes on ARGV[4] only if a reserve answered "in flight" for this lease (field
 -- `w`): nobody else listens. Publishing is best effort (redis.pcall, its error ignored):
 -- the record is already written, and a refused SPUBLISH (e.g. an ACL user without
 -- channel permissions) must not turn that into an error; waiters then poll.
-local h = redis.call('HMGET', KEYS[1], 'st', 'tok', 'w')
+local h = redis.call('HMGET', KEYS[1], 'st', 'tok', 'w', 'le')
 if h[2] ~= ARGV[1] then
   return 0
 end
 if h[1] == 'p' then
-  redis.call('HSET', KEYS[1], 'st', 'c', 'rec', ARGV[2])
+  if h[4] then
+    redis.call('HDEL', KEYS[1], 'le')
+  end
+  redis.call('HSET', KEYS[1], 'st', 'c', 'rec', ARGV[2], 'ttl', ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   if h[3] then
     redis.pcall('SPUBLISH', ARGV[4], 'c')

@@ -67,7 +67,7 @@
 //! let fingerprint = Fingerprint::from_bytes([1; 32]);
 //! let token = FencingToken::generate();
 //! let reservation = store
-//!     .reserve(&scope, &fingerprint, token, Duration::from_secs(30))
+//!     .reserve(&scope, &fingerprint, token, Duration::from_secs(30).into())
 //!     .await?;
 //! assert_eq!(reservation, Reservation::Reserved);
 //! assert_eq!(store.round_trips().reserve, 1);

@@ -203,6 +203,11 @@ impl LocalTier {
         self.cache.insert(*scope, kept);
     }
 
+    /// Drops what the tier keeps for `scope` (an operator forgot or resolved it here).
+    pub(crate) fn forget(&self, scope: &ScopeHash) {
+        self.cache.remove(scope);
+    }
+
     /// The settings the tier was made with.
     pub(crate) fn settings(&self) -> LocalReplays {
         self.settings

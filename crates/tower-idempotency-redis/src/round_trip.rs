@@ -7,7 +7,7 @@
 //! one more: a `WAIT` after its complete (completes that finish while a `WAIT` is under
 //! way on their connection share the next one).
 //! Every command is also counted through the `metrics` facade as
-//! `idempotency_store_commands_total{op="reserve"|"renew"|"complete"|"release"|"subscribe"|"unsubscribe"|"wait"}`.
+//! `idempotency_store_commands_total{op="reserve"|"renew"|"complete"|"release"|"subscribe"|"unsubscribe"|"wait"|"admin"}`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -33,6 +33,10 @@ pub struct RoundTrips {
     /// `WAIT` for replicas after a complete, with
     /// [`wait_replicas`](crate::RedisStore::wait_replicas) (0 without it).
     pub wait: u64,
+    /// An operator's [`inspect`](tower_idempotency_core::Store::inspect),
+    /// [`forget`](tower_idempotency_core::Store::forget) or
+    /// [`resolve`](tower_idempotency_core::Store::resolve): one script each.
+    pub admin: u64,
     /// The sum of all of the above: every command sent.
     pub total: u64,
     /// Reserves answered from the local replay tier: no command sent (not in `total`).
@@ -48,10 +52,12 @@ pub(crate) enum Op {
     Subscribe,
     Unsubscribe,
     Wait,
+    /// An operator's inspect, forget or resolve.
+    Admin,
 }
 
 impl Op {
-    const ALL: [Op; 7] = [
+    const ALL: [Op; 8] = [
         Op::Reserve,
         Op::Renew,
         Op::Complete,
@@ -59,6 +65,7 @@ impl Op {
         Op::Subscribe,
         Op::Unsubscribe,
         Op::Wait,
+        Op::Admin,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -70,6 +77,7 @@ impl Op {
             Op::Subscribe => "subscribe",
             Op::Unsubscribe => "unsubscribe",
             Op::Wait => "wait",
+            Op::Admin => "admin",
         }
     }
 }
@@ -115,6 +123,7 @@ impl Counters {
             subscribe: get(Op::Subscribe),
             unsubscribe: get(Op::Unsubscribe),
             wait: get(Op::Wait),
+            admin: get(Op::Admin),
             total: 0,
             local_replays: self.local_replays.load(Ordering::Relaxed),
         };

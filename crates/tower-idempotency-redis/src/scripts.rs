@@ -35,11 +35,22 @@ pub(crate) struct Scripts {
     pub(crate) renew: Lua,
     pub(crate) complete: Lua,
     pub(crate) release: Lua,
+    pub(crate) inspect: Lua,
+    pub(crate) forget: Lua,
+    pub(crate) resolve: Lua,
 }
 
 impl Scripts {
-    pub(crate) fn all(&self) -> [&Lua; 4] {
-        [&self.reserve, &self.renew, &self.complete, &self.release]
+    pub(crate) fn all(&self) -> [&Lua; 7] {
+        [
+            &self.reserve,
+            &self.renew,
+            &self.complete,
+            &self.release,
+            &self.inspect,
+            &self.forget,
+            &self.resolve,
+        ]
     }
 }
 
@@ -48,6 +59,9 @@ pub(crate) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     renew: Lua::new("renew", include_str!("../lua/renew.lua")),
     complete: Lua::new("complete", include_str!("../lua/complete.lua")),
     release: Lua::new("release", include_str!("../lua/release.lua")),
+    inspect: Lua::new("inspect", include_str!("../lua/inspect.lua")),
+    forget: Lua::new("forget", include_str!("../lua/forget.lua")),
+    resolve: Lua::new("resolve", include_str!("../lua/resolve.lua")),
 });
 
 #[cfg(test)]

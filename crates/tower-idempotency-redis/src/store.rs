@@ -12,7 +12,8 @@ use fred::interfaces::{ClientLike, ConfigInterface, LuaInterface};
 use fred::types::Value;
 use tokio::time::Instant;
 use tower_idempotency_core::{
-    Completion, FencingToken, Fingerprint, Record, Reservation, ScopeHash, Store, StoreError,
+    Completion, FencingToken, Fingerprint, KeyState, LeaseTerms, Record, Reservation, Resolved,
+    ScopeHash, Store, StoreError,
 };
 
 use crate::check::CheckReport;
@@ -128,6 +129,76 @@ where
     }
 }
 
+/// The inspect script's answer (see `lua/inspect.lua`) as a [`KeyState`].
+fn key_state(reply: Value) -> Result<KeyState, StoreError> {
+    let Value::Array(fields) = reply else {
+        return Err(unexpected("inspect", &reply).into());
+    };
+    if fields.is_empty() {
+        return Ok(KeyState::Absent);
+    }
+    let bytes_of = |value: &Value| -> Option<bytes::Bytes> {
+        match value {
+            Value::Bytes(b) => Some(b.clone()),
+            Value::String(s) => Some(s.inner().clone()),
+            _ => None,
+        }
+    };
+    // An integer field, or `None` for '' (not set) or a key without expiry.
+    let ms_of = |value: &Value| -> Option<u64> {
+        match value {
+            Value::Integer(n) => u64::try_from(*n).ok(),
+            other => {
+                bytes_of(other).and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u64>().ok())
+            }
+        }
+    };
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .ok_or_else(|| unexpected("inspect", &reply_of(&fields)))
+    };
+    let state = bytes_of(field(0)?).unwrap_or_default();
+    let token = bytes_of(field(1)?)
+        .and_then(|b| <[u8; 16]>::try_from(b.as_ref()).ok())
+        .map(FencingToken::from_bytes);
+    let pttl = ms_of(field(3)?).map(Duration::from_millis);
+    let lease_end = ms_of(field(4)?);
+    let now = ms_of(field(5)?);
+    let ttl = ms_of(field(6)?).map(Duration::from_millis);
+    let expires_in = pttl.unwrap_or(Duration::MAX);
+    match state.as_ref() {
+        b"c" => {
+            let blob = bytes_of(field(2)?).unwrap_or_default();
+            Ok(KeyState::Completed {
+                record: Record::decode(&blob)?,
+                age: ttl.zip(pttl).map(|(ttl, left)| ttl.saturating_sub(left)),
+                expires_in,
+            })
+        }
+        b"p" => match (lease_end, now) {
+            (Some(end), Some(now)) if end <= now => Ok(KeyState::Uncertain {
+                owner: token.ok_or_else(|| unexpected("inspect", &reply_of(&fields)))?,
+                lapsed_for: Some(Duration::from_millis(now - end)),
+                expires_in,
+            }),
+            (Some(end), Some(now)) => Ok(KeyState::InFlight {
+                owner: token,
+                lease_remaining: Some(Duration::from_millis(end - now)),
+            }),
+            _ => Ok(KeyState::InFlight {
+                owner: token,
+                lease_remaining: pttl,
+            }),
+        },
+        _ => Err(unexpected("inspect", &reply_of(&fields)).into()),
+    }
+}
+
+fn reply_of(fields: &[Value]) -> Value {
+    Value::Array(fields.to_vec())
+}
+
 /// The reserve script's answer for a completed record: `{blob, pttl}`. The TTL is `None`
 /// when Redis reports none (a key without expiry: never kept locally).
 fn completed(reply: Vec<Value>) -> Result<(bytes::Bytes, Option<Duration>), RedisStoreError> {
@@ -160,7 +231,7 @@ where
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
-        lease: Duration,
+        lease: LeaseTerms,
     ) -> Result<Reservation, StoreError> {
         if let Some(answer) = self
             .local
@@ -173,9 +244,13 @@ where
         let args = vec![
             bytes(fingerprint.as_bytes()),
             bytes(&token.to_bytes()),
-            millis(lease),
+            millis(lease.duration),
             // Only a store that keeps records locally needs their TTL.
             Value::Integer(i64::from(self.local.is_some())),
+            match lease.keep_lapsed {
+                Some(keep) => millis(keep),
+                None => Value::Integer(0),
+            },
         ];
         let sent = Instant::now();
         let reply = self
@@ -185,6 +260,7 @@ where
             Value::Integer(1) => Ok(Reservation::Reserved),
             Value::Integer(2) => Ok(Reservation::InFlight),
             Value::Integer(3) => Ok(Reservation::Mismatch),
+            Value::Integer(4) => Ok(Reservation::Uncertain),
             // A completed record: its blob and its remaining TTL in milliseconds.
             Value::Array(reply) => {
                 let (blob, ttl) = completed(reply)?;
@@ -254,6 +330,49 @@ where
             .eval(Op::Release, &SCRIPTS.release, self.key(scope), args)
             .await?;
         Ok(flag(reply, "release")?)
+    }
+
+    async fn inspect(&self, scope: &ScopeHash) -> Result<KeyState, StoreError> {
+        let reply = self
+            .eval(Op::Admin, &SCRIPTS.inspect, self.key(scope), vec![])
+            .await?;
+        key_state(reply)
+    }
+
+    async fn forget(&self, scope: &ScopeHash) -> Result<bool, StoreError> {
+        if let Some(local) = &self.local {
+            local.forget(scope);
+        }
+        let args = vec![Value::from(self.channel(scope))];
+        let reply = self
+            .eval(Op::Admin, &SCRIPTS.forget, self.key(scope), args)
+            .await?;
+        Ok(flag(reply, "forget")?)
+    }
+
+    async fn resolve(
+        &self,
+        scope: &ScopeHash,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<Resolved, StoreError> {
+        if let Some(local) = &self.local {
+            local.forget(scope);
+        }
+        let args = vec![
+            Value::Bytes(record.encode()),
+            millis(ttl),
+            Value::from(self.channel(scope)),
+        ];
+        let reply = self
+            .eval(Op::Admin, &SCRIPTS.resolve, self.key(scope), args)
+            .await?;
+        match reply {
+            Value::Integer(1) => Ok(Resolved::Stored),
+            Value::Integer(0) => Ok(Resolved::Absent),
+            Value::Integer(2) => Ok(Resolved::InFlight),
+            other => Err(unexpected("resolve", &other).into()),
+        }
     }
 
     async fn subscribe(&self, scope: &ScopeHash) -> Result<RedisSubscription, StoreError> {

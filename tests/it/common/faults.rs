@@ -165,7 +165,7 @@ impl<St: Store> Store for Faults<St> {
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
-        lease: Duration,
+        lease: tower_idempotency::LeaseTerms,
     ) -> Result<Reservation, StoreError> {
         self.check(Op::Reserve)?;
         let answer = self.inner.reserve(scope, fingerprint, token, lease).await?;
@@ -224,5 +224,22 @@ impl<St: Store> Store for Faults<St> {
     async fn subscribe(&self, scope: &ScopeHash) -> Result<St::Subscription, StoreError> {
         self.check(Op::Subscribe)?;
         self.inner.subscribe(scope).await
+    }
+
+    async fn inspect(&self, scope: &ScopeHash) -> Result<tower_idempotency::KeyState, StoreError> {
+        self.inner.inspect(scope).await
+    }
+
+    async fn forget(&self, scope: &ScopeHash) -> Result<bool, StoreError> {
+        self.inner.forget(scope).await
+    }
+
+    async fn resolve(
+        &self,
+        scope: &ScopeHash,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<tower_idempotency::Resolved, StoreError> {
+        self.inner.resolve(scope, record, ttl).await
     }
 }

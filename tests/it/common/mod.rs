@@ -11,8 +11,8 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use futures_util::future::join_all;
 use tower_idempotency::{
-    FencingToken, Fingerprint, IdempotencyLayer, InFlight, Record, Reservation, ScopeHash, Store,
-    StorePolicy,
+    FencingToken, Fingerprint, IdempotencyLayer, InFlight, KeyState, LeaseTerms, Record,
+    Reservation, Resolved, ScopeHash, Store, StorePolicy, Uncertain,
 };
 
 use app::{assert_problem, post, send, Harness, Reply};
@@ -60,6 +60,10 @@ macro_rules! store_suite {
             reserve_is_atomic_over_many_rounds,
             a_resent_reserve_is_answered_reserved,
             waiter_is_woken_by_the_store_not_by_polling,
+            uncertain_keys_are_refused_until_resolved_or_forgotten,
+            uncertain_keys_run_again_by_default,
+            a_lapsed_owner_alive_after_all_completes,
+            operators_inspect_forget_and_resolve,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -650,14 +654,14 @@ pub async fn store_level_fencing_and_fresh_tokens<St: Store>(store: St) {
     let lease = Duration::from_millis(150);
     let t1 = FencingToken::generate();
     assert_eq!(
-        store.reserve(&scope, &fp, t1, lease).await.unwrap(),
+        store.reserve(&scope, &fp, t1, lease.into()).await.unwrap(),
         Reservation::Reserved
     );
     assert!(store.release(&scope, t1).await.unwrap());
     let t2 = FencingToken::generate();
     assert_ne!(t1, t2, "a released and re-reserved key gets a fresh token");
     assert_eq!(
-        store.reserve(&scope, &fp, t2, lease).await.unwrap(),
+        store.reserve(&scope, &fp, t2, lease.into()).await.unwrap(),
         Reservation::Reserved
     );
     assert!(
@@ -671,7 +675,7 @@ pub async fn store_level_fencing_and_fresh_tokens<St: Store>(store: St) {
     tokio::time::sleep(Duration::from_millis(250)).await;
     let t3 = FencingToken::generate();
     assert_eq!(
-        store.reserve(&scope, &fp, t3, lease).await.unwrap(),
+        store.reserve(&scope, &fp, t3, lease.into()).await.unwrap(),
         Reservation::Reserved
     );
     let rec = Record::NotReplayable;
@@ -689,7 +693,7 @@ pub async fn store_level_fencing_and_fresh_tokens<St: Store>(store: St) {
         tower_idempotency::Completion::Stored
     );
     let again = store
-        .reserve(&scope, &fp, FencingToken::generate(), lease)
+        .reserve(&scope, &fp, FencingToken::generate(), lease.into())
         .await
         .unwrap();
     assert_eq!(again, Reservation::Completed(Record::NotReplayable));
@@ -819,7 +823,7 @@ pub async fn reserve_is_atomic_over_many_rounds<St: Store>(store: St) {
             let store = store.clone();
             tokio::spawn(async move {
                 store
-                    .reserve(&scope, &fp, FencingToken::generate(), lease)
+                    .reserve(&scope, &fp, FencingToken::generate(), lease.into())
                     .await
                     .unwrap()
             })
@@ -873,13 +877,242 @@ pub async fn a_resent_reserve_is_answered_reserved<St: Store>(store: St) {
     let lease = Duration::from_secs(30);
     let token = FencingToken::generate();
     for _ in 0..2 {
-        let answer = store.reserve(&scope, &fp, token, lease).await.unwrap();
+        let answer = store
+            .reserve(&scope, &fp, token, lease.into())
+            .await
+            .unwrap();
         assert_eq!(answer, Reservation::Reserved);
     }
     let other = store
-        .reserve(&scope, &fp, FencingToken::generate(), lease)
+        .reserve(&scope, &fp, FencingToken::generate(), lease.into())
         .await
         .unwrap();
     assert_eq!(other, Reservation::InFlight);
     assert!(store.release(&scope, token).await.unwrap());
+}
+
+// ---- SPEC section 11: operators and uncertainty ----
+
+/// The scope and fingerprint the layer computes for `post(path, Some(key), body)` on a
+/// global-scope route: what an operator (or a dead owner) uses straight on the store.
+pub fn scope_and_fingerprint(path: &str, key: &str, body: &str) -> (ScopeHash, Fingerprint) {
+    let probe = post(path, Some(key), body);
+    let scope = ScopeHash::new(None, probe.method(), path, key.as_bytes());
+    let fingerprint = Fingerprint::new(
+        probe.method(),
+        path,
+        None,
+        probe.headers(),
+        &[header::CONTENT_TYPE],
+        body.as_bytes(),
+    );
+    (scope, fingerprint)
+}
+
+/// A unique key per call: stores shared between tests (Redis) never see a leftover.
+fn fresh_key(name: &str) -> String {
+    format!("{name}-{}", FencingToken::generate().to_hex())
+}
+
+/// A dead owner: reserved straight in the store with a short lease, as a route that
+/// refuses uncertain keys would (`keep_lapsed`), then gone without a complete or a
+/// release. Returns its token once the lease has lapsed.
+async fn dead_owner<St: Store>(
+    store: &St,
+    scope: &ScopeHash,
+    fingerprint: &Fingerprint,
+    keep: bool,
+) -> FencingToken {
+    let token = FencingToken::generate();
+    let lease = Duration::from_millis(200);
+    let terms = if keep {
+        LeaseTerms::new(lease).keep_lapsed(Duration::from_secs(60))
+    } else {
+        LeaseTerms::new(lease)
+    };
+    assert_eq!(
+        store
+            .reserve(scope, fingerprint, token, terms)
+            .await
+            .unwrap(),
+        Reservation::Reserved
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    token
+}
+
+/// A route that refuses uncertain keys: after its owner died mid-request, the key answers
+/// 409 `operation-uncertain` (at once, also in wait mode; 422 for another payload) and
+/// `inspect` says uncertain, until an operator resolves it (the retry then replays the
+/// operator's answer) or forgets it (the retry runs). The handler never runs meanwhile.
+pub async fn uncertain_keys_are_refused_until_resolved_or_forgotten<St: Store>(store: St) {
+    let refuse = |store: St| {
+        IdempotencyLayer::new(store)
+            .global_scope()
+            .uncertain(Uncertain::Refuse)
+            .in_flight(InFlight::Wait(Duration::from_secs(10)))
+    };
+    let h = Harness::new(refuse(store.clone()));
+    for decision in ["resolve", "forget"] {
+        let key = fresh_key(decision);
+        let (scope, fp) = scope_and_fingerprint("/pay", &key, "{}");
+        let owner = dead_owner(&store, &scope, &fp, true).await;
+        let started = tokio::time::Instant::now();
+        let r = send(&h.router, post("/pay", Some(&key), "{}")).await;
+        assert_problem(&r, StatusCode::CONFLICT, "operation-uncertain");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "answered without waiting out the wait bound"
+        );
+        let other = send(&h.router, post("/pay", Some(&key), "{\"x\":1}")).await;
+        assert_problem(
+            &other,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+        );
+        match store.inspect(&scope).await.unwrap() {
+            KeyState::Uncertain { owner: o, .. } => assert_eq!(o, owner),
+            other => panic!("{decision}: {other:?}"),
+        }
+        assert_eq!(h.runs(), 0);
+        if decision == "resolve" {
+            let answer = Record::Response(tower_idempotency::StoredResponse {
+                status: StatusCode::CREATED,
+                headers: vec![(header::CONTENT_TYPE, "application/json".parse().unwrap())],
+                body: bytes::Bytes::from_static(b"{\"resolved\":true}"),
+            });
+            let ttl = Duration::from_secs(60);
+            assert_eq!(
+                store.resolve(&scope, &answer, ttl).await.unwrap(),
+                Resolved::Stored
+            );
+            let r = send(&h.router, post("/pay", Some(&key), "{}")).await;
+            assert!(r.replayed(), "{r:?}");
+            assert_eq!(r.body, "{\"resolved\":true}");
+            // The dead owner, alive after all, cannot overwrite the operator's answer.
+            let late = store.complete(&scope, owner, &Record::NotReplayable, ttl);
+            assert_eq!(late.await.unwrap(), tower_idempotency::Completion::Fenced);
+            let r = send(&h.router, post("/pay", Some(&key), "{}")).await;
+            assert_eq!(r.body, "{\"resolved\":true}");
+        } else {
+            assert!(store.forget(&scope).await.unwrap());
+            let r = send(&h.router, post("/pay", Some(&key), "{}")).await;
+            assert_eq!(r.status, StatusCode::CREATED);
+            assert!(!r.replayed());
+            assert_eq!(h.runs(), 1);
+        }
+    }
+}
+
+/// The default policy runs an uncertain key again: a dead owner's lapsed lease is taken
+/// over, whether or not its reserve kept it.
+pub async fn uncertain_keys_run_again_by_default<St: Store>(store: St) {
+    let h = Harness::new(IdempotencyLayer::new(store.clone()).global_scope());
+    for keep in [false, true] {
+        let key = fresh_key("run-again");
+        let (scope, fp) = scope_and_fingerprint("/pay", &key, "{}");
+        dead_owner(&store, &scope, &fp, keep).await;
+        let r = send(&h.router, post("/pay", Some(&key), "{}")).await;
+        assert_eq!(r.status, StatusCode::CREATED, "keep {keep}: {r:?}");
+        assert!(!r.replayed());
+    }
+    assert_eq!(h.runs(), 2);
+}
+
+/// An owner whose kept lease lapsed, but which is alive after all (it was slow, not
+/// dead): nobody took the key, so its renewal and its completion still work, and the
+/// retries replay what really happened.
+pub async fn a_lapsed_owner_alive_after_all_completes<St: Store>(store: St) {
+    let key = fresh_key("late");
+    let (scope, fp) = scope_and_fingerprint("/pay", &key, "{}");
+    let owner = dead_owner(&store, &scope, &fp, true).await;
+    assert!(matches!(
+        store.inspect(&scope).await.unwrap(),
+        KeyState::Uncertain { .. }
+    ));
+    assert!(store
+        .renew(&scope, owner, Duration::from_secs(5))
+        .await
+        .unwrap());
+    assert!(matches!(
+        store.inspect(&scope).await.unwrap(),
+        KeyState::InFlight { owner: Some(o), .. } if o == owner
+    ));
+    let ttl = Duration::from_secs(60);
+    let done = store.complete(&scope, owner, &Record::NotReplayable, ttl);
+    assert_eq!(done.await.unwrap(), tower_idempotency::Completion::Stored);
+    let h = Harness::new(
+        IdempotencyLayer::new(store)
+            .global_scope()
+            .uncertain(Uncertain::Refuse),
+    );
+    let r = send(&h.router, post("/pay", Some(&key), "{}")).await;
+    assert_problem(&r, StatusCode::CONFLICT, "response-not-replayable");
+}
+
+/// `inspect`, `forget` and `resolve` through every state of a key: absent, in flight
+/// (with its owner and lease, where the store can tell), completed (status, size, age,
+/// expiry), forgotten; `resolve` refuses an absent key and a live lease.
+pub async fn operators_inspect_forget_and_resolve<St: Store>(store: St) {
+    let key = fresh_key("ops");
+    let (scope, _) = scope_and_fingerprint("/pay", &key, "{}");
+    assert_eq!(store.inspect(&scope).await.unwrap(), KeyState::Absent);
+    assert!(!store.forget(&scope).await.unwrap());
+    let ttl = Duration::from_secs(60);
+    let answer = Record::NotReplayable;
+    assert_eq!(
+        store.resolve(&scope, &answer, ttl).await.unwrap(),
+        Resolved::Absent
+    );
+    let h = Harness::new(IdempotencyLayer::new(store.clone()).global_scope());
+    let first = app::spawn_send(&h.router, app::delayed(post("/pay", Some(&key), "{}"), 600));
+    h.started.notified().await;
+    match store.inspect(&scope).await.unwrap() {
+        KeyState::InFlight {
+            owner,
+            lease_remaining,
+        } => {
+            // Stores that see the owner's row say who holds it and for how long.
+            if let Some(lease) = lease_remaining {
+                assert!(lease <= Duration::from_secs(30), "{lease:?}");
+            }
+            let _ = owner;
+        }
+        other => panic!("in flight: {other:?}"),
+    }
+    assert_eq!(
+        store.resolve(&scope, &answer, ttl).await.unwrap(),
+        Resolved::InFlight,
+        "a live lease is not overridden"
+    );
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    match store.inspect(&scope).await.unwrap() {
+        KeyState::Completed {
+            record: Record::Response(response),
+            age,
+            expires_in,
+        } => {
+            assert_eq!(response.status, StatusCode::CREATED);
+            assert_eq!(response.body, first.body);
+            assert!(
+                age.map_or(true, |age| age < Duration::from_secs(30)),
+                "{age:?}"
+            );
+            assert!(expires_in > Duration::from_secs(3600), "{expires_in:?}");
+        }
+        other => panic!("completed: {other:?}"),
+    }
+    // An operator corrects the answer; the retry replays it.
+    assert_eq!(
+        store.resolve(&scope, &answer, ttl).await.unwrap(),
+        Resolved::Stored
+    );
+    let r = send(&h.router, post("/pay", Some(&key), "{}")).await;
+    assert_problem(&r, StatusCode::CONFLICT, "response-not-replayable");
+    assert!(store.forget(&scope).await.unwrap());
+    assert_eq!(store.inspect(&scope).await.unwrap(), KeyState::Absent);
+    let r = send(&h.router, post("/pay", Some(&key), "{}")).await;
+    assert!(!r.replayed(), "forgotten: the next request runs");
+    assert_eq!(h.runs(), 2);
 }

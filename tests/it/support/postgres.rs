@@ -174,7 +174,7 @@ impl Store for TestStore {
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
-        lease: Duration,
+        lease: tower_idempotency::LeaseTerms,
     ) -> Result<Reservation, StoreError> {
         self.store.reserve(scope, fingerprint, token, lease).await
     }
@@ -213,5 +213,22 @@ impl Store for TestStore {
 
     async fn subscribe(&self, scope: &ScopeHash) -> Result<Self::Subscription, StoreError> {
         self.store.subscribe(scope).await
+    }
+
+    async fn inspect(&self, scope: &ScopeHash) -> Result<tower_idempotency::KeyState, StoreError> {
+        self.store.inspect(scope).await
+    }
+
+    async fn forget(&self, scope: &ScopeHash) -> Result<bool, StoreError> {
+        self.store.forget(scope).await
+    }
+
+    async fn resolve(
+        &self,
+        scope: &ScopeHash,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<tower_idempotency::Resolved, StoreError> {
+        self.store.resolve(scope, record, ttl).await
     }
 }
