@@ -659,22 +659,16 @@ impl<'a> Runner<'a> {
         {
             problems.push(format!("{other}: neither 2xx nor 409"));
         }
-        if bodies.len() != 1 {
-            problems.push(bodies_text.clone());
-        }
-        if runs.is_some_and(|k| k != 1) {
-            problems.push(format!("the operation ran {}", runs_text));
-        }
-        let summary = format!(
+        let wrong = !problems.is_empty() || bodies.len() != 1 || runs.is_some_and(|k| k != 1);
+        let mut got = format!(
             "{} answers: {histogram}; {bodies_text}; {runs_text}",
             replies.len()
         );
-        if problems.is_empty() {
-            self.record(Check::Concurrency, Verdict::Pass, expected, summary);
-        } else {
-            let got = format!("{} — {summary}", problems.join("; "));
-            self.record(Check::Concurrency, Verdict::Fail, expected, got);
+        if !problems.is_empty() {
+            got = format!("{got} — {}", problems.join("; "));
         }
+        let verdict = if wrong { Verdict::Fail } else { Verdict::Pass };
+        self.record(Check::Concurrency, verdict, expected, got);
     }
 
     /// A duplicate sent while `--slow-body` runs.
@@ -843,33 +837,38 @@ impl<'a> Runner<'a> {
         let runs = ran(before, after);
         let status = other.status.as_u16();
         let (verdict, got) = if other.status.is_success() {
+            // The count is the evidence when there is one; else the body and the marker.
             let identical = other.body == first.body;
-            match (identical, is_marked(&other), runs) {
-                (_, true, _) => (
-                    Verdict::Fail,
-                    format!("{status} marked Idempotent-Replayed: the other tenant got a replay"),
-                ),
-                (true, false, Some(1)) => (
+            match runs {
+                Some(1) if identical => (
                     Verdict::Pass,
-                    format!("{status}, ran for the other tenant (its body is byte-identical, but counted as a new execution)"),
+                    format!("{status}, 1 execution for the other tenant (a body byte-identical to the first's)"),
                 ),
-                (true, false, _) => (
-                    Verdict::Fail,
-                    format!("{status} with the first tenant's body, byte for byte: a tenant leak"),
-                ),
-                (false, false, Some(0)) => (
-                    Verdict::Fail,
-                    format!("{}, but no execution counted for the other tenant", other.summary()),
-                ),
-                (false, false, Some(1)) => (
+                Some(1) => (
                     Verdict::Pass,
                     format!("{status} with its own body; 1 execution for the other tenant"),
                 ),
-                (false, false, Some(k)) => (
+                Some(0) if identical => (
+                    Verdict::Fail,
+                    format!("{status} with the first tenant's body, byte for byte, and nothing ran: a tenant leak"),
+                ),
+                Some(0) => (
+                    Verdict::Fail,
+                    format!("{}, but nothing ran for the other tenant", other.summary()),
+                ),
+                Some(k) => (
                     Verdict::Fail,
                     format!("{status}; {k} executions for the other tenant"),
                 ),
-                (false, false, None) => (Verdict::Pass, format!("{status} with its own body")),
+                None if identical => (
+                    Verdict::Fail,
+                    format!("{status} with the first tenant's body, byte for byte: a tenant leak"),
+                ),
+                None if is_marked(&other) => (
+                    Verdict::Fail,
+                    format!("{status} marked Idempotent-Replayed: the other tenant got a replay"),
+                ),
+                None => (Verdict::Pass, format!("{status} with its own body")),
             }
         } else if status == 409 || status == 422 {
             (
@@ -1003,19 +1002,23 @@ impl<'a> Runner<'a> {
         let runs = ran(before, after);
         let first = rejected.status.as_u16();
         let status = corrected.status.as_u16();
-        let (verdict, got) = if corrected.status.is_success() && !is_marked(&corrected) {
+        let (verdict, got) = if corrected.status.is_success() {
             match runs {
+                Some(1) => (
+                    Verdict::Pass,
+                    format!("{first}, then {status}; 1 execution"),
+                ),
                 Some(0) => (
                     Verdict::Fail,
                     format!("{first}, then {status} but nothing ran"),
                 ),
-                Some(k) if k > 1 => (
+                Some(k) => (
                     Verdict::Fail,
                     format!("{first}, then {status}; {k} executions"),
                 ),
-                Some(_) => (
-                    Verdict::Pass,
-                    format!("{first}, then {status}; 1 execution"),
+                None if is_marked(&corrected) => (
+                    Verdict::Fail,
+                    format!("{first}, then {status} marked Idempotent-Replayed"),
                 ),
                 None => (Verdict::Pass, format!("{first}, then {status}")),
             }
