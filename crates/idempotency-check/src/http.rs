@@ -69,14 +69,35 @@ impl Reply {
             .map(|v| v.to_str().unwrap_or_default())
     }
 
-    /// `status` and up to 80 characters of the body, for the report.
+    /// For the report: `status problem <type>` for a problem+json answer (the last
+    /// segment of its `type` URI), else `status` and up to 80 characters of the body.
     pub(crate) fn summary(&self) -> String {
+        if let Some(kind) = self.problem_type() {
+            return format!("{} problem {kind}", self.status.as_u16());
+        }
         let body = snippet(&self.body, 80);
         if body.is_empty() {
             self.status.as_u16().to_string()
         } else {
             format!("{} {body}", self.status.as_u16())
         }
+    }
+}
+
+impl Reply {
+    /// The last segment of a problem+json answer's `type` URI (`idempotency-key-reused`).
+    fn problem_type(&self) -> Option<String> {
+        let content_type = self.header("content-type")?.trim().to_ascii_lowercase();
+        if !content_type.starts_with("application/problem+json") {
+            return None;
+        }
+        let problem: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
+        let kind = problem.get("type")?.as_str()?;
+        let short = kind
+            .rsplit(['#', '/'])
+            .find(|s| !s.is_empty())
+            .unwrap_or(kind);
+        Some(snippet(short.as_bytes(), 60))
     }
 }
 
@@ -186,4 +207,41 @@ pub(crate) fn chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(content_type: &str, body: &str) -> Reply {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_str(content_type).unwrap());
+        Reply {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            headers,
+            body: Bytes::from(body.to_string()),
+            at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn summaries() {
+        let problem = reply(
+            "application/problem+json",
+            r#"{"type":"https://x.example/problems/index.html#idempotency-key-reused"}"#,
+        );
+        assert_eq!(problem.summary(), "422 problem idempotency-key-reused");
+        let slash = reply(
+            "application/problem+json",
+            r#"{"type":"https://x/p/reused/"}"#,
+        );
+        assert_eq!(slash.summary(), "422 problem reused");
+        let untyped = reply("application/problem+json", r#"{"title":"t"}"#);
+        assert_eq!(untyped.summary(), r#"422 {"title":"t"}"#);
+        let plain = reply("text/plain", "no\nway");
+        assert_eq!(plain.summary(), "422 no way");
+        let long = reply("text/plain", &"x".repeat(100));
+        assert_eq!(long.summary().chars().count(), 4 + 80 + 1);
+        assert_eq!(reply("text/plain", "").summary(), "422");
+    }
 }
