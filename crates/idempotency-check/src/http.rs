@@ -19,7 +19,7 @@ pub(crate) const MAX_RESPONSE: usize = 16 * 1024 * 1024;
 /// What went wrong talking to the API.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum HttpError {
+pub(crate) enum HttpError {
     /// The TCP connection failed.
     #[error("cannot connect to {addr}")]
     Connect {

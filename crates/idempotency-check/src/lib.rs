@@ -52,5 +52,4 @@ pub mod report;
 
 pub use crate::check::{run, EXPIRY_MARGIN, IN_FLIGHT_DELAY, REPLAY_HEADER};
 pub use crate::config::{parse_header_line, parse_method, Config, ConfigError, InFlightMode};
-pub use crate::http::HttpError;
 pub use crate::report::{Check, Outcome, Report, Verdict};
