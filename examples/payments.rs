@@ -43,6 +43,12 @@
 //! | `GET /orders` | none | `{"orders": [..], "cancelled": [..]}` |
 //! | `POST /webhooks/{source}` (any body) | key optional, TTL 30 min | 202 `{"received": true, "source"}` |
 //! | `GET /webhooks` | none | `{"total", "by_source": {..}}` deliveries |
+//! | `GET /metrics` (no auth) | none | Prometheus text: the metrics of `tower_idempotency::metrics` |
+//!
+//! `/metrics` is served when the Prometheus recorder could be installed at start-up (it is
+//! the process's one `metrics` recorder); a real app would keep it off the public port or
+//! behind its own auth. `ops/` in the repository has a Grafana dashboard and alert rules
+//! for it.
 //!
 //! A body the handler cannot parse is a 400 problem (and releases the key, so a corrected
 //! retry with the same key runs); a 422 therefore always means a reused key.
@@ -94,8 +100,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
-use tower_idempotency::{DetachedWork, IdempotencyLayer, InFlight, MemoryStore, Store};
+use tower_idempotency::{
+    DetachedWork, DisplayChain, IdempotencyLayer, InFlight, MemoryStore, Store,
+};
 use tower_idempotency_postgres::sqlx::{self, postgres::PgPool, Row};
 use tower_idempotency_postgres::{PostgresStore, Tx, TxGuard};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
@@ -377,7 +386,7 @@ impl AppState {
         sqlx::raw_sql(SCHEMA)
             .execute(&pool)
             .await
-            .map_err(|e| format!("cannot create the example's tables: {e}"))?;
+            .map_err(|e| format!("cannot create the example's tables: {}", DisplayChain(&e)))?;
         Ok(AppState {
             tenants: Arc::default(),
             db: Some(pool),
@@ -637,7 +646,7 @@ async fn transaction(tx: Option<Tx>) -> Result<TxGuard, AppError> {
         )
     })?;
     tx.lock().await.map_err(|e| {
-        tracing::error!(error = %e, "idempotency transaction unusable");
+        tracing::error!(error = %DisplayChain(&e), "idempotency transaction unusable");
         AppError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -709,7 +718,7 @@ impl AppError {
     /// A database error: logged, answered 500 (the idempotency layer then rolls the
     /// request's transaction back and releases the key).
     fn database(err: sqlx::Error) -> Self {
-        tracing::error!(error = %err, "database error");
+        tracing::error!(error = %DisplayChain(&err), "database error");
         AppError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -755,7 +764,7 @@ impl IntoResponse for AppError {
 fn random_id(prefix: &str) -> Result<String, AppError> {
     let mut bytes = [0u8; 12];
     getrandom::getrandom(&mut bytes).map_err(|e| {
-        tracing::error!(error = %e, "no randomness for an id");
+        tracing::error!(error = %DisplayChain(&e), "no randomness for an id");
         AppError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -809,11 +818,12 @@ async fn start() -> Result<(), StartError> {
         .from_env()
         .map_err(|e| StartError::Config(format!("RUST_LOG is not a valid filter: {e}")))?;
     tracing_subscriber::fmt().with_env_filter(filter).init();
+    let metrics = install_prometheus();
 
     let config = Config::from_env().map_err(StartError::Config)?;
     if let Some(url) = &config.database_url {
         let (store, state) = postgres_store(url).await.map_err(StartError::Config)?;
-        return serve(store, state, "postgres", &config).await;
+        return serve(store, state, "postgres", &config, metrics).await;
     }
     match &config.redis_url {
         None => {
@@ -822,12 +832,13 @@ async fn start() -> Result<(), StartError> {
                 AppState::default(),
                 "memory",
                 &config,
+                metrics,
             )
             .await
         }
         Some(url) => {
             let store = redis_store(url).await.map_err(StartError::Config)?;
-            serve(store, AppState::default(), "redis", &config).await
+            serve(store, AppState::default(), "redis", &config, metrics).await
         }
     }
 }
@@ -847,16 +858,18 @@ pub async fn postgres_store(url: &str) -> Result<(PostgresStore, AppState), Stri
         .acquire_timeout(Duration::from_secs(5))
         .connect(url)
         .await
-        .map_err(|e| format!("cannot connect to DATABASE_URL: {e}"))?;
+        .map_err(|e| format!("cannot connect to DATABASE_URL: {}", DisplayChain(&e)))?;
     let store = PostgresStore::new(pool.clone()).transactional();
     store
         .migrate()
         .await
-        .map_err(|e| format!("cannot create the idempotency table: {e}"))?;
-    let store = store
-        .init()
-        .await
-        .map_err(|e| format!("Postgres at DATABASE_URL is not usable: {e}"))?;
+        .map_err(|e| format!("cannot create the idempotency table: {}", DisplayChain(&e)))?;
+    let store = store.init().await.map_err(|e| {
+        format!(
+            "Postgres at DATABASE_URL is not usable: {}",
+            DisplayChain(&e)
+        )
+    })?;
     if let Some(report) = store.check_report() {
         tracing::info!(%report, "postgres store ready");
     }
@@ -871,29 +884,22 @@ pub async fn postgres_store(url: &str) -> Result<(PostgresStore, AppState), Stri
 /// The example uses `tower-idempotency-redis` directly (a dev-dependency), so the one
 /// command `cargo run --example payments` serves either store; an application enables
 /// the facade's `redis` feature instead.
-/// An error with its causes, `a: b: c`.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
-}
-
 async fn redis_store(url: &str) -> Result<impl Store, String> {
     use tower_idempotency_redis::RedisStore;
 
     // Connects (within 5 s), loads the scripts on every primary, checks the server and
     // logs its warnings; the report is kept, so it is logged here without a second check.
     let store = RedisStore::from_url(url)
-        .map_err(|e| format!("REDIS_URL={url:?} is not a Redis URL: {}", chain(&e)))?
+        .map_err(|e| format!("REDIS_URL={url:?} is not a Redis URL: {}", DisplayChain(&e)))?
         .prefix("payments:idem:")
         .init()
         .await
-        .map_err(|e| format!("Redis at REDIS_URL={url:?} is not usable: {}", chain(&e)))?;
+        .map_err(|e| {
+            format!(
+                "Redis at REDIS_URL={url:?} is not usable: {}",
+                DisplayChain(&e)
+            )
+        })?;
     if let Some(report) = store.check_report() {
         tracing::info!(%report, "redis store ready");
     }
@@ -905,6 +911,7 @@ async fn serve<St: Store>(
     state: AppState,
     kind: &str,
     config: &Config,
+    metrics: Option<PrometheusHandle>,
 ) -> Result<(), StartError> {
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
@@ -915,9 +922,15 @@ async fn serve<St: Store>(
         payments_ttl_secs = config.payments_ttl.as_secs(),
         "payments example listening on http://{addr}"
     );
-    serve_until_on(listener, store, state, config.clone(), shutdown_signal())
-        .await
-        .map_err(StartError::Runtime)?;
+    let serving = serve_until_with(
+        listener,
+        store,
+        state,
+        config.clone(),
+        metrics,
+        shutdown_signal(),
+    );
+    serving.await.map_err(StartError::Runtime)?;
     tracing::info!("shut down");
     Ok(())
 }
@@ -943,8 +956,24 @@ pub async fn serve_until_on<St: Store>(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
+    serve_until_with(listener, store, state, config, None, shutdown).await
+}
+
+/// [`serve_until_on`], with `GET /metrics` when `metrics` is given ([`with_metrics`]).
+pub async fn serve_until_with<St: Store>(
+    listener: tokio::net::TcpListener,
+    store: St,
+    state: AppState,
+    config: Config,
+    metrics: Option<PrometheusHandle>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
     let detached = DetachedWork::new();
-    axum::serve(listener, tracked_app_on(store, state, &config, &detached))
+    let mut app = tracked_app_on(store, state, &config, &detached);
+    if let Some(handle) = metrics {
+        app = with_metrics(app, handle);
+    }
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))?;
@@ -961,11 +990,61 @@ pub async fn serve_until_on<St: Store>(
     Ok(())
 }
 
+/// How often the Prometheus recorder's upkeep runs (it drains histogram samples into
+/// their buckets, so memory stays bounded between scrapes).
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// Installs the Prometheus recorder as the process's `metrics` recorder, with the
+/// buckets the layer's histograms are meant for, and describes every metric. `None`
+/// (logged) when it cannot be installed: the API then runs without `/metrics`.
+fn install_prometheus() -> Option<PrometheusHandle> {
+    let installed = PrometheusBuilder::new()
+        .set_buckets(tower_idempotency::metrics::DURATION_BUCKETS)
+        .and_then(PrometheusBuilder::install_recorder);
+    match installed {
+        Ok(handle) => {
+            tower_idempotency::metrics::describe();
+            let upkeep = handle.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(METRICS_UPKEEP).await;
+                    upkeep.run_upkeep();
+                }
+            });
+            Some(handle)
+        }
+        Err(e) => {
+            tracing::warn!(error = %DisplayChain(&e), "no /metrics: the Prometheus recorder could not be installed");
+            None
+        }
+    }
+}
+
+/// `app` plus `GET /metrics`, outside its auth layer: the Prometheus text of `handle`.
+pub fn with_metrics(app: Router, handle: PrometheusHandle) -> Router {
+    let metrics = Router::new().route(
+        "/metrics",
+        get(move || {
+            let text = handle.render();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    )],
+                    text,
+                )
+            }
+        }),
+    );
+    app.merge(metrics)
+}
+
 /// Ctrl-C, or SIGTERM on Unix.
 async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            tracing::warn!(error = %DisplayChain(&e), "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
     };
@@ -976,7 +1055,7 @@ async fn shutdown_signal() {
                 signal.recv().await;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                tracing::warn!(error = %DisplayChain(&e), "cannot listen for SIGTERM");
                 std::future::pending::<()>().await;
             }
         }

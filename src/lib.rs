@@ -136,11 +136,11 @@
 
 #[doc(inline)]
 pub use tower_idempotency_core::{
-    BoxError, Completion, DecodeError, DetachedWork, FencingToken, Fingerprint, Idempotency,
-    IdempotencyKey, IdempotencyLayer, InFlight, KeyError, KeyState, LeaseTerms, Policy,
-    PolicyError, Problem, Record, Rejection, RequestBody, Reservation, Resolved, ResponseBody,
-    ResponseFuture, ScopeHash, Store, StoreError, StorePolicy, StoredResponse, Subscription,
-    Uncertain, Unfinished, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
+    BoxError, Completion, DecodeError, DetachedWork, DisplayChain, FencingToken, Fingerprint,
+    Idempotency, IdempotencyKey, IdempotencyLayer, InFlight, KeyError, KeyState, LeaseTerms,
+    Policy, PolicyError, Problem, Record, Rejection, RequestBody, Reservation, Resolved,
+    ResponseBody, ResponseFuture, ScopeHash, Store, StoreError, StorePolicy, StoredResponse,
+    Subscription, Uncertain, Unfinished, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
 };
 
 #[doc(inline)]
@@ -152,6 +152,11 @@ pub use tower_idempotency_core::record::MAX_BODY_LEN;
 /// URIs link to the sections of this page.
 #[doc(inline)]
 pub use tower_idempotency_core::problems;
+
+/// Every metric the layer and the stores record: name, type, unit, labels, meaning and a
+/// PromQL query for each, and [`describe`](metrics::describe) for exporters' help text.
+#[doc(inline)]
+pub use tower_idempotency_core::metrics;
 
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]

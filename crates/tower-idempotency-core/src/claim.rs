@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use crate::detach::DetachedWork;
 use crate::fingerprint::{Fingerprint, ScopeHash};
-use crate::observe::{Observer, Wakeup};
+use crate::observe::{DisplayChain, Observer, StoreOp, WaitEnd, Wakeup};
 use crate::policy::{InFlight, Policy};
 use crate::record::Record;
 use crate::store::{Reservation, Store, StoreError, Subscription};
@@ -63,6 +63,20 @@ pub(crate) enum Claim {
     Unavailable { error: StoreError, may_pass: bool },
 }
 
+impl Claim {
+    /// How a wait ended in this claim, for [`Observer::wait_ended`].
+    pub(crate) fn wait_end(&self) -> WaitEnd {
+        match self {
+            Claim::Owner { .. } => WaitEnd::Reserved,
+            Claim::Completed(_) => WaitEnd::Completed,
+            Claim::Mismatch => WaitEnd::Mismatch,
+            Claim::InFlight => WaitEnd::TimedOut,
+            Claim::Uncertain => WaitEnd::Uncertain,
+            Claim::Unavailable { .. } => WaitEnd::StoreError,
+        }
+    }
+}
+
 /// Everything [`claim`] needs to know about the request.
 pub(crate) struct Claimant<'a, St> {
     pub(crate) store: &'a St,
@@ -73,7 +87,8 @@ pub(crate) struct Claimant<'a, St> {
     pub(crate) detached: &'a DetachedWork,
 }
 
-/// Reserves the scope, or waits for it as the policy says.
+/// Reserves the scope, or waits for it as the policy says. A wait is timed from
+/// [`Observer::waiting`]; the caller ends it with [`Claim::wait_end`].
 pub(crate) async fn claim<St: Store>(c: Claimant<'_, St>) -> Claim {
     let deadline = match c.policy.in_flight {
         InFlight::Conflict => None,
@@ -105,6 +120,8 @@ pub(crate) async fn claim<St: Store>(c: Claimant<'_, St>) -> Claim {
                 }
             },
         };
+        c.observer
+            .store_answered(c.store, StoreOp::Reserve, reserved_at, &answer);
         error = match answer {
             Ok(Reservation::Reserved) => return Claim::Owner { token, reserved_at },
             Ok(Reservation::Completed(record)) => return Claim::Completed(record),
@@ -139,17 +156,22 @@ pub(crate) async fn claim<St: Store>(c: Claimant<'_, St>) -> Claim {
         let Some(deadline) = deadline.filter(|deadline| *deadline > now) else {
             return give_up(error);
         };
+        c.observer.waiting(now);
         if let Some(error) = &error {
-            tracing::warn!(error = %error, "idempotency store failed while waiting for a request in flight; still waiting");
+            tracing::warn!(error = %DisplayChain(error), "idempotency store failed while waiting for a request in flight; still waiting");
         }
         let Some(subscription) = &mut subscription else {
             // Subscribe, then re-read at once: a completion between the first read and the
             // subscription is seen by the re-read, one after it wakes us.
             let subscribed = tokio::time::timeout_at(deadline, c.store.subscribe(c.scope)).await;
+            if let Ok(answer) = &subscribed {
+                c.observer
+                    .store_answered(c.store, StoreOp::Subscribe, now, answer);
+            }
             subscription = Some(match subscribed {
                 Ok(Ok(subscription)) => Some(subscription),
                 Ok(Err(err)) => {
-                    tracing::debug!(error = %err, "subscribe failed; waiting by polling");
+                    tracing::debug!(error = %DisplayChain(&err), "subscribe failed; waiting by polling");
                     None
                 }
                 Err(_) => None,
@@ -190,12 +212,15 @@ fn give_up(error: Option<StoreError>) -> Claim {
 /// lost, or it timed out here after it was sent): release `token`'s lease, if it took
 /// one, as tracked detached work. Fenced, so it never touches anyone else's lease.
 fn release_in_case_it_ran<St: Store>(c: &Claimant<'_, St>, token: FencingToken) {
-    let (store, scope) = (c.store.clone(), *c.scope);
+    let (store, scope, observer) = (c.store.clone(), *c.scope, c.observer.clone());
     c.detached.spawn(async move {
-        match store.release(&scope, token).await {
+        let sent = Instant::now();
+        let released = store.release(&scope, token).await;
+        observer.store_answered(&store, StoreOp::Release, sent, &released);
+        match released {
             Ok(true) => tracing::info!("released the lease of a reserve whose answer was lost"),
             Ok(false) => {}
-            Err(err) => tracing::debug!(error = %err, "fenced release after a failed reserve failed; the lease, if any, expires on its own"),
+            Err(err) => tracing::debug!(error = %DisplayChain(&err), "fenced release after a failed reserve failed; the lease, if any, expires on its own"),
         }
     });
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::fingerprint::ScopeHash;
-use crate::observe::Observer;
+use crate::observe::{DisplayChain, Observer, StoreOp};
 use crate::policy::Policy;
 use crate::record::Record;
 use crate::store::{Completion, Store};
@@ -100,7 +100,10 @@ impl<'a, St: Store> Lease<'a, St> {
         while let Some(due) = self.due {
             tokio::time::sleep_until(due).await;
             let sent = Instant::now();
-            match self.store.renew(self.scope, self.token, lease).await {
+            let renewed = self.store.renew(self.scope, self.token, lease).await;
+            self.observer
+                .store_answered(self.store, StoreOp::Renew, sent, &renewed);
+            match renewed {
                 Ok(true) => {
                     // The store extended the lease to (at least) `sent + lease`.
                     self.due = Some(sent + every);
@@ -117,7 +120,7 @@ impl<'a, St: Store> Lease<'a, St> {
                 Err(err) => {
                     // Retried quickly: the lease still lasts until its last confirmation
                     // plus the lease, and the store itself answers `false` once it is gone.
-                    tracing::warn!(error = %err, retry_in = ?retry, "idempotency lease renewal failed; retrying");
+                    tracing::warn!(error = %DisplayChain(&err), retry_in = ?retry, "idempotency lease renewal failed; retrying");
                     self.due = Some(Instant::now() + retry);
                     retry = (retry * 2).min((every / 2).max(RENEW_RETRY_MIN));
                 }
@@ -139,7 +142,10 @@ impl<'a, St: Store> Lease<'a, St> {
             let started = Instant::now();
             let mut backoff = COMPLETE_RETRY_MIN;
             loop {
-                match store.complete(scope, token, record, policy.ttl).await {
+                let sent = Instant::now();
+                let completed = store.complete(scope, token, record, policy.ttl).await;
+                observer.store_answered(store, StoreOp::Complete, sent, &completed);
+                match completed {
                     Ok(Completion::Stored) => return Completed::Stored,
                     Ok(Completion::RolledBack) => {
                         tracing::error!(
@@ -158,7 +164,7 @@ impl<'a, St: Store> Lease<'a, St> {
                     }
                     Err(err) if started.elapsed() + backoff > policy.complete_retry => {
                         tracing::error!(
-                            error = %err,
+                            error = %DisplayChain(&err),
                             bound = ?policy.complete_retry,
                             "idempotency record could not be stored; giving up: a retry after \
                              the lease expires runs the handler again"
@@ -167,7 +173,7 @@ impl<'a, St: Store> Lease<'a, St> {
                         return Completed::GaveUp;
                     }
                     Err(err) => {
-                        tracing::warn!(error = %err, "storing the idempotency record failed; retrying");
+                        tracing::warn!(error = %DisplayChain(&err), "storing the idempotency record failed; retrying");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(COMPLETE_RETRY_MAX);
                     }
@@ -181,11 +187,15 @@ impl<'a, St: Store> Lease<'a, St> {
     /// the store answered, so a corrected retry sent right after the response runs.
     pub(crate) async fn release(&mut self) {
         self.due = None;
-        match self.store.release(self.scope, self.token).await {
+        let sent = Instant::now();
+        let released = self.store.release(self.scope, self.token).await;
+        self.observer
+            .store_answered(self.store, StoreOp::Release, sent, &released);
+        match released {
             Ok(true) => {}
             Ok(false) => tracing::debug!("lease already gone at release"),
             Err(err) => tracing::warn!(
-                error = %err,
+                error = %DisplayChain(&err),
                 lease = ?self.policy.lease(),
                 "idempotency release failed; the key stays in flight until its lease expires"
             ),

@@ -48,6 +48,7 @@ mod lease;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub mod memory;
+pub mod metrics;
 mod observe;
 mod owner;
 pub mod policy;
@@ -68,6 +69,7 @@ pub use key::{IdempotencyKey, KeyError, IDEMPOTENCY_KEY};
 pub use layer::IdempotencyLayer;
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder, MemorySubscription};
+pub use observe::DisplayChain;
 pub use policy::{InFlight, Policy, PolicyError, StorePolicy, Uncertain};
 pub use problems::{Problem, Rejection};
 pub use record::{DecodeError, Record, StoredResponse};

@@ -60,6 +60,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::fingerprint::{Fingerprint, ScopeHash};
+use crate::observe::MemoryGauges;
 use crate::record::Record;
 use crate::store::{
     Completion, KeyState, LeaseTerms, Reservation, Resolved, Store, StoreError, Subscription,
@@ -129,6 +130,8 @@ struct Inner {
     /// Set while one caller sweeps on behalf of a refused reservation; others refuse at
     /// once instead of queueing on the shard locks behind it.
     sweeping: AtomicBool,
+    /// `len`, `bytes` and the bounds as metrics (`idempotency_memory_store_*`).
+    gauges: MemoryGauges,
     /// Shard sweeps run and passes over all shards made, for the tests that show a full
     /// store does not sweep per refusal.
     #[cfg(test)]
@@ -306,6 +309,7 @@ impl MemoryStoreBuilder {
                 earliest: AtomicU64::new(u64::MAX),
                 epoch: Instant::now(),
                 sweeping: AtomicBool::new(false),
+                gauges: MemoryGauges::default(),
                 #[cfg(test)]
                 shard_sweeps: AtomicUsize::new(0),
                 #[cfg(test)]
@@ -475,6 +479,7 @@ impl Inner {
         waiters.retain(|_, notify| notify.strong_count() > 0);
         self.len.fetch_sub(freed, Ordering::Relaxed);
         self.bytes.fetch_sub(freed_bytes, Ordering::Relaxed);
+        self.publish();
     }
 
     /// Claims room for one more pending entry, or `false` when a bound is reached.
@@ -497,14 +502,27 @@ impl Inner {
             .is_ok();
         if !claimed_bytes {
             self.len.fetch_sub(1, Ordering::Relaxed);
+            return false;
         }
-        claimed_bytes
+        self.publish();
+        true
     }
 
     /// Gives back what a removed entry counted.
     fn give_back(&self, entry: &Entry) {
         self.len.fetch_sub(1, Ordering::Relaxed);
         self.bytes.fetch_sub(entry.bytes, Ordering::Relaxed);
+        self.publish();
+    }
+
+    /// Sets the fullness gauges to the counters' values.
+    fn publish(&self) {
+        let (len, bytes) = (
+            self.len.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        );
+        self.gauges
+            .set(len, bytes, self.max_entries, self.max_bytes);
     }
 
     fn full(&self) -> StoreError {
@@ -592,6 +610,10 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     type Subscription = MemorySubscription;
+
+    fn name(&self) -> &'static str {
+        "memory"
+    }
 
     async fn reserve(
         &self,
@@ -684,6 +706,7 @@ impl Store for MemoryStore {
                 entry.expires = deadline(now, ttl);
                 entry.bytes = entry.bytes.saturating_add(extra);
                 self.inner.bytes.fetch_add(extra, Ordering::Relaxed);
+                self.inner.publish();
                 wake(waiters, scope);
                 entry.expires
             }

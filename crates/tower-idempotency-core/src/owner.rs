@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::collect::{collect, Collected};
 use crate::lease::{Completed, Lease};
-use crate::observe::Outcome;
+use crate::observe::{DisplayChain, Outcome};
 use crate::problems::Problem;
 use crate::record::{Record, StoredResponse};
 use crate::replay::stored_headers;
@@ -111,7 +111,7 @@ where
         }
         Ok(Collected::Failed { read, error }) => {
             tracing::error!(
-                error = %error,
+                error = %DisplayChain(&*error),
                 "response body failed after the handler ran; storing the not-replayable marker"
             );
             let body = ResponseBody::failed(read, error);

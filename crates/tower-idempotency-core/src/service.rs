@@ -158,11 +158,17 @@ where
             return reject(Outcome::TooLarge, Problem::BodyTooLarge, detail);
         }
         let scope = ScopeHash::new(tenant.as_deref(), &parts.method, scope_path(&parts), &key);
-        let span = tracing::debug_span!(
+        // At INFO, so a warning logged at INFO shows its route (and, once known, the
+        // outcome). Never the key or the tenant; the scope hash only at DEBUG.
+        let span = tracing::info_span!(
             "idempotency",
             route = observer.route(),
-            scope = %scope,
+            outcome = tracing::field::Empty,
+            scope = tracing::field::Empty,
         );
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            span.record("scope", tracing::field::display(&scope));
+        }
         let job = Job {
             inner,
             shared: shared.clone(),

@@ -251,6 +251,13 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// What [`subscribe`](Store::subscribe) hands out.
     type Subscription: Subscription;
 
+    /// The value of the `store` label on the metrics of calls to this store (see
+    /// [`metrics`](crate::metrics)): `"memory"`, `"redis"`, `"postgres"`. The default is
+    /// `"custom"`; a wrapper around another store should answer its inner store's name.
+    fn name(&self) -> &'static str {
+        "custom"
+    }
+
     /// Reserves `scope` for `token` for one `lease` if it is absent; otherwise reports what
     /// is there. A completed record with the same fingerprint comes back in the same call.
     fn reserve(

@@ -18,7 +18,7 @@ use crate::buffer::{buffer, BufferError, Limits};
 use crate::claim::{claim, Claim, Claimant};
 use crate::detach::DetachedWork;
 use crate::fingerprint::{Fingerprint, ScopeHash};
-use crate::observe::{Meters, Observer, Outcome};
+use crate::observe::{record_outcome, DisplayChain, Meters, Observer, Outcome};
 use crate::owner;
 use crate::policy::Policy;
 use crate::problems::{Problem, Rejection};
@@ -111,6 +111,7 @@ impl<S, St: crate::Store> Job<S, St> {
     {
         let observer = self.observer.clone();
         let (outcome, output) = self.respond(body).await;
+        record_outcome(outcome);
         observer.outcome(outcome);
         output
     }
@@ -145,7 +146,7 @@ impl<S, St: crate::Store> Job<S, St> {
                 );
             }
             Err(BufferError::Unreadable(err)) => {
-                tracing::debug!(error = %err, "request body unreadable");
+                tracing::debug!(error = %DisplayChain(&*err), "request body unreadable");
                 let detail = format!("the request body could not be read: {err}");
                 return (
                     Outcome::Unreadable,
@@ -170,6 +171,7 @@ impl<S, St: crate::Store> Job<S, St> {
             detached: &shared.detached,
         })
         .await;
+        self.observer.wait_ended(claimed.wait_end());
         match claimed {
             // The owner's path holds the inner service's future, the body collection and
             // the lease: boxed, so the future every request moves around (a replay's, a
@@ -211,7 +213,8 @@ impl<S, St: crate::Store> Job<S, St> {
                 )
             }
             Claim::Unavailable { error, may_pass } if may_pass && policy.fail_open => {
-                tracing::warn!(error = %error, "idempotency store unavailable; passing the request through (fail open)");
+                record_outcome(Outcome::FailOpen);
+                tracing::warn!(error = %DisplayChain(&error), "idempotency store unavailable; passing the request through (fail open)");
                 let Job {
                     mut inner, parts, ..
                 } = self;
@@ -222,7 +225,8 @@ impl<S, St: crate::Store> Job<S, St> {
                 (Outcome::FailOpen, output)
             }
             Claim::Unavailable { error, .. } => {
-                tracing::error!(error = %error, "idempotency store unavailable; refusing the request");
+                record_outcome(Outcome::StoreError);
+                tracing::error!(error = %DisplayChain(&error), "idempotency store unavailable; refusing the request");
                 let detail = "the idempotency store is unavailable; retry with the same key later";
                 (
                     Outcome::StoreError,

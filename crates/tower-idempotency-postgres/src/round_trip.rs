@@ -11,9 +11,12 @@
 //! timeout adds 1 (is the scope held by an owner?) and, when it was not, runs again.
 //!
 //! Every statement is also counted through the `metrics` facade as
-//! `idempotency_store_commands_total{op="reserve"|"renew"|"complete"|"release"|"notify"|"purge"|"admin"}`.
+//! `idempotency_store_commands_total{store="postgres", op="reserve"|"renew"|"complete"|"release"|"notify"|"purge"|"admin"}`
+//! (the core's [`metrics`](tower_idempotency_core::metrics) page lists every metric).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use tower_idempotency_core::metrics::STORE_COMMANDS_TOTAL;
 
 /// The statements a [`PostgresStore`](crate::PostgresStore) (and all its clones) sent so
 /// far, per operation, from [`PostgresStore::round_trips`](crate::PostgresStore::round_trips).
@@ -85,7 +88,8 @@ impl Counters {
     /// Counts one statement sent for `op`, here and through `metrics`.
     pub(crate) fn count(&self, op: Op) {
         self.0[op as usize].fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("idempotency_store_commands_total", "op" => op.as_str()).increment(1);
+        metrics::counter!(STORE_COMMANDS_TOTAL, "store" => "postgres", "op" => op.as_str())
+            .increment(1);
     }
 
     pub(crate) fn snapshot(&self) -> RoundTrips {

@@ -751,6 +751,10 @@ impl PostgresStore {
 impl Store for PostgresStore {
     type Subscription = PgSubscription;
 
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
     async fn reserve(
         &self,
         scope: &ScopeHash,

@@ -50,17 +50,6 @@ where
     }
 }
 
-/// Displays an error with its sources, `a: b: c`, for log fields and report lines.
-pub(crate) struct DisplayChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for DisplayChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(err) = source {
-            write!(f, ": {err}")?;
-            source = err.source();
-        }
-        Ok(())
-    }
-}
+/// Displays an error with its sources, `a: b: c`, for log fields and report lines: the
+/// core's, so the layer's logs and the store's read alike.
+pub(crate) use tower_idempotency_core::DisplayChain;

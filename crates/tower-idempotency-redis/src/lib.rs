@@ -101,7 +101,7 @@
 //! `EVALSHA`; if the server answers `NOSCRIPT` (a flushed script cache, a new or
 //! failed-over node) the store sends the source with `EVAL` once, a counted extra
 //! command. [`RedisStore::round_trips`] counts them exactly, and so does the metric
-//! `idempotency_store_commands_total{op}`.
+//! `idempotency_store_commands_total{store="redis", op}`.
 //!
 //! # Waiting across processes
 //!

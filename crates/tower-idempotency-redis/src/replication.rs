@@ -32,6 +32,7 @@ use fred::types::config::{Blocking, Options, Server};
 use fred::types::{ClusterHash, InfoKind, Value};
 use tokio::sync::{mpsc, oneshot, OnceCell};
 use tokio::task::{Id, JoinHandle, JoinSet};
+use tower_idempotency_core::metrics::STORE_WAIT_REPLICAS_SHORT_TOTAL;
 
 use crate::connection;
 use crate::error::{within, DisplayChain, RedisStoreError};
@@ -312,7 +313,7 @@ impl Replication {
             ),
         }
         self.short.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("idempotency_store_wait_replicas_short_total").increment(1);
+        metrics::counter!(STORE_WAIT_REPLICAS_SHORT_TOTAL, "store" => "redis").increment(1);
     }
 }
 

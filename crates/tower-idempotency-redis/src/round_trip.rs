@@ -7,10 +7,13 @@
 //! one more: a `WAIT` after its complete (completes that finish while a `WAIT` is under
 //! way on their connection share the next one).
 //! Every command is also counted through the `metrics` facade as
-//! `idempotency_store_commands_total{op="reserve"|"renew"|"complete"|"release"|"subscribe"|"unsubscribe"|"wait"|"admin"}`.
+//! `idempotency_store_commands_total{store="redis", op="reserve"|"renew"|"complete"|"release"|"subscribe"|"unsubscribe"|"wait"|"admin"}`
+//! (the core's [`metrics`](tower_idempotency_core::metrics) page lists every metric).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+
+use tower_idempotency_core::metrics::{STORE_COMMANDS_TOTAL, STORE_LOCAL_REPLAYS_TOTAL};
 
 /// The commands a [`RedisStore`](crate::RedisStore) (and all its clones) sent so far, per
 /// operation, from [`RedisStore::round_trips`](crate::RedisStore::round_trips).
@@ -99,17 +102,17 @@ impl Counters {
         self.commands[op as usize].fetch_add(1, Ordering::Relaxed);
         self.metrics[op as usize]
             .get_or_init(
-                || metrics::counter!("idempotency_store_commands_total", "op" => op.as_str()),
+                || metrics::counter!(STORE_COMMANDS_TOTAL, "store" => "redis", "op" => op.as_str()),
             )
             .increment(1);
     }
 
     /// Counts one reserve answered from the local replay tier (no command sent), here and
-    /// as `idempotency_store_local_replays_total`.
+    /// as `idempotency_store_local_replays_total{store="redis"}`.
     pub(crate) fn local_replay(&self) {
         self.local_replays.fetch_add(1, Ordering::Relaxed);
         self.local_metric
-            .get_or_init(|| metrics::counter!("idempotency_store_local_replays_total"))
+            .get_or_init(|| metrics::counter!(STORE_LOCAL_REPLAYS_TOTAL, "store" => "redis"))
             .increment(1);
     }
 

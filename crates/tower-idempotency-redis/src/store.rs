@@ -226,6 +226,10 @@ where
 {
     type Subscription = RedisSubscription;
 
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
     async fn reserve(
         &self,
         scope: &ScopeHash,

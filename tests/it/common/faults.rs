@@ -160,6 +160,10 @@ impl<St: Store> Faults<St> {
 impl<St: Store> Store for Faults<St> {
     type Subscription = St::Subscription;
 
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
     async fn reserve(
         &self,
         scope: &ScopeHash,

@@ -169,6 +169,10 @@ impl Deref for TestStore {
 impl Store for TestStore {
     type Subscription = <PostgresStore as Store>::Subscription;
 
+    fn name(&self) -> &'static str {
+        self.store.name()
+    }
+
     async fn reserve(
         &self,
         scope: &ScopeHash,
