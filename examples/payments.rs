@@ -978,10 +978,22 @@ pub async fn postgres_store(url: &str) -> Result<(PostgresStore, AppState), Stri
     let store = PostgresStore::new(pool.clone())
         .transactional()
         .idle_in_transaction_timeout(MAX_DELAY + Duration::from_secs(30));
-    store
-        .migrate()
+    // Only when the table is missing: `migrate()` takes a SHARE lock on it even when
+    // there is nothing to create (Postgres locks the table before it finds the index), so
+    // it waits for every open reservation transaction and holds up every new one. A
+    // process starting next to busy ones would stall them, and fail after the store's
+    // timeout if a handler runs longer (found by tests/it/nemesis.rs).
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(store.table_name())
+        .fetch_one(&pool)
         .await
-        .map_err(|e| format!("cannot create the idempotency table: {e}"))?;
+        .map_err(|e| format!("cannot look for the idempotency table: {e}"))?;
+    if !exists {
+        store
+            .migrate()
+            .await
+            .map_err(|e| format!("cannot create the idempotency table: {e}"))?;
+    }
     let store = store
         .init()
         .await
