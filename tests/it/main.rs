@@ -16,6 +16,7 @@
 //! | `layer` | attachment, policy validation, sockets, hostile input, renewal schedule, shutdown of detached work |
 //! | `example`, `quickstart` | the examples, in-process and over TCP |
 //! | `soak` | the example app on its own AOF Redis, restarted mid-run |
+//! | `nemesis` | two example processes on one store (Redis, transactional Postgres), a seeded fault schedule, retrying clients, the guarantees checked from what survives a SIGKILL |
 //! | `support_selftest` | the test support itself |
 
 #[macro_use]
@@ -34,6 +35,7 @@ mod example;
 mod faults;
 mod layer;
 mod memory;
+mod nemesis;
 mod postgres;
 mod quickstart;
 mod redis;
