@@ -52,20 +52,23 @@
 //! the lease (`NEMESIS_BLACKHOLE_MAX_MS=5800`) show keys executed twice within seconds,
 //! e.g. `NEMESIS_SEED=0xb7d3b6a4b6074876 NEMESIS_SECS=12 NEMESIS_BLACKHOLE_MAX_MS=5800`
 //! (a 5.6 s black-hole of `b` from 3.2 s: its renewal due at about 4 s arrives after the
-//! lease ended at about 8 s, when a retry on `a` has run the payment again). Faults that
-//! cut a process off its store (proxy faults, restarts) never overlap the store lane's
-//! faults, and a process is started only while the store is reachable (a start-up that
-//! cannot reach its store exits by design). A SIGKILL between a handler's run and the
-//! store's record of it is outside the guarantee on Redis (the owner is not alive): such
-//! a second execution is counted apart (see below), never silently.
+//! lease ended at about 8 s, when a retry on `a` has run the payment again).
+//!
+//! Link faults never overlap the store lane's faults, and a process is started only
+//! while the store is reachable (a start-up that cannot reach its store exits by design).
+//! Kills do overlap store outages: a SIGKILL after a handler ran and before its record
+//! was stored (one round trip, or the retries of `complete` while Redis restarts) is
+//! outside the guarantee on Redis, as the README says ("the process dies while the store
+//! is down"): the retry after the lease runs again. Such a second execution is counted
+//! apart (see below), never silently.
 //!
 //! # Clients
 //!
 //! [`CLIENTS`] tasks, each paying with a new key after the last one resolved (4 tenants;
 //! 90 % of handlers take 0–40 ms, 10 % 0.3–1.5 s), and [`SLOW_CLIENTS`] whose handlers all
 //! run 0.5–1.5 s longer than the lease: apart, so that keys which never resolve (a
-//! store that cannot complete them) cannot starve the others and pass for silence. Each attempt
-//! goes to either process at random, with a timeout of 1–4 s (so long handlers are
+//! store that cannot complete them) cannot starve the others and pass for silence. Each
+//! attempt goes to either process at random, with a timeout of 1–4 s (so long handlers are
 //! abandoned mid-flight); connection errors, timeouts, 409, 5xx are retried with the same
 //! key and body after an exponential, jittered back-off (50 ms to 2 s, at least the
 //! `Retry-After`), for up to [`KEY_BUDGET`]; then the client moves on. Some first
