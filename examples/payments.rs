@@ -23,10 +23,21 @@
 //! | --- | --- | --- |
 //! | `BIND` | `127.0.0.1:3000` | socket address to listen on |
 //! | `PAYMENTS_TTL_SECS` | `86400` | how long a `POST /payments` response is replayed |
+//! | `PAYMENTS_LEASE_MS` | unset: the layer's default (30 s) | the lease of `POST /payments` (renewed every third of it); at most the TTL |
 //! | `REDIS_URL` | unset: in-memory store | use the Redis store |
 //! | `DATABASE_URL` | unset | use Postgres (transactional store, rows in tables); not together with `REDIS_URL` |
 //! | `SHUTDOWN_GRACE_SECS` | `30` | on SIGTERM / Ctrl-C, how long to wait for work that hung-up clients left running |
+//! | `EXECUTION_LOG` | unset | a file `POST /payments` appends one line to per execution (see below) |
 //! | `RUST_LOG` | `info` | log filter (`tracing-subscriber` env filter) |
+//!
+//! `EXECUTION_LOG` is for fault tests (`tests/it/nemesis.rs`), which count executions
+//! from something that survives a SIGKILL: each run of the payments handler appends, in
+//! one `write` to a file opened with `O_APPEND` and before it answers, the line
+//! `tenant TAB idempotency-key TAB payment-id TAB pid TAB started-ms TAB finished-ms`
+//! (Unix milliseconds; the key as the header carried it). Processes may share one file.
+//! In Postgres mode a line is written before the transaction commits, so a run that was
+//! rolled back has a line too: there the rows of `example_payments` (which record the
+//! key in `idempotency_key`) are the executions.
 //!
 //! # Routes
 //!
@@ -88,10 +99,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
+use std::fs::File;
+use std::io::Write;
 use std::net::SocketAddr;
+use std::path::{Path as FilePath, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Request, State};
@@ -138,6 +152,8 @@ pub struct Config {
     pub bind: SocketAddr,
     /// `PAYMENTS_TTL_SECS`.
     pub payments_ttl: Duration,
+    /// `PAYMENTS_LEASE_MS`: `None` is the layer's default lease.
+    pub payments_lease: Option<Duration>,
     /// `REDIS_URL`: `None` is the in-memory store.
     pub redis_url: Option<String>,
     /// `DATABASE_URL`: Postgres, transactional (payments and orders are rows).
@@ -145,6 +161,8 @@ pub struct Config {
     /// `SHUTDOWN_GRACE_SECS`: how long shutdown waits for work that hung-up clients left
     /// running (their handlers finish and their records are stored).
     pub shutdown_grace: Duration,
+    /// `EXECUTION_LOG`: the file each payment execution appends a line to.
+    pub execution_log: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -152,16 +170,19 @@ impl Default for Config {
         Config {
             bind: SocketAddr::from(([127, 0, 0, 1], 3000)),
             payments_ttl: PAYMENTS_TTL,
+            payments_lease: None,
             redis_url: None,
             database_url: None,
             shutdown_grace: SHUTDOWN_GRACE,
+            execution_log: None,
         }
     }
 }
 
 impl Config {
-    /// Reads `BIND`, `PAYMENTS_TTL_SECS`, `REDIS_URL`, `DATABASE_URL` and
-    /// `SHUTDOWN_GRACE_SECS`. A bad value is an error, never a silent default.
+    /// Reads `BIND`, `PAYMENTS_TTL_SECS`, `PAYMENTS_LEASE_MS`, `REDIS_URL`,
+    /// `DATABASE_URL`, `SHUTDOWN_GRACE_SECS` and `EXECUTION_LOG`. A bad value is an error,
+    /// never a silent default.
     pub fn from_env() -> Result<Self, String> {
         Self::from_vars(|name| std::env::var_os(name))
     }
@@ -193,6 +214,19 @@ impl Config {
             }
             config.payments_ttl = Duration::from_secs(secs);
         }
+        if let Some(lease) = text("PAYMENTS_LEASE_MS")? {
+            let ms = lease.parse::<u64>().ok().filter(|s| *s > 0).ok_or_else(|| {
+                format!("PAYMENTS_LEASE_MS={lease:?} is not a positive integer number of milliseconds")
+            })?;
+            let lease = Duration::from_millis(ms);
+            if lease > config.payments_ttl {
+                return Err(format!(
+                    "PAYMENTS_LEASE_MS={ms} is longer than the payments TTL ({} s)",
+                    config.payments_ttl.as_secs()
+                ));
+            }
+            config.payments_lease = Some(lease);
+        }
         if let Some(grace) = text("SHUTDOWN_GRACE_SECS")? {
             let secs = grace
                 .parse::<u64>()
@@ -204,6 +238,12 @@ impl Config {
                     )
                 })?;
             config.shutdown_grace = Duration::from_secs(secs);
+        }
+        if let Some(path) = text("EXECUTION_LOG")? {
+            if path.trim().is_empty() {
+                return Err("EXECUTION_LOG is set but empty: unset it for no log".to_string());
+            }
+            config.execution_log = Some(PathBuf::from(path));
         }
         if let Some(url) = text("REDIS_URL")? {
             if url.trim().is_empty() {
@@ -259,9 +299,12 @@ pub fn tracked_app_on<St: Store>(
             .ttl(ttl)
             .track_detached_in(detached.clone())
     };
-    let payments = policy(config.payments_ttl)
+    let mut payments = policy(config.payments_ttl)
         .require_key()
         .in_flight(InFlight::Wait(PAYMENTS_WAIT));
+    if let Some(lease) = config.payments_lease {
+        payments = payments.lease(lease);
+    }
     let orders = policy(ORDERS_TTL)
         .require_key()
         .in_flight(InFlight::Conflict);
@@ -360,6 +403,54 @@ pub struct AppState {
     /// `Some` in Postgres mode: the pool the listing routes read from (the creating routes
     /// write through the idempotency transaction, [`Tx`]).
     db: Option<PgPool>,
+    /// `EXECUTION_LOG`: each payment execution appends a line.
+    execution_log: Option<ExecutionLog>,
+}
+
+/// The file behind `EXECUTION_LOG`: one line per payment execution (see the module docs),
+/// each appended with a single `write` to a file opened with `O_APPEND`, so lines of
+/// concurrent handlers and of several processes never interleave, and a line once
+/// written survives a SIGKILL of the process (it is in the kernel's page cache; no
+/// `fsync`, so not a crash of the machine).
+#[derive(Clone, Debug)]
+pub struct ExecutionLog(Arc<File>);
+
+impl ExecutionLog {
+    /// Opens (creates) `path` for appending.
+    pub fn open(path: &FilePath) -> Result<Self, String> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map(|file| ExecutionLog(Arc::new(file)))
+            .map_err(|e| format!("EXECUTION_LOG={}: cannot open it: {e}", path.display()))
+    }
+
+    /// Appends `tenant TAB key TAB id TAB pid TAB started-ms TAB finished-ms`. A small
+    /// blocking write, as a log line is.
+    fn append(
+        &self,
+        tenant: &str,
+        key: &str,
+        id: &str,
+        started: SystemTime,
+    ) -> Result<(), AppError> {
+        let ms = |at: SystemTime| at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let line = format!(
+            "{tenant}\t{key}\t{id}\t{}\t{}\t{}\n",
+            std::process::id(),
+            ms(started),
+            ms(SystemTime::now())
+        );
+        (&*self.0).write_all(line.as_bytes()).map_err(|e| {
+            tracing::error!(error = %e, "cannot append to EXECUTION_LOG");
+            AppError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the execution log failed; retry with the same key",
+            )
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -371,10 +462,21 @@ struct TenantData {
 }
 
 /// The example's own tables, next to the idempotency table (`CREATE ... IF NOT EXISTS`, so
-/// a restart keeps the rows). `seq` orders the listings, oldest first.
+/// a restart keeps the rows). `seq` orders the listings, oldest first. A payment row
+/// keeps the `Idempotency-Key` it was created with, so executions per key can be counted
+/// from rows; a table from before that column gets it, and only then (an `ALTER TABLE`
+/// waits for every open transaction that wrote to the table, which a restart under load
+/// must not do).
 const SCHEMA: &str = "\
     CREATE TABLE IF NOT EXISTS example_payments (seq bigserial PRIMARY KEY, id text NOT NULL UNIQUE, \
-        tenant text NOT NULL, amount bigint NOT NULL, currency text NOT NULL, created_at text NOT NULL); \
+        tenant text NOT NULL, amount bigint NOT NULL, currency text NOT NULL, created_at text NOT NULL, \
+        idempotency_key text); \
+    DO $$ BEGIN \
+        IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() \
+            AND table_name = 'example_payments' AND column_name = 'idempotency_key') THEN \
+            ALTER TABLE example_payments ADD COLUMN IF NOT EXISTS idempotency_key text; \
+        END IF; \
+    END $$; \
     CREATE TABLE IF NOT EXISTS example_orders (seq bigserial PRIMARY KEY, id text NOT NULL UNIQUE, \
         tenant text NOT NULL, item text NOT NULL, quantity bigint NOT NULL, created_at text NOT NULL); \
     CREATE TABLE IF NOT EXISTS example_cancellations (seq bigserial PRIMARY KEY, \
@@ -388,9 +490,15 @@ impl AppState {
             .await
             .map_err(|e| format!("cannot create the example's tables: {}", DisplayChain(&e)))?;
         Ok(AppState {
-            tenants: Arc::default(),
             db: Some(pool),
+            ..AppState::default()
         })
+    }
+
+    /// The same state, appending each payment execution to `log`.
+    pub fn execution_log(mut self, log: ExecutionLog) -> Self {
+        self.execution_log = Some(log);
+        self
     }
 
     fn with<T>(&self, tenant: &Tenant, f: impl FnOnce(&mut TenantData) -> T) -> T {
@@ -430,8 +538,15 @@ async fn create_payment(
     State(state): State<AppState>,
     Extension(tenant): Extension<Tenant>,
     tx: Option<Tx>,
+    headers: HeaderMap,
     body: Result<Json<NewPayment>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Payment>), AppError> {
+    let started = SystemTime::now();
+    // The layer requires a valid key on this route; kept as the header carried it.
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     let Json(new) = body?;
     if new.amount == 0 {
         return Err(AppError::invalid("`amount` must be a positive integer"));
@@ -456,18 +571,22 @@ async fn create_payment(
             // In the idempotency transaction: the row commits with the stored response.
             let mut conn = transaction(tx).await?;
             sqlx::query(
-                "INSERT INTO example_payments (id, tenant, amount, currency, created_at) \
-                 VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO example_payments (id, tenant, amount, currency, created_at, \
+                 idempotency_key) VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(&payment.id)
             .bind(&tenant.0)
             .bind(amount)
             .bind(&payment.currency)
             .bind(&payment.created_at)
+            .bind(key)
             .execute(&mut *conn)
             .await
             .map_err(AppError::database)?;
         }
+    }
+    if let Some(log) = &state.execution_log {
+        log.append(&tenant.0, key, &payment.id, started)?;
     }
     tracing::info!(id = %payment.id, amount = payment.amount, "payment created");
     Ok((StatusCode::CREATED, Json(payment)))
@@ -821,15 +940,23 @@ async fn start() -> Result<(), StartError> {
     let metrics = install_prometheus();
 
     let config = Config::from_env().map_err(StartError::Config)?;
+    let log = match &config.execution_log {
+        Some(path) => Some(ExecutionLog::open(path).map_err(StartError::Config)?),
+        None => None,
+    };
+    let with_log = |state: AppState| match &log {
+        Some(log) => state.execution_log(log.clone()),
+        None => state,
+    };
     if let Some(url) = &config.database_url {
         let (store, state) = postgres_store(url).await.map_err(StartError::Config)?;
-        return serve(store, state, "postgres", &config, metrics).await;
+        return serve(store, with_log(state), "postgres", &config, metrics).await;
     }
     match &config.redis_url {
         None => {
             serve(
                 MemoryStore::default(),
-                AppState::default(),
+                with_log(AppState::default()),
                 "memory",
                 &config,
                 metrics,
@@ -838,7 +965,14 @@ async fn start() -> Result<(), StartError> {
         }
         Some(url) => {
             let store = redis_store(url).await.map_err(StartError::Config)?;
-            serve(store, AppState::default(), "redis", &config, metrics).await
+            serve(
+                store,
+                with_log(AppState::default()),
+                "redis",
+                &config,
+                metrics,
+            )
+            .await
         }
     }
 }
@@ -920,6 +1054,7 @@ async fn serve<St: Store>(
     tracing::info!(
         store = kind,
         payments_ttl_secs = config.payments_ttl.as_secs(),
+        payments_lease_ms = config.payments_lease.map(|l| l.as_millis() as u64),
         "payments example listening on http://{addr}"
     );
     let serving = serve_until_with(

@@ -306,6 +306,49 @@ async fn retried_payment_is_replayed_over_tcp() {
     assert_eq!(list[0]["id"], json["id"]);
 }
 
+/// `EXECUTION_LOG`: one line per execution, none for a replay; the key as it was sent.
+#[tokio::test]
+async fn each_execution_appends_one_line_to_the_execution_log() {
+    let path = std::env::temp_dir().join(format!(
+        "tidem-execution-log-{}-{:?}.log",
+        std::process::id(),
+        std::time::SystemTime::now()
+    ));
+    let log = payments::ExecutionLog::open(&path).unwrap();
+    let state = payments::AppState::default().execution_log(log);
+    let detached = tower_idempotency::DetachedWork::new();
+    let app =
+        payments::tracked_app_on(MemoryStore::default(), state, &Config::default(), &detached);
+    let pay = |key: &str| post("/payments").token("alice").key(key).json(payment(10));
+    let first = oneshot(&app, pay("log-1"))
+        .await
+        .expect(StatusCode::CREATED);
+    oneshot(&app, pay("log-1"))
+        .await
+        .expect(StatusCode::CREATED);
+    let second = oneshot(&app, pay("\"log-2\""))
+        .await
+        .expect(StatusCode::CREATED);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(lines.len(), 2, "one line per execution: {text:?}");
+    let pid = std::process::id().to_string();
+    for (line, (key, id)) in lines
+        .iter()
+        .zip([("log-1", first.id()), ("\"log-2\"", second.id())])
+    {
+        assert_eq!(
+            line[..4],
+            ["alice", key, id.as_str(), pid.as_str()],
+            "{text:?}"
+        );
+        let started: u128 = line[4].parse().unwrap();
+        let finished: u128 = line[5].parse().unwrap();
+        assert!(started <= finished, "{text:?}");
+    }
+}
+
 #[tokio::test]
 async fn same_key_other_amount_is_422() {
     let app = new_app();
@@ -603,6 +646,22 @@ fn config_from_env_rejects_bad_values() {
         assert!(err.contains("PAYMENTS_TTL_SECS"), "{err}");
     }
 
+    assert_eq!(Config::default().payments_lease, None);
+    let lease = config_from(&[("PAYMENTS_LEASE_MS", "2500")]).unwrap();
+    assert_eq!(lease.payments_lease, Some(Duration::from_millis(2500)));
+    for lease in ["", "0", "-1", "1.5", "2s", "99999999999999999999999"] {
+        let err = config_from(&[("PAYMENTS_LEASE_MS", lease)]).unwrap_err();
+        assert!(err.contains("PAYMENTS_LEASE_MS"), "{err}");
+    }
+    let longer = config_from(&[("PAYMENTS_TTL_SECS", "2"), ("PAYMENTS_LEASE_MS", "2001")]);
+    assert!(longer.unwrap_err().contains("longer than the payments TTL"));
+    let log = config_from(&[("EXECUTION_LOG", "/tmp/runs.log")]).unwrap();
+    assert_eq!(
+        log.execution_log.as_deref(),
+        Some(std::path::Path::new("/tmp/runs.log"))
+    );
+    assert!(config_from(&[("EXECUTION_LOG", " ")]).is_err());
+
     let redis = config_from(&[("REDIS_URL", "redis://127.0.0.1:6379")]);
     assert_eq!(
         redis.unwrap().redis_url.as_deref(),
@@ -798,6 +857,21 @@ mod postgres_mode {
         assert_eq!(list[0]["id"].as_str(), Some(first.id().as_str()));
         assert_eq!(rows(&schema, "example_payments").await, 2);
         assert!(payments_of(&app, "bob").await.is_empty());
+        let pool = crate::support::postgres::pool(1).await;
+        let sql = format!(
+            "SELECT idempotency_key FROM {} ORDER BY seq",
+            schema.table("example_payments")
+        );
+        let keys: Vec<Option<String>> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        assert_eq!(
+            keys,
+            [Some("pg-1".to_owned()), Some("pg-2".to_owned())],
+            "each row keeps its key"
+        );
 
         // Restart: a new process would connect anew and find the same rows and records.
         let restarted = pg_app(&schema).await;
@@ -845,6 +919,41 @@ mod postgres_mode {
         assert!(retry.replayed());
         assert_eq!(retry.id(), first.id());
         assert_eq!(rows(&schema, "example_payments").await, 1);
+    }
+
+    /// A `example_payments` table from before `idempotency_key` gets the column at start-up
+    /// (its rows kept), and new rows carry their key.
+    #[tokio::test]
+    async fn an_older_payments_table_gets_the_key_column() {
+        let schema = TestSchema::create().await;
+        let pool = crate::support::postgres::pool(1).await;
+        let old = format!(
+            "CREATE TABLE {} (seq bigserial PRIMARY KEY, id text NOT NULL UNIQUE, \
+             tenant text NOT NULL, amount bigint NOT NULL, currency text NOT NULL, \
+             created_at text NOT NULL); INSERT INTO {0} (id, tenant, amount, currency, \
+             created_at) VALUES ('pay_old', 'alice', 1, 'EUR', 'then')",
+            schema.table("example_payments")
+        );
+        sqlx::raw_sql(AssertSqlSafe(old))
+            .execute(&pool)
+            .await
+            .unwrap();
+        let app = pg_app(&schema).await;
+        oneshot(&app, pay("pg-new", 5))
+            .await
+            .expect(StatusCode::CREATED);
+        let sql = format!(
+            "SELECT id, idempotency_key FROM {} ORDER BY seq",
+            schema.table("example_payments")
+        );
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(AssertSqlSafe(sql))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(rows[0], ("pay_old".to_owned(), None));
+        assert_eq!(rows[1].1.as_deref(), Some("pg-new"));
     }
 
     /// 16 concurrent retries over TCP: one payment row, one original answer.

@@ -19,6 +19,7 @@
 //! | `observability` | the example's `/metrics` against the documented metrics, an outage's error log, `ops/` against the documented metrics |
 //! | `tower_http` | tower-http's layers inside and outside ours (timeout, compression, body limits, request ids, catch-panic, CORS, trace), and the README's stack |
 //! | `soak` | the example app on its own AOF Redis, restarted mid-run |
+//! | `nemesis` | two example processes on one store (Redis, transactional Postgres), a seeded fault schedule, retrying clients, the guarantees checked from what survives a SIGKILL |
 //! | `support_selftest` | the test support itself |
 
 #[macro_use]
@@ -37,6 +38,7 @@ mod example;
 mod faults;
 mod layer;
 mod memory;
+mod nemesis;
 mod observability;
 mod postgres;
 mod postgres_tx;

@@ -251,6 +251,43 @@ async fn proxy_faults() {
     assert!(TcpStream::connect(addr).await.is_err());
 }
 
+/// `stall` loses nothing: a PING sent during it is answered once it ends, on live and on
+/// new connections, and the stream keeps its framing.
+#[tokio::test]
+async fn proxy_stall_holds_bytes_until_it_ends() {
+    if !redis_server_available() {
+        eprintln!("skipping: redis-server is not on PATH");
+        return;
+    }
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(([127, 0, 0, 1], server.port()).into()).await;
+    let short = Duration::from_millis(300);
+    let ok = Duration::from_secs(3);
+    let mut c1 = connect(proxy.addr()).await;
+    assert_eq!(ping(&mut c1, ok).await, Reply::Pong);
+
+    proxy.stall();
+    assert_eq!(ping(&mut c1, short).await, Reply::Timeout);
+    let mut c2 = connect(proxy.addr()).await;
+    assert_eq!(ping(&mut c2, short).await, Reply::Timeout);
+    let pings_during = ping_calls(server.port());
+    proxy.pass();
+    for c in [&mut c1, &mut c2] {
+        let mut reply = [0u8; 7];
+        tokio::time::timeout(ok, c.read_exact(&mut reply))
+            .await
+            .expect("the held PING is answered")
+            .expect("read");
+        assert_eq!(&reply, b"+PONG\r\n");
+        assert_eq!(ping(c, ok).await, Reply::Pong, "framing kept");
+    }
+    assert_eq!(
+        ping_calls(server.port()),
+        pings_during + 4,
+        "the held PINGs reached the server once each"
+    );
+}
+
 fn ping_calls(port: u16) -> u64 {
     let stats = redis_cli(port, &["info", "commandstats"]);
     stats

@@ -1,6 +1,7 @@
 //! A fault-injection TCP proxy on loopback, to put between a Redis client and a server
-//! and break the network on cue: delay (both ways, or only replies), black-hole, reset,
-//! cut mid-stream, lose one reply, refuse.
+//! and break the network on cue: delay (both ways, or only replies), black-hole (losing
+//! bytes, or stalling them as a partition under TCP does), reset, cut mid-stream, lose
+//! one reply, refuse.
 //!
 //! The mode is shared by the accept loop and every live connection (a `watch` channel),
 //! so switching it affects connections that are already open. Modes that cut
@@ -27,6 +28,7 @@ enum Mode {
     /// Only the upstream → client direction is delayed.
     DelayReplies(Duration),
     Blackhole,
+    Stall,
     Reset,
     CutAfter,
     /// The next chunk from upstream is dropped and its connection cut; then `Pass`.
@@ -165,6 +167,16 @@ impl FaultProxy {
     pub fn blackhole(&self) {
         self.relisten();
         self.shared.set(Mode::Blackhole, false);
+    }
+
+    /// A black-hole that loses nothing, as a network partition looks to TCP (which
+    /// retransmits what the partition dropped): connections stay open and new ones are
+    /// accepted, but nothing is forwarded; what is read meanwhile is held and forwarded,
+    /// in order, once another mode is set. Unlike [`blackhole`](Self::blackhole), a
+    /// request sent during it is answered when it ends, so no stream loses its framing.
+    pub fn stall(&self) {
+        self.relisten();
+        self.shared.set(Mode::Stall, false);
     }
 
     /// Cuts all live connections with RST (client and upstream side) and resets every
@@ -320,7 +332,14 @@ async fn pump(
             let _ = to.shutdown().await;
             return Ok(());
         }
-        let mode = sh.state.borrow().mode;
+        let mut mode = sh.state.borrow().mode;
+        if mode == Mode::Stall {
+            // Hold the chunk (and, by not reading, everything behind it) until the stall
+            // ends; a cut or the proxy's drop ends this task meanwhile.
+            let mut rx = sh.state.subscribe();
+            let _ = rx.wait_for(|s| s.stopped || s.mode != Mode::Stall).await;
+            mode = sh.state.borrow().mode;
+        }
         let forward = match mode {
             Mode::Pass => n,
             Mode::Delay(d) => {
@@ -350,6 +369,8 @@ async fn pump(
                 n
             }
             Mode::CutNextReply => n,
+            // Only when the proxy stopped while stalled: nothing more goes through.
+            Mode::Stall => 0,
             // Blackhole discards; Reset/Refuse: the cut signal is about to end this task.
             Mode::Blackhole | Mode::Reset | Mode::Refuse => 0,
         };

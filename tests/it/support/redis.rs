@@ -172,13 +172,13 @@ pub(super) fn free_port(bus_too: bool) -> u16 {
 /// A child process plus a watchdog `sh` that SIGKILLs it and removes its dir when this
 /// test process dies without running `Drop` (panic=abort, SIGKILL on timeout, or a server
 /// leaked in a `static`): the watchdog waits for EOF on a pipe only we hold open.
-struct Guarded {
-    child: Child,
+pub(crate) struct Guarded {
+    pub(crate) child: Child,
     watchdog: Option<Child>,
 }
 
 impl Guarded {
-    fn new(child: Child, dir: &Path) -> Self {
+    pub(crate) fn new(child: Child, dir: &Path) -> Self {
         let watchdog = Command::new("sh")
             .arg("-c")
             .arg(r#"while read -r _; do :; done; kill -9 "$1" 2>/dev/null; rm -rf "$2""#)
@@ -194,7 +194,7 @@ impl Guarded {
     }
 
     /// Kills the watchdog first (so it never signals a reused pid), then the child.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut w) = self.watchdog.take() {
             let _ = w.kill();
             let _ = w.wait();
