@@ -139,6 +139,39 @@ impl Fields {
 }
 
 impl ScopeHash {
+    /// The scope an operator names from what they know, hashed exactly as the layer
+    /// hashes the request: the tenant (the bytes the layer's tenant source yields: the
+    /// `String` of `.tenant(..)` or `.tenant_from_extension::<T>()`, the field of
+    /// `.tenant_from_extension_with(..)`; `None` for `.global_scope()`), the method, the
+    /// full path the client sent (a query string is ignored: it is part of the
+    /// fingerprint, not of the scope) and the key as the client sent it in the header
+    /// (bare, or an RFC 8941 sf-string: `"abc"` and `abc` are one key).
+    ///
+    /// ```
+    /// use http::Method;
+    /// use tower_idempotency_core::ScopeHash;
+    ///
+    /// let scope = ScopeHash::for_key(Some(b"alice"), &Method::POST, "/v1/payments?x=1", "\"k-1\"")?;
+    /// assert_eq!(scope, ScopeHash::new(Some(b"alice"), &Method::POST, "/v1/payments", b"k-1"));
+    /// assert!(ScopeHash::for_key(None, &Method::POST, "/v1/payments", "").is_err());
+    /// # Ok::<(), tower_idempotency_core::KeyError>(())
+    /// ```
+    pub fn for_key(
+        tenant: Option<&[u8]>,
+        method: &Method,
+        path: &str,
+        key: &str,
+    ) -> Result<Self, crate::KeyError> {
+        let key = crate::IdempotencyKey::parse(key.as_bytes())?;
+        let path = path.split_once('?').map_or(path, |(path, _)| path);
+        Ok(ScopeHash::new(
+            tenant,
+            method,
+            path,
+            key.as_str().as_bytes(),
+        ))
+    }
+
     /// The scope of `key` for `tenant` (`None` = global scope) on `method` + `path`.
     pub fn new(tenant: Option<&[u8]>, method: &Method, path: &str, key: &[u8]) -> Self {
         static KEY: OnceLock<[u8; 32]> = OnceLock::new();

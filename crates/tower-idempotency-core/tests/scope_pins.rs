@@ -184,3 +184,51 @@ async fn the_scope_is_the_full_path_and_the_unescaped_key() {
         "the nested route hashes its full path, as ScopeHash::new does"
     );
 }
+
+/// An operator's [`ScopeHash::for_key`] names exactly the scope the layer used, for nested
+/// routes, query strings, quoted keys and keys full of punctuation.
+#[tokio::test]
+async fn an_operators_scope_is_the_layers() {
+    let cases: [(Method, &str, &str, Option<&str>, &str); 5] = [
+        (Method::POST, "/payments", "k1", None, "/payments"),
+        (
+            Method::PATCH,
+            "/payments?dry=1",
+            "\"k1\"",
+            None,
+            "/payments",
+        ),
+        (
+            Method::POST,
+            "/tenant/payments",
+            "k\\\"1",
+            Some("alice"),
+            "/tenant/payments",
+        ),
+        (
+            Method::POST,
+            "/api/v1/accounts/7/payments?x=1&y=2",
+            "~odd!key#with:punctuation",
+            Some("bob"),
+            "/api/v1/accounts/7/payments",
+        ),
+        (
+            Method::PATCH,
+            "/api/v1/accounts/8/payments",
+            "\"quoted-\\\\-and-\\\"-escaped\"",
+            Some("alice"),
+            "/api/v1/accounts/8/payments",
+        ),
+    ];
+    for (method, uri, key, tenant, path) in cases {
+        let layer = scope_of(method.clone(), uri, key, tenant).await;
+        let operator = ScopeHash::for_key(tenant.map(str::as_bytes), &method, uri, key)
+            .unwrap()
+            .to_hex();
+        assert_eq!(layer, operator, "{method} {uri} {key}");
+        let without_query = ScopeHash::for_key(tenant.map(str::as_bytes), &method, path, key)
+            .unwrap()
+            .to_hex();
+        assert_eq!(layer, without_query, "{method} {path} {key}");
+    }
+}
