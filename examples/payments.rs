@@ -341,9 +341,9 @@ pub fn tracked_app_on<St: Store>(
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Tenant(pub String);
 
-impl AsRef<str> for Tenant {
-    fn as_ref(&self) -> &str {
-        &self.0
+impl AsRef<[u8]> for Tenant {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
     }
 }
 

@@ -176,14 +176,14 @@ async fn a_byte_budget_bounds_the_heap_of_completed_records() {
             Err(StoreError::Full { .. }) => break,
             other => panic!("{other:?}"),
         }
-        let record = Record::Response(StoredResponse {
-            status: StatusCode::CREATED,
-            headers: vec![(
+        let record = Record::Response(StoredResponse::new(
+            StatusCode::CREATED,
+            vec![(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             )],
-            body: Bytes::from(vec![b'x'; 10_000]),
-        });
+            Bytes::from(vec![b'x'; 10_000]),
+        ));
         let done = store.complete(&scope(stored), token, &record, ttl).await;
         assert_eq!(done.unwrap(), Completion::Stored);
         stored += 1;
@@ -217,9 +217,9 @@ async fn the_redis_local_tier_holds_what_it_counts() {
     const TTL: Duration = Duration::from_secs(600);
     let _serial = SERIAL.lock().await;
     let record = |n: u64| {
-        Record::Response(StoredResponse {
-            status: StatusCode::CREATED,
-            headers: vec![
+        Record::Response(StoredResponse::new(
+            StatusCode::CREATED,
+            vec![
                 (
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),
@@ -229,8 +229,8 @@ async fn the_redis_local_tier_holds_what_it_counts() {
                     HeaderValue::from_str(&format!("req-{n:08}")).unwrap(),
                 ),
             ],
-            body: Bytes::from(format!("{{\"payment\":{n},\"amount\":1000}}")),
-        })
+            Bytes::from(format!("{{\"payment\":{n},\"amount\":1000}}")),
+        ))
     };
     let url = support::redis::redis_url().await;
     let prefix = support::unique_prefix("local-owned");

@@ -43,9 +43,9 @@ const FP: Fingerprint = Fingerprint::from_bytes([0x5a; 32]);
 const OTHER_FP: Fingerprint = Fingerprint::from_bytes([0xa5; 32]);
 
 fn response(body: impl Into<Bytes>) -> Record {
-    Record::Response(StoredResponse {
-        status: StatusCode::CREATED,
-        headers: vec![
+    Record::Response(StoredResponse::new(
+        StatusCode::CREATED,
+        vec![
             (
                 HeaderName::from_static("link"),
                 HeaderValue::from_static("</a>"),
@@ -59,8 +59,8 @@ fn response(body: impl Into<Bytes>) -> Record {
                 HeaderValue::from_bytes(&[0x80, 0xff, b'a', 0xfe]).unwrap(),
             ),
         ],
-        body: body.into(),
-    })
+        body.into(),
+    ))
 }
 
 /// Every byte value, twice, so any text decoding or escaping would show.
@@ -1545,11 +1545,11 @@ async fn the_local_tier_weighs_headers() {
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum();
-    let record = Record::Response(StoredResponse {
-        status: StatusCode::CREATED,
+    let record = Record::Response(StoredResponse::new(
+        StatusCode::CREATED,
         headers,
-        body: Bytes::from_static(b"{}"),
-    });
+        Bytes::from_static(b"{}"),
+    ));
     let s = scope();
     let token = FencingToken::generate();
     assert_eq!(reserve(&store, &s, token).await, Reservation::Reserved);

@@ -42,11 +42,11 @@ const LINK_DELAY: Duration = Duration::from_millis(200);
 // ---------------------------------------------------------------------------------------
 
 fn record(body: &'static str) -> Record {
-    Record::Response(StoredResponse {
-        status: StatusCode::CREATED,
-        headers: Vec::new(),
-        body: Bytes::from_static(body.as_bytes()),
-    })
+    Record::Response(StoredResponse::new(
+        StatusCode::CREATED,
+        Vec::new(),
+        Bytes::from_static(body.as_bytes()),
+    ))
 }
 
 /// A store on `url` with `prefix` and `wait_replicas(replicas, timeout)` (none if 0).

@@ -61,6 +61,7 @@ pub struct DetachedWork {
 /// [`DetachedWork::wait`] ran out of time: this many pieces of work were still running.
 /// Their leases expire on their own, and a retry after that runs the handler again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 #[error(
     "{running} idempotency task(s) still running at the end of the shutdown grace period; \
      their leases expire on their own"

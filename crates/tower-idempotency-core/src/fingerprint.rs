@@ -141,8 +141,8 @@ impl Fields {
 impl ScopeHash {
     /// The scope an operator names from what they know, hashed exactly as the layer
     /// hashes the request: the tenant (the bytes the layer's tenant source yields: the
-    /// `String` of `.tenant(..)` or `.tenant_from_extension::<T>()`, the field of
-    /// `.tenant_from_extension_with(..)`; `None` for `.global_scope()`), the method, the
+    /// `String` of `.tenant(..)`, the `AsRef<[u8]>` of `.tenant_from_extension::<T>()` or
+    /// of the field of `.tenant_from_extension_with(..)`; `None` for `.global_scope()`), the method, the
     /// full path the client sent (a query string is ignored: it is part of the
     /// fingerprint, not of the scope) and the key as the client sent it in the header
     /// (bare, or an RFC 8941 sf-string: `"abc"` and `abc` are one key).

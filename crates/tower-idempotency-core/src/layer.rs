@@ -225,24 +225,28 @@ impl<St: Store> IdempotencyLayer<St> {
     }
 
     /// Takes the tenant from the request extension of type `T` that an auth layer outside
-    /// this one set (a request without it gets 500 `scope-not-configured`).
+    /// this one set (a request without it gets 500 `scope-not-configured`): anything that
+    /// is `AsRef<[u8]>`, as for
+    /// [`tenant_from_extension_with`](Self::tenant_from_extension_with) — a `String`
+    /// newtype, a `uuid::Uuid` (its 16 bytes), a byte array. Nothing is allocated per
+    /// request.
     ///
     /// ```
     /// # use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
     /// #[derive(Clone)]
-    /// struct TenantId(String);
-    /// impl AsRef<str> for TenantId {
-    ///     fn as_ref(&self) -> &str { &self.0 }
+    /// struct TenantId([u8; 16]); // e.g. a UUID's bytes
+    /// impl AsRef<[u8]> for TenantId {
+    ///     fn as_ref(&self) -> &[u8] { &self.0 }
     /// }
     /// let layer = IdempotencyLayer::new(MemoryStore::default()).tenant_from_extension::<TenantId>();
     /// ```
     pub fn tenant_from_extension<T>(self) -> Self
     where
-        T: AsRef<str> + Send + Sync + 'static,
+        T: AsRef<[u8]> + Send + Sync + 'static,
     {
         self.resolve_tenant(|parts| {
             let tenant = parts.extensions.get::<T>()?;
-            Some(Cow::Borrowed(tenant.as_ref().as_bytes()))
+            Some(Cow::Borrowed(tenant.as_ref()))
         })
     }
 

@@ -43,6 +43,7 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 /// What a request does when its key is in flight elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum InFlight {
     /// Answer 409 `request-in-flight` with `Retry-After` at once (the default).
     Conflict,

@@ -23,11 +23,11 @@
 //! use http::{HeaderName, HeaderValue, StatusCode};
 //! use bytes::Bytes;
 //!
-//! let record = Record::Response(StoredResponse {
-//!     status: StatusCode::CREATED,
-//!     headers: vec![(HeaderName::from_static("location"), HeaderValue::from_static("/payments/1"))],
-//!     body: Bytes::from_static(b"{\"id\":1}"),
-//! });
+//! let record = Record::Response(StoredResponse::new(
+//!     StatusCode::CREATED,
+//!     vec![(HeaderName::from_static("location"), HeaderValue::from_static("/payments/1"))],
+//!     Bytes::from_static(b"{\"id\":1}"),
+//! ));
 //! let bytes = record.encode();
 //! assert_eq!(Record::decode(&bytes).unwrap(), record);
 //! ```
@@ -60,8 +60,9 @@ pub enum Record {
 }
 
 /// A response as it is stored and replayed: status, the headers kept (in order, repeated
-/// names kept) and the whole body.
+/// names kept) and the whole body. Build one with [`StoredResponse::new`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StoredResponse {
     /// The response status.
     pub status: StatusCode,
@@ -69,6 +70,30 @@ pub struct StoredResponse {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The full response body.
     pub body: Bytes,
+}
+
+impl StoredResponse {
+    /// A response to store or replay.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{header, HeaderValue, StatusCode};
+    /// use tower_idempotency_core::StoredResponse;
+    ///
+    /// let response = StoredResponse::new(
+    ///     StatusCode::CREATED,
+    ///     vec![(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+    ///     Bytes::from_static(b"{\"id\":1}"),
+    /// );
+    /// assert_eq!(response.status, StatusCode::CREATED);
+    /// ```
+    pub fn new(status: StatusCode, headers: Vec<(HeaderName, HeaderValue)>, body: Bytes) -> Self {
+        StoredResponse {
+            status,
+            headers,
+            body,
+        }
+    }
 }
 
 /// A stored record could not be decoded.
@@ -228,9 +253,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn sample() -> Record {
-        Record::Response(StoredResponse {
-            status: StatusCode::CREATED,
-            headers: vec![
+        Record::Response(StoredResponse::new(
+            StatusCode::CREATED,
+            vec![
                 (
                     HeaderName::from_static("link"),
                     HeaderValue::from_static("<a>"),
@@ -244,8 +269,8 @@ mod tests {
                     HeaderValue::from_bytes(&[0xff, 0xfe, b'a']).unwrap(),
                 ),
             ],
-            body: Bytes::from_static(&[0, 1, 2, 255, b'\n']),
-        })
+            Bytes::from_static(&[0, 1, 2, 255, b'\n']),
+        ))
     }
 
     #[test]
@@ -288,11 +313,7 @@ mod tests {
 
         #[test]
         fn any_body_round_trips(body in proptest::collection::vec(any::<u8>(), 0..4096), status in 100u16..600) {
-            let record = Record::Response(StoredResponse {
-                status: StatusCode::from_u16(status).unwrap(),
-                headers: vec![],
-                body: Bytes::from(body),
-            });
+            let record = Record::Response(StoredResponse::new(StatusCode::from_u16(status).unwrap(), vec![], Bytes::from(body)));
             prop_assert_eq!(Record::decode(&record.encode()), Ok(record));
         }
     }

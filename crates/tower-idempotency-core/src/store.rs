@@ -68,6 +68,7 @@ use crate::token::FencingToken;
 
 /// The answer to [`Store::reserve`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Reservation {
     /// The caller's token now holds a lease on the scope: run the handler.
     Reserved,
@@ -192,6 +193,7 @@ pub enum Resolved {
 
 /// The answer to [`Store::complete`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Completion {
     /// The record is stored (or was already stored by this same token).
     Stored,

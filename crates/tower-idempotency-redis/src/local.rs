@@ -241,11 +241,11 @@ fn owned(record: &Record) -> Option<Record> {
         copy.set_sensitive(value.is_sensitive());
         headers.push((name.clone(), copy));
     }
-    Some(Record::Response(StoredResponse {
-        status: response.status,
+    Some(Record::Response(StoredResponse::new(
+        response.status,
         headers,
-        body: Bytes::copy_from_slice(&response.body),
-    }))
+        Bytes::copy_from_slice(&response.body),
+    )))
 }
 
 /// What a record costs the tier.
@@ -270,11 +270,11 @@ mod tests {
     use http::StatusCode;
 
     fn record(body: usize) -> Record {
-        Record::Response(StoredResponse {
-            status: StatusCode::CREATED,
-            headers: vec![],
-            body: Bytes::from(vec![b'x'; body]),
-        })
+        Record::Response(StoredResponse::new(
+            StatusCode::CREATED,
+            vec![],
+            Bytes::from(vec![b'x'; body]),
+        ))
     }
 
     const FP: Fingerprint = Fingerprint::from_bytes([1; 32]);
@@ -307,14 +307,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn keeps_copies_that_share_nothing_with_the_reply() {
-        let record = Record::Response(StoredResponse {
-            status: StatusCode::CREATED,
-            headers: vec![(
+        let record = Record::Response(StoredResponse::new(
+            StatusCode::CREATED,
+            vec![(
                 HeaderName::from_static("x-request-id"),
                 HeaderValue::from_static("req-1"),
             )],
-            body: Bytes::from_static(b"paid"),
-        });
+            Bytes::from_static(b"paid"),
+        ));
         // A reply buffer with the record in the middle of much else, as a read buffer is.
         let mut buffer = vec![0u8; 64 * 1024];
         let encoded = record.encode();

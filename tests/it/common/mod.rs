@@ -976,11 +976,11 @@ pub async fn uncertain_keys_are_refused_until_resolved_or_forgotten<St: Store>(s
         }
         assert_eq!(h.runs(), 0);
         if decision == "resolve" {
-            let answer = Record::Response(tower_idempotency::StoredResponse {
-                status: StatusCode::CREATED,
-                headers: vec![(header::CONTENT_TYPE, "application/json".parse().unwrap())],
-                body: bytes::Bytes::from_static(b"{\"resolved\":true}"),
-            });
+            let answer = Record::Response(tower_idempotency::StoredResponse::new(
+                StatusCode::CREATED,
+                vec![(header::CONTENT_TYPE, "application/json".parse().unwrap())],
+                bytes::Bytes::from_static(b"{\"resolved\":true}"),
+            ));
             let ttl = Duration::from_secs(60);
             assert_eq!(
                 store.resolve(&scope, &answer, ttl).await.unwrap(),
