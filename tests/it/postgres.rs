@@ -333,7 +333,7 @@ async fn unreachable_postgres_is_503_or_pass_through() {
     for transactional in [false, true] {
         let mut store = PostgresStore::new(pool.clone())
             .table(direct.table_name())
-            .timeout(Duration::from_millis(300));
+            .command_timeout(Duration::from_millis(300));
         if transactional {
             store = store.transactional();
         }
@@ -540,7 +540,7 @@ async fn migrate_and_check() {
         .connect_lazy("postgres://postgres@127.0.0.1:1/test")
         .unwrap();
     assert!(PostgresStore::new(nowhere)
-        .timeout(Duration::from_millis(500))
+        .command_timeout(Duration::from_millis(500))
         .check()
         .await
         .is_err());

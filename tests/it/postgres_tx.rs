@@ -411,7 +411,7 @@ async fn a_repeatable_read_default_does_not_break_waiters() {
 async fn tx_a_foreign_lock_is_not_in_flight() {
     let store = support::postgres::transactional_store().await.map(|s| {
         s.lock_timeout(Duration::from_millis(100))
-            .timeout(Duration::from_secs(2))
+            .command_timeout(Duration::from_secs(2))
     });
     let (app, router) = TxApp::new(store.clone(), |l| l.in_flight(InFlight::Conflict)).await;
     let table = store.schema.table("idem");

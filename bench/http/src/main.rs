@@ -492,8 +492,7 @@ async fn serve_with(args: Args, schema: Option<&PgSchema>) -> Result<(), String>
             // The default transactional settings: lock timeout 250 ms, idle-in-transaction
             // limit = the layer's lease, store timeout 5 s.
             let store = PostgresStore::new(schema.pool.clone())
-                .try_table(&format!("{}.idempotency", schema.name))
-                .map_err(|e| format!("PostgresStore::table: {e}"))?
+                .table(&format!("{}.idempotency", schema.name))
                 .transactional();
             store
                 .migrate()

@@ -24,6 +24,7 @@ use crate::store::Store;
 /// panics there with a message that names the fix. Config is shared by every clone in an
 /// `Arc`, so a per-route clone is cheap. See the [crate docs](crate) for an example.
 #[derive(Clone, Debug)]
+#[must_use = "a layer does nothing until it is applied to a service (`.route_layer(..)`, `.layer(..)`)"]
 pub struct IdempotencyLayer<St> {
     pub(crate) store: St,
     pub(crate) policy: Arc<Policy>,

@@ -108,6 +108,7 @@ pub struct MemoryStore {
 /// assert_eq!((store.max_entries(), store.max_bytes()), (10_000, 32 << 20));
 /// ```
 #[derive(Clone, Debug)]
+#[must_use = "a builder does nothing until `.build()`"]
 pub struct MemoryStoreBuilder {
     max_entries: usize,
     max_bytes: usize,

@@ -263,7 +263,7 @@ pub(crate) async fn run(store: &PostgresStore) -> Result<CheckReport, PostgresSt
     let notify = within(
         timeout,
         sqlx::query("SELECT pg_notify($1, 'check')")
-            .bind(store.channel())
+            .bind(store.channel_name())
             .execute(pool),
     )
     .await
@@ -271,7 +271,7 @@ pub(crate) async fn run(store: &PostgresStore) -> Result<CheckReport, PostgresSt
     .map_err(|err| DisplayChain(&err).to_string());
     let listen_sql = format!(
         "LISTEN \"{c}\"; UNLISTEN \"{c}\"",
-        c = store.channel().replace('"', "\"\"")
+        c = store.channel_name().replace('"', "\"\"")
     );
     let listen = within(
         timeout,

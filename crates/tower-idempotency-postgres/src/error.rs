@@ -16,7 +16,7 @@ pub enum PostgresStoreError {
     /// Postgres answered with an error, or the connection failed.
     #[error("postgres query failed")]
     Sqlx(#[from] sqlx::Error),
-    /// Postgres did not answer within the store's [`timeout`](crate::PostgresStore::timeout).
+    /// Postgres did not answer within the store's [`command_timeout`](crate::PostgresStore::command_timeout).
     #[error("postgres did not answer within {0:?}")]
     Timeout(Duration),
     /// A stored record could not be decoded (e.g. written by a newer version).

@@ -36,7 +36,7 @@
 //!     .await?;
 //! let store = PostgresStore::new(pool)
 //!     .table("app.idempotency")
-//!     .timeout(Duration::from_secs(2));
+//!     .command_timeout(Duration::from_secs(2));
 //! store.migrate().await?; // CREATE TABLE IF NOT EXISTS ...
 //! let store = store.init().await?; // checks the server, logs its warnings
 //! println!("{}", store.check().await?);
@@ -89,7 +89,7 @@
 //!    has, a different payload gets 422. A reserving insert that waits on a lock that is
 //!    not a reservation's (a purge deleting the key's expired row, DDL) is tried again
 //!    after the store's [`lock_timeout`](PostgresStore::lock_timeout), up to its
-//!    [`timeout`](PostgresStore::timeout), then answered 503: never 409 for a key that
+//!    [`command_timeout`](PostgresStore::command_timeout), then answered 503: never 409 for a key that
 //!    nobody holds. Every reserving transaction runs at READ COMMITTED, whatever the
 //!    server's or role's default (at REPEATABLE READ a reserve that waited on a row
 //!    would fail when it commits), so the handler's queries in [`Tx`] run at READ
@@ -131,7 +131,7 @@
 //!
 //! Costs: each request in flight holds one pool connection from reserve to commit, so the
 //! pool's size bounds the requests in flight (a reserve that cannot get a connection
-//! within the store's [`timeout`](PostgresStore::timeout) is a 503). A new request costs 4
+//! within the store's [`command_timeout`](PostgresStore::command_timeout) is a 503). A new request costs 4
 //! round trips (`BEGIN` with its settings, `INSERT`, the record `UPDATE`, `COMMIT`) plus
 //! one per renewal, a replay or a conflict 3. The exactly-once guarantee covers what the
 //! handler writes through [`Tx`] to this database only: a call to a payment provider from
@@ -169,7 +169,7 @@ pub use check::{CheckReport, Privileges};
 pub use error::PostgresStoreError;
 pub use purge::PurgeTask;
 pub use round_trip::RoundTrips;
-pub use setup::{DEFAULT_LOCK_TIMEOUT, DEFAULT_TIMEOUT, MIGRATE_LOCK_TIMEOUT};
+pub use setup::{DEFAULT_COMMAND_TIMEOUT, DEFAULT_LOCK_TIMEOUT, MIGRATE_LOCK_TIMEOUT};
 pub use sql::DEFAULT_TABLE;
 pub use sqlx;
 pub use store::PostgresStore;

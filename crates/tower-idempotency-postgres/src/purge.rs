@@ -91,6 +91,7 @@ impl PostgresStore {
 /// The background purge of [`PostgresStore::spawn_purge`]. Dropping it stops the task
 /// too, without waiting.
 #[derive(Debug)]
+#[must_use = "dropping the PurgeTask stops purging: keep it for as long as purging should go on"]
 pub struct PurgeTask {
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,

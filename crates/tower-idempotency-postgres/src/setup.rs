@@ -14,8 +14,8 @@ use crate::sql::{channel_name, Statements, TableName, DEFAULT_TABLE};
 use crate::store::{IdleLimit, PostgresStore, Shared};
 use crate::subscriber::Hub;
 
-/// The default [`timeout`](PostgresStore::timeout) of each database call: 5 seconds.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default [`command_timeout`](PostgresStore::command_timeout) of each database call: 5 seconds.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The default [`lock_timeout`](PostgresStore::lock_timeout) of a transactional
 /// reservation: 250 ms.
@@ -33,9 +33,10 @@ pub const MIGRATE_LOCK_TIMEOUT: Duration = Duration::from_secs(2);
 impl PostgresStore {
     /// A store on the application's pool, plain mode, with the table [`DEFAULT_TABLE`]
     /// (`tower_idempotency`, in the connections' `search_path`), the timeout
-    /// [`DEFAULT_TIMEOUT`] and the table name as its channel. Does no I/O: call
+    /// [`DEFAULT_COMMAND_TIMEOUT`] and the table name as its channel. Does no I/O: call
     /// [`migrate`](Self::migrate) to create the table and [`init`](Self::init) to check
     /// the server.
+    #[must_use = "a store does nothing until a layer uses it"]
     pub fn new(pool: PgPool) -> Self {
         let table = match TableName::parse(DEFAULT_TABLE) {
             Ok(table) => table,
@@ -46,10 +47,12 @@ impl PostgresStore {
             pool,
             channel: Arc::from(table.plain()),
             sql: Arc::new(Statements::new(table)),
-            timeout: DEFAULT_TIMEOUT,
+            timeout: DEFAULT_COMMAND_TIMEOUT,
             transactional: false,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
             idle_limit: IdleLimit::Lease,
+            invalid_table: None,
+            invalid_channel: None,
             shared: Arc::new(Shared {
                 counters: Counters::default(),
                 hub: Hub::new(),
@@ -72,9 +75,9 @@ impl PostgresStore {
     /// ```
     pub async fn connect(url: &str) -> Result<Self, PostgresStoreError> {
         let pool = within(
-            DEFAULT_TIMEOUT,
+            DEFAULT_COMMAND_TIMEOUT,
             PgPoolOptions::new()
-                .acquire_timeout(DEFAULT_TIMEOUT)
+                .acquire_timeout(DEFAULT_COMMAND_TIMEOUT)
                 .connect(url),
         )
         .await?;
@@ -85,56 +88,64 @@ impl PostgresStore {
 
     /// The table: `name` or `schema.name`, each part a lowercase identifier
     /// (`[a-z_][a-z0-9_]*`), the whole at most 63 bytes; default [`DEFAULT_TABLE`]. Also
-    /// sets the channel to the same name unless [`channel`](Self::channel_name) set one.
+    /// sets the channel to the same name unless [`channel`](Self::channel) set one.
     ///
-    /// # Panics
-    ///
-    /// If the name is invalid; use [`try_table`](Self::try_table) for a name that is not
-    /// a literal.
-    pub fn table(self, name: &str) -> Self {
-        match self.try_table(name) {
-            Ok(store) => store,
-            Err(err) => panic!("{err}"),
+    /// Like every setter here it never panics: an invalid name is reported by
+    /// [`migrate`](Self::migrate), [`init`](Self::init) and [`check`](Self::check)
+    /// ([`PostgresStoreError::InvalidName`]); it never reaches SQL, and until it is fixed
+    /// every operation fails (the store's statements then name a table that does not
+    /// exist, so nothing is written anywhere).
+    pub fn table(mut self, name: &str) -> Self {
+        match TableName::parse(name) {
+            Ok(table) => {
+                if *self.channel == *self.sql.table.plain() {
+                    self.channel = Arc::from(table.plain());
+                }
+                self.sql = Arc::new(Statements::new(table));
+                self.invalid_table = None;
+            }
+            Err(err) => {
+                self.sql = Arc::new(Statements::new(TableName::unusable()));
+                self.invalid_table = Some(Arc::new(err));
+            }
         }
-    }
-
-    /// Like [`table`](Self::table), but an invalid name is an
-    /// [`PostgresStoreError::InvalidName`].
-    pub fn try_table(mut self, name: &str) -> Result<Self, PostgresStoreError> {
-        let table = TableName::parse(name)?;
-        if *self.channel == *self.sql.table.plain() {
-            self.channel = Arc::from(table.plain());
-        }
-        self.sql = Arc::new(Statements::new(table));
-        Ok(self)
+        self
     }
 
     /// The `LISTEN`/`NOTIFY` channel of wake-ups; default: the table name. Every process
-    /// sharing the table must use the same one.
-    ///
-    /// # Panics
-    ///
-    /// If the name is not one or two dot-separated lowercase identifiers of at most 63
-    /// bytes; see [`try_channel`](Self::try_channel).
-    pub fn channel_name(self, name: &str) -> Self {
-        match self.try_channel(name) {
-            Ok(store) => store,
-            Err(err) => panic!("{err}"),
-        }
+    /// sharing the table must use the same one. One or two dot-separated lowercase
+    /// identifiers of at most 63 bytes; an invalid name is reported by
+    /// [`init`](Self::init) and [`check`](Self::check) (waiters then poll), never a panic.
+    pub fn channel(mut self, name: &str) -> Self {
+        self.invalid_channel = channel_name(name).err().map(Arc::new);
+        self.channel = Arc::from(name);
+        self
     }
 
-    /// Like [`channel_name`](Self::channel_name), but an invalid name is an error.
-    pub fn try_channel(mut self, name: &str) -> Result<Self, PostgresStoreError> {
-        channel_name(name)?;
-        self.channel = Arc::from(name);
-        Ok(self)
+    /// The first setting a setter could not accept, if any.
+    pub(crate) fn invalid_setting(&self) -> Result<(), PostgresStoreError> {
+        match self
+            .invalid_table
+            .as_deref()
+            .or(self.invalid_channel.as_deref())
+        {
+            Some(PostgresStoreError::InvalidName { what, name, why }) => {
+                Err(PostgresStoreError::InvalidName {
+                    what,
+                    name: name.clone(),
+                    why,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// How long one database call may take (acquiring a connection included) before it
     /// fails with [`PostgresStoreError::Timeout`] (for the layer a backend error: 503, or
-    /// a pass-through under a fail-open policy): default [`DEFAULT_TIMEOUT`] (5 s). Keep
+    /// a pass-through under a fail-open policy): default [`DEFAULT_COMMAND_TIMEOUT`] (5 s),
+    /// the same name and meaning as the Redis store's. Keep
     /// it below the pool's own `acquire_timeout` (sqlx's default is 30 s).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
@@ -158,7 +169,7 @@ impl PostgresStore {
     /// lock): the wait is for the rare rest — an owner caught between its insert and its
     /// lock, or a lock that is not a reservation (a purge deleting the key's expired row,
     /// DDL on the table). After it, the reservation is "in flight" only if an owner holds
-    /// the key; otherwise it is tried again, up to the store's [`timeout`](Self::timeout),
+    /// the key; otherwise it is tried again, up to the store's [`command_timeout`](Self::command_timeout),
     /// and then fails ([`PostgresStoreError::Locked`]: 503, never 409 for a key that nobody
     /// holds). `Duration::ZERO` waits 1 ms (to Postgres, 0 would mean "for ever"); values
     /// above Postgres's limit (2^31 - 1 ms, ~24.8 days) are clamped to it.
@@ -206,12 +217,13 @@ impl PostgresStore {
     ///   queues behind it (nor makes new reservations queue behind its DDL).
     /// - Otherwise it runs the schema in one transaction under an advisory lock (so
     ///   concurrent calls are safe), with the server's `lock_timeout` at
-    ///   [`MIGRATE_LOCK_TIMEOUT`] (or half the store's [`timeout`](Self::timeout), if
+    ///   [`MIGRATE_LOCK_TIMEOUT`] (or half the store's [`command_timeout`](Self::command_timeout), if
     ///   shorter): a lock it cannot get in that time fails with
     ///   [`PostgresStoreError::Locked`], and the server gives up waiting as well.
     ///
     /// Needs `CREATE` on the schema when it creates; the schema itself must exist.
     pub async fn migrate(&self) -> Result<(), PostgresStoreError> {
+        self.invalid_setting()?;
         if self.schema_is_current().await? {
             return Ok(());
         }
@@ -258,6 +270,7 @@ impl PostgresStore {
     /// the report ([`check_report`](Self::check_report)) and returns the store. Fails only
     /// if the server is unreachable.
     pub async fn init(self) -> Result<Self, PostgresStoreError> {
+        self.invalid_setting()?;
         let report = self.check().await?;
         for warning in report.warnings() {
             tracing::warn!(table = self.table_name(), "{warning}");
@@ -276,6 +289,7 @@ impl PostgresStore {
     /// delete in it, and whether `NOTIFY` works on the store's channel. Everything but an
     /// unreachable server is a warning in the report, never an error.
     pub async fn check(&self) -> Result<CheckReport, PostgresStoreError> {
+        self.invalid_setting()?;
         check::run(self).await
     }
 }
@@ -292,20 +306,51 @@ mod tests {
     async fn table_sets_the_channel_unless_one_was_chosen() {
         let store = PostgresStore::new(lazy_pool());
         assert_eq!(store.table_name(), DEFAULT_TABLE);
-        assert_eq!(store.channel(), DEFAULT_TABLE);
+        assert_eq!(store.channel_name(), DEFAULT_TABLE);
         let store = store.table("app.idem");
-        assert_eq!(store.channel(), "app.idem");
+        assert_eq!(store.channel_name(), "app.idem");
         let store = PostgresStore::new(lazy_pool())
-            .channel_name("idem_done")
+            .channel("idem_done")
             .table("app.idem");
-        assert_eq!(store.channel(), "idem_done");
-        assert!(PostgresStore::new(lazy_pool()).try_table("App").is_err());
-        assert!(PostgresStore::new(lazy_pool()).try_channel("a b").is_err());
+        assert_eq!(store.channel_name(), "idem_done");
     }
 
+    /// Invalid names never panic and never reach SQL: they are reported by `migrate`,
+    /// `init` and `check` (before any I/O), and a later valid name clears them.
     #[tokio::test]
-    #[should_panic(expected = "invalid table name")]
-    async fn table_panics_on_an_invalid_name() {
-        let _ = PostgresStore::new(lazy_pool()).table("idem; DROP TABLE x");
+    async fn invalid_names_are_reported_not_panicked() {
+        let store = PostgresStore::new(lazy_pool()).table("idem; DROP TABLE x");
+        assert!(!store.sql.reserve.contains("DROP TABLE"));
+        for err in [
+            store.migrate().await.unwrap_err(),
+            store.check().await.unwrap_err(),
+            store.clone().init().await.unwrap_err(),
+        ] {
+            assert!(
+                matches!(
+                    err,
+                    PostgresStoreError::InvalidName {
+                        what: "table name",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+        assert!(store.table("idem").invalid_setting().is_ok());
+        let err = PostgresStore::new(lazy_pool())
+            .channel("a b")
+            .invalid_setting()
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PostgresStoreError::InvalidName {
+                    what: "channel name",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -100,6 +100,19 @@ impl TableName {
         })
     }
 
+    /// A table that does not exist, for a store whose name was refused: its statements
+    /// then fail at the server ("relation does not exist"), and the refused name itself
+    /// never reaches SQL. `migrate()` refuses to create it.
+    pub(crate) fn unusable() -> Self {
+        let name = "tower_idempotency_invalid_table_name";
+        TableName {
+            plain: name.to_owned(),
+            quoted: format!("\"{name}\""),
+            index: format!("\"{name}_idx\""),
+            qualified_index: format!("\"{name}_idx\""),
+        }
+    }
+
     /// As given, e.g. `app.idempotency`.
     pub(crate) fn plain(&self) -> &str {
         &self.plain

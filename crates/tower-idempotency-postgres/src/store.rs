@@ -90,6 +90,10 @@ pub struct PostgresStore {
     pub(crate) transactional: bool,
     pub(crate) lock_timeout: Duration,
     pub(crate) idle_limit: IdleLimit,
+    /// Why the last [`table`](PostgresStore::table) or
+    /// [`channel`](PostgresStore::channel) name was refused, reported at `init`.
+    pub(crate) invalid_table: Option<Arc<PostgresStoreError>>,
+    pub(crate) invalid_channel: Option<Arc<PostgresStoreError>>,
     pub(crate) shared: Arc<Shared>,
 }
 
@@ -226,7 +230,7 @@ impl PostgresStore {
     }
 
     /// The `LISTEN`/`NOTIFY` channel of wake-ups.
-    pub fn channel(&self) -> &str {
+    pub fn channel_name(&self) -> &str {
         &self.channel
     }
 

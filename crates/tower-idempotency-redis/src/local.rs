@@ -67,6 +67,7 @@ const HEADER_OVERHEAD: usize = size_of::<(HeaderName, HeaderValue)>() + 2 * SHAR
 /// assert_eq!(tier.bytes(), 16 * 1024 * 1024);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
 pub struct LocalReplays {
     max_bytes: u64,
     max_age: Duration,

@@ -96,35 +96,24 @@ where
             wait_connections: DEFAULT_WAIT_CONNECTIONS,
             local: Some(Arc::new(LocalTier::new(LocalReplays::default()))),
             starts_client: false,
+            prefix_valid: true,
         }
     }
 
     /// The prefix of every key and channel the store uses; default [`DEFAULT_PREFIX`]
     /// (`idem:`). Give each application (or environment) sharing one Redis its own.
     ///
-    /// # Panics
-    ///
-    /// If `prefix` contains `{` or `}`: the scope part of each key is a Redis Cluster hash
-    /// tag, and braces in the prefix would change which part Redis hashes. Use
-    /// [`try_prefix`](Self::try_prefix) for a prefix that is not a literal.
-    pub fn prefix(self, prefix: impl Into<String>) -> Self {
-        match self.try_prefix(prefix) {
-            Ok(store) => store,
-            Err(err) => panic!("{err}"),
-        }
-    }
-
-    /// Like [`prefix`](Self::prefix), but a prefix containing `{` or `}` is an
-    /// [`RedisStoreError::InvalidPrefix`] instead of a panic.
+    /// It must not contain `{` or `}`: the scope part of each key is a Redis Cluster hash
+    /// tag, and braces in the prefix would change which part Redis hashes. Like every
+    /// setter here it never panics: an invalid prefix is reported by [`init`](Self::init)
+    /// ([`RedisStoreError::InvalidPrefix`]), and every operation fails with that error
+    /// until it is fixed (so nothing is ever written under it).
     ///
     /// A store given another prefix than it had gets a local replay tier of its own (empty,
     /// with the same settings): a clone under another prefix is another namespace, and
     /// never replays, or refuses with 422, what it kept for the other one.
-    pub fn try_prefix(mut self, prefix: impl Into<String>) -> Result<Self, RedisStoreError> {
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         let prefix = prefix.into();
-        if prefix.contains(['{', '}']) {
-            return Err(RedisStoreError::InvalidPrefix(prefix));
-        }
         if *self.prefix != *prefix {
             // The tier is keyed by scope hash alone: shared with a store under another
             // prefix, it would replay that namespace's records here, or answer 422 for
@@ -133,8 +122,18 @@ where
                 .local
                 .map(|tier| Arc::new(LocalTier::new(tier.settings())));
         }
+        self.prefix_valid = !prefix.contains(['{', '}']);
         self.prefix = Arc::from(prefix);
-        Ok(self)
+        self
+    }
+
+    /// [`RedisStoreError::InvalidPrefix`] if the prefix is not one the store can use.
+    pub(crate) fn check_prefix(&self) -> Result<(), RedisStoreError> {
+        if self.prefix_valid {
+            Ok(())
+        } else {
+            Err(RedisStoreError::InvalidPrefix(self.prefix.to_string()))
+        }
     }
 
     /// How long one store operation may wait for Redis before it fails with
@@ -211,6 +210,7 @@ where
     /// ([`check_report`](Self::check_report)). With
     /// [`wait_replicas`](Self::wait_replicas), also opens the dedicated connections.
     pub async fn init(self) -> Result<Self, RedisStoreError> {
+        self.check_prefix()?;
         if self.starts_client && !self.client.is_connected() {
             // `init` connects and resolves with the first connection's outcome.
             within(DEFAULT_CONNECT_TIMEOUT, self.client.init()).await?;

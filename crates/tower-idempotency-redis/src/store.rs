@@ -48,6 +48,9 @@ pub struct RedisStore<C> {
     /// belongs to one namespace: whatever changes [`key`](RedisStore::key) (the prefix)
     /// must give the store a tier of its own.
     pub(crate) local: Option<Arc<LocalTier>>,
+    /// `false` when [`prefix`](RedisStore::prefix) was given braces: every operation then
+    /// fails with [`RedisStoreError::InvalidPrefix`].
+    pub(crate) prefix_valid: bool,
     /// Whether [`init`](RedisStore::init) connects the client (one made by
     /// [`from_url`](RedisStore::from_url)) rather than wait for the application to.
     pub(crate) starts_client: bool,
@@ -116,6 +119,7 @@ where
         key: String,
         args: Vec<Value>,
     ) -> Result<Value, RedisStoreError> {
+        self.check_prefix()?;
         eval_on(
             &self.client,
             &self.shared.counters,
@@ -417,17 +421,33 @@ mod tests {
         );
     }
 
-    #[test]
-    fn braces_in_the_prefix_are_rejected() {
+    #[tokio::test]
+    async fn braces_in_the_prefix_are_reported_never_panicked() {
         for bad in ["a{b", "a}b", "{x}:"] {
-            let err = RedisStore::new(Client::default())
-                .try_prefix(bad)
+            let store = RedisStore::new(Client::default()).prefix(bad);
+            let scope = ScopeHash::from_bytes([1; 32]);
+            let fp = Fingerprint::from_bytes([2; 32]);
+            let err = store
+                .reserve(
+                    &scope,
+                    &fp,
+                    FencingToken::generate(),
+                    Duration::from_secs(1).into(),
+                )
+                .await
                 .unwrap_err();
+            assert!(err.to_string().contains("unavailable"), "{err}");
+            let err = store.init().await.unwrap_err();
             assert!(
                 matches!(err, RedisStoreError::InvalidPrefix(ref p) if p == bad),
                 "{err}"
             );
         }
+        assert!(RedisStore::new(Client::default())
+            .prefix("a{b")
+            .prefix("ok:")
+            .check_prefix()
+            .is_ok());
     }
 
     #[test]
@@ -449,11 +469,5 @@ mod tests {
             .local_replays(None)
             .prefix("x:");
         assert!(off.local.is_none(), "an off tier stays off");
-    }
-
-    #[test]
-    #[should_panic(expected = "invalid key prefix")]
-    fn prefix_panics_on_braces() {
-        let _ = RedisStore::new(Client::default()).prefix("tenant{1}:");
     }
 }
