@@ -16,7 +16,7 @@ use axum::Router;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_idempotency::{IdempotencyLayer, MemoryStore, Store};
+use tower_idempotency::{BoxStore, IdempotencyLayer, MemoryStore, Store};
 use tower_idempotency_redis::fred;
 
 const BODY: &str = r#"{"amount":1250,"currency":"EUR","reference":"order-8e03978e"}"#;
@@ -90,6 +90,13 @@ fn benches(c: &mut Criterion) {
         .build()
         .expect("runtime");
     bench_store(c, &rt, "memory", MemoryStore::default());
+    // The same store chosen at run time: a boxed future and a dynamic call per store call.
+    bench_store(
+        c,
+        &rt,
+        "memory-boxed",
+        BoxStore::new(MemoryStore::default()),
+    );
 
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     match rt.block_on(redis_store(&url)) {

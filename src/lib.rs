@@ -136,11 +136,11 @@
 
 #[doc(inline)]
 pub use tower_idempotency_core::{
-    BoxError, Completion, DecodeError, DetachedWork, DisplayChain, FencingToken, Fingerprint,
-    Idempotency, IdempotencyKey, IdempotencyLayer, InFlight, KeyError, KeyState, LeaseTerms,
-    Policy, PolicyError, Problem, Record, Rejection, RequestBody, Reservation, Resolved,
-    ResponseBody, ResponseFuture, ScopeHash, Store, StoreError, StorePolicy, StoredResponse,
-    Subscription, Uncertain, Unfinished, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
+    BoxError, BoxStore, BoxSubscription, Completion, DecodeError, DetachedWork, DisplayChain,
+    FencingToken, Fingerprint, Idempotency, IdempotencyKey, IdempotencyLayer, InFlight, KeyError,
+    KeyState, LeaseTerms, Policy, PolicyError, Problem, Record, Rejection, RequestBody,
+    Reservation, Resolved, ResponseBody, ResponseFuture, ScopeHash, Store, StoreError, StorePolicy,
+    StoredResponse, Subscription, Uncertain, Unfinished, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
 };
 
 #[doc(inline)]

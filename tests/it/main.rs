@@ -20,6 +20,7 @@
 //! | `tower_http` | tower-http's layers inside and outside ours (timeout, compression, body limits, request ids, catch-panic, CORS, trace), and the README's stack |
 //! | `soak` | the example app on its own AOF Redis, restarted mid-run |
 //! | `nemesis` | two example processes on one store (Redis, transactional Postgres), a seeded fault schedule, retrying clients, the guarantees checked from what survives a SIGKILL |
+//! | `tls` | `rediss://` and `sslmode=require` through the facade's TLS features |
 //! | `support_selftest` | the test support itself |
 
 #[macro_use]
@@ -48,4 +49,5 @@ mod redis_store;
 mod replication;
 mod soak;
 mod support_selftest;
+mod tls;
 mod tower_http;

@@ -232,3 +232,10 @@ async fn released_keys_give_their_bytes_back() {
     let r = send(&h.router, post("/pay", Some("after"), "{}")).await;
     assert_eq!(r.status, StatusCode::CREATED);
 }
+
+/// The whole suite through a [`BoxStore`](tower_idempotency::BoxStore): a store chosen at
+/// run time behaves exactly like the one it boxes.
+mod boxed {
+    use tower_idempotency::{BoxStore, MemoryStore};
+    store_suite!(|| async { BoxStore::new(MemoryStore::default()) });
+}

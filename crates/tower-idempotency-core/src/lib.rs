@@ -36,6 +36,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod body;
+pub mod boxed;
 mod buffer;
 mod claim;
 mod collect;
@@ -62,6 +63,7 @@ mod token;
 mod work;
 
 pub use body::{BoxError, RequestBody, ResponseBody};
+pub use boxed::{BoxStore, BoxSubscription};
 pub use detach::{DetachedWork, Unfinished};
 pub use fingerprint::{Fingerprint, ScopeHash};
 pub use future::ResponseFuture;
