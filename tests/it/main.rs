@@ -8,7 +8,7 @@
 //! | module | what |
 //! | --- | --- |
 //! | `common` | the one shared store suite (`store_suite!`), the test app and the fault-injecting store wrapper |
-//! | `support` | Redis servers and clusters for tests, the TCP fault proxy, the counting metrics recorder |
+//! | `support` | Redis servers and clusters for tests, Postgres discovery and a throwaway cluster, the TCP fault proxy, the counting metrics recorder |
 //! | `memory`, `redis` | the suite on `MemoryStore` and on `RedisStore`, plus store-specific cases |
 //! | `redis_store` | the Redis store alone: Lua semantics, NOSCRIPT, commandstats, check(), pub/sub, ACL, cluster |
 //! | `faults` | through the fault proxy: unreachable, cut, restart, latency, lost replies, hang-ups |

@@ -322,10 +322,8 @@ async fn two_app_servers_run_one_key_once() {
 async fn unreachable_postgres_is_503_or_pass_through() {
     use support::proxy::FaultProxy;
     let direct = support::postgres::store().await;
-    let upstream = "127.0.0.1:5432".parse().unwrap();
-    let proxy = FaultProxy::start(upstream).await;
-    let url =
-        support::postgres::database_url().replace("127.0.0.1:5432", &proxy.addr().to_string());
+    let proxy = FaultProxy::start(support::postgres::server_addr()).await;
+    let url = support::postgres::database_url_via(proxy.addr());
     let pool = tower_idempotency::postgres::sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .connect_lazy(&url)

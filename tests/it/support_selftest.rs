@@ -297,3 +297,227 @@ fn ping_calls(port: u16) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
+
+/// Where the tests' Postgres is (`support::pg_server`): the decision apart from the world,
+/// the search for the server binaries, and a throwaway cluster started and stopped.
+mod postgres_discovery {
+    use std::path::{Path, PathBuf};
+
+    use crate::support::pg_server::{
+        discover, find_bin_dir, host_port, probe, with_host_port, Cluster, Probe, Settings,
+        NO_POSTGRES, SHARED_URL,
+    };
+
+    const STALE: &str = "postgres://postgres@127.0.0.1:1/test";
+    const THROWAWAY: &str = "postgres://postgres@127.0.0.1:4242/test";
+
+    /// Runs [`discover`] with canned probe answers; returns its result and what it probed
+    /// and started, in order.
+    fn run(
+        settings: &Settings,
+        answers: &[(&str, Probe)],
+    ) -> (Result<String, String>, Vec<String>) {
+        let mut calls = Vec::new();
+        let result = {
+            let calls = std::cell::RefCell::new(&mut calls);
+            let mut probe = |url: &str| {
+                calls.borrow_mut().push(format!("probe {url}"));
+                answers
+                    .iter()
+                    .find(|(u, _)| *u == url)
+                    .map_or(Probe::Nobody("refused".into()), |(_, p)| p.clone())
+            };
+            let mut start = |bin: &Path| {
+                calls.borrow_mut().push(format!("start {}", bin.display()));
+                Ok(THROWAWAY.to_string())
+            };
+            discover(settings, &mut probe, &mut start)
+        };
+        (result.map(|(url, _)| url), calls)
+    }
+
+    fn settings(database_url: Option<&str>, bin: bool) -> Settings {
+        Settings {
+            database_url: database_url.map(str::to_owned),
+            skip_shared: false,
+            no_throwaway: false,
+            bin_dir: bin.then(|| PathBuf::from("/pg/bin")),
+        }
+    }
+
+    #[test]
+    fn database_url_that_answers_is_used_alone() {
+        let (url, calls) = run(
+            &settings(Some("postgres://x@h/db"), true),
+            &[("postgres://x@h/db", Probe::Answers)],
+        );
+        assert_eq!(url.unwrap(), "postgres://x@h/db");
+        assert_eq!(calls, ["probe postgres://x@h/db"]);
+    }
+
+    #[test]
+    fn database_url_that_refuses_is_an_error_not_a_fallback() {
+        let answers = [
+            (
+                "postgres://x@h/db",
+                Probe::Refuses("password authentication failed".into()),
+            ),
+            (SHARED_URL, Probe::Answers),
+        ];
+        let (url, calls) = run(&settings(Some("postgres://x@h/db"), true), &answers);
+        let err = url.unwrap_err();
+        assert!(err.contains("password authentication failed"), "{err}");
+        assert_eq!(calls.len(), 1, "{calls:?}");
+    }
+
+    #[test]
+    fn stale_database_url_falls_back_to_the_shared_server_then_a_throwaway() {
+        let (url, calls) = run(
+            &settings(Some(STALE), true),
+            &[(SHARED_URL, Probe::Answers)],
+        );
+        assert_eq!(url.unwrap(), SHARED_URL);
+        assert_eq!(
+            calls,
+            [format!("probe {STALE}"), format!("probe {SHARED_URL}")]
+        );
+
+        // A shared server that refuses us is someone else's: on to the throwaway.
+        let refusing = [(
+            SHARED_URL,
+            Probe::Refuses("database \"test\" does not exist".into()),
+        )];
+        let (url, calls) = run(&settings(Some(STALE), true), &refusing);
+        assert_eq!(url.unwrap(), THROWAWAY);
+        assert_eq!(calls.last().unwrap(), "start /pg/bin");
+
+        let (url, _) = run(&settings(None, true), &[]);
+        assert_eq!(url.unwrap(), THROWAWAY);
+    }
+
+    #[test]
+    fn skipping_the_shared_server_never_probes_it() {
+        let mut s = settings(Some(STALE), true);
+        s.skip_shared = true;
+        let (url, calls) = run(&s, &[(SHARED_URL, Probe::Answers)]);
+        assert_eq!(url.unwrap(), THROWAWAY);
+        assert_eq!(
+            calls,
+            [format!("probe {STALE}"), "start /pg/bin".to_string()]
+        );
+    }
+
+    #[test]
+    fn without_server_binaries_it_fails_with_the_hint() {
+        let (url, calls) = run(&settings(Some(STALE), false), &[]);
+        let err = url.unwrap_err();
+        assert!(err.starts_with(NO_POSTGRES), "{err}");
+        assert!(err.contains("docker compose up -d postgres"), "{err}");
+        assert!(
+            err.contains(STALE) && err.contains(SHARED_URL),
+            "says what it tried: {err}"
+        );
+        assert!(err.contains("no `initdb` and `postgres`"), "{err}");
+        assert!(!calls.iter().any(|c| c.starts_with("start")), "{calls:?}");
+
+        let mut s = settings(None, true);
+        s.no_throwaway = true;
+        let (url, calls) = run(&s, &[]);
+        let err = url.unwrap_err();
+        assert!(err.contains("TIDEM_TEST_NO_THROWAWAY_POSTGRES"), "{err}");
+        assert!(!calls.iter().any(|c| c.starts_with("start")), "{calls:?}");
+    }
+
+    #[test]
+    fn a_failed_start_is_reported_with_the_hint() {
+        let mut probe = |_: &str| Probe::Nobody("refused".into());
+        let mut start = |_: &Path| Err("initdb failed: exit status: 1".to_string());
+        let err = discover(&settings(None, true), &mut probe, &mut start).unwrap_err();
+        assert!(
+            err.starts_with(NO_POSTGRES) && err.contains("initdb failed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn server_binaries_are_found_on_path_else_the_newest_debian_dir() {
+        let root = std::env::temp_dir().join(format!("tidem-pgbin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let exe = |dir: &Path, names: &[&str]| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir_all(dir).unwrap();
+            for n in names {
+                let f = dir.join(n);
+                std::fs::write(&f, "#!/bin/sh\n").unwrap();
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
+        };
+        let lib = root.join("lib");
+        exe(&lib.join("9.6/bin"), &["initdb", "postgres"]);
+        exe(&lib.join("15/bin"), &["initdb", "postgres"]);
+        exe(&lib.join("16/bin"), &["initdb"]); // incomplete: not a candidate
+        exe(&lib.join("10/bin"), &["initdb", "postgres"]);
+        let only_initdb = root.join("path1");
+        exe(&only_initdb, &["initdb"]);
+        let both = root.join("path2");
+        exe(&both, &["initdb", "postgres"]);
+
+        let path = std::env::join_paths([&only_initdb]).unwrap();
+        assert_eq!(find_bin_dir(Some(&path), &lib), Some(lib.join("15/bin")));
+        let path = std::env::join_paths([&only_initdb, &both]).unwrap();
+        assert_eq!(find_bin_dir(Some(&path), &lib), Some(both.clone()));
+        assert_eq!(find_bin_dir(None, &root.join("missing")), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn urls_are_split_and_rerouted() {
+        let url = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable";
+        assert_eq!(host_port(url), Some(("127.0.0.1".into(), 5432)));
+        assert_eq!(
+            host_port("postgres://u:p@localhost/db"),
+            Some(("localhost".into(), 5432))
+        );
+        assert_eq!(
+            host_port("postgres://[::1]:6000/db"),
+            Some(("[::1]".into(), 6000))
+        );
+        assert_eq!(
+            with_host_port(url, "127.0.0.1:7".parse().unwrap()).unwrap(),
+            "postgres://postgres@127.0.0.1:7/test?sslmode=disable"
+        );
+        assert_eq!(
+            with_host_port("postgres://u:p@h", "127.0.0.1:7".parse().unwrap()).unwrap(),
+            "postgres://u:p@127.0.0.1:7"
+        );
+    }
+
+    /// A cluster of its own (not the one the suite may be using): it takes connections,
+    /// has `test`, and stopping it (what this process's exit does too: the guard's stdin
+    /// closes) ends the server and removes its dir.
+    #[test]
+    fn throwaway_cluster_starts_and_is_gone_after_stop() {
+        let Some(bin) = find_bin_dir(
+            std::env::var_os("PATH").as_deref(),
+            Path::new("/usr/lib/postgresql"),
+        ) else {
+            eprintln!("skipping: no initdb and postgres on PATH or under /usr/lib/postgresql");
+            return;
+        };
+        let mut cluster = Cluster::start(&bin).unwrap_or_else(|e| panic!("{e}"));
+        let (url, dir, port) = (
+            cluster.url().to_string(),
+            cluster.dir().to_path_buf(),
+            cluster.port(),
+        );
+        assert_eq!(url, format!("postgres://postgres@127.0.0.1:{port}/test"));
+        assert_eq!(probe(&url), Probe::Answers);
+        assert!(dir.join("data/PG_VERSION").exists());
+        cluster.stop();
+        assert!(!dir.exists(), "{} left behind", dir.display());
+        assert!(
+            matches!(probe(&url), Probe::Nobody(_)),
+            "server still up after stop"
+        );
+    }
+}

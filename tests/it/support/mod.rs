@@ -1,6 +1,7 @@
 //! Shared support for the integration tests; include it with `mod support;` at the top of
 //! a test file. [`redis`] finds or spawns Redis servers, [`cluster`] starts a 3-master
-//! cluster, [`proxy`] is a fault-injection TCP proxy for network failure tests.
+//! cluster, [`pg_server`] finds Postgres or starts a throwaway cluster, [`proxy`] is a
+//! fault-injection TCP proxy for network failure tests.
 
 // Each test binary compiles its own copy of this module and uses only part of it, so
 // without this every binary would warn about the helpers it happens not to call.
@@ -8,6 +9,7 @@
 
 pub mod cluster;
 pub mod metrics;
+pub mod pg_server;
 pub mod postgres;
 pub mod proxy;
 pub mod redis;

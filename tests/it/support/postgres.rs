@@ -1,11 +1,14 @@
 #![cfg(feature = "postgres")]
-//! Postgres for integration tests (feature `postgres`): [`database_url`] finds the shared
-//! server, [`TestSchema`] is a schema of one test's own, dropped when the test is done,
-//! and [`TestStore`] is a `PostgresStore` on a table in it that keeps the schema alive.
+//! Postgres for integration tests (feature `postgres`): [`database_url`] finds the server
+//! (`DATABASE_URL`, the shared one at 127.0.0.1:5432, or a throwaway cluster: see
+//! [`pg_server`](super::pg_server)), [`TestSchema`] is a schema of one test's own, dropped
+//! when the test is done, and [`TestStore`] is a `PostgresStore` on a table in it that
+//! keeps the schema alive.
 //!
-//! The server is shared (and never reset): every test works in its own schema
+//! The server may be shared (and is never reset): every test works in its own schema
 //! `tidem_<pid>_<nanos>_<n>` and drops only that.
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,15 +20,31 @@ use tower_idempotency::{
     Completion, FencingToken, Fingerprint, Record, Reservation, ScopeHash, Store, StoreError,
 };
 
-const NO_POSTGRES: &str = "no Postgres answered: set DATABASE_URL, or start one with \
-    `docker compose up -d postgres` (postgres:15, trust auth, database `test`)";
+use super::pg_server::{self, NO_POSTGRES};
 
-/// `DATABASE_URL`, else `postgres://postgres@127.0.0.1:5432/test`.
+/// The test server's URL, found once per process: `DATABASE_URL` if it answers, else
+/// `postgres://postgres@127.0.0.1:5432/test` if that does, else a throwaway cluster of
+/// this process; panics with the `docker compose up -d postgres` hint otherwise. The
+/// first call may block a few seconds. See [`pg_server`](super::pg_server).
 pub fn database_url() -> String {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.trim().is_empty() => url,
-        _ => "postgres://postgres@127.0.0.1:5432/test".to_string(),
-    }
+    pg_server::database_url()
+}
+
+/// The server's address, for a proxy in front of it.
+pub fn server_addr() -> SocketAddr {
+    let url = database_url();
+    let (host, port) = pg_server::host_port(&url).unwrap_or_else(|| panic!("not a URL: {url}"));
+    (host.trim_matches(['[', ']']), port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .unwrap_or_else(|| panic!("cannot resolve the host of {url}"))
+}
+
+/// [`database_url`] with its host and port replaced by `addr` (e.g. a fault proxy's).
+pub fn database_url_via(addr: SocketAddr) -> String {
+    let url = database_url();
+    pg_server::with_host_port(&url, addr).unwrap_or_else(|| panic!("not a URL: {url}"))
 }
 
 /// A pool of at most `max` connections on the test database; panics, naming

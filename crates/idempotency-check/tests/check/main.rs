@@ -7,6 +7,7 @@
 //! | `broken` | a small in-test server with one knob per rule: each broken rule is seen failing exactly its check |
 //! | `cli` | the `idempotency-check` binary: `--help`, exit codes, `--json`, `--junit` |
 //! | `support` | servers on free loopback ports, Redis and Postgres for the example |
+//! | `pg_server` | `tests/it/support/pg_server.rs`, included: where Postgres is, or a throwaway cluster |
 //!
 //! The example runs in-process rather than as a spawned `target/debug/examples/payments`:
 //! `cargo test -p idempotency-check` does not build examples of another package, and a
@@ -17,6 +18,11 @@
 #[path = "../../../../examples/payments.rs"]
 #[allow(dead_code, unreachable_pub)]
 mod payments;
+
+// Where Postgres is: `tests/it`'s own file, so both test binaries follow one rule
+// (`DATABASE_URL`, the shared server, or a throwaway cluster; see its docs).
+#[path = "../../../../tests/it/support/pg_server.rs"]
+mod pg_server;
 
 mod broken;
 mod cli;

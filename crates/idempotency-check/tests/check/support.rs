@@ -177,12 +177,11 @@ pub async fn redis_url() -> String {
     url
 }
 
-/// `DATABASE_URL`, else `postgres://postgres@127.0.0.1:5432/test`.
+/// Where Postgres is, found once per process by the rule of `tests/it` (the same file,
+/// [`crate::pg_server`]): `DATABASE_URL` if it answers, else the shared server at
+/// 127.0.0.1:5432, else a throwaway cluster; panics with the hint otherwise.
 pub fn database_url() -> String {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.trim().is_empty() => url,
-        _ => "postgres://postgres@127.0.0.1:5432/test".to_string(),
-    }
+    crate::pg_server::database_url()
 }
 
 /// A Postgres schema of one test's own, dropped with everything in it on drop (also when
