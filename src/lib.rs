@@ -108,8 +108,9 @@
 //! # What is guaranteed
 //!
 //! At most one execution per scope while the lease holder is alive and can reach the
-//! store. After a lost lease (process frozen, store unreachable past the lease) a second
-//! execution is possible; the stale owner's result goes to its caller but is never stored
+//! store. After a lost lease (process frozen, or store unreachable for more than two
+//! thirds of the lease: renewals are due every third of it) a second execution is
+//! possible, unless the route refuses uncertain keys ([`Uncertain::Refuse`]); the stale owner's result goes to its caller but is never stored
 //! (fencing tokens). A client that hangs up cancels nothing: the rest of the work runs
 //! detached, tracked in the layer's [`DetachedWork`] — wait for it at shutdown, after
 //! `axum::serve(..).with_graceful_shutdown(..)` returns (see [`DetachedWork::wait`]).
