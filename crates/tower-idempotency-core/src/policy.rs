@@ -55,7 +55,7 @@ pub enum InFlight {
 
 /// What the next request with a key gets when the key's first request lost its lease
 /// before it recorded an answer (its server crashed, froze, or could not reach the store
-/// for longer than the lease), so that the operation may or may not have happened (SPEC
+/// for most of the lease), so that the operation may or may not have happened (SPEC
 /// section 11). A store whose record commits with the handler's own writes
 /// (transactional Postgres) has no such case: a lost owner's work is rolled back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
