@@ -109,11 +109,11 @@
 //!   -H 'Idempotency-Key: o-1' -H 'Content-Type: application/json' \
 //!   -d '{"item": "book", "delay_ms": 3000}'
 //!
-//! # With ADMIN_TOKEN=secret: what the store holds for alice's key, then forget it.
-//! curl -s -G localhost:3000/admin/idempotency/key -H 'Authorization: Bearer secret' \
-//!   --data-urlencode tenant=alice --data-urlencode path=/payments --data-urlencode key=7f3a9c
-//! curl -s -X DELETE -G localhost:3000/admin/idempotency/key -H 'Authorization: Bearer secret' \
-//!   --data-urlencode tenant=alice --data-urlencode path=/payments --data-urlencode key=7f3a9c
+//! # With ADMIN_TOKEN=secret: what the store holds for alice's key, then forget it
+//! # (`--url-query` needs curl 7.87; it URL-encodes each value).
+//! Q='--url-query tenant=alice --url-query path=/payments --url-query key=7f3a9c'
+//! curl -s localhost:3000/admin/idempotency/key $Q -H 'Authorization: Bearer secret'
+//! curl -s -X DELETE localhost:3000/admin/idempotency/key $Q -H 'Authorization: Bearer secret'
 //! ```
 //!
 //! `tests/it/example.rs` runs all of this in-process, and `tests/it/admin.rs` the admin

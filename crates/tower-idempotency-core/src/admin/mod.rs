@@ -72,8 +72,9 @@
 //!
 //! No tenant names a route with `.global_scope()`. Unknown or repeated parameters are
 //! refused (400), so a misspelt `tennant=` never looks in the global scope. Values are
-//! form-encoded: with curl, `-G --data-urlencode key=...`, since a `+` in a key would
-//! otherwise arrive as a space.
+//! form-encoded, so a `+` in a key must be sent as `%2B` (it would arrive as a space):
+//! with curl 7.87 or later, `--url-query key=...` encodes each value (`-G
+//! --data-urlencode` does too, but turns a `PUT`'s JSON body into query parameters).
 //!
 //! ## `GET`: what the store holds
 //!
