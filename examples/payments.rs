@@ -28,6 +28,8 @@
 //! | `DATABASE_URL` | unset | use Postgres (transactional store, rows in tables); not together with `REDIS_URL` |
 //! | `SHUTDOWN_GRACE_SECS` | `30` | on SIGTERM / Ctrl-C, how long to wait for work that hung-up clients left running |
 //! | `EXECUTION_LOG` | unset | a file `POST /payments` appends one line to per execution (see below) |
+//! | `PAYMENTS_UNCERTAIN` | `refuse` | what a `POST /payments` retry gets after the first request's server died mid-payment: `refuse` (409 `operation-uncertain` until an operator resolves or forgets the key) or `run-again` |
+//! | `ADMIN_TOKEN` | unset: no admin routes | mounts the admin routes under `/admin/idempotency`, for `Authorization: Bearer <ADMIN_TOKEN>`; set but empty (or not a bearer token) is an error |
 //! | `RUST_LOG` | `info` | log filter (`tracing-subscriber` env filter) |
 //!
 //! `EXECUTION_LOG` is for fault tests (`tests/it/nemesis.rs`), which count executions
@@ -47,7 +49,7 @@
 //!
 //! | route | idempotency policy | answer |
 //! | --- | --- | --- |
-//! | `POST /payments` `{"amount", "currency", "delay_ms"?}` | key required, TTL 24 h (`PAYMENTS_TTL_SECS`), in flight: wait up to 10 s | 201 payment |
+//! | `POST /payments` `{"amount", "currency", "delay_ms"?}` | key required, TTL 24 h (`PAYMENTS_TTL_SECS`), in flight: wait up to 10 s, uncertain: refuse (`PAYMENTS_UNCERTAIN`) | 201 payment |
 //! | `GET /payments` | none | the tenant's payments, oldest first |
 //! | `POST /orders` `{"item", "quantity"?, "delay_ms"?}` | key required, TTL 12 h, in flight: 409 | 201 order |
 //! | `POST /orders/{id}/cancel` | as orders | 200 `{"order_id", "cancelled": true}` |
@@ -55,6 +57,19 @@
 //! | `POST /webhooks/{source}` (any body) | key optional, TTL 30 min | 202 `{"received": true, "source"}` |
 //! | `GET /webhooks` | none | `{"total", "by_source": {..}}` deliveries |
 //! | `GET /metrics` (no auth) | none | Prometheus text: the metrics of `tower_idempotency::metrics` |
+//! | `GET`, `DELETE`, `PUT /admin/idempotency/key?..` (admin auth, only with `ADMIN_TOKEN`) | none | one key's state; forget it; resolve it (`tower_idempotency::admin`) |
+//!
+//! `POST /payments` refuses uncertain keys: a payment whose server died (or lost the store
+//! for longer than the lease) before it recorded an answer may or may not have happened,
+//! and its retries get 409 `operation-uncertain` rather than a second payment. An operator
+//! finds out what happened and resolves the key with the real answer (`PUT`: the retries
+//! get it), or forgets it (`DELETE`: the next retry pays). In Postgres mode a dead owner's
+//! transaction rolls back with it, so no key is ever uncertain there.
+//!
+//! The admin routes sit outside the tenant auth, behind their own: `Authorization: Bearer
+//! <ADMIN_TOKEN>` (compared in constant time), else 401. The operator the audit log names
+//! is `admin-token`, the one credential there is; a real app puts the name its admin
+//! login established in the `Operator` extension.
 //!
 //! `/metrics` is served when the Prometheus recorder could be installed at start-up (it is
 //! the process's one `metrics` recorder); a real app would keep it off the public port or
@@ -93,9 +108,16 @@
 //! curl -i localhost:3000/orders -H 'Authorization: Bearer alice' \
 //!   -H 'Idempotency-Key: o-1' -H 'Content-Type: application/json' \
 //!   -d '{"item": "book", "delay_ms": 3000}'
+//!
+//! # With ADMIN_TOKEN=secret: what the store holds for alice's key, then forget it
+//! # (`--url-query` needs curl 7.87; it URL-encodes each value).
+//! Q='--url-query tenant=alice --url-query path=/payments --url-query key=7f3a9c'
+//! curl -s localhost:3000/admin/idempotency/key $Q -H 'Authorization: Bearer secret'
+//! curl -s -X DELETE localhost:3000/admin/idempotency/key $Q -H 'Authorization: Bearer secret'
 //! ```
 //!
-//! `tests/example.rs` runs all of this in-process.
+//! `tests/it/example.rs` runs all of this in-process, and `tests/it/admin.rs` the admin
+//! routes (the README's "Inspect, forget, resolve" walks through an uncertain payment).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
@@ -108,7 +130,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{OriginalUri, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -117,8 +139,12 @@ use axum::{Extension, Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use tower_idempotency::{
-    DetachedWork, DisplayChain, IdempotencyLayer, InFlight, MemoryStore, Store,
+    DetachedWork, DisplayChain, IdempotencyLayer, InFlight, MemoryStore, Store, Uncertain,
 };
+// The admin router through core, as the stores below are used directly: the example
+// mounts it whatever the facade's features (an application enables the facade's `admin`
+// feature and uses `tower_idempotency::admin`).
+use tower_idempotency_core::admin::AdminRouter;
 use tower_idempotency_postgres::sqlx::{self, postgres::PgPool, Row};
 use tower_idempotency_postgres::{PostgresStore, Tx, TxGuard};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
@@ -140,6 +166,8 @@ const MAX_TTL_SECS: u64 = 366 * 24 * 3600;
 
 /// The prefix of this app's own problem `type` URIs (the layer has its own).
 pub const APP_PROBLEM_BASE: &str = "https://payments.example/problems/";
+/// Where the admin routes are mounted when `ADMIN_TOKEN` is set.
+pub const ADMIN_MOUNT: &str = "/admin/idempotency";
 
 // ---------------------------------------------------------------------------------------
 // Configuration
@@ -163,6 +191,55 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// `EXECUTION_LOG`: the file each payment execution appends a line to.
     pub execution_log: Option<PathBuf>,
+    /// `PAYMENTS_UNCERTAIN`: what `POST /payments` does with a key whose first request's
+    /// lease lapsed before it recorded an answer.
+    pub payments_uncertain: Uncertain,
+    /// `ADMIN_TOKEN`: `Some` mounts the admin routes under [`ADMIN_MOUNT`].
+    pub admin_token: Option<AdminToken>,
+}
+
+/// The bearer token of the admin routes (`ADMIN_TOKEN`). Its `Debug` does not show it, so
+/// a logged `Config` never carries the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// `token`, if it is a bearer token (RFC 6750 `b64token`): anything else could never
+    /// be sent in an `Authorization` header, so it is a configuration error.
+    pub fn new(token: &str) -> Result<Self, String> {
+        if token.trim().is_empty() {
+            return Err(
+                "ADMIN_TOKEN is set but empty: unset it to leave the admin routes unmounted"
+                    .to_string(),
+            );
+        }
+        if !is_b64token(token) {
+            return Err(
+                "ADMIN_TOKEN is not a bearer token: use letters, digits and -._~+/ \
+                        (optionally ending in =)"
+                    .to_string(),
+            );
+        }
+        Ok(AdminToken(token.to_owned()))
+    }
+
+    /// Whether `given` is the token, comparing every byte whatever the first difference,
+    /// so the time taken does not tell a guesser how much of a guess was right (the
+    /// length is not hidden; it is not the secret).
+    fn matches(&self, given: &str) -> bool {
+        let (want, given) = (self.0.as_bytes(), given.as_bytes());
+        let mut diff = want.len() ^ given.len();
+        for (i, byte) in want.iter().enumerate() {
+            diff |= usize::from(byte ^ given.get(i).copied().unwrap_or(0));
+        }
+        diff == 0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
 }
 
 impl Default for Config {
@@ -175,14 +252,16 @@ impl Default for Config {
             database_url: None,
             shutdown_grace: SHUTDOWN_GRACE,
             execution_log: None,
+            payments_uncertain: Uncertain::Refuse,
+            admin_token: None,
         }
     }
 }
 
 impl Config {
     /// Reads `BIND`, `PAYMENTS_TTL_SECS`, `PAYMENTS_LEASE_MS`, `REDIS_URL`,
-    /// `DATABASE_URL`, `SHUTDOWN_GRACE_SECS` and `EXECUTION_LOG`. A bad value is an error,
-    /// never a silent default.
+    /// `DATABASE_URL`, `SHUTDOWN_GRACE_SECS`, `EXECUTION_LOG`, `PAYMENTS_UNCERTAIN` and
+    /// `ADMIN_TOKEN`. A bad value is an error, never a silent default.
     pub fn from_env() -> Result<Self, String> {
         Self::from_vars(|name| std::env::var_os(name))
     }
@@ -245,6 +324,20 @@ impl Config {
             }
             config.execution_log = Some(PathBuf::from(path));
         }
+        if let Some(uncertain) = text("PAYMENTS_UNCERTAIN")? {
+            config.payments_uncertain = match uncertain.as_str() {
+                "refuse" => Uncertain::Refuse,
+                "run-again" => Uncertain::RunAgain,
+                _ => {
+                    return Err(format!(
+                        "PAYMENTS_UNCERTAIN={uncertain:?} is neither `refuse` nor `run-again`"
+                    ))
+                }
+            };
+        }
+        if let Some(token) = text("ADMIN_TOKEN")? {
+            config.admin_token = Some(AdminToken::new(&token)?);
+        }
         if let Some(url) = text("REDIS_URL")? {
             if url.trim().is_empty() {
                 return Err(
@@ -301,7 +394,8 @@ pub fn tracked_app_on<St: Store>(
     };
     let mut payments = policy(config.payments_ttl)
         .require_key()
-        .in_flight(InFlight::Wait(PAYMENTS_WAIT));
+        .in_flight(InFlight::Wait(PAYMENTS_WAIT))
+        .uncertain(config.payments_uncertain);
     if let Some(lease) = config.payments_lease {
         payments = payments.lease(lease);
     }
@@ -310,7 +404,7 @@ pub fn tracked_app_on<St: Store>(
         .in_flight(InFlight::Conflict);
     let webhooks = policy(WEBHOOKS_TTL);
 
-    Router::new()
+    let api = Router::new()
         .route(
             "/payments",
             post(create_payment)
@@ -332,8 +426,69 @@ pub fn tracked_app_on<St: Store>(
             post(receive_webhook).route_layer(webhooks),
         )
         .route("/webhooks", get(webhook_counts))
-        .layer(middleware::from_fn(auth))
-        .with_state(state)
+        .layer(middleware::from_fn(auth));
+    // Nested after the tenant auth was layered, so it is outside it, behind its own.
+    let api = match &config.admin_token {
+        None => api,
+        Some(token) => {
+            let admin = AdminRouter::new(store)
+                .actor_from_extension::<Operator>()
+                .into_router()
+                .layer(middleware::from_fn_with_state(token.clone(), admin_auth));
+            api.nest(ADMIN_MOUNT, admin)
+        }
+    };
+    api.with_state(state)
+}
+
+/// Who acts on the admin routes, set by [`admin_auth`] and named in the audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Operator(pub String);
+
+impl AsRef<str> for Operator {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The admin routes' auth: `Authorization: Bearer <ADMIN_TOKEN>` → [`Operator`], else
+/// 401 (and an audit event: a refused attempt belongs in the trail too).
+async fn admin_auth(State(token): State<AdminToken>, mut request: Request, next: Next) -> Response {
+    let why = match bearer_token(request.headers()) {
+        Ok(given) if token.matches(given) => {
+            // One shared credential: the operator it names is the credential itself.
+            request
+                .extensions_mut()
+                .insert(Operator("admin-token".to_owned()));
+            return next.run(request).await;
+        }
+        Ok(_) => "wrong admin token",
+        Err(why) => why,
+    };
+    // The path as the client sent it: the nested router stripped its prefix from the URI.
+    let path = match request.extensions().get::<OriginalUri>() {
+        Some(original) => original.path(),
+        None => request.uri().path(),
+    };
+    tracing::info!(
+        target: "tower_idempotency::audit",
+        method = %request.method(),
+        path,
+        reason = why,
+        result = %"unauthorized",
+        status = 401,
+        "idempotency admin request refused"
+    );
+    unauthorized(why)
+}
+
+/// 401 problem+json with `WWW-Authenticate: Bearer`.
+fn unauthorized(why: &str) -> Response {
+    let mut response = AppError::new(StatusCode::UNAUTHORIZED, "unauthorized", why).into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
 }
 
 /// The caller, set by [`auth`] and read by the idempotency layer
@@ -354,14 +509,7 @@ async fn auth(mut request: Request, next: Next) -> Response {
             request.extensions_mut().insert(Tenant(token));
             next.run(request).await
         }
-        Err(why) => {
-            let mut response =
-                AppError::new(StatusCode::UNAUTHORIZED, "unauthorized", why).into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            response
-        }
+        Err(why) => unauthorized(why),
     }
 }
 
@@ -378,17 +526,20 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, &'static str> {
     let value = value.to_str().map_err(|_| MALFORMED)?;
     let (scheme, token) = value.split_once(' ').ok_or(MALFORMED)?;
     let token = token.trim_start_matches(' ');
-    let body = token.trim_end_matches('=');
-    let valid = scheme.eq_ignore_ascii_case("bearer")
-        && !body.is_empty()
-        && body
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b));
-    if valid {
+    if scheme.eq_ignore_ascii_case("bearer") && is_b64token(token) {
         Ok(token)
     } else {
         Err(MALFORMED)
     }
+}
+
+/// RFC 6750 `b64token`: `[A-Za-z0-9-._~+/]+ *"="`.
+fn is_b64token(token: &str) -> bool {
+    let body = token.trim_end_matches('=');
+    !body.is_empty()
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1055,6 +1206,8 @@ async fn serve<St: Store>(
         store = kind,
         payments_ttl_secs = config.payments_ttl.as_secs(),
         payments_lease_ms = config.payments_lease.map(|l| l.as_millis() as u64),
+        payments_uncertain = ?config.payments_uncertain,
+        admin = config.admin_token.as_ref().map(|_| ADMIN_MOUNT),
         "payments example listening on http://{addr}"
     );
     let serving = serve_until_with(

@@ -122,6 +122,8 @@
 //!   are labelled by `MatchedPath`. Without it the layer is plain tower + http.
 //! - `redis`: the [`redis`] module, `RedisStore` on fred.
 //! - `postgres`: the [`postgres`] module, `PostgresStore` on sqlx 0.9 (needs Rust 1.94).
+//! - `admin`: the [`admin`] module, an axum router for operators to inspect, forget and
+//!   resolve one key (mounted behind your admin auth; every action audited).
 //!
 //! [tower]: https://docs.rs/tower
 //! [axum]: https://docs.rs/axum
@@ -166,6 +168,11 @@ pub use tower_idempotency_core::memory::{
     MemoryStore, MemoryStoreBuilder, MemorySubscription, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES,
     ENTRY_OVERHEAD_BYTES,
 };
+
+#[cfg(feature = "admin")]
+#[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
+#[doc(inline)]
+pub use tower_idempotency_core::admin;
 
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -16,6 +16,7 @@
 //! | `postgres`, `postgres_tx` | the suite on `PostgresStore` (plain and transactional) and its own cases; `postgres_tx`: transactional mode past the lease, cuts, clamped settings, isolation, foreign locks, `migrate()` beside a long transaction |
 //! | `layer` | attachment, policy validation, sockets, hostile input, renewal schedule, shutdown of detached work |
 //! | `example`, `quickstart` | the examples, in-process and over TCP |
+//! | `admin` | the admin router (inspect, forget, resolve) through the example's `ADMIN_TOKEN` mount on every store, uncertain payments resolved by an operator, 400/403/404/409/413/415/501/503, the audit log |
 //! | `observability` | the example's `/metrics` against the documented metrics, an outage's error log, `ops/` against the documented metrics |
 //! | `tower_http` | tower-http's layers inside and outside ours (timeout, compression, body limits, request ids, catch-panic, CORS, trace), and the README's stack |
 //! | `soak` | the example app on its own AOF Redis, restarted mid-run |
@@ -35,6 +36,7 @@ mod payments;
 #[allow(dead_code)]
 mod quickstart_app;
 
+mod admin;
 mod example;
 mod faults;
 mod layer;
