@@ -57,6 +57,7 @@
 //! | `POST /webhooks/{source}` (any body) | key optional, TTL 30 min | 202 `{"received": true, "source"}` |
 //! | `GET /webhooks` | none | `{"total", "by_source": {..}}` deliveries |
 //! | `GET /metrics` (no auth) | none | Prometheus text: the metrics of `tower_idempotency::metrics` |
+//! | `GET /openapi.json` (no auth) | none | the OpenAPI 3.1 document of these routes, with what each idempotency policy does ([`openapi_document`]) |
 //! | `GET`, `DELETE`, `PUT /admin/idempotency/key?..` (admin auth, only with `ADMIN_TOKEN`) | none | one key's state; forget it; resolve it (`tower_idempotency::admin`) |
 //!
 //! `POST /payments` refuses uncertain keys: a payment whose server died (or lost the store
@@ -131,15 +132,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{OriginalUri, Path, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
+use tower_idempotency::openapi::utoipa::openapi::OpenApi;
 use tower_idempotency::{
-    DetachedWork, DisplayChain, IdempotencyLayer, InFlight, MemoryStore, Store, Uncertain,
+    DetachedWork, DisplayChain, IdempotencyLayer, InFlight, MemoryStore, Policy, Store, Uncertain,
 };
 // The admin router through core, as the stores below are used directly: the example
 // mounts it whatever the facade's features (an application enables the facade's `admin`
@@ -403,6 +405,7 @@ pub fn tracked_app_on<St: Store>(
         .require_key()
         .in_flight(InFlight::Conflict);
     let webhooks = policy(WEBHOOKS_TTL);
+    let document = openapi_document(payments.policy(), orders.policy(), webhooks.policy());
 
     let api = Router::new()
         .route(
@@ -426,7 +429,9 @@ pub fn tracked_app_on<St: Store>(
             post(receive_webhook).route_layer(webhooks),
         )
         .route("/webhooks", get(webhook_counts))
-        .layer(middleware::from_fn(auth));
+        .layer(middleware::from_fn(auth))
+        // Added after `.layer(auth)`, so outside it: the document is public.
+        .route("/openapi.json", get(move || async move { Json(document) }));
     // Nested after the tenant auth was layered, so it is outside it, behind its own.
     let api = match &config.admin_token {
         None => api,
@@ -1023,6 +1028,252 @@ impl IntoResponse for AppError {
         )
             .into_response()
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// OpenAPI
+// ---------------------------------------------------------------------------------------
+
+/// The API's OpenAPI 3.1 document, served at `GET /openapi.json` (no auth): every route,
+/// described minimally, and on each route behind an idempotency layer what that layer
+/// does, from its policy, in one `tower_idempotency::openapi::document` call per route.
+///
+/// # Panics
+///
+/// If a covered route below has no operation in the document: a bug in this function,
+/// found at start-up (and by `tests/it/openapi.rs`), never a document served without it.
+pub fn openapi_document(payments: &Policy, orders: &Policy, webhooks: &Policy) -> OpenApi {
+    use tower_idempotency::openapi::utoipa::openapi::{
+        path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItemBuilder},
+        request_body::RequestBodyBuilder,
+        security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme},
+        ComponentsBuilder, ContentBuilder, Info, ObjectBuilder, OpenApiBuilder, PathsBuilder, Ref,
+        Required, Response, Type,
+    };
+
+    let string = || ObjectBuilder::new().schema_type(Type::String);
+    let integer = || {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(0))
+    };
+    let json = |schema: ObjectBuilder| ContentBuilder::new().schema(Some(schema)).build();
+    let object = || ObjectBuilder::new().schema_type(Type::Object);
+    let app_problem = ContentBuilder::new()
+        .schema(Some(Ref::from_schema_name("AppProblem")))
+        .build();
+    // Every route behind auth answers 401; the JSON routes answer 400 for a body they
+    // cannot parse (the layer's own 400s join it).
+    let operation = |summary: &str, status: &str, ok: Response| {
+        OperationBuilder::new()
+            .summary(Some(summary))
+            .response(status, ok)
+            .response(
+                "401",
+                Response::builder()
+                    .description("No valid `Authorization: Bearer <token>`.")
+                    .content("application/problem+json", app_problem.clone()),
+            )
+    };
+    let invalid = Response::builder()
+        .description("The body is not the JSON this route takes (`invalid-request`).")
+        .content("application/problem+json", app_problem.clone())
+        .build();
+    let body = |schema: ObjectBuilder| {
+        RequestBodyBuilder::new()
+            .content("application/json", json(schema))
+            .build()
+    };
+    let path_parameter = |name: &str| {
+        ParameterBuilder::new()
+            .name(name)
+            .parameter_in(ParameterIn::Path)
+            .required(Required::True)
+            .schema(Some(string()))
+            .build()
+    };
+    let created = |what: &str, fields: &[&str]| {
+        let schema = fields
+            .iter()
+            .fold(object(), |o, f| o.property(*f, string()).required(*f));
+        Response::builder()
+            .description(format!("The {what}."))
+            .content("application/json", json(schema))
+            .build()
+    };
+    let listing = |what: &str| {
+        Response::builder()
+            .description(format!("The caller's {what}, oldest first."))
+            .content("application/json", json(object()))
+            .build()
+    };
+    let public = |summary: &str, media_type: &str| {
+        OperationBuilder::new()
+            .summary(Some(summary))
+            .security(SecurityRequirement::default())
+            .response(
+                "200",
+                Response::builder()
+                    .description(summary)
+                    .content(media_type, ContentBuilder::new().build()),
+            )
+    };
+
+    let new_payment = object()
+        .property("amount", integer())
+        .property("currency", string())
+        .property("delay_ms", integer().maximum(Some(60_000)))
+        .required("amount")
+        .required("currency");
+    let new_order = object()
+        .property("item", string().min_length(Some(1)))
+        .property("quantity", integer().minimum(Some(1)))
+        .property("delay_ms", integer().maximum(Some(60_000)))
+        .required("item");
+    let paths = PathsBuilder::new()
+        .path(
+            "/payments",
+            PathItemBuilder::new()
+                .operation(
+                    HttpMethod::Post,
+                    operation(
+                        "Create a payment",
+                        "201",
+                        created("payment", &["id", "currency", "created_at"]),
+                    )
+                    .request_body(Some(body(new_payment)))
+                    .response("400", invalid.clone()),
+                )
+                .operation(
+                    HttpMethod::Get,
+                    operation("List payments", "200", listing("payments")),
+                )
+                .build(),
+        )
+        .path(
+            "/orders",
+            PathItemBuilder::new()
+                .operation(
+                    HttpMethod::Post,
+                    operation(
+                        "Create an order",
+                        "201",
+                        created("order", &["id", "item", "created_at"]),
+                    )
+                    .request_body(Some(body(new_order)))
+                    .response("400", invalid),
+                )
+                .operation(
+                    HttpMethod::Get,
+                    operation("List orders and cancellations", "200", listing("orders")),
+                )
+                .build(),
+        )
+        .path(
+            "/orders/{id}/cancel",
+            PathItemBuilder::new()
+                .operation(
+                    HttpMethod::Post,
+                    operation(
+                        "Cancel an order",
+                        "200",
+                        created("cancellation", &["order_id"]),
+                    )
+                    .parameter(path_parameter("id")),
+                )
+                .build(),
+        )
+        .path(
+            "/webhooks/{source}",
+            PathItemBuilder::new()
+                .operation(
+                    HttpMethod::Post,
+                    operation(
+                        "Receive a webhook delivery (any body)",
+                        "202",
+                        created("receipt", &["source"]),
+                    )
+                    .parameter(path_parameter("source")),
+                )
+                .build(),
+        )
+        .path(
+            "/webhooks",
+            PathItemBuilder::new()
+                .operation(
+                    HttpMethod::Get,
+                    operation(
+                        "Count webhook deliveries",
+                        "200",
+                        listing("deliveries by source"),
+                    ),
+                )
+                .build(),
+        )
+        .path(
+            "/metrics",
+            PathItemBuilder::new()
+                .operation(
+                    HttpMethod::Get,
+                    public(
+                        "Prometheus metrics (when the recorder could be installed)",
+                        "text/plain",
+                    ),
+                )
+                .build(),
+        )
+        .path(
+            "/openapi.json",
+            PathItemBuilder::new()
+                .operation(HttpMethod::Get, public("This document", "application/json"))
+                .build(),
+        );
+    let bearer = SecurityScheme::Http(
+        HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .description(Some(
+                "The token is the tenant (the example verifies nothing).",
+            ))
+            .build(),
+    );
+    let mut api = OpenApiBuilder::new()
+        .info(Info::new(
+            "tower-idempotency payments example",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .paths(paths)
+        .components(Some(
+            ComponentsBuilder::new()
+                .security_scheme("bearer", bearer)
+                .schema(
+                    "AppProblem",
+                    object()
+                        .description(Some("The example's own RFC 9457 problems."))
+                        .property("type", string())
+                        .property("title", string())
+                        .property("status", integer())
+                        .property("detail", string()),
+                )
+                .build(),
+        ))
+        .security(Some([SecurityRequirement::new(
+            "bearer",
+            Vec::<String>::new(),
+        )]))
+        .build();
+    let covered = [
+        ("/payments", payments),
+        ("/orders", orders),
+        ("/orders/{id}/cancel", orders),
+        ("/webhooks/{source}", webhooks),
+    ];
+    for (path, policy) in covered {
+        if let Err(e) = tower_idempotency::openapi::document(&mut api, path, &Method::POST, policy)
+        {
+            panic!("payments example: cannot document POST {path}: {e}");
+        }
+    }
+    api
 }
 
 // ---------------------------------------------------------------------------------------

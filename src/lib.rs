@@ -124,6 +124,8 @@
 //! - `postgres`: the [`postgres`] module, `PostgresStore` on sqlx 0.9 (needs Rust 1.94).
 //! - `admin`: the [`admin`] module, an axum router for operators to inspect, forget and
 //!   resolve one key (mounted behind your admin auth; every action audited).
+//! - `utoipa`: the [`openapi`] module, which documents a covered route in a utoipa 6
+//!   `OpenApi` (needs Rust 1.88).
 //!
 //! [tower]: https://docs.rs/tower
 //! [axum]: https://docs.rs/axum
@@ -173,6 +175,12 @@ pub use tower_idempotency_core::memory::{
 #[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
 #[doc(inline)]
 pub use tower_idempotency_core::admin;
+/// OpenAPI documentation of a covered route in one call: the key parameter, the layer's
+/// problem responses and `Idempotent-Replayed`, read from the layer's policy.
+#[cfg(feature = "utoipa")]
+#[cfg_attr(docsrs, doc(cfg(feature = "utoipa")))]
+#[doc(inline)]
+pub use tower_idempotency_core::openapi;
 
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -17,6 +17,7 @@
 //! | `layer` | attachment, policy validation, sockets, hostile input, renewal schedule, shutdown of detached work |
 //! | `example`, `quickstart` | the examples, in-process and over TCP |
 //! | `admin` | the admin router (inspect, forget, resolve) through the example's `ADMIN_TOKEN` mount on every store, uncertain payments resolved by an operator, 400/403/404/409/413/415/501/503, the audit log |
+//! | `openapi` | the example's `GET /openapi.json`: valid OpenAPI 3.1 (Python's openapi-spec-validator, examples against their schemas), the idempotency parts on exactly the covered operations, the document against what the layer does, the key pattern against the key parser |
 //! | `observability` | the example's `/metrics` against the documented metrics, an outage's error log, `ops/` against the documented metrics |
 //! | `tower_http` | tower-http's layers inside and outside ours (timeout, compression, body limits, request ids, catch-panic, CORS, trace), and the README's stack |
 //! | `soak` | the example app on its own AOF Redis, restarted mid-run |
@@ -43,6 +44,7 @@ mod layer;
 mod memory;
 mod nemesis;
 mod observability;
+mod openapi;
 mod postgres;
 mod postgres_tx;
 mod quickstart;

@@ -54,6 +54,9 @@ mod lease;
 pub mod memory;
 pub mod metrics;
 mod observe;
+#[cfg(feature = "utoipa")]
+#[cfg_attr(docsrs, doc(cfg(feature = "utoipa")))]
+pub mod openapi;
 mod owner;
 pub mod policy;
 pub mod problems;
