@@ -16,7 +16,8 @@ use tower_idempotency::redis::fred::prelude::{ClientLike, Config};
 use tower_idempotency::redis::fred::types::config::{TlsConfig, TlsConnector};
 use tower_idempotency::redis::fred::types::Builder;
 use tower_idempotency::redis::RedisStore;
-use tower_idempotency::{FencingToken, Fingerprint, Reservation, ScopeHash, Store};
+use tower_idempotency::store::{FencingToken, Fingerprint, Reservation, ScopeHash};
+use tower_idempotency::Store;
 
 /// A test CA (`ca.pem`) and a server certificate it signed for 127.0.0.1 (as an IP
 /// subject alternative name, which is what rustls checks): `cert.pem`, `key.pem` in `dir`.
