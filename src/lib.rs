@@ -120,8 +120,11 @@
 //! - `memory` (default): [`MemoryStore`].
 //! - `axum` (default): the scope uses axum's `OriginalUri` (nested routers) and metrics
 //!   are labelled by `MatchedPath`. Without it the layer is plain tower + http.
-//! - `redis`: the [`redis`] module, `RedisStore` on fred.
+//! - `redis`: the [`redis`] module, `RedisStore` on fred (needs Rust 1.88).
 //! - `postgres`: the [`postgres`] module, `PostgresStore` on sqlx 0.9 (needs Rust 1.94).
+//! - `redis-rustls`, `redis-native-tls`: `redis` with TLS for `rediss://` URLs (rustls
+//!   with ring, or the platform's native TLS); `postgres-rustls`: `postgres` with TLS for
+//!   `sslmode=require` (rustls with ring).
 //! - `admin`: the [`admin`] module, an axum router for operators to inspect, forget and
 //!   resolve one key (mounted behind your admin auth; every action audited).
 //! - `utoipa`: the [`openapi`] module, which documents a covered route in a utoipa 6

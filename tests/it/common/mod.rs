@@ -1103,7 +1103,7 @@ pub async fn operators_inspect_forget_and_resolve<St: Store>(store: St) {
             assert_eq!(response.status, StatusCode::CREATED);
             assert_eq!(response.body, first.body);
             assert!(
-                age.map_or(true, |age| age < Duration::from_secs(30)),
+                age.is_none_or(|age| age < Duration::from_secs(30)),
                 "{age:?}"
             );
             assert!(expires_in > Duration::from_secs(3600), "{expires_in:?}");
