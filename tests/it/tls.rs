@@ -165,8 +165,9 @@ async fn rediss_speaks_tls_through_the_facade() {
     let _ = std::fs::remove_dir_all(&certs);
 }
 
-/// `sslmode=require` on the shared Postgres (which has `ssl = on`): the store's
-/// connections are encrypted.
+/// `sslmode=require` on the test Postgres (the shared server has `ssl = on`; a
+/// throwaway cluster gets a self-signed certificate): the store's connections are
+/// encrypted.
 #[tokio::test]
 async fn postgres_sslmode_require_encrypts() {
     let schema = support::postgres::TestSchema::create().await;
