@@ -378,40 +378,113 @@ async fn request_body_limit_outside_answers_413_before_anything_runs() {
     assert!(!ok.replayed());
 }
 
-/// axum's `DefaultBodyLimit` only tells extractors how much to read, so where it sits
-/// makes no difference: the layer buffers up to its own `max_body`, hands the bytes on,
-/// and the extractor's 413 releases the key.
-#[tokio::test]
-async fn default_body_limit_applies_in_the_extractor_either_way() {
-    let runs = Arc::new(AtomicUsize::new(0));
+/// A handler that reads the body with axum's `Bytes` extractor (so axum's
+/// `DefaultBodyLimit` applies to it) and counts its runs.
+fn echo_bytes(runs: &Arc<AtomicUsize>) -> MethodRouter {
     let r = runs.clone();
-    let handler = post(move |body: Bytes| {
+    post(move |body: Bytes| {
         r.fetch_add(1, Ordering::SeqCst);
         async move { (StatusCode::CREATED, body) }
-    });
+    })
+}
+
+fn keyless(mut req: Request<Body>) -> Request<Body> {
+    req.headers_mut().remove("idempotency-key");
+    req
+}
+
+/// `.max_body(n)` caps keyed requests only: one byte over gets the layer's 413 problem
+/// before anything is reserved; a keyless request passes through to axum's own limit
+/// (2 MB by default).
+#[tokio::test]
+async fn max_body_caps_keyed_requests_and_keyless_ones_get_axums_limit() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = routed(echo_bytes(&runs).layer::<_, Infallible>(layer().max_body(64)));
+    for chunked in [false, true] {
+        let over = send(&app, upload("k", 65, chunked)).await;
+        assert_problem(
+            &over,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request-body-too-large",
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+    }
+    let at = send(&app, upload("k", 64, false)).await;
+    assert_eq!(at.status, StatusCode::CREATED);
+    let keyless = send(&app, keyless(upload("", 100_000, false))).await;
+    assert_eq!(keyless.status, StatusCode::CREATED);
+    assert_eq!(keyless.body.len(), 100_000);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// axum's `DefaultBodyLimit::max(n)` outside the layer, below `.max_body(..)`: the layer
+/// applies it to keyed requests itself (its 413 problem, nothing reserved), so a body the
+/// handler's extractor would refuse is never reserved. Inside (between the layer and the
+/// handler) the layer cannot see it: the extractor refuses the body with its plain 413,
+/// which releases the key. Either way the same key with a smaller body runs.
+#[tokio::test]
+async fn default_body_limit_outside_caps_keyed_bodies_inside_the_extractor_does() {
+    let runs = Arc::new(AtomicUsize::new(0));
     let limit = || DefaultBodyLimit::max(64);
-    for app in [
-        routed(
-            handler
-                .clone()
-                .layer::<_, Infallible>(limit())
-                .layer(layer()),
-        ),
-        routed(
-            handler
-                .clone()
-                .layer::<_, Infallible>(layer())
-                .layer(limit()),
-        ),
-    ] {
+    let outside = routed(
+        echo_bytes(&runs)
+            .layer::<_, Infallible>(layer())
+            .layer(limit()),
+    );
+    let inside = routed(
+        echo_bytes(&runs)
+            .layer::<_, Infallible>(limit())
+            .layer(layer()),
+    );
+    for (app, by_the_layer) in [(outside, true), (inside, false)] {
         runs.store(0, Ordering::SeqCst);
-        let over = send(&app, upload("k", 100, false)).await;
-        assert_eq!(over.status, StatusCode::PAYLOAD_TOO_LARGE);
-        assert_eq!(runs.load(Ordering::SeqCst), 0, "the extractor refused it");
-        // Released (a 4xx): the same key with a smaller body runs instead of a 422.
-        let ok = send(&app, upload("k", 32, false)).await;
+        let over = send(&app, upload("k", 65, false)).await;
+        if by_the_layer {
+            assert_problem(
+                &over,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request-body-too-large",
+            );
+        } else {
+            assert_eq!(over.status, StatusCode::PAYLOAD_TOO_LARGE);
+            assert_ne!(
+                header(&over, "content-type"),
+                Some("application/problem+json"),
+                "axum's own answer"
+            );
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        // Nothing stored: the same key with a smaller body runs instead of a 422.
+        let ok = send(&app, upload("k", 64, false)).await;
         assert_eq!(ok.status, StatusCode::CREATED);
         assert!(!ok.replayed());
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+}
+
+/// `DefaultBodyLimit::disable()` (or a limit above `.max_body(..)`) outside does not lift
+/// the layer's limit: it holds a keyed body in memory, so `.max_body(..)` still refuses
+/// it (and logs a warning once, naming the setting to raise). Keyless requests get
+/// axum's limit, here none.
+#[tokio::test]
+async fn default_body_limit_disabled_outside_keeps_max_body_for_keyed_requests() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    for limit in [DefaultBodyLimit::disable(), DefaultBodyLimit::max(1 << 20)] {
+        runs.store(0, Ordering::SeqCst);
+        let app = routed(
+            echo_bytes(&runs)
+                .layer::<_, Infallible>(layer().max_body(64))
+                .layer(limit),
+        );
+        let over = send(&app, upload("k", 65, false)).await;
+        assert_problem(
+            &over,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request-body-too-large",
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        let keyless = send(&app, keyless(upload("", 65, false))).await;
+        assert_eq!(keyless.status, StatusCode::CREATED);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }

@@ -127,7 +127,28 @@ impl<St: Store> IdempotencyLayer<St> {
         self.with(|p| p.require_key = true)
     }
 
-    /// The largest request body buffered, in bytes; larger ones get 413. Default 1 MiB.
+    /// The largest body of a keyed request, in bytes: the layer holds it in memory to
+    /// fingerprint it, and answers a larger one with 413 `request-body-too-large` before
+    /// anything is reserved. Default 1 MiB. Keyless requests pass through untouched, under
+    /// axum's own limit (2 MB unless `DefaultBodyLimit` says otherwise).
+    ///
+    /// axum's `DefaultBodyLimit::max(n)` on a layer outside this one, if smaller, lowers
+    /// the limit of keyed requests to `n` (the layer's 413 problem, so a body the
+    /// handler's extractor would refuse is never reserved). A larger one, or
+    /// `DefaultBodyLimit::disable()`, does not raise it: the body is still held in memory,
+    /// so raise `max_body` itself for large keyed uploads (the layer logs a warning, once,
+    /// when it refuses a body axum's limit allows). A `DefaultBodyLimit` inside this layer
+    /// is not seen: it applies to the handler's extractors only.
+    ///
+    /// ```
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    ///
+    /// // Keyed uploads of up to 8 MiB on this route.
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .global_scope()
+    ///     .max_body(8 << 20);
+    /// assert_eq!(layer.policy().max_body(), 8 << 20);
+    /// ```
     pub fn max_body(self, bytes: usize) -> Self {
         self.with(|p| p.max_body = bytes)
     }

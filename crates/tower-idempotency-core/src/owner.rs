@@ -51,6 +51,7 @@ where
         parts,
         scope,
         observer,
+        ..
     } = job;
     let policy = &shared.policy;
     let mut lease = Lease::new(&shared.store, &scope, token, policy, &observer, reserved_at);
