@@ -28,7 +28,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tower_idempotency::store::StorePolicy;
-use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore};
+use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore, X_REQUEST_ID};
 
 /// A payment handler with side effects to count: `charged` when it has called the
 /// payment provider, `booked` when it has also written its own record and answered.
@@ -524,37 +524,81 @@ async fn request_ids_outside_each_reply_carries_its_own() {
     assert_eq!(p.counts().0, 1);
 }
 
-/// Inside, the first request's id is part of the stored response: every replay carries
-/// it, whatever id the retry had.
+/// Inside, the id reaches the response before the layer sees it; by default the layer
+/// does not store `x-request-id` (it names the HTTP request, not the operation), so a
+/// replay carries no id of its own making. `.allow_replay_headers([X_REQUEST_ID])` stores
+/// it, and every replay then carries the first request's id.
 #[tokio::test]
-async fn request_ids_inside_replay_the_first_requests_id() {
-    let p = Payments::new();
-    let app = routed(
-        p.route()
-            .layer::<_, Infallible>(request_ids())
-            .layer(layer()),
-    );
-
-    let first = send(&app, with(pay("k"), "x-request-id", "first")).await;
-    assert_eq!(header(&first, "x-request-id"), Some("first"));
-    let retry = send(&app, with(pay("k"), "x-request-id", "retry")).await;
-    assert!(retry.replayed());
-    assert_eq!(header(&retry, "x-request-id"), Some("first"));
+async fn request_ids_inside_are_not_replayed_unless_allowed() {
+    for (idem, replayed_id) in [
+        (layer(), None),
+        (layer().allow_replay_headers([X_REQUEST_ID]), Some("first")),
+    ] {
+        let p = Payments::new();
+        let app = routed(p.route().layer::<_, Infallible>(request_ids()).layer(idem));
+        let first = send(&app, with(pay("k"), "x-request-id", "first")).await;
+        assert_eq!(header(&first, "x-request-id"), Some("first"));
+        let retry = send(&app, with(pay("k"), "x-request-id", "retry")).await;
+        assert!(retry.replayed());
+        assert_eq!(header(&retry, "x-request-id"), replayed_id);
+        assert_eq!(p.counts().0, 1);
+    }
 }
 
-/// A handler that sets `x-request-id` itself has it stored, and `PropagateRequestId`
-/// (outside) keeps a response's own id: every replay carries the first one, unless the
-/// policy denies the header.
+/// Request ids around the layer, inside and outside (a stack that sets the id outside
+/// and also propagates it inside, next to the handler): by default the replay carries
+/// the retry's own id, never the original one; with `.allow_replay_headers(..)` it
+/// carries the original one (`PropagateRequestId` keeps a response's own id).
 #[tokio::test]
-async fn a_request_id_the_handler_sets_is_replayed_unless_denied() {
+async fn request_ids_around_the_layer_a_replay_carries_the_retrys_id() {
+    for (idem, replayed_id) in [
+        (layer(), "retry"),
+        (layer().allow_replay_headers([X_REQUEST_ID]), "first"),
+    ] {
+        let p = Payments::new();
+        let app = routed(
+            p.route()
+                .layer::<_, Infallible>(PropagateRequestIdLayer::x_request_id())
+                .layer::<_, Infallible>(idem)
+                .layer(request_ids()),
+        );
+        let first = send(&app, with(pay("k"), "x-request-id", "first")).await;
+        assert_eq!(header(&first, "x-request-id"), Some("first"));
+        let retry = send(&app, with(pay("k"), "x-request-id", "retry")).await;
+        assert!(retry.replayed());
+        assert_eq!(header(&retry, "x-request-id"), Some(replayed_id));
+        // A retry without an id gets a fresh one from `SetRequestId`, not the first's.
+        let fresh = send(&app, pay("k")).await;
+        assert!(fresh.replayed());
+        let id = header(&fresh, "x-request-id").expect("an id");
+        assert_eq!(id == "first", replayed_id == "first", "{id}");
+        assert_eq!(p.counts().0, 1);
+    }
+}
+
+/// A handler that sets `x-request-id` itself is not replayed by default: with
+/// `PropagateRequestId` outside, a replay carries the retry's id. Other per-request
+/// headers can be denied the same way, and the default can be lifted.
+#[tokio::test]
+async fn a_request_id_the_handler_sets_is_not_replayed_unless_allowed() {
     let echo = post(|headers: axum::http::HeaderMap| async move {
         let id = headers["x-request-id"].clone();
-        (StatusCode::CREATED, [("x-request-id", id)], "paid")
+        let ids = [("x-request-id", id.clone()), ("x-correlation-id", id)];
+        (StatusCode::CREATED, ids, "paid")
     });
-    let denied = [axum::http::HeaderName::from_static("x-request-id")];
-    for (idem, replayed_id) in [
-        (layer(), "first"),
-        (layer().deny_replay_headers(denied.clone()), "retry"),
+    let correlation = axum::http::HeaderName::from_static("x-correlation-id");
+    for (idem, replayed_id, correlation_id) in [
+        (layer(), "retry", Some("first")),
+        (
+            layer().deny_replay_headers([correlation.clone()]),
+            "retry",
+            None,
+        ),
+        (
+            layer().allow_replay_headers([X_REQUEST_ID]),
+            "first",
+            Some("first"),
+        ),
     ] {
         let app = routed(
             echo.clone()
@@ -565,6 +609,7 @@ async fn a_request_id_the_handler_sets_is_replayed_unless_denied() {
         let retry = send(&app, with(pay("k"), "x-request-id", "retry")).await;
         assert!(retry.replayed());
         assert_eq!(header(&retry, "x-request-id"), Some(replayed_id));
+        assert_eq!(header(&retry, "x-correlation-id"), correlation_id);
     }
 }
 

@@ -313,11 +313,65 @@ impl<St: Store> IdempotencyLayer<St> {
         self.with(|p| p.tenant = Tenant::Global)
     }
 
-    /// Response headers never stored or replayed, on top of hop-by-hop headers,
-    /// `Content-Length`, `Set-Cookie` and `Date`. Default none.
+    /// Adds response headers that are never stored, so a replay never carries the first
+    /// response's value: the layers outside this one set them afresh for the retry, as
+    /// for any request. Always dropped besides: hop-by-hop headers, `Content-Length`,
+    /// `Set-Cookie` and `Date`. Default: `x-request-id`
+    /// ([`DEFAULT_DENIED_REPLAY_HEADERS`](crate::policy::DEFAULT_DENIED_REPLAY_HEADERS)),
+    /// because a request id names one HTTP request, not the operation: with tower-http's
+    /// `PropagateRequestIdLayer` outside this layer, a replay carries the retry's own id.
+    /// Name here any other per-request header a handler (or a layer inside this one)
+    /// sets, e.g. a `x-correlation-id` or a server-timing header.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .global_scope()
+    ///     .deny_replay_headers([HeaderName::from_static("x-correlation-id")]);
+    /// let denied = layer.policy().denied_replay_headers();
+    /// assert_eq!(denied, ["x-request-id", "x-correlation-id"]);
+    /// ```
     pub fn deny_replay_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
-        let names: Arc<[HeaderName]> = names.into_iter().collect();
-        self.with(|p| p.deny_replay_headers = names)
+        let names: Vec<HeaderName> = names.into_iter().collect();
+        self.with(|p| {
+            let mut denied = p.deny_replay_headers.to_vec();
+            for name in names {
+                if !denied.contains(&name) {
+                    denied.push(name);
+                }
+            }
+            p.deny_replay_headers = denied.into();
+        })
+    }
+
+    /// Stores and replays response headers this policy would otherwise deny (see
+    /// [`deny_replay_headers`](Self::deny_replay_headers)): e.g. `x-request-id`, for an
+    /// API whose clients expect the first request's id on every replay. The headers the
+    /// layer always drops (hop-by-hop, `Content-Length`, `Set-Cookie`, `Date`) stay
+    /// dropped.
+    ///
+    /// ```
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    /// use tower_idempotency_core::policy::X_REQUEST_ID;
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .global_scope()
+    ///     .allow_replay_headers([X_REQUEST_ID]);
+    /// assert!(layer.policy().denied_replay_headers().is_empty());
+    /// ```
+    pub fn allow_replay_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        let names: Vec<HeaderName> = names.into_iter().collect();
+        self.with(|p| {
+            let denied: Arc<[HeaderName]> = p
+                .deny_replay_headers
+                .iter()
+                .filter(|name| !names.contains(name))
+                .cloned()
+                .collect();
+            p.deny_replay_headers = denied;
+        })
     }
 
     /// How long storing a completed record is retried while the store fails (the lease is

@@ -41,6 +41,17 @@ pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// The lease when none is set (and the TTL is not shorter).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
+/// `x-request-id`: names one HTTP request, not the operation a key names, so by default
+/// it is never stored and a replay carries the retry's own id (set by tower-http's
+/// `PropagateRequestIdLayer` outside the idempotency layer).
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The response headers a policy denies unless told otherwise
+/// ([`IdempotencyLayer::allow_replay_headers`](crate::IdempotencyLayer::allow_replay_headers)):
+/// [`X_REQUEST_ID`]. They are never stored; a replay takes them from the live response
+/// path (the layers outside this one), as a fresh request would.
+pub const DEFAULT_DENIED_REPLAY_HEADERS: [HeaderName; 1] = [X_REQUEST_ID];
+
 /// What a request does when its key is in flight elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -260,7 +271,7 @@ impl Default for Policy {
             fail_open: false,
             header: IDEMPOTENCY_KEY,
             tenant: Tenant::Unset,
-            deny_replay_headers: Arc::new([]),
+            deny_replay_headers: Arc::new(DEFAULT_DENIED_REPLAY_HEADERS),
             complete_retry: Duration::from_secs(60),
             retry_after: Duration::from_secs(1),
             problem_type_base: Arc::from(PROBLEM_TYPE_BASE),
@@ -347,6 +358,25 @@ impl Policy {
     /// The header carrying the key.
     pub fn header(&self) -> &HeaderName {
         &self.header
+    }
+
+    /// The response headers this policy never stores or replays, on top of those always
+    /// dropped (hop-by-hop, `Content-Length`, `Set-Cookie`, `Date`). Default
+    /// [`DEFAULT_DENIED_REPLAY_HEADERS`] (`x-request-id`).
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    /// use tower_idempotency_core::policy::X_REQUEST_ID;
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).global_scope();
+    /// assert_eq!(layer.policy().denied_replay_headers(), [X_REQUEST_ID]);
+    /// let trace = HeaderName::from_static("x-trace-id");
+    /// let layer = layer.deny_replay_headers([trace.clone()]).allow_replay_headers([X_REQUEST_ID]);
+    /// assert_eq!(layer.policy().denied_replay_headers(), [trace]);
+    /// ```
+    pub fn denied_replay_headers(&self) -> &[HeaderName] {
+        &self.deny_replay_headers
     }
 
     /// How long storing a completed record is retried while the store fails.
