@@ -194,7 +194,7 @@ pub mod store {
 
 #[doc(inline)]
 pub use tower_idempotency_core::policy::{
-    DEFAULT_DENIED_REPLAY_HEADERS, DEFAULT_LEASE, MAX_TTL, X_REQUEST_ID,
+    is_event_stream, DEFAULT_DENIED_REPLAY_HEADERS, DEFAULT_LEASE, MAX_TTL, X_REQUEST_ID,
 };
 
 /// What each problem `type` means and what the client should do; the layer's `type`

@@ -613,6 +613,86 @@ async fn a_request_id_the_handler_sets_is_not_replayed_unless_allowed() {
     }
 }
 
+// ---- Server-sent events ----
+
+/// A `text/event-stream` response is passed through as it comes, never buffered: the
+/// client reads the first event while the handler still holds the stream open. The
+/// operation counts as done (a not-replayable marker is stored before the first byte),
+/// so a retry gets 409 `response-not-replayable`, never a second run.
+#[tokio::test]
+async fn event_streams_pass_through_unbuffered_and_retries_get_409() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Notify::new());
+    let (r, g) = (runs.clone(), gate.clone());
+    let events = post(move || {
+        r.fetch_add(1, Ordering::SeqCst);
+        let gate = g.clone();
+        async move {
+            let first = futures_util::stream::once(async {
+                Ok::<_, Infallible>(Bytes::from_static(b"data: one\n\n"))
+            });
+            let last = futures_util::stream::once(async move {
+                gate.notified().await;
+                Ok(Bytes::from_static(b"data: two\n\n"))
+            });
+            let body = Body::from_stream(futures_util::StreamExt::chain(first, last));
+            ([(header::CONTENT_TYPE, "text/event-stream")], body)
+        }
+    });
+    let app = routed(events.layer::<_, Infallible>(layer()));
+
+    let response = tokio::time::timeout(Duration::from_secs(5), app.clone().oneshot(pay("k")))
+        .await
+        .expect("the head before the stream ends")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "text/event-stream"
+    );
+    let mut body = response.into_body();
+    let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("the first event before the handler ends its stream")
+        .unwrap()
+        .unwrap();
+    assert_eq!(frame.into_data().unwrap(), "data: one\n\n");
+
+    let retry = send(&app, pay("k")).await;
+    assert_problem(&retry, StatusCode::CONFLICT, "response-not-replayable");
+    gate.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "data: two\n\n");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// `.stream_when(|_| false)` buffers event streams like any response: a short one is
+/// stored and replayed.
+#[tokio::test]
+async fn stream_when_false_stores_and_replays_a_short_event_stream() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let events = post(move || {
+        r.fetch_add(1, Ordering::SeqCst);
+        async {
+            (
+                [(header::CONTENT_TYPE, "text/event-stream")],
+                "data: one\n\n",
+            )
+        }
+    });
+    let app = routed(events.layer::<_, Infallible>(layer().stream_when(|_| false)));
+    let first = send(&app, pay("k")).await;
+    assert_eq!(first.body, "data: one\n\n");
+    let retry = send(&app, pay("k")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, "data: one\n\n");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
 // ---- CatchPanic ----
 
 /// Outside, CatchPanic never sees a covered request's panic: the layer answers its 500

@@ -10,7 +10,8 @@ use tower::Layer;
 use crate::detach::DetachedWork;
 use crate::observe::Meters;
 use crate::policy::{
-    InFlight, Policy, Renewal, StorePolicy, Tenant, TenantResolver, Uncertain, COVERABLE,
+    InFlight, Policy, Renewal, StorePolicy, StreamPredicate, Tenant, TenantResolver, Uncertain,
+    COVERABLE,
 };
 use crate::problems::{Rejection, Renderer};
 use crate::service::Idempotency;
@@ -372,6 +373,43 @@ impl<St: Store> IdempotencyLayer<St> {
                 .collect();
             p.deny_replay_headers = denied;
         })
+    }
+
+    /// Which responses are streamed instead of stored: a response whose status the
+    /// policy stores ([`store_when`](Self::store_when)) and whose head matches is passed
+    /// to the client as it comes, without buffering, right after the not-replayable
+    /// marker is stored (one store call: the operation counts as done, SPEC section 5).
+    /// Retries with the key get 409 `response-not-replayable`, never a second run. A
+    /// response that does not match is buffered up to
+    /// [`max_stored_response`](Self::max_stored_response) before its first byte is sent.
+    ///
+    /// Default: `text/event-stream` responses ([`is_event_stream`](crate::policy::is_event_stream)),
+    /// so server-sent events reach the client at once. The predicate replaces the
+    /// default; call `is_event_stream` in it to keep that. `|_| false` buffers every
+    /// response (an event stream then gets the marker only once it outgrows the
+    /// stored-response limit, or ends and is stored).
+    ///
+    /// ```
+    /// use http::header;
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    /// use tower_idempotency_core::policy::is_event_stream;
+    ///
+    /// // Event streams, and any response the handler marks as a download stream.
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .global_scope()
+    ///     .stream_when(|head| {
+    ///         is_event_stream(&head.headers) || head.headers.contains_key("x-stream")
+    ///     });
+    /// let head = http::Response::builder().header("x-stream", "1").body(())?.into_parts().0;
+    /// assert!(layer.policy().streams(&head));
+    /// # Ok::<(), http::Error>(())
+    /// ```
+    pub fn stream_when<F>(self, predicate: F) -> Self
+    where
+        F: Fn(&http::response::Parts) -> bool + Send + Sync + 'static,
+    {
+        let predicate: StreamPredicate = Arc::new(predicate);
+        self.with(|p| p.stream_when = Some(predicate))
     }
 
     /// How long storing a completed record is retried while the store fails (the lease is

@@ -128,6 +128,42 @@ impl fmt::Debug for StorePolicy {
     }
 }
 
+/// Whether `headers` say the response is a server-sent event stream: its `Content-Type`
+/// is `text/event-stream` (any case, any parameters). The default of
+/// [`IdempotencyLayer::stream_when`](crate::IdempotencyLayer::stream_when), for predicates
+/// that add to it.
+///
+/// ```
+/// use http::{header, HeaderMap, HeaderValue};
+/// use tower_idempotency_core::policy::is_event_stream;
+///
+/// let mut headers = HeaderMap::new();
+/// assert!(!is_event_stream(&headers));
+/// headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("Text/Event-Stream; charset=utf-8"));
+/// assert!(is_event_stream(&headers));
+/// headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-streams"));
+/// assert!(!is_event_stream(&headers));
+/// ```
+pub fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|value| {
+            let value = value.as_bytes();
+            let essence = value
+                .iter()
+                .position(|&b| b == b';')
+                .map_or(value, |end| &value[..end]);
+            essence
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"text/event-stream")
+        })
+        .unwrap_or(false)
+}
+
+/// Decides from the response head whether a response is streamed instead of stored
+/// ([`IdempotencyLayer::stream_when`](crate::IdempotencyLayer::stream_when)).
+pub(crate) type StreamPredicate = Arc<dyn Fn(&http::response::Parts) -> bool + Send + Sync>;
+
 /// Resolves the tenant of a request from its parts (headers, extensions set by auth), as
 /// the bytes that go into the scope hash: borrowed from the request where possible.
 pub(crate) type TenantResolver =
@@ -245,6 +281,8 @@ pub struct Policy {
     pub(crate) header: HeaderName,
     pub(crate) tenant: Tenant,
     pub(crate) deny_replay_headers: Arc<[HeaderName]>,
+    /// `None`: [`is_event_stream`].
+    pub(crate) stream_when: Option<StreamPredicate>,
     pub(crate) complete_retry: Duration,
     pub(crate) retry_after: Duration,
     pub(crate) problem_type_base: Arc<str>,
@@ -272,6 +310,7 @@ impl Default for Policy {
             header: IDEMPOTENCY_KEY,
             tenant: Tenant::Unset,
             deny_replay_headers: Arc::new(DEFAULT_DENIED_REPLAY_HEADERS),
+            stream_when: None,
             complete_retry: Duration::from_secs(60),
             retry_after: Duration::from_secs(1),
             problem_type_base: Arc::from(PROBLEM_TYPE_BASE),
@@ -379,6 +418,27 @@ impl Policy {
         &self.deny_replay_headers
     }
 
+    /// Whether a response with this head is streamed to the first caller unbuffered and
+    /// never stored (retries get 409 `response-not-replayable`): by default, a
+    /// `text/event-stream` ([`is_event_stream`]); else what
+    /// [`IdempotencyLayer::stream_when`](crate::IdempotencyLayer::stream_when) set.
+    ///
+    /// ```
+    /// use http::{header, Response};
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).global_scope();
+    /// let sse = Response::builder().header(header::CONTENT_TYPE, "text/event-stream").body(())?;
+    /// assert!(layer.policy().streams(&sse.into_parts().0));
+    /// # Ok::<(), http::Error>(())
+    /// ```
+    pub fn streams(&self, head: &http::response::Parts) -> bool {
+        match &self.stream_when {
+            None => is_event_stream(&head.headers),
+            Some(predicate) => predicate(head),
+        }
+    }
+
     /// How long storing a completed record is retried while the store fails.
     pub fn complete_retry(&self) -> Duration {
         self.complete_retry
@@ -458,6 +518,14 @@ impl fmt::Debug for Policy {
             .field("header", &self.header)
             .field("tenant", &tenant)
             .field("deny_replay_headers", &self.deny_replay_headers)
+            .field(
+                "stream_when",
+                &if self.stream_when.is_some() {
+                    "custom"
+                } else {
+                    "event streams"
+                },
+            )
             .field("problem_type_base", &self.problem_type_base)
             .field("render_rejection", &self.render_rejection.is_some())
             .finish_non_exhaustive()
