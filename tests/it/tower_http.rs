@@ -693,6 +693,43 @@ async fn stream_when_false_stores_and_replays_a_short_event_stream() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
+// ---- Multipart ----
+
+fn multipart(key: &str, boundary: &str) -> Request<Body> {
+    let body = format!(
+        "--{boundary}\r\ncontent-disposition: form-data; name=\"amount\"\r\n\r\n1000\r\n--{boundary}--\r\n"
+    );
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    Request::post("/pay")
+        .header("idempotency-key", key)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from(body))
+        .unwrap()
+}
+
+/// The fingerprint covers the body byte for byte (README, "Policy", "Multipart
+/// uploads"): a retry that resends the same multipart bytes is replayed; one rebuilt with
+/// a new boundary, same fields, is another payload (422), with or without `Content-Type`
+/// among the fingerprinted headers.
+#[tokio::test]
+async fn a_multipart_retry_with_a_new_boundary_is_another_payload() {
+    for idem in [layer(), layer().fingerprint_headers([])] {
+        let p = Payments::new();
+        let app = routed(p.route().layer::<_, Infallible>(idem));
+        let first = send(&app, multipart("k", "b1")).await;
+        assert_eq!(first.status, StatusCode::CREATED);
+        let same = send(&app, multipart("k", "b1")).await;
+        assert!(same.replayed());
+        let rebuilt = send(&app, multipart("k", "b2")).await;
+        assert_problem(
+            &rebuilt,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+        );
+        assert_eq!(p.counts().0, 1);
+    }
+}
+
 // ---- CatchPanic ----
 
 /// Outside, CatchPanic never sees a covered request's panic: the layer answers its 500

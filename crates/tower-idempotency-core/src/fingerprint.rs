@@ -17,6 +17,15 @@ pub struct ScopeHash([u8; 32]);
 
 /// The blake3 hash of what the request asks for: method, path, query string,
 /// fingerprinted headers and body.
+///
+/// The body counts byte for byte, so two encodings of the same content differ. Above all
+/// `multipart/form-data`: most clients (browsers' `FormData`, reqwest's `multipart::Form`)
+/// pick a new random boundary each time a form is sent, and the boundary is both in the
+/// `Content-Type` (a fingerprinted header by default) and in the body, so a retry of a
+/// rebuilt form gets 422 `idempotency-key-reused`. Clients that retry multipart uploads
+/// should send the same bytes again (build the body once, with its boundary, and resend
+/// it); a server that cannot rely on that can rewrite the boundary to one derived from the
+/// content in a middleware outside the idempotency layer (README, "Policy").
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint([u8; 32]);
 

@@ -173,6 +173,10 @@ impl<St: Store> IdempotencyLayer<St> {
     }
 
     /// The request headers that are part of the fingerprint. Default `Content-Type`.
+    ///
+    /// The fingerprint also covers the body byte for byte: a multipart upload whose retry
+    /// has a new boundary gets 422 even with `Content-Type` left out (see
+    /// [`Fingerprint`](crate::Fingerprint)).
     pub fn fingerprint_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         let names: Arc<[HeaderName]> = names.into_iter().collect();
         self.with(|p| p.fingerprint_headers = names)
