@@ -730,6 +730,49 @@ async fn a_multipart_retry_with_a_new_boundary_is_another_payload() {
     }
 }
 
+/// The multipart body without its boundary, or `None` for any other body.
+fn without_boundary(head: &axum::http::request::Parts, body: &[u8]) -> Option<Vec<u8>> {
+    let content_type = head.headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let boundary = content_type.strip_prefix("multipart/form-data; boundary=")?;
+    let body = std::str::from_utf8(body).ok()?;
+    Some(body.replace(&format!("--{boundary}"), "--").into_bytes())
+}
+
+/// `.fingerprint_body_with(..)` fingerprints a normalised payload: a form rebuilt with a
+/// new boundary, same fields, is replayed; other fields still get 422, and bodies the
+/// hook leaves alone (`None`) keep the usual fingerprint.
+#[tokio::test]
+async fn fingerprint_body_with_replays_a_multipart_retry_with_a_new_boundary() {
+    let p = Payments::new();
+    let idem = layer().fingerprint_body_with(without_boundary);
+    let app = routed(p.route().layer::<_, Infallible>(idem));
+    let first = send(&app, multipart("k", "b1")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let rebuilt = send(&app, multipart("k", "b2")).await;
+    assert!(rebuilt.replayed());
+    assert_eq!(payment(&rebuilt), payment(&first));
+    let mut other = multipart("k", "b3");
+    *other.body_mut() = Body::from(
+        "--b3\r\ncontent-disposition: form-data; name=\"amount\"\r\n\r\n9999\r\n--b3--\r\n",
+    );
+    let other = send(&app, other).await;
+    assert_problem(
+        &other,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency-key-reused",
+    );
+    // A JSON body: the usual fingerprint, which a normalised one never equals.
+    let json = send(&app, pay("k")).await;
+    assert_problem(
+        &json,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency-key-reused",
+    );
+    assert!(send(&app, pay("j")).await.status == StatusCode::CREATED);
+    assert!(send(&app, pay("j")).await.replayed());
+    assert_eq!(p.counts().0, 2);
+}
+
 // ---- CatchPanic ----
 
 /// Outside, CatchPanic never sees a covered request's panic: the layer answers its 500

@@ -10,8 +10,8 @@ use tower::Layer;
 use crate::detach::DetachedWork;
 use crate::observe::Meters;
 use crate::policy::{
-    InFlight, Policy, Renewal, StorePolicy, StreamPredicate, Tenant, TenantResolver, Uncertain,
-    COVERABLE,
+    FingerprintBody, InFlight, Policy, Renewal, StorePolicy, StreamPredicate, Tenant,
+    TenantResolver, Uncertain, COVERABLE,
 };
 use crate::problems::{Rejection, Renderer};
 use crate::service::Idempotency;
@@ -176,10 +176,47 @@ impl<St: Store> IdempotencyLayer<St> {
     ///
     /// The fingerprint also covers the body byte for byte: a multipart upload whose retry
     /// has a new boundary gets 422 even with `Content-Type` left out (see
-    /// [`Fingerprint`](crate::Fingerprint)).
+    /// [`Fingerprint`](crate::Fingerprint)); [`fingerprint_body_with`](Self::fingerprint_body_with)
+    /// is the way out.
     pub fn fingerprint_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         let names: Arc<[HeaderName]> = names.into_iter().collect();
         self.with(|p| p.fingerprint_headers = names)
+    }
+
+    /// Fingerprints a normalised payload instead of the raw one, for bodies whose bytes
+    /// change between two sends of the same content: above all `multipart/form-data`,
+    /// whose boundary most clients pick anew each time (README, "Policy", "Multipart
+    /// uploads"). `normalise` gets the request head and the buffered body; what it
+    /// returns replaces both the fingerprinted headers and the body in the fingerprint
+    /// (method, path and query still count), so put in it whatever of the headers
+    /// matters. `None` keeps the usual fingerprint for that request. The handler always
+    /// gets the raw body. It runs on every keyed request: keep it cheap and never panic.
+    /// Two payloads it maps to the same bytes count as one: the retry of either gets the
+    /// other's answer, so drop only what carries no meaning (the boundary, not a field).
+    /// Off by default: the fingerprint is then exactly SPEC section 4's.
+    ///
+    /// ```
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    ///
+    /// // Multipart bodies without their boundary (a sketch: a real app would parse the
+    /// // parts and fingerprint their names, file names, types and bytes).
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .global_scope()
+    ///     .fingerprint_body_with(|head, body| {
+    ///         let content_type = head.headers.get("content-type")?.to_str().ok()?;
+    ///         let boundary = content_type
+    ///             .strip_prefix("multipart/form-data; boundary=")?
+    ///             .trim_matches('"');
+    ///         let body = std::str::from_utf8(body).ok()?;
+    ///         Some(body.replace(&format!("--{boundary}"), "--").into_bytes())
+    ///     });
+    /// ```
+    pub fn fingerprint_body_with<F>(self, normalise: F) -> Self
+    where
+        F: Fn(&http::request::Parts, &[u8]) -> Option<Vec<u8>> + Send + Sync + 'static,
+    {
+        let normalise: FingerprintBody = Arc::new(normalise);
+        self.with(|p| p.fingerprint_body = Some(normalise))
     }
 
     /// Which responses are stored; the others release the key. Default

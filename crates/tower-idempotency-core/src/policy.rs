@@ -164,6 +164,10 @@ pub fn is_event_stream(headers: &http::HeaderMap) -> bool {
 /// ([`IdempotencyLayer::stream_when`](crate::IdempotencyLayer::stream_when)).
 pub(crate) type StreamPredicate = Arc<dyn Fn(&http::response::Parts) -> bool + Send + Sync>;
 
+/// Gives the payload that stands for a request's fingerprinted headers and body
+/// ([`IdempotencyLayer::fingerprint_body_with`](crate::IdempotencyLayer::fingerprint_body_with)).
+pub(crate) type FingerprintBody = Arc<dyn Fn(&Parts, &[u8]) -> Option<Vec<u8>> + Send + Sync>;
+
 /// Resolves the tenant of a request from its parts (headers, extensions set by auth), as
 /// the bytes that go into the scope hash: borrowed from the request where possible.
 pub(crate) type TenantResolver =
@@ -274,6 +278,7 @@ pub struct Policy {
     pub(crate) drain_time: Duration,
     pub(crate) max_stored_response: usize,
     pub(crate) fingerprint_headers: Arc<[HeaderName]>,
+    pub(crate) fingerprint_body: Option<FingerprintBody>,
     pub(crate) store_when: StorePolicy,
     pub(crate) in_flight: InFlight,
     pub(crate) uncertain: Uncertain,
@@ -303,6 +308,7 @@ impl Default for Policy {
             drain_time: Duration::from_secs(5),
             max_stored_response: 4 * 1024 * 1024,
             fingerprint_headers: Arc::new([http::header::CONTENT_TYPE]),
+            fingerprint_body: None,
             store_when: StorePolicy::Successes,
             in_flight: InFlight::Conflict,
             uncertain: Uncertain::RunAgain,
@@ -511,6 +517,7 @@ impl fmt::Debug for Policy {
             .field("max_body", &self.max_body)
             .field("max_stored_response", &self.max_stored_response)
             .field("fingerprint_headers", &self.fingerprint_headers)
+            .field("fingerprint_body", &self.fingerprint_body.is_some())
             .field("store_when", &self.store_when)
             .field("in_flight", &self.in_flight)
             .field("uncertain", &self.uncertain)

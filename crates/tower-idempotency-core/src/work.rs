@@ -185,14 +185,26 @@ impl<S, St: crate::Store> Job<S, St> {
                 );
             }
         };
-        let fingerprint = Fingerprint::new(
-            &self.parts.method,
-            scope_path(&self.parts),
-            self.parts.uri.query(),
-            &self.parts.headers,
-            &policy.fingerprint_headers,
-            &bytes,
-        );
+        let normalised = policy
+            .fingerprint_body
+            .as_ref()
+            .and_then(|normalise| normalise(&self.parts, &bytes));
+        let fingerprint = match normalised {
+            Some(payload) => Fingerprint::normalised(
+                &self.parts.method,
+                scope_path(&self.parts),
+                self.parts.uri.query(),
+                &payload,
+            ),
+            None => Fingerprint::new(
+                &self.parts.method,
+                scope_path(&self.parts),
+                self.parts.uri.query(),
+                &self.parts.headers,
+                &policy.fingerprint_headers,
+                &bytes,
+            ),
+        };
         let claimed = claim(Claimant {
             store: &shared.store,
             scope: &self.scope,
