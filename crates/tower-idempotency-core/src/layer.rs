@@ -1,6 +1,7 @@
 //! [`IdempotencyLayer`]: applies [`Idempotency`] to a service, with the policy's builder.
 
 use std::borrow::Cow;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,10 @@ pub struct IdempotencyLayer<St> {
     /// Metric handles, shared by every service this layer makes.
     pub(crate) meters: Arc<Meters>,
     pub(crate) detached: DetachedWork,
+    /// Whether a service this layer made already warned that `max_body` refused a body
+    /// axum's `DefaultBodyLimit` allows: shared, as axum may apply a layer once per
+    /// request (a handler's layers are applied when the state is known).
+    pub(crate) warned_body_limit: Arc<AtomicBool>,
 }
 
 impl<St: Store> IdempotencyLayer<St> {
@@ -46,6 +51,7 @@ impl<St: Store> IdempotencyLayer<St> {
             policy: Arc::new(Policy::default()),
             meters: Arc::default(),
             detached: DetachedWork::new(),
+            warned_body_limit: Arc::default(),
         }
     }
 

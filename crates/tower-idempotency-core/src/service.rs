@@ -1,6 +1,5 @@
 //! [`Idempotency`]: the service that makes a covered request retry-safe.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -60,7 +59,7 @@ impl<S, St: Store> Idempotency<S, St> {
                 policy: (*layer.policy).clone(),
                 meters: layer.meters.clone(),
                 detached: layer.detached.clone(),
-                warned_body_limit: AtomicBool::new(false),
+                warned_body_limit: layer.warned_body_limit.clone(),
             }),
         }
     }

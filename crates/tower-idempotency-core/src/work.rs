@@ -65,8 +65,8 @@ pub(crate) struct Shared<St> {
     pub(crate) meters: Arc<Meters>,
     pub(crate) detached: DetachedWork,
     /// Whether the layer already warned that `max_body` refused a body axum's
-    /// `DefaultBodyLimit` allows (once per layer; later ones at DEBUG).
-    pub(crate) warned_body_limit: AtomicBool,
+    /// `DefaultBodyLimit` allows (once per layer and its clones; later ones at DEBUG).
+    pub(crate) warned_body_limit: Arc<AtomicBool>,
 }
 
 impl<St> Shared<St> {
