@@ -193,7 +193,9 @@ pub mod store {
 }
 
 #[doc(inline)]
-pub use tower_idempotency_core::policy::{DEFAULT_LEASE, MAX_TTL};
+pub use tower_idempotency_core::policy::{
+    is_event_stream, DEFAULT_DENIED_REPLAY_HEADERS, DEFAULT_LEASE, MAX_TTL, X_REQUEST_ID,
+};
 
 /// What each problem `type` means and what the client should do; the layer's `type`
 /// URIs link to the sections of this page.

@@ -324,7 +324,8 @@ async fn produce_every_metric(example: &Router) {
 
 /// The outcomes [`produce_every_metric`] provokes: all but `uncertain`, which only a route
 /// that refuses keys whose lease lapsed answers (issue 15's "operation uncertain" policy,
-/// added separately); add it here once that path exists.
+/// added separately; add it here once that path exists), and `streamed`, which needs an
+/// event-stream route the example does not have (tests/it/tower_http.rs checks it).
 const PRODUCED_OUTCOMES: &[&str] = &[
     "new",
     "replayed",

@@ -28,7 +28,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tower_idempotency::store::StorePolicy;
-use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore};
+use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore, X_REQUEST_ID};
 
 /// A payment handler with side effects to count: `charged` when it has called the
 /// payment provider, `booked` when it has also written its own record and answered.
@@ -378,42 +378,172 @@ async fn request_body_limit_outside_answers_413_before_anything_runs() {
     assert!(!ok.replayed());
 }
 
-/// axum's `DefaultBodyLimit` only tells extractors how much to read, so where it sits
-/// makes no difference: the layer buffers up to its own `max_body`, hands the bytes on,
-/// and the extractor's 413 releases the key.
-#[tokio::test]
-async fn default_body_limit_applies_in_the_extractor_either_way() {
-    let runs = Arc::new(AtomicUsize::new(0));
+/// A handler that reads the body with axum's `Bytes` extractor (so axum's
+/// `DefaultBodyLimit` applies to it) and counts its runs.
+fn echo_bytes(runs: &Arc<AtomicUsize>) -> MethodRouter {
     let r = runs.clone();
-    let handler = post(move |body: Bytes| {
+    post(move |body: Bytes| {
         r.fetch_add(1, Ordering::SeqCst);
         async move { (StatusCode::CREATED, body) }
-    });
+    })
+}
+
+fn keyless(mut req: Request<Body>) -> Request<Body> {
+    req.headers_mut().remove("idempotency-key");
+    req
+}
+
+/// `.max_body(n)` caps keyed requests only: one byte over gets the layer's 413 problem
+/// before anything is reserved; a keyless request passes through to axum's own limit
+/// (2 MB by default).
+#[tokio::test]
+async fn max_body_caps_keyed_requests_and_keyless_ones_get_axums_limit() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = routed(echo_bytes(&runs).layer::<_, Infallible>(layer().max_body(64)));
+    for chunked in [false, true] {
+        let over = send(&app, upload("k", 65, chunked)).await;
+        assert_problem(
+            &over,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request-body-too-large",
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+    }
+    let at = send(&app, upload("k", 64, false)).await;
+    assert_eq!(at.status, StatusCode::CREATED);
+    let keyless = send(&app, keyless(upload("", 100_000, false))).await;
+    assert_eq!(keyless.status, StatusCode::CREATED);
+    assert_eq!(keyless.body.len(), 100_000);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// axum's `DefaultBodyLimit::max(n)` outside the layer, below `.max_body(..)`: the layer
+/// applies it to keyed requests itself (its 413 problem, nothing reserved), so a body the
+/// handler's extractor would refuse is never reserved. Inside (between the layer and the
+/// handler) the layer cannot see it: the extractor refuses the body with its plain 413,
+/// which releases the key. Either way the same key with a smaller body runs.
+#[tokio::test]
+async fn default_body_limit_outside_caps_keyed_bodies_inside_the_extractor_does() {
+    let runs = Arc::new(AtomicUsize::new(0));
     let limit = || DefaultBodyLimit::max(64);
-    for app in [
-        routed(
-            handler
-                .clone()
-                .layer::<_, Infallible>(limit())
-                .layer(layer()),
-        ),
-        routed(
-            handler
-                .clone()
-                .layer::<_, Infallible>(layer())
-                .layer(limit()),
-        ),
-    ] {
+    let outside = routed(
+        echo_bytes(&runs)
+            .layer::<_, Infallible>(layer())
+            .layer(limit()),
+    );
+    let inside = routed(
+        echo_bytes(&runs)
+            .layer::<_, Infallible>(limit())
+            .layer(layer()),
+    );
+    for (app, by_the_layer) in [(outside, true), (inside, false)] {
         runs.store(0, Ordering::SeqCst);
-        let over = send(&app, upload("k", 100, false)).await;
-        assert_eq!(over.status, StatusCode::PAYLOAD_TOO_LARGE);
-        assert_eq!(runs.load(Ordering::SeqCst), 0, "the extractor refused it");
-        // Released (a 4xx): the same key with a smaller body runs instead of a 422.
-        let ok = send(&app, upload("k", 32, false)).await;
+        let over = send(&app, upload("k", 65, false)).await;
+        if by_the_layer {
+            assert_problem(
+                &over,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request-body-too-large",
+            );
+        } else {
+            assert_eq!(over.status, StatusCode::PAYLOAD_TOO_LARGE);
+            assert_ne!(
+                header(&over, "content-type"),
+                Some("application/problem+json"),
+                "axum's own answer"
+            );
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        // Nothing stored: the same key with a smaller body runs instead of a 422.
+        let ok = send(&app, upload("k", 64, false)).await;
         assert_eq!(ok.status, StatusCode::CREATED);
         assert!(!ok.replayed());
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
+}
+
+/// `DefaultBodyLimit::disable()` (or a limit above `.max_body(..)`) outside does not lift
+/// the layer's limit: it holds a keyed body in memory, so `.max_body(..)` still refuses
+/// it (and logs a warning once, naming the setting to raise). Keyless requests get
+/// axum's limit, here none.
+#[tokio::test]
+async fn default_body_limit_disabled_outside_keeps_max_body_for_keyed_requests() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    for limit in [DefaultBodyLimit::disable(), DefaultBodyLimit::max(1 << 20)] {
+        runs.store(0, Ordering::SeqCst);
+        let app = routed(
+            echo_bytes(&runs)
+                .layer::<_, Infallible>(layer().max_body(64))
+                .layer(limit),
+        );
+        let over = send(&app, upload("k", 65, false)).await;
+        assert_problem(
+            &over,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request-body-too-large",
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        let keyless = send(&app, keyless(upload("", 65, false))).await;
+        assert_eq!(keyless.status, StatusCode::CREATED);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+}
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// When `.max_body(..)` refuses a keyed body that axum's `DefaultBodyLimit` (outside)
+/// allows, the layer says so once per layer, naming the setting to raise; a smaller axum
+/// limit, which the layer applies, logs nothing.
+#[tokio::test]
+async fn max_body_under_axums_limit_warns_once_per_layer() {
+    // A second dispatcher, as in tests/it/observability.rs: each thread then asks its
+    // own for a callsite's interest instead of caching another thread's "never".
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    for (limit, warnings) in [
+        (DefaultBodyLimit::disable(), 1),
+        (DefaultBodyLimit::max(64), 0),
+    ] {
+        captured.0.lock().unwrap().clear();
+        let app = routed(
+            echo_bytes(&runs)
+                .layer::<_, Infallible>(layer().max_body(64))
+                .layer(limit),
+        );
+        for _ in 0..2 {
+            let over = send(&app, upload("k", 65, false)).await;
+            assert_eq!(over.status, StatusCode::PAYLOAD_TOO_LARGE);
+        }
+        let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+        let lines: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
+        assert_eq!(lines.len(), warnings, "{logs}");
+        for line in lines {
+            assert!(line.contains("`.max_body(64)`"), "{line}");
+            assert!(line.contains("DefaultBodyLimit"), "{line}");
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
 
 // ---- Request ids ----
@@ -451,37 +581,81 @@ async fn request_ids_outside_each_reply_carries_its_own() {
     assert_eq!(p.counts().0, 1);
 }
 
-/// Inside, the first request's id is part of the stored response: every replay carries
-/// it, whatever id the retry had.
+/// Inside, the id reaches the response before the layer sees it; by default the layer
+/// does not store `x-request-id` (it names the HTTP request, not the operation), so a
+/// replay carries no id of its own making. `.allow_replay_headers([X_REQUEST_ID])` stores
+/// it, and every replay then carries the first request's id.
 #[tokio::test]
-async fn request_ids_inside_replay_the_first_requests_id() {
-    let p = Payments::new();
-    let app = routed(
-        p.route()
-            .layer::<_, Infallible>(request_ids())
-            .layer(layer()),
-    );
-
-    let first = send(&app, with(pay("k"), "x-request-id", "first")).await;
-    assert_eq!(header(&first, "x-request-id"), Some("first"));
-    let retry = send(&app, with(pay("k"), "x-request-id", "retry")).await;
-    assert!(retry.replayed());
-    assert_eq!(header(&retry, "x-request-id"), Some("first"));
+async fn request_ids_inside_are_not_replayed_unless_allowed() {
+    for (idem, replayed_id) in [
+        (layer(), None),
+        (layer().allow_replay_headers([X_REQUEST_ID]), Some("first")),
+    ] {
+        let p = Payments::new();
+        let app = routed(p.route().layer::<_, Infallible>(request_ids()).layer(idem));
+        let first = send(&app, with(pay("k"), "x-request-id", "first")).await;
+        assert_eq!(header(&first, "x-request-id"), Some("first"));
+        let retry = send(&app, with(pay("k"), "x-request-id", "retry")).await;
+        assert!(retry.replayed());
+        assert_eq!(header(&retry, "x-request-id"), replayed_id);
+        assert_eq!(p.counts().0, 1);
+    }
 }
 
-/// A handler that sets `x-request-id` itself has it stored, and `PropagateRequestId`
-/// (outside) keeps a response's own id: every replay carries the first one, unless the
-/// policy denies the header.
+/// Request ids around the layer, inside and outside (a stack that sets the id outside
+/// and also propagates it inside, next to the handler): by default the replay carries
+/// the retry's own id, never the original one; with `.allow_replay_headers(..)` it
+/// carries the original one (`PropagateRequestId` keeps a response's own id).
 #[tokio::test]
-async fn a_request_id_the_handler_sets_is_replayed_unless_denied() {
+async fn request_ids_around_the_layer_a_replay_carries_the_retrys_id() {
+    for (idem, replayed_id) in [
+        (layer(), "retry"),
+        (layer().allow_replay_headers([X_REQUEST_ID]), "first"),
+    ] {
+        let p = Payments::new();
+        let app = routed(
+            p.route()
+                .layer::<_, Infallible>(PropagateRequestIdLayer::x_request_id())
+                .layer::<_, Infallible>(idem)
+                .layer(request_ids()),
+        );
+        let first = send(&app, with(pay("k"), "x-request-id", "first")).await;
+        assert_eq!(header(&first, "x-request-id"), Some("first"));
+        let retry = send(&app, with(pay("k"), "x-request-id", "retry")).await;
+        assert!(retry.replayed());
+        assert_eq!(header(&retry, "x-request-id"), Some(replayed_id));
+        // A retry without an id gets a fresh one from `SetRequestId`, not the first's.
+        let fresh = send(&app, pay("k")).await;
+        assert!(fresh.replayed());
+        let id = header(&fresh, "x-request-id").expect("an id");
+        assert_eq!(id == "first", replayed_id == "first", "{id}");
+        assert_eq!(p.counts().0, 1);
+    }
+}
+
+/// A handler that sets `x-request-id` itself is not replayed by default: with
+/// `PropagateRequestId` outside, a replay carries the retry's id. Other per-request
+/// headers can be denied the same way, and the default can be lifted.
+#[tokio::test]
+async fn a_request_id_the_handler_sets_is_not_replayed_unless_allowed() {
     let echo = post(|headers: axum::http::HeaderMap| async move {
         let id = headers["x-request-id"].clone();
-        (StatusCode::CREATED, [("x-request-id", id)], "paid")
+        let ids = [("x-request-id", id.clone()), ("x-correlation-id", id)];
+        (StatusCode::CREATED, ids, "paid")
     });
-    let denied = [axum::http::HeaderName::from_static("x-request-id")];
-    for (idem, replayed_id) in [
-        (layer(), "first"),
-        (layer().deny_replay_headers(denied.clone()), "retry"),
+    let correlation = axum::http::HeaderName::from_static("x-correlation-id");
+    for (idem, replayed_id, correlation_id) in [
+        (layer(), "retry", Some("first")),
+        (
+            layer().deny_replay_headers([correlation.clone()]),
+            "retry",
+            None,
+        ),
+        (
+            layer().allow_replay_headers([X_REQUEST_ID]),
+            "first",
+            Some("first"),
+        ),
     ] {
         let app = routed(
             echo.clone()
@@ -492,7 +666,168 @@ async fn a_request_id_the_handler_sets_is_replayed_unless_denied() {
         let retry = send(&app, with(pay("k"), "x-request-id", "retry")).await;
         assert!(retry.replayed());
         assert_eq!(header(&retry, "x-request-id"), Some(replayed_id));
+        assert_eq!(header(&retry, "x-correlation-id"), correlation_id);
     }
+}
+
+// ---- Server-sent events ----
+
+/// A `text/event-stream` response is passed through as it comes, never buffered: the
+/// client reads the first event while the handler still holds the stream open. The
+/// operation counts as done (a not-replayable marker is stored before the first byte),
+/// so a retry gets 409 `response-not-replayable`, never a second run.
+#[tokio::test]
+async fn event_streams_pass_through_unbuffered_and_retries_get_409() {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let runs = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(Notify::new());
+    let (r, g) = (runs.clone(), gate.clone());
+    let events = post(move || {
+        r.fetch_add(1, Ordering::SeqCst);
+        let gate = g.clone();
+        async move {
+            let first = futures_util::stream::once(async {
+                Ok::<_, Infallible>(Bytes::from_static(b"data: one\n\n"))
+            });
+            let last = futures_util::stream::once(async move {
+                gate.notified().await;
+                Ok(Bytes::from_static(b"data: two\n\n"))
+            });
+            let body = Body::from_stream(futures_util::StreamExt::chain(first, last));
+            ([(header::CONTENT_TYPE, "text/event-stream")], body)
+        }
+    });
+    let app = routed(events.layer::<_, Infallible>(layer()));
+
+    let response = tokio::time::timeout(Duration::from_secs(5), app.clone().oneshot(pay("k")))
+        .await
+        .expect("the head before the stream ends")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "text/event-stream"
+    );
+    let mut body = response.into_body();
+    let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("the first event before the handler ends its stream")
+        .unwrap()
+        .unwrap();
+    assert_eq!(frame.into_data().unwrap(), "data: one\n\n");
+
+    let retry = send(&app, pay("k")).await;
+    assert_problem(&retry, StatusCode::CONFLICT, "response-not-replayable");
+    gate.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "data: two\n\n");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// `.stream_when(|_| false)` buffers event streams like any response: a short one is
+/// stored and replayed.
+#[tokio::test]
+async fn stream_when_false_stores_and_replays_a_short_event_stream() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let events = post(move || {
+        r.fetch_add(1, Ordering::SeqCst);
+        async {
+            (
+                [(header::CONTENT_TYPE, "text/event-stream")],
+                "data: one\n\n",
+            )
+        }
+    });
+    let app = routed(events.layer::<_, Infallible>(layer().stream_when(|_| false)));
+    let first = send(&app, pay("k")).await;
+    assert_eq!(first.body, "data: one\n\n");
+    let retry = send(&app, pay("k")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, "data: one\n\n");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+// ---- Multipart ----
+
+fn multipart(key: &str, boundary: &str) -> Request<Body> {
+    let body = format!(
+        "--{boundary}\r\ncontent-disposition: form-data; name=\"amount\"\r\n\r\n1000\r\n--{boundary}--\r\n"
+    );
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    Request::post("/pay")
+        .header("idempotency-key", key)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from(body))
+        .unwrap()
+}
+
+/// The fingerprint covers the body byte for byte (README, "Policy", "Multipart
+/// uploads"): a retry that resends the same multipart bytes is replayed; one rebuilt with
+/// a new boundary, same fields, is another payload (422), with or without `Content-Type`
+/// among the fingerprinted headers.
+#[tokio::test]
+async fn a_multipart_retry_with_a_new_boundary_is_another_payload() {
+    for idem in [layer(), layer().fingerprint_headers([])] {
+        let p = Payments::new();
+        let app = routed(p.route().layer::<_, Infallible>(idem));
+        let first = send(&app, multipart("k", "b1")).await;
+        assert_eq!(first.status, StatusCode::CREATED);
+        let same = send(&app, multipart("k", "b1")).await;
+        assert!(same.replayed());
+        let rebuilt = send(&app, multipart("k", "b2")).await;
+        assert_problem(
+            &rebuilt,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+        );
+        assert_eq!(p.counts().0, 1);
+    }
+}
+
+/// The multipart body without its boundary, or `None` for any other body.
+fn without_boundary(head: &axum::http::request::Parts, body: &[u8]) -> Option<Vec<u8>> {
+    let content_type = head.headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let boundary = content_type.strip_prefix("multipart/form-data; boundary=")?;
+    let body = std::str::from_utf8(body).ok()?;
+    Some(body.replace(&format!("--{boundary}"), "--").into_bytes())
+}
+
+/// `.fingerprint_body_with(..)` fingerprints a normalised payload: a form rebuilt with a
+/// new boundary, same fields, is replayed; other fields still get 422, and bodies the
+/// hook leaves alone (`None`) keep the usual fingerprint.
+#[tokio::test]
+async fn fingerprint_body_with_replays_a_multipart_retry_with_a_new_boundary() {
+    let p = Payments::new();
+    let idem = layer().fingerprint_body_with(without_boundary);
+    let app = routed(p.route().layer::<_, Infallible>(idem));
+    let first = send(&app, multipart("k", "b1")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let rebuilt = send(&app, multipart("k", "b2")).await;
+    assert!(rebuilt.replayed());
+    assert_eq!(payment(&rebuilt), payment(&first));
+    let mut other = multipart("k", "b3");
+    *other.body_mut() = Body::from(
+        "--b3\r\ncontent-disposition: form-data; name=\"amount\"\r\n\r\n9999\r\n--b3--\r\n",
+    );
+    let other = send(&app, other).await;
+    assert_problem(
+        &other,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency-key-reused",
+    );
+    // A JSON body: the usual fingerprint, which a normalised one never equals.
+    let json = send(&app, pay("k")).await;
+    assert_problem(
+        &json,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency-key-reused",
+    );
+    assert!(send(&app, pay("j")).await.status == StatusCode::CREATED);
+    assert!(send(&app, pay("j")).await.replayed());
+    assert_eq!(p.counts().0, 2);
 }
 
 // ---- CatchPanic ----

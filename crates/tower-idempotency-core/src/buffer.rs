@@ -3,14 +3,105 @@
 //! Over the limit, the rest of the body is read and discarded up to a drain cap before the
 //! 413 goes out: a server that answers while the client is still sending, then closes,
 //! makes the client's TCP stack see a reset instead of the 413.
+//!
+//! The limit of a keyed request is the policy's `max_body`, lowered to axum's
+//! `DefaultBodyLimit::max(n)` when a layer outside this one set a smaller one
+//! ([`AxumLimit`]): the layer holds the whole body in memory, so neither axum's default
+//! nor `DefaultBodyLimit::disable()` raises it.
 
+use std::convert::Infallible;
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use axum::extract::DefaultBodyLimit;
+use axum::RequestExt;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::EXPECT;
-use http::HeaderMap;
+use http::{Extensions, HeaderMap};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError};
+
+/// axum's `DefaultBodyLimit` as the request carries it when it reaches the layer: set by
+/// a `DefaultBodyLimit` layer outside this one. One inside it (between the layer and the
+/// handler) is not seen yet, and applies to the extractors only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AxumLimit {
+    /// None on the request (axum's extractors then use axum's default, 2 MB); also
+    /// axum's default set explicitly where the route's own limit is lower, so that
+    /// telling the two apart would change nothing.
+    Unset,
+    /// `DefaultBodyLimit::disable()`.
+    Disabled,
+    /// `DefaultBodyLimit::max(n)`.
+    Max(u64),
+}
+
+impl AxumLimit {
+    /// Reads the limit from `extensions`. axum keeps it in a private type, so it is
+    /// read the way axum's own extractors apply it (`RequestExt::with_limited_body`),
+    /// on an empty probe body whose size bound then is the limit. The extensions are
+    /// moved into the probe and back, never copied. `max_body` is the route's own limit:
+    /// whether a limit equal to axum's default was set or not matters only above it.
+    pub(crate) fn of(extensions: &mut Extensions, max_body: usize) -> AxumLimit {
+        let limit = probe(extensions);
+        match limit {
+            None => AxumLimit::Disabled,
+            Some(n) if Some(n) != axum_default() => AxumLimit::Max(n),
+            Some(n) if n >= max_body as u64 => AxumLimit::Unset, // no difference either way
+            Some(n) => {
+                // axum's default, set explicitly or not at all: set it again and see
+                // whether that added an extension. If it did, the request now says
+                // `DefaultBodyLimit::max(default)`, which every axum extractor reads
+                // exactly as it reads no limit at all.
+                let before = extensions.len();
+                let mut marker = http::Request::new(());
+                DefaultBodyLimit::max(usize::try_from(n).unwrap_or(usize::MAX)).apply(&mut marker);
+                extensions.extend(marker.into_parts().0.extensions);
+                if extensions.len() == before {
+                    AxumLimit::Max(n)
+                } else {
+                    AxumLimit::Unset
+                }
+            }
+        }
+    }
+
+    /// The limit of a keyed request under a route whose own limit is `max_body`: the
+    /// smaller of the two when axum's is set.
+    pub(crate) fn keyed_limit(self, max_body: usize) -> usize {
+        match self {
+            AxumLimit::Max(n) if n < max_body as u64 => usize::try_from(n).unwrap_or(max_body),
+            _ => max_body,
+        }
+    }
+
+    /// Whether axum's limit lets through a body the route's `max_body` refuses.
+    pub(crate) fn allows_more_than(self, max_body: usize) -> bool {
+        match self {
+            AxumLimit::Unset => false,
+            AxumLimit::Disabled => true,
+            AxumLimit::Max(n) => n > max_body as u64,
+        }
+    }
+}
+
+/// The size bound axum's extractors put on a body with these extensions (`None`:
+/// disabled).
+fn probe(extensions: &mut Extensions) -> Option<u64> {
+    let empty = futures_util::stream::empty::<Result<Bytes, Infallible>>();
+    let mut request = http::Request::new(axum::body::Body::from_stream(empty));
+    *request.extensions_mut() = std::mem::take(extensions);
+    let limited = request.with_limited_body();
+    let bound = limited.body().size_hint().upper();
+    *extensions = limited.into_parts().0.extensions;
+    bound
+}
+
+/// axum's default limit, where no `DefaultBodyLimit` is set (2 MB in axum 0.8).
+fn axum_default() -> Option<u64> {
+    static DEFAULT: OnceLock<Option<u64>> = OnceLock::new();
+    *DEFAULT.get_or_init(|| probe(&mut Extensions::new()))
+}
 
 /// Why a body could not be buffered.
 #[derive(Debug)]
@@ -189,6 +280,47 @@ mod tests {
             buffer(wrapped, &limits(10)).await,
             Err(BufferError::OverOuterLimit)
         ));
+    }
+
+    fn limited(limit: Option<DefaultBodyLimit>) -> Extensions {
+        let mut request = http::Request::new(());
+        request.extensions_mut().insert(7u32); // another extension, kept
+        if let Some(limit) = limit {
+            limit.apply(&mut request);
+        }
+        request.into_parts().0.extensions
+    }
+
+    #[test]
+    fn reads_axums_default_body_limit() {
+        let of = |limit, max_body| {
+            let mut extensions = limited(limit);
+            let read = AxumLimit::of(&mut extensions, max_body);
+            assert_eq!(extensions.get::<u32>(), Some(&7), "extensions kept");
+            read
+        };
+        let mib = 1 << 20;
+        assert_eq!(of(None, mib), AxumLimit::Unset);
+        assert_eq!(of(None, 8 * mib), AxumLimit::Unset);
+        let disabled = Some(DefaultBodyLimit::disable());
+        assert_eq!(of(disabled, mib), AxumLimit::Disabled);
+        assert_eq!(of(Some(DefaultBodyLimit::max(64)), mib), AxumLimit::Max(64));
+        let big = Some(DefaultBodyLimit::max(8 * mib));
+        assert_eq!(of(big, mib), AxumLimit::Max(8 << 20));
+        // axum's default set explicitly: told apart from none only where it matters.
+        let default = axum_default().unwrap();
+        let explicit = || Some(DefaultBodyLimit::max(default as usize));
+        assert_eq!(of(explicit(), 8 * mib), AxumLimit::Max(default));
+        assert_eq!(of(explicit(), mib), AxumLimit::Unset);
+
+        assert_eq!(AxumLimit::Max(64).keyed_limit(mib), 64);
+        assert_eq!(AxumLimit::Max(8 << 20).keyed_limit(mib), mib);
+        assert_eq!(AxumLimit::Disabled.keyed_limit(mib), mib);
+        assert_eq!(AxumLimit::Unset.keyed_limit(mib), mib);
+        assert!(AxumLimit::Disabled.allows_more_than(mib));
+        assert!(AxumLimit::Max(8 << 20).allows_more_than(mib));
+        assert!(!AxumLimit::Max(64).allows_more_than(mib));
+        assert!(!AxumLimit::Unset.allows_more_than(mib));
     }
 
     #[tokio::test]

@@ -17,6 +17,16 @@ pub struct ScopeHash([u8; 32]);
 
 /// The blake3 hash of what the request asks for: method, path, query string,
 /// fingerprinted headers and body.
+///
+/// The body counts byte for byte, so two encodings of the same content differ. Above all
+/// `multipart/form-data`: most clients (browsers' `FormData`, reqwest's `multipart::Form`)
+/// pick a new random boundary each time a form is sent, and the boundary is both in the
+/// `Content-Type` (a fingerprinted header by default) and in the body, so a retry of a
+/// rebuilt form gets 422 `idempotency-key-reused`. Clients that retry multipart uploads
+/// should send the same bytes again (build the body once, with its boundary, and resend
+/// it); a server that cannot rely on that can fingerprint a normalised payload
+/// ([`IdempotencyLayer::fingerprint_body_with`](crate::IdempotencyLayer::fingerprint_body_with)),
+/// or rewrite the boundary in a middleware outside the layer (README, "Policy").
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint([u8; 32]);
 
@@ -219,12 +229,49 @@ impl Fingerprint {
         fields.large_field(body);
         Fingerprint(fields.finish())
     }
+
+    /// The fingerprint of a request whose headers and body the policy normalised into
+    /// `payload`: never equal to a raw one's (another context).
+    pub(crate) fn normalised(
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        payload: &[u8],
+    ) -> Self {
+        static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+        let context = "tower-idempotency 2026 normalised fingerprint v1";
+        let mut fields = Fields::new(context_key(context, &KEY));
+        fields
+            .field(method.as_str().as_bytes())
+            .field(path.as_bytes());
+        match query {
+            Some(query) => fields.field(b"?").field(query.as_bytes()),
+            None => fields.field(b""),
+        };
+        fields.large_field(payload);
+        Fingerprint(fields.finish())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn a_normalised_fingerprint_never_equals_a_raw_one() {
+        let raw = Fingerprint::new(&Method::POST, "/p", None, &HeaderMap::new(), &[], b"x");
+        let normalised = Fingerprint::normalised(&Method::POST, "/p", None, b"x");
+        assert_ne!(raw, normalised);
+        assert_ne!(
+            normalised,
+            Fingerprint::normalised(&Method::POST, "/p", Some(""), b"x")
+        );
+        assert_eq!(
+            normalised,
+            Fingerprint::normalised(&Method::POST, "/p", None, b"x")
+        );
+    }
 
     #[test]
     fn scope_separates_every_part() {

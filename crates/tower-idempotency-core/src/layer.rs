@@ -1,6 +1,7 @@
 //! [`IdempotencyLayer`]: applies [`Idempotency`] to a service, with the policy's builder.
 
 use std::borrow::Cow;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,8 @@ use tower::Layer;
 use crate::detach::DetachedWork;
 use crate::observe::Meters;
 use crate::policy::{
-    InFlight, Policy, Renewal, StorePolicy, Tenant, TenantResolver, Uncertain, COVERABLE,
+    FingerprintBody, InFlight, Policy, Renewal, StorePolicy, StreamPredicate, Tenant,
+    TenantResolver, Uncertain, COVERABLE,
 };
 use crate::problems::{Rejection, Renderer};
 use crate::service::Idempotency;
@@ -31,6 +33,10 @@ pub struct IdempotencyLayer<St> {
     /// Metric handles, shared by every service this layer makes.
     pub(crate) meters: Arc<Meters>,
     pub(crate) detached: DetachedWork,
+    /// Whether a service this layer made already warned that `max_body` refused a body
+    /// axum's `DefaultBodyLimit` allows: shared, as axum may apply a layer once per
+    /// request (a handler's layers are applied when the state is known).
+    pub(crate) warned_body_limit: Arc<AtomicBool>,
 }
 
 impl<St: Store> IdempotencyLayer<St> {
@@ -45,6 +51,7 @@ impl<St: Store> IdempotencyLayer<St> {
             policy: Arc::new(Policy::default()),
             meters: Arc::default(),
             detached: DetachedWork::new(),
+            warned_body_limit: Arc::default(),
         }
     }
 
@@ -127,7 +134,28 @@ impl<St: Store> IdempotencyLayer<St> {
         self.with(|p| p.require_key = true)
     }
 
-    /// The largest request body buffered, in bytes; larger ones get 413. Default 1 MiB.
+    /// The largest body of a keyed request, in bytes: the layer holds it in memory to
+    /// fingerprint it, and answers a larger one with 413 `request-body-too-large` before
+    /// anything is reserved. Default 1 MiB. Keyless requests pass through untouched, under
+    /// axum's own limit (2 MB unless `DefaultBodyLimit` says otherwise).
+    ///
+    /// axum's `DefaultBodyLimit::max(n)` on a layer outside this one, if smaller, lowers
+    /// the limit of keyed requests to `n` (the layer's 413 problem, so a body the
+    /// handler's extractor would refuse is never reserved). A larger one, or
+    /// `DefaultBodyLimit::disable()`, does not raise it: the body is still held in memory,
+    /// so raise `max_body` itself for large keyed uploads (the layer logs a warning, once,
+    /// when it refuses a body axum's limit allows). A `DefaultBodyLimit` inside this layer
+    /// is not seen: it applies to the handler's extractors only.
+    ///
+    /// ```
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    ///
+    /// // Keyed uploads of up to 8 MiB on this route.
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .global_scope()
+    ///     .max_body(8 << 20);
+    /// assert_eq!(layer.policy().max_body(), 8 << 20);
+    /// ```
     pub fn max_body(self, bytes: usize) -> Self {
         self.with(|p| p.max_body = bytes)
     }
@@ -151,9 +179,50 @@ impl<St: Store> IdempotencyLayer<St> {
     }
 
     /// The request headers that are part of the fingerprint. Default `Content-Type`.
+    ///
+    /// The fingerprint also covers the body byte for byte: a multipart upload whose retry
+    /// has a new boundary gets 422 even with `Content-Type` left out (see
+    /// [`Fingerprint`](crate::Fingerprint)); [`fingerprint_body_with`](Self::fingerprint_body_with)
+    /// is the way out.
     pub fn fingerprint_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         let names: Arc<[HeaderName]> = names.into_iter().collect();
         self.with(|p| p.fingerprint_headers = names)
+    }
+
+    /// Fingerprints a normalised payload instead of the raw one, for bodies whose bytes
+    /// change between two sends of the same content: above all `multipart/form-data`,
+    /// whose boundary most clients pick anew each time (README, "Policy", "Multipart
+    /// uploads"). `normalise` gets the request head and the buffered body; what it
+    /// returns replaces both the fingerprinted headers and the body in the fingerprint
+    /// (method, path and query still count), so put in it whatever of the headers
+    /// matters. `None` keeps the usual fingerprint for that request. The handler always
+    /// gets the raw body. It runs on every keyed request: keep it cheap and never panic.
+    /// Two payloads it maps to the same bytes count as one: the retry of either gets the
+    /// other's answer, so drop only what carries no meaning (the boundary, not a field).
+    /// Off by default: the fingerprint is then exactly SPEC section 4's.
+    ///
+    /// ```
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    ///
+    /// // Multipart bodies without their boundary (a sketch: a real app would parse the
+    /// // parts and fingerprint their names, file names, types and bytes).
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .global_scope()
+    ///     .fingerprint_body_with(|head, body| {
+    ///         let content_type = head.headers.get("content-type")?.to_str().ok()?;
+    ///         let boundary = content_type
+    ///             .strip_prefix("multipart/form-data; boundary=")?
+    ///             .trim_matches('"');
+    ///         let body = std::str::from_utf8(body).ok()?;
+    ///         Some(body.replace(&format!("--{boundary}"), "--").into_bytes())
+    ///     });
+    /// ```
+    pub fn fingerprint_body_with<F>(self, normalise: F) -> Self
+    where
+        F: Fn(&http::request::Parts, &[u8]) -> Option<Vec<u8>> + Send + Sync + 'static,
+    {
+        let normalise: FingerprintBody = Arc::new(normalise);
+        self.with(|p| p.fingerprint_body = Some(normalise))
     }
 
     /// Which responses are stored; the others release the key. Default
@@ -292,11 +361,102 @@ impl<St: Store> IdempotencyLayer<St> {
         self.with(|p| p.tenant = Tenant::Global)
     }
 
-    /// Response headers never stored or replayed, on top of hop-by-hop headers,
-    /// `Content-Length`, `Set-Cookie` and `Date`. Default none.
+    /// Adds response headers that are never stored, so a replay never carries the first
+    /// response's value: the layers outside this one set them afresh for the retry, as
+    /// for any request. Always dropped besides: hop-by-hop headers, `Content-Length`,
+    /// `Set-Cookie` and `Date`. Default: `x-request-id`
+    /// ([`DEFAULT_DENIED_REPLAY_HEADERS`](crate::policy::DEFAULT_DENIED_REPLAY_HEADERS)),
+    /// because a request id names one HTTP request, not the operation: with tower-http's
+    /// `PropagateRequestIdLayer` outside this layer, a replay carries the retry's own id.
+    /// Name here any other per-request header a handler (or a layer inside this one)
+    /// sets, e.g. a `x-correlation-id` or a server-timing header.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .global_scope()
+    ///     .deny_replay_headers([HeaderName::from_static("x-correlation-id")]);
+    /// let denied = layer.policy().denied_replay_headers();
+    /// assert_eq!(denied, ["x-request-id", "x-correlation-id"]);
+    /// ```
     pub fn deny_replay_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
-        let names: Arc<[HeaderName]> = names.into_iter().collect();
-        self.with(|p| p.deny_replay_headers = names)
+        let names: Vec<HeaderName> = names.into_iter().collect();
+        self.with(|p| {
+            let mut denied = p.deny_replay_headers.to_vec();
+            for name in names {
+                if !denied.contains(&name) {
+                    denied.push(name);
+                }
+            }
+            p.deny_replay_headers = denied.into();
+        })
+    }
+
+    /// Stores and replays response headers this policy would otherwise deny (see
+    /// [`deny_replay_headers`](Self::deny_replay_headers)): e.g. `x-request-id`, for an
+    /// API whose clients expect the first request's id on every replay. The headers the
+    /// layer always drops (hop-by-hop, `Content-Length`, `Set-Cookie`, `Date`) stay
+    /// dropped.
+    ///
+    /// ```
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    /// use tower_idempotency_core::policy::X_REQUEST_ID;
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .global_scope()
+    ///     .allow_replay_headers([X_REQUEST_ID]);
+    /// assert!(layer.policy().denied_replay_headers().is_empty());
+    /// ```
+    pub fn allow_replay_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        let names: Vec<HeaderName> = names.into_iter().collect();
+        self.with(|p| {
+            let denied: Arc<[HeaderName]> = p
+                .deny_replay_headers
+                .iter()
+                .filter(|name| !names.contains(name))
+                .cloned()
+                .collect();
+            p.deny_replay_headers = denied;
+        })
+    }
+
+    /// Which responses are streamed instead of stored: a response whose status the
+    /// policy stores ([`store_when`](Self::store_when)) and whose head matches is passed
+    /// to the client as it comes, without buffering, right after the not-replayable
+    /// marker is stored (one store call: the operation counts as done, SPEC section 5).
+    /// Retries with the key get 409 `response-not-replayable`, never a second run. A
+    /// response that does not match is buffered up to
+    /// [`max_stored_response`](Self::max_stored_response) before its first byte is sent.
+    ///
+    /// Default: `text/event-stream` responses ([`is_event_stream`](crate::policy::is_event_stream)),
+    /// so server-sent events reach the client at once. The predicate replaces the
+    /// default; call `is_event_stream` in it to keep that. `|_| false` buffers every
+    /// response (an event stream then gets the marker only once it outgrows the
+    /// stored-response limit, or ends and is stored).
+    ///
+    /// ```
+    /// use http::header;
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    /// use tower_idempotency_core::policy::is_event_stream;
+    ///
+    /// // Event streams, and any response the handler marks as a download stream.
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .global_scope()
+    ///     .stream_when(|head| {
+    ///         is_event_stream(&head.headers) || head.headers.contains_key("x-stream")
+    ///     });
+    /// let head = http::Response::builder().header("x-stream", "1").body(())?.into_parts().0;
+    /// assert!(layer.policy().streams(&head));
+    /// # Ok::<(), http::Error>(())
+    /// ```
+    pub fn stream_when<F>(self, predicate: F) -> Self
+    where
+        F: Fn(&http::response::Parts) -> bool + Send + Sync + 'static,
+    {
+        let predicate: StreamPredicate = Arc::new(predicate);
+        self.with(|p| p.stream_when = Some(predicate))
     }
 
     /// How long storing a completed record is retried while the store fails (the lease is

@@ -62,6 +62,7 @@
 //! | `not_replayable` | 409 `response-not-replayable` | the first response could not be stored (too large, or its body failed) |
 //! | `uncertain` | 409 `operation-uncertain` | the first request's lease lapsed before it recorded an answer, and the route refuses to run it again until an operator resolves or forgets the key |
 //! | `too_large_to_store` | the handler's | the response was over the stored-size limit: sent once, not replayable |
+//! | `streamed` | the handler's, unbuffered | the response is a stream (`text/event-stream`, or the route's `stream_when`): passed through as it comes, not replayable |
 //! | `body_failed` | the handler's, cut | the response body failed after a stored status: not replayable |
 //! | `fenced` | the handler's | the lease was lost before completion: the response went to this caller and was not stored |
 //! | `complete_failed` | the handler's | storing the response failed past `complete_retry` |
@@ -311,6 +312,10 @@ pub const OUTCOMES: &[(&str, &str)] = &[
     (
         "too_large_to_store",
         "sent once, over the stored-size limit",
+    ),
+    (
+        "streamed",
+        "passed through unbuffered (an event stream): not replayable",
     ),
     (
         "body_failed",

@@ -55,6 +55,9 @@ pub(crate) enum Outcome {
     Uncertain,
     /// The response was too large to store: streamed, marker stored.
     TooLargeToStore,
+    /// The response is a stream (`text/event-stream`, or the policy's `stream_when`):
+    /// marker stored, then passed through unbuffered.
+    Streamed,
     /// The store failed and the policy fails closed: 503.
     StoreError,
     /// The store failed and the policy fails open: passed through.
@@ -86,6 +89,7 @@ impl Outcome {
             Outcome::NotReplayable => "not_replayable",
             Outcome::Uncertain => "uncertain",
             Outcome::TooLargeToStore => "too_large_to_store",
+            Outcome::Streamed => "streamed",
             Outcome::StoreError => "store_error",
             Outcome::FailOpen => "fail_open",
             Outcome::HandlerFailed => "handler_failed",
@@ -97,7 +101,7 @@ impl Outcome {
     }
 }
 
-const OUTCOMES: usize = 19;
+const OUTCOMES: usize = 20;
 // Every outcome has a slot in `RouteMeters::outcomes`.
 const _: () = assert!(Outcome::NoKey as usize + 1 == OUTCOMES);
 
@@ -525,6 +529,7 @@ mod tests {
             NotReplayable,
             Uncertain,
             TooLargeToStore,
+            Streamed,
             StoreError,
             FailOpen,
             HandlerFailed,

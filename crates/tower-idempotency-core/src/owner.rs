@@ -30,7 +30,7 @@ use crate::problems::Problem;
 use crate::record::{Record, StoredResponse};
 use crate::replay::stored_headers;
 use crate::token::FencingToken;
-use crate::work::{Inner, Job, Output};
+use crate::work::{Inner, Job, Output, Shared};
 use crate::Store;
 
 /// Runs the request as the owner of `token`'s lease, taken at `reserved_at`.
@@ -51,6 +51,7 @@ where
         parts,
         scope,
         observer,
+        ..
     } = job;
     let policy = &shared.policy;
     let mut lease = Lease::new(&shared.store, &scope, token, policy, &observer, reserved_at);
@@ -88,6 +89,20 @@ where
         return (Outcome::Released, Ok(response.map(ResponseBody::stream)));
     }
     let (parts, body) = response.into_parts();
+    if policy.streams(&parts) {
+        // A stream (server-sent events): its first byte must not wait for the last. The
+        // operation counts as done, so the marker is stored first; then the body passes
+        // through as it comes.
+        tracing::debug!(
+            "streamed response: storing the not-replayable marker, then passing it through"
+        );
+        let completed = lease.complete(&Record::NotReplayable).await;
+        if let Completed::RolledBack = completed {
+            return (Outcome::RolledBack, Ok(rolled_back(&shared)));
+        }
+        let response = Response::from_parts(parts, ResponseBody::stream(body));
+        return (Outcome::Streamed, Ok(response));
+    }
     let collected = lease
         .hold_while(AssertUnwindSafe(collect(body, policy.max_stored_response)).catch_unwind())
         .await;
@@ -129,14 +144,7 @@ where
         }
     };
     let outcome = match (lease.complete(&record).await, outcome) {
-        (Completed::RolledBack, _) => {
-            let detail = "the operation was rolled back with its idempotency record (the \
-                          commit failed); retry with the same key";
-            return (
-                Outcome::RolledBack,
-                Ok(shared.problem(Problem::StoreUnavailable, detail)),
-            );
-        }
+        (Completed::RolledBack, _) => return (Outcome::RolledBack, Ok(rolled_back(&shared))),
         (Completed::Stored, outcome) => outcome,
         (Completed::Fenced, Outcome::New) => Outcome::Fenced,
         (Completed::GaveUp, Outcome::New) => Outcome::CompleteFailed,
@@ -144,6 +152,13 @@ where
         (Completed::Fenced | Completed::GaveUp, outcome) => outcome,
     };
     (outcome, Ok(Response::from_parts(parts, body)))
+}
+
+/// The answer when the commit of the handler's writes with the record failed.
+fn rolled_back<St, B>(shared: &Shared<St>) -> Response<ResponseBody<B>> {
+    let detail = "the operation was rolled back with its idempotency record (the commit \
+                  failed); retry with the same key";
+    shared.problem(Problem::StoreUnavailable, detail)
 }
 
 /// The message of a panic payload, for the log.

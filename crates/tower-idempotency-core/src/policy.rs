@@ -41,6 +41,17 @@ pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// The lease when none is set (and the TTL is not shorter).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
+/// `x-request-id`: names one HTTP request, not the operation a key names, so by default
+/// it is never stored and a replay carries the retry's own id (set by tower-http's
+/// `PropagateRequestIdLayer` outside the idempotency layer).
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The response headers a policy denies unless told otherwise
+/// ([`IdempotencyLayer::allow_replay_headers`](crate::IdempotencyLayer::allow_replay_headers)):
+/// [`X_REQUEST_ID`]. They are never stored; a replay takes them from the live response
+/// path (the layers outside this one), as a fresh request would.
+pub const DEFAULT_DENIED_REPLAY_HEADERS: [HeaderName; 1] = [X_REQUEST_ID];
+
 /// What a request does when its key is in flight elsewhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -116,6 +127,46 @@ impl fmt::Debug for StorePolicy {
         }
     }
 }
+
+/// Whether `headers` say the response is a server-sent event stream: its `Content-Type`
+/// is `text/event-stream` (any case, any parameters). The default of
+/// [`IdempotencyLayer::stream_when`](crate::IdempotencyLayer::stream_when), for predicates
+/// that add to it.
+///
+/// ```
+/// use http::{header, HeaderMap, HeaderValue};
+/// use tower_idempotency_core::policy::is_event_stream;
+///
+/// let mut headers = HeaderMap::new();
+/// assert!(!is_event_stream(&headers));
+/// headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("Text/Event-Stream; charset=utf-8"));
+/// assert!(is_event_stream(&headers));
+/// headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-streams"));
+/// assert!(!is_event_stream(&headers));
+/// ```
+pub fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|value| {
+            let value = value.as_bytes();
+            let essence = value
+                .iter()
+                .position(|&b| b == b';')
+                .map_or(value, |end| &value[..end]);
+            essence
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"text/event-stream")
+        })
+        .unwrap_or(false)
+}
+
+/// Decides from the response head whether a response is streamed instead of stored
+/// ([`IdempotencyLayer::stream_when`](crate::IdempotencyLayer::stream_when)).
+pub(crate) type StreamPredicate = Arc<dyn Fn(&http::response::Parts) -> bool + Send + Sync>;
+
+/// Gives the payload that stands for a request's fingerprinted headers and body
+/// ([`IdempotencyLayer::fingerprint_body_with`](crate::IdempotencyLayer::fingerprint_body_with)).
+pub(crate) type FingerprintBody = Arc<dyn Fn(&Parts, &[u8]) -> Option<Vec<u8>> + Send + Sync>;
 
 /// Resolves the tenant of a request from its parts (headers, extensions set by auth), as
 /// the bytes that go into the scope hash: borrowed from the request where possible.
@@ -227,6 +278,7 @@ pub struct Policy {
     pub(crate) drain_time: Duration,
     pub(crate) max_stored_response: usize,
     pub(crate) fingerprint_headers: Arc<[HeaderName]>,
+    pub(crate) fingerprint_body: Option<FingerprintBody>,
     pub(crate) store_when: StorePolicy,
     pub(crate) in_flight: InFlight,
     pub(crate) uncertain: Uncertain,
@@ -234,6 +286,8 @@ pub struct Policy {
     pub(crate) header: HeaderName,
     pub(crate) tenant: Tenant,
     pub(crate) deny_replay_headers: Arc<[HeaderName]>,
+    /// `None`: [`is_event_stream`].
+    pub(crate) stream_when: Option<StreamPredicate>,
     pub(crate) complete_retry: Duration,
     pub(crate) retry_after: Duration,
     pub(crate) problem_type_base: Arc<str>,
@@ -254,13 +308,15 @@ impl Default for Policy {
             drain_time: Duration::from_secs(5),
             max_stored_response: 4 * 1024 * 1024,
             fingerprint_headers: Arc::new([http::header::CONTENT_TYPE]),
+            fingerprint_body: None,
             store_when: StorePolicy::Successes,
             in_flight: InFlight::Conflict,
             uncertain: Uncertain::RunAgain,
             fail_open: false,
             header: IDEMPOTENCY_KEY,
             tenant: Tenant::Unset,
-            deny_replay_headers: Arc::new([]),
+            deny_replay_headers: Arc::new(DEFAULT_DENIED_REPLAY_HEADERS),
+            stream_when: None,
             complete_retry: Duration::from_secs(60),
             retry_after: Duration::from_secs(1),
             problem_type_base: Arc::from(PROBLEM_TYPE_BASE),
@@ -349,6 +405,46 @@ impl Policy {
         &self.header
     }
 
+    /// The response headers this policy never stores or replays, on top of those always
+    /// dropped (hop-by-hop, `Content-Length`, `Set-Cookie`, `Date`). Default
+    /// [`DEFAULT_DENIED_REPLAY_HEADERS`] (`x-request-id`).
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    /// use tower_idempotency_core::policy::X_REQUEST_ID;
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).global_scope();
+    /// assert_eq!(layer.policy().denied_replay_headers(), [X_REQUEST_ID]);
+    /// let trace = HeaderName::from_static("x-trace-id");
+    /// let layer = layer.deny_replay_headers([trace.clone()]).allow_replay_headers([X_REQUEST_ID]);
+    /// assert_eq!(layer.policy().denied_replay_headers(), [trace]);
+    /// ```
+    pub fn denied_replay_headers(&self) -> &[HeaderName] {
+        &self.deny_replay_headers
+    }
+
+    /// Whether a response with this head is streamed to the first caller unbuffered and
+    /// never stored (retries get 409 `response-not-replayable`): by default, a
+    /// `text/event-stream` ([`is_event_stream`]); else what
+    /// [`IdempotencyLayer::stream_when`](crate::IdempotencyLayer::stream_when) set.
+    ///
+    /// ```
+    /// use http::{header, Response};
+    /// use tower_idempotency_core::{IdempotencyLayer, MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).global_scope();
+    /// let sse = Response::builder().header(header::CONTENT_TYPE, "text/event-stream").body(())?;
+    /// assert!(layer.policy().streams(&sse.into_parts().0));
+    /// # Ok::<(), http::Error>(())
+    /// ```
+    pub fn streams(&self, head: &http::response::Parts) -> bool {
+        match &self.stream_when {
+            None => is_event_stream(&head.headers),
+            Some(predicate) => predicate(head),
+        }
+    }
+
     /// How long storing a completed record is retried while the store fails.
     pub fn complete_retry(&self) -> Duration {
         self.complete_retry
@@ -421,6 +517,7 @@ impl fmt::Debug for Policy {
             .field("max_body", &self.max_body)
             .field("max_stored_response", &self.max_stored_response)
             .field("fingerprint_headers", &self.fingerprint_headers)
+            .field("fingerprint_body", &self.fingerprint_body.is_some())
             .field("store_when", &self.store_when)
             .field("in_flight", &self.in_flight)
             .field("uncertain", &self.uncertain)
@@ -428,6 +525,14 @@ impl fmt::Debug for Policy {
             .field("header", &self.header)
             .field("tenant", &tenant)
             .field("deny_replay_headers", &self.deny_replay_headers)
+            .field(
+                "stream_when",
+                &if self.stream_when.is_some() {
+                    "custom"
+                } else {
+                    "event streams"
+                },
+            )
             .field("problem_type_base", &self.problem_type_base)
             .field("render_rejection", &self.render_rejection.is_some())
             .finish_non_exhaustive()

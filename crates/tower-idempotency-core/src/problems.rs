@@ -64,7 +64,8 @@
 //! # response-not-replayable
 //!
 //! Status 409. The first request with this key ran, but its response could not be stored: it
-//! was larger than the server stores, or it failed mid-stream. It will not run again.
+//! was larger than the server stores, it failed mid-stream, or it was a stream (such as
+//! server-sent events) sent as it came. It will not run again.
 //! **Client:** do not retry with this key; look the result up another way (e.g. `GET`
 //! the resource).
 //!

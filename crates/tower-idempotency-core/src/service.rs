@@ -10,7 +10,7 @@ use tower::Service;
 use tracing::Instrument;
 
 use crate::body::{BoxError, RequestBody, ResponseBody};
-use crate::buffer::expects_continue_over;
+use crate::buffer::{expects_continue_over, AxumLimit};
 use crate::detach::DetachOnDrop;
 use crate::fingerprint::ScopeHash;
 use crate::future::ResponseFuture;
@@ -59,6 +59,7 @@ impl<S, St: Store> Idempotency<S, St> {
                 policy: (*layer.policy).clone(),
                 meters: layer.meters.clone(),
                 detached: layer.detached.clone(),
+                warned_body_limit: layer.warned_body_limit.clone(),
             }),
         }
     }
@@ -116,7 +117,7 @@ where
         if !policy.covers(request.method()) {
             return ResponseFuture::passthrough(inner.call(request.map(RequestBody::passthrough)));
         }
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         let observer = Observer::new(&shared.meters, route_label(&parts));
         let reject = |outcome: Outcome, problem: Problem, detail: String| {
             observer.outcome(outcome);
@@ -138,6 +139,9 @@ where
                 return reject(Outcome::Rejected, Problem::KeyInvalid, detail);
             }
         };
+        // The route's limit, or axum's `DefaultBodyLimit::max(n)` set outside if smaller.
+        let axum_limit = AxumLimit::of(&mut parts.extensions, policy.max_body);
+        let max_body = axum_limit.keyed_limit(policy.max_body);
         let Ok(tenant) = tenant(policy, &parts) else {
             tracing::error!(
                 route = observer.route(),
@@ -153,8 +157,9 @@ where
         };
         // The client waits for `100 Continue` before sending a body the layer would only
         // discard: answer 413 now, without reading it (the connection then closes).
-        if expects_continue_over(&parts.headers, body.size_hint().lower(), policy.max_body) {
-            let detail = format!("the request body is larger than {} bytes", policy.max_body);
+        if expects_continue_over(&parts.headers, body.size_hint().lower(), max_body) {
+            shared.refused_over_max_body(axum_limit);
+            let detail = format!("the request body is larger than {max_body} bytes");
             return reject(Outcome::TooLarge, Problem::BodyTooLarge, detail);
         }
         let scope = ScopeHash::new(tenant.as_deref(), &parts.method, scope_path(&parts), &key);
@@ -175,6 +180,8 @@ where
             parts,
             scope,
             observer,
+            max_body,
+            axum_limit,
         };
         let work = DetachOnDrop::new(
             shared.detached.clone(),

@@ -6,6 +6,7 @@
 //! [`DetachOnDrop`](crate::detach): if the client hangs up, the rest is spawned and
 //! finishes anyway (SPEC section 6).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::request::Parts;
@@ -14,7 +15,7 @@ use http_body::Body;
 use tower::Service;
 
 use crate::body::{BoxError, RequestBody, ResponseBody};
-use crate::buffer::{buffer, BufferError, Limits};
+use crate::buffer::{buffer, AxumLimit, BufferError, Limits};
 use crate::claim::{claim, Claim, Claimant};
 use crate::detach::DetachedWork;
 use crate::fingerprint::{Fingerprint, ScopeHash};
@@ -63,9 +64,34 @@ pub(crate) struct Shared<St> {
     pub(crate) policy: Policy,
     pub(crate) meters: Arc<Meters>,
     pub(crate) detached: DetachedWork,
+    /// Whether the layer already warned that `max_body` refused a body axum's
+    /// `DefaultBodyLimit` allows (once per layer and its clones; later ones at DEBUG).
+    pub(crate) warned_body_limit: Arc<AtomicBool>,
 }
 
 impl<St> Shared<St> {
+    /// A keyed request was refused at the route's `max_body`: if axum's
+    /// `DefaultBodyLimit` (set outside the layer) would have let it through, say so, once
+    /// per layer, so a limit raised for axum alone is not overridden silently.
+    pub(crate) fn refused_over_max_body(&self, axum: AxumLimit) {
+        if !axum.allows_more_than(self.policy.max_body) {
+            return;
+        }
+        let max_body = self.policy.max_body;
+        if !self.warned_body_limit.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                max_body,
+                axum_limit = ?axum,
+                "a keyed request body is over this route's idempotency limit (`.max_body({max_body})`) \
+                 although axum's DefaultBodyLimit allows it: the layer holds keyed bodies in \
+                 memory and keeps its own limit; raise `.max_body(..)` on this route to accept \
+                 them (logged once per layer)"
+            );
+        } else {
+            tracing::debug!(max_body, axum_limit = ?axum, "keyed request body over `.max_body`");
+        }
+    }
+
     /// The layer's own answer `problem` under this policy: its `Retry-After`, its `type`
     /// base, and the application's rendering if it has one.
     pub(crate) fn problem<B>(
@@ -99,6 +125,10 @@ pub(crate) struct Job<S, St> {
     pub(crate) parts: Parts,
     pub(crate) scope: ScopeHash,
     pub(crate) observer: Observer,
+    /// This request's body limit: the policy's, or axum's if set outside and smaller.
+    pub(crate) max_body: usize,
+    /// axum's `DefaultBodyLimit` as the request carried it.
+    pub(crate) axum_limit: AxumLimit,
 }
 
 impl<S, St: crate::Store> Job<S, St> {
@@ -125,14 +155,15 @@ impl<S, St: crate::Store> Job<S, St> {
         let shared = &*self.shared;
         let policy = &shared.policy;
         let limits = Limits {
-            max: policy.max_body,
+            max: self.max_body,
             drain_bytes: policy.drain_bytes,
             drain_time: policy.drain_time,
         };
         let bytes = match buffer(std::pin::pin!(body), &limits).await {
             Ok(bytes) => bytes,
             Err(BufferError::TooLarge) => {
-                let detail = format!("the request body is larger than {} bytes", policy.max_body);
+                shared.refused_over_max_body(self.axum_limit);
+                let detail = format!("the request body is larger than {} bytes", self.max_body);
                 return (
                     Outcome::TooLarge,
                     Ok(shared.problem(Problem::BodyTooLarge, detail)),
@@ -154,14 +185,26 @@ impl<S, St: crate::Store> Job<S, St> {
                 );
             }
         };
-        let fingerprint = Fingerprint::new(
-            &self.parts.method,
-            scope_path(&self.parts),
-            self.parts.uri.query(),
-            &self.parts.headers,
-            &policy.fingerprint_headers,
-            &bytes,
-        );
+        let normalised = policy
+            .fingerprint_body
+            .as_ref()
+            .and_then(|normalise| normalise(&self.parts, &bytes));
+        let fingerprint = match normalised {
+            Some(payload) => Fingerprint::normalised(
+                &self.parts.method,
+                scope_path(&self.parts),
+                self.parts.uri.query(),
+                &payload,
+            ),
+            None => Fingerprint::new(
+                &self.parts.method,
+                scope_path(&self.parts),
+                self.parts.uri.query(),
+                &self.parts.headers,
+                &policy.fingerprint_headers,
+                &bytes,
+            ),
+        };
         let claimed = claim(Claimant {
             store: &shared.store,
             scope: &self.scope,
