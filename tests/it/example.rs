@@ -911,8 +911,10 @@ mod postgres_mode {
             let app = app.clone();
             async move { oneshot(&app, slow()).await }
         });
-        tokio::time::sleep(Duration::from_secs(25)).await;
-        // Waits up to 10 s for the first (which ends at 33 s), then replays it.
+        // Past the 30 s lease, while the first still runs: the retry must neither run the
+        // payment again nor give up. It waits (up to 10 s, so until 41 s) for the first,
+        // which ends at 33 s, then replays it; 8 s of slack for a loaded machine.
+        tokio::time::sleep(Duration::from_secs(31)).await;
         let retry = oneshot(&app, slow()).await.expect(StatusCode::CREATED);
         let first = first.await.unwrap().expect(StatusCode::CREATED);
         assert!(!first.replayed());
