@@ -11,7 +11,7 @@ use fred::types::Builder;
 
 use crate::check::{self, CheckReport};
 use crate::error::{within, RedisStoreError};
-use crate::local::{LocalReplays, LocalTier};
+use tower_idempotency_core::local::{LocalReplays, LocalTier};
 use crate::replication::{Replication, DEFAULT_WAIT_CONNECTIONS};
 use crate::round_trip::{Counters, RoundTrips};
 use crate::scripts::SCRIPTS;

@@ -19,7 +19,7 @@ use tower_idempotency_core::{
 use crate::check::CheckReport;
 use crate::error::{DisplayChain, RedisStoreError};
 use crate::eval::{bytes, eval_on, flag, millis, unexpected};
-use crate::local::LocalTier;
+use tower_idempotency_core::local::LocalTier;
 use crate::replication::Replication;
 use crate::round_trip::{Counters, Op};
 use crate::scripts::{Lua, SCRIPTS};
@@ -452,7 +452,7 @@ mod tests {
 
     #[test]
     fn a_tier_is_shared_only_within_one_prefix() {
-        use crate::local::LocalReplays;
+        use tower_idempotency_core::local::LocalReplays;
         let tier = |store: &RedisStore<Client>| store.local.clone().expect("tier on");
         let settings = LocalReplays::default().max_bytes(1 << 20);
         let store = RedisStore::new(Client::default())
