@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures_util::FutureExt;
-use tower_idempotency::{
-    FencingToken, Fingerprint, MemoryStore, Reservation, ScopeHash, Store, StoreError,
-};
+use tower_idempotency::store::{FencingToken, Fingerprint, Reservation, ScopeHash, StoreError};
+use tower_idempotency::{MemoryStore, Store};
 // The core crate's path, whichever memory items the facade re-exports at its root.
 use tower_idempotency_core::memory::ENTRY_OVERHEAD_BYTES;
 

@@ -9,6 +9,7 @@
 //!
 //! Then `callgrind_annotate` the output, and divide the total by the request count.
 //! Cases: `bare` (axum alone), `new` and `replay` (the layer on `MemoryStore`),
+//! `boxed-new` and `boxed-replay` (the same `MemoryStore` behind a `BoxStore`),
 //! `redis-new`, `redis-replay`, `redis-replay-nolocal` (the layer on `RedisStore`, local
 //! replay tier on or off), `floor-new`, `floor-replay` (the least a Redis-backed
 //! idempotency middleware does: one `EVALSHA` to claim and one to store a new key, one
@@ -27,7 +28,7 @@ use axum::routing::post;
 use axum::Router;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_idempotency::{IdempotencyLayer, MemoryStore, Store};
+use tower_idempotency::{BoxStore, IdempotencyLayer, MemoryStore, Store};
 use tower_idempotency_redis::fred::clients::Client;
 use tower_idempotency_redis::fred::interfaces::{ClientLike, LuaInterface};
 use tower_idempotency_redis::fred::prelude::{Builder, Config};
@@ -149,6 +150,8 @@ fn main() {
                     "bare" => (Router::new().route("/payments", post(handler)), true),
                     "new" => (layered(MemoryStore::default()), true),
                     "replay" => (layered(MemoryStore::default()), false),
+                    "boxed-new" => (layered(BoxStore::new(MemoryStore::default())), true),
+                    "boxed-replay" => (layered(BoxStore::new(MemoryStore::default())), false),
                     "redis-new" | "redis-replay" | "redis-replay-nolocal" => {
                         let store = RedisStore::new(redis_client().await)
                             .prefix(format!("profile:{}:", std::process::id()));

@@ -141,7 +141,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use tower_idempotency::openapi::utoipa::openapi::OpenApi;
 use tower_idempotency::{
-    DetachedWork, DisplayChain, IdempotencyLayer, InFlight, MemoryStore, Policy, Store, Uncertain,
+    BoxStore, DetachedWork, DisplayChain, IdempotencyLayer, InFlight, MemoryStore, Policy, Store,
+    Uncertain,
 };
 // The admin router through core, as the stores below are used directly: the example
 // mounts it whatever the facade's features (an application enables the facade's `admin`
@@ -1350,33 +1351,23 @@ async fn start() -> Result<(), StartError> {
         Some(log) => state.execution_log(log.clone()),
         None => state,
     };
-    if let Some(url) = &config.database_url {
+    // The store is picked from the environment at run time, so it is a `BoxStore`: one
+    // `IdempotencyLayer<BoxStore>` type whatever the backend, as an application that
+    // reads its store from configuration would have it.
+    let (store, state, kind) = if let Some(url) = &config.database_url {
         let (store, state) = postgres_store(url).await.map_err(StartError::Config)?;
-        return serve(store, with_log(state), "postgres", &config, metrics).await;
-    }
-    match &config.redis_url {
-        None => {
-            serve(
-                MemoryStore::default(),
-                with_log(AppState::default()),
-                "memory",
-                &config,
-                metrics,
-            )
-            .await
-        }
-        Some(url) => {
-            let store = redis_store(url).await.map_err(StartError::Config)?;
-            serve(
-                store,
-                with_log(AppState::default()),
-                "redis",
-                &config,
-                metrics,
-            )
-            .await
-        }
-    }
+        (BoxStore::new(store), state, "postgres")
+    } else if let Some(url) = &config.redis_url {
+        let store = redis_store(url).await.map_err(StartError::Config)?;
+        (BoxStore::new(store), AppState::default(), "redis")
+    } else {
+        (
+            BoxStore::new(MemoryStore::default()),
+            AppState::default(),
+            "memory",
+        )
+    };
+    serve(store, with_log(state), kind, &config, metrics).await
 }
 
 /// For `DATABASE_URL`: a pool, the idempotency table (created if missing) behind a
@@ -1442,8 +1433,8 @@ async fn redis_store(url: &str) -> Result<impl Store, String> {
     Ok(store)
 }
 
-async fn serve<St: Store>(
-    store: St,
+async fn serve(
+    store: BoxStore,
     state: AppState,
     kind: &str,
     config: &Config,

@@ -120,8 +120,11 @@
 //! - `memory` (default): [`MemoryStore`].
 //! - `axum` (default): the scope uses axum's `OriginalUri` (nested routers) and metrics
 //!   are labelled by `MatchedPath`. Without it the layer is plain tower + http.
-//! - `redis`: the [`redis`] module, `RedisStore` on fred.
+//! - `redis`: the [`redis`] module, `RedisStore` on fred (needs Rust 1.88).
 //! - `postgres`: the [`postgres`] module, `PostgresStore` on sqlx 0.9 (needs Rust 1.94).
+//! - `redis-rustls`, `redis-native-tls`: `redis` with TLS for `rediss://` URLs (rustls
+//!   with ring, or the platform's native TLS); `postgres-rustls`: `postgres` with TLS for
+//!   `sslmode=require` (rustls with ring).
 //! - `admin`: the [`admin`] module, an axum router for operators to inspect, forget and
 //!   resolve one key (mounted behind your admin auth; every action audited).
 //! - `utoipa`: the [`openapi`] module, which documents a covered route in a utoipa 6
@@ -139,19 +142,58 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+// What an application uses sits at the top; what only a store implementer (or an
+// operator's tool talking to a store directly) needs lives in `store`, as
+// tower-sessions keeps its store traits apart from the session layer.
 #[doc(inline)]
 pub use tower_idempotency_core::{
-    BoxError, BoxStore, BoxSubscription, Completion, DecodeError, DetachedWork, DisplayChain,
-    FencingToken, Fingerprint, Idempotency, IdempotencyKey, IdempotencyLayer, InFlight, KeyError,
-    KeyState, LeaseTerms, Policy, PolicyError, Problem, Record, Rejection, RequestBody,
-    Reservation, Resolved, ResponseBody, ResponseFuture, ScopeHash, Store, StoreError, StorePolicy,
-    StoredResponse, Subscription, Uncertain, Unfinished, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
+    BoxError, BoxStore, DetachedWork, DisplayChain, Idempotency, IdempotencyKey, IdempotencyLayer,
+    InFlight, KeyError, Policy, PolicyError, Problem, Rejection, RequestBody, ResponseBody,
+    ResponseFuture, Store, Uncertain, Unfinished, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
 };
+
+pub mod store {
+    //! What a store implementer needs: the [`Store`] trait's arguments and answers, and
+    //! the scope an operator's tool builds to [`inspect`](Store::inspect),
+    //! [`forget`](Store::forget) or [`resolve`](Store::resolve) one key.
+    //!
+    //! An application picks a store and hands it to
+    //! [`IdempotencyLayer::new`](crate::IdempotencyLayer::new); it needs nothing from here
+    //! unless it implements [`Store`] itself or calls a store's methods directly.
+    //!
+    //! ```
+    //! # #[cfg(feature = "memory")]
+    //! # #[tokio::main(flavor = "current_thread")]
+    //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    //! use axum::http::Method;
+    //! use tower_idempotency::store::{KeyState, ScopeHash};
+    //! use tower_idempotency::{MemoryStore, Store};
+    //!
+    //! let store = MemoryStore::default();
+    //! // The scope the layer would use for alice's key on `POST /payments`.
+    //! let scope = ScopeHash::for_key(Some(b"alice"), &Method::POST, "/payments", "8e03978e")?;
+    //! assert_eq!(store.inspect(&scope).await?, KeyState::Absent);
+    //! # Ok(()) }
+    //! # #[cfg(not(feature = "memory"))] fn main() {}
+    //! ```
+
+    #[doc(inline)]
+    pub use tower_idempotency_core::record::MAX_BODY_LEN;
+    #[doc(inline)]
+    pub use tower_idempotency_core::{
+        BoxSubscription, Completion, DecodeError, FencingToken, Fingerprint, KeyState, LeaseTerms,
+        Record, Reservation, Resolved, ScopeHash, Store, StoreError, StorePolicy, StoredResponse,
+        Subscription,
+    };
+
+    #[cfg(feature = "memory")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+    #[doc(inline)]
+    pub use tower_idempotency_core::memory::MemorySubscription;
+}
 
 #[doc(inline)]
 pub use tower_idempotency_core::policy::{DEFAULT_LEASE, MAX_TTL};
-#[doc(inline)]
-pub use tower_idempotency_core::record::MAX_BODY_LEN;
 
 /// What each problem `type` means and what the client should do; the layer's `type`
 /// URIs link to the sections of this page.
@@ -167,8 +209,7 @@ pub use tower_idempotency_core::metrics;
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 #[doc(inline)]
 pub use tower_idempotency_core::memory::{
-    MemoryStore, MemoryStoreBuilder, MemorySubscription, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES,
-    ENTRY_OVERHEAD_BYTES,
+    MemoryStore, MemoryStoreBuilder, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, ENTRY_OVERHEAD_BYTES,
 };
 
 #[cfg(feature = "admin")]

@@ -15,10 +15,11 @@ use std::time::Duration;
 use axum::http::{header, HeaderValue, StatusCode};
 use bytes::Bytes;
 use common::app::{post, send, with_header, Harness};
-use tower_idempotency::{
-    Completion, FencingToken, Fingerprint, IdempotencyLayer, MemoryStore, Record, Reservation,
-    ScopeHash, Store, StoreError, StoredResponse,
+use tower_idempotency::store::{
+    Completion, FencingToken, Fingerprint, Record, Reservation, ScopeHash, StoreError,
+    StoredResponse,
 };
+use tower_idempotency::{IdempotencyLayer, MemoryStore, Store};
 // The core crate's path, whichever memory items the facade re-exports at its root.
 use tower_idempotency_core::memory::ENTRY_OVERHEAD_BYTES;
 

@@ -14,9 +14,8 @@ use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::{Extension, Router};
 use serde_json::{json, Value};
-use tower_idempotency::{
-    FencingToken, Fingerprint, LeaseTerms, MemoryStore, Reservation, ScopeHash, Store, Uncertain,
-};
+use tower_idempotency::store::{FencingToken, Fingerprint, LeaseTerms, Reservation, ScopeHash};
+use tower_idempotency::{MemoryStore, Store, Uncertain};
 use tower_idempotency_core::admin::{AdminRouter, AUDIT_TARGET, PROBLEM_TYPE_BASE};
 
 const TOKEN: &str = "s3cret-Admin_token";
@@ -625,7 +624,7 @@ impl Store for LayerOnly {
         fingerprint: &Fingerprint,
         token: FencingToken,
         lease: LeaseTerms,
-    ) -> Result<Reservation, tower_idempotency::StoreError> {
+    ) -> Result<Reservation, tower_idempotency::store::StoreError> {
         self.0.reserve(scope, fingerprint, token, lease).await
     }
 
@@ -634,7 +633,7 @@ impl Store for LayerOnly {
         scope: &ScopeHash,
         token: FencingToken,
         lease: Duration,
-    ) -> Result<bool, tower_idempotency::StoreError> {
+    ) -> Result<bool, tower_idempotency::store::StoreError> {
         self.0.renew(scope, token, lease).await
     }
 
@@ -642,9 +641,9 @@ impl Store for LayerOnly {
         &self,
         scope: &ScopeHash,
         token: FencingToken,
-        record: &tower_idempotency::Record,
+        record: &tower_idempotency::store::Record,
         ttl: Duration,
-    ) -> Result<tower_idempotency::Completion, tower_idempotency::StoreError> {
+    ) -> Result<tower_idempotency::store::Completion, tower_idempotency::store::StoreError> {
         self.0.complete(scope, token, record, ttl).await
     }
 
@@ -652,14 +651,14 @@ impl Store for LayerOnly {
         &self,
         scope: &ScopeHash,
         token: FencingToken,
-    ) -> Result<bool, tower_idempotency::StoreError> {
+    ) -> Result<bool, tower_idempotency::store::StoreError> {
         self.0.release(scope, token).await
     }
 
     async fn subscribe(
         &self,
         scope: &ScopeHash,
-    ) -> Result<Self::Subscription, tower_idempotency::StoreError> {
+    ) -> Result<Self::Subscription, tower_idempotency::store::StoreError> {
         self.0.subscribe(scope).await
     }
 }
@@ -707,7 +706,7 @@ async fn no_operator_is_403_and_a_router_must_be_told_who_acts() {
     assert_admin_problem(&r, StatusCode::FORBIDDEN, "actor-missing");
     assert!(matches!(
         store.inspect(&scope).await.unwrap(),
-        tower_idempotency::KeyState::InFlight { .. }
+        tower_idempotency::store::KeyState::InFlight { .. }
     ));
     // An empty operator is no operator.
     let empty = small_app(store.clone(), Some(""));

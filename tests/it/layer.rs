@@ -553,7 +553,10 @@ async fn new_is_counted_only_when_the_record_was_stored() {
     use common::app::{delayed, post as post_json, spawn_send, Harness};
     use std::time::Duration;
     crate::support::metrics::install();
-    let route = format!("/counted-{}", tower_idempotency::FencingToken::generate());
+    let route = format!(
+        "/counted-{}",
+        tower_idempotency::store::FencingToken::generate()
+    );
     let h = Harness::on(
         layer().lease(Duration::from_millis(200)).no_renewal(),
         &route,
@@ -596,7 +599,7 @@ async fn new_is_counted_only_when_the_record_was_stored() {
 async fn a_rolled_back_completion_is_503_not_the_handlers_answer() {
     use common::app::{post as post_json, Harness};
     use common::faults::Faults;
-    use tower_idempotency::Completion;
+    use tower_idempotency::store::Completion;
     let store = Faults::new(MemoryStore::default()).answer_next_complete(Completion::RolledBack);
     let h = Harness::new(IdempotencyLayer::new(store).global_scope());
     let first = send(&h.router, post_json("/pay", Some("k"), "{}")).await;

@@ -164,7 +164,8 @@ async fn a_waiter_is_woken_by_the_owner_that_follows_a_release() {
 #[tokio::test(start_paused = true)]
 async fn a_waiters_reserve_cut_by_its_deadline_is_released() {
     use common::faults::Faults;
-    use tower_idempotency::{FencingToken, Fingerprint, Reservation, ScopeHash, Store};
+    use tower_idempotency::store::{FencingToken, Fingerprint, Reservation, ScopeHash};
+    use tower_idempotency::Store;
 
     let memory = MemoryStore::default();
     let store = Faults::new(memory.clone()).delay_reserved_replies(Duration::from_secs(5));

@@ -27,7 +27,8 @@ use common::faults::{Fault, Faults, Op};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use serde_json::json;
 use tower_idempotency::metrics::{self, Kind, ALL, OUTCOMES};
-use tower_idempotency::{Completion, IdempotencyLayer, MemoryStore};
+use tower_idempotency::store::Completion;
+use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 // ---------------------------------------------------------------------------------------
 // The scrape

@@ -24,10 +24,10 @@ use support::postgres::{TestSchema, TestStore};
 use tokio::sync::Notify;
 use tower_idempotency::postgres::sqlx::{self, AssertSqlSafe, Row};
 use tower_idempotency::postgres::{LocalReplays, PostgresStore, Tx};
-use tower_idempotency::{
-    Completion, FencingToken, Fingerprint, IdempotencyLayer, InFlight, Record, Reservation,
-    ScopeHash, Store, StorePolicy,
+use tower_idempotency::store::{
+    Completion, FencingToken, Fingerprint, Record, Reservation, ScopeHash, StorePolicy,
 };
+use tower_idempotency::{IdempotencyLayer, InFlight, Store};
 
 /// The shared suite, every case, in plain mode.
 mod plain {
@@ -1021,7 +1021,7 @@ async fn tx_commit_notifies_a_waiter_that_announced_itself() {
     assert_eq!(completed.await.unwrap(), Completion::Stored);
     tokio::time::timeout(
         Duration::from_secs(5),
-        tower_idempotency::Subscription::changed(&mut subscription),
+        tower_idempotency::store::Subscription::changed(&mut subscription),
     )
     .await
     .expect("the commit's NOTIFY woke the waiter");

@@ -19,9 +19,8 @@ use support::postgres::{TestSchema, TestStore};
 use tokio::time::Instant;
 use tower_idempotency::postgres::sqlx::{self, AssertSqlSafe};
 use tower_idempotency::postgres::PostgresStore;
-use tower_idempotency::{
-    Completion, FencingToken, IdempotencyLayer, InFlight, Record, Reservation, Store,
-};
+use tower_idempotency::store::{Completion, FencingToken, Record, Reservation};
+use tower_idempotency::{IdempotencyLayer, InFlight, Store};
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -444,7 +443,8 @@ async fn tx_a_foreign_lock_is_not_in_flight() {
     // An expired record of the key, deleted by a purge that holds it for 800 ms.
     let key = "purged";
     let probe = request(key, "{}");
-    let scope = tower_idempotency::ScopeHash::new(None, probe.method(), "/pay", key.as_bytes());
+    let scope =
+        tower_idempotency::store::ScopeHash::new(None, probe.method(), "/pay", key.as_bytes());
     store
         .exec(&format!(
             "INSERT INTO {table} (scope, fingerprint, state, token, record, expires_at) \
@@ -592,7 +592,7 @@ async fn tx_release_notifies_a_waiter_that_announced_itself() {
     assert!(owner.release(&s, token).await.unwrap());
     tokio::time::timeout(
         Duration::from_secs(5),
-        tower_idempotency::Subscription::changed(&mut subscription),
+        tower_idempotency::store::Subscription::changed(&mut subscription),
     )
     .await
     .expect("the release's NOTIFY woke the waiter");

@@ -195,7 +195,7 @@ async fn hostile_tenants_never_share_scopes_or_reach_key_names() {
 #[tokio::test]
 async fn an_undecodable_record_is_503_even_when_failing_open() {
     use tower_idempotency::redis::fred::prelude::*;
-    use tower_idempotency::{Fingerprint, ScopeHash};
+    use tower_idempotency::store::{Fingerprint, ScopeHash};
     let store = support::store::test_store("undecodable").await;
     let h = Harness::new(
         IdempotencyLayer::new(store.clone())
@@ -242,7 +242,7 @@ async fn an_undecodable_record_is_503_even_when_failing_open() {
 async fn wait_bound_holds_when_the_subscriber_is_black_holed() {
     use common::faults::Faults;
     use std::sync::Arc;
-    use tower_idempotency::Reservation;
+    use tower_idempotency::store::Reservation;
     let server = support::redis::RedisServer::start();
     let upstream = format!("127.0.0.1:{}", server.port()).parse().unwrap();
     let proxy = Arc::new(support::proxy::FaultProxy::start(upstream).await);

@@ -21,10 +21,11 @@ use tower::ServiceExt;
 use tower_idempotency::redis::fred::prelude::*;
 use tower_idempotency::redis::fred::types::{ClusterHash, CustomCommand};
 use tower_idempotency::redis::{RedisStore, RedisStoreError};
-use tower_idempotency::{
-    Completion, DecodeError, FencingToken, Fingerprint, IdempotencyLayer, InFlight, Record,
-    Reservation, ScopeHash, Store, StoreError, StoredResponse, Subscription,
+use tower_idempotency::store::{
+    Completion, DecodeError, FencingToken, Fingerprint, Record, Reservation, ScopeHash, StoreError,
+    StoredResponse, Subscription,
 };
+use tower_idempotency::{IdempotencyLayer, InFlight, Store};
 
 use support::cluster::RedisCluster;
 use support::redis::{client_commands, redis_cli, redis_url, RedisServer};

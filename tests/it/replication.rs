@@ -22,9 +22,10 @@ use bytes::Bytes;
 use http::StatusCode;
 use tower_idempotency::redis::fred::prelude::*;
 use tower_idempotency::redis::RedisStore;
-use tower_idempotency::{
-    Completion, FencingToken, Fingerprint, Record, Reservation, ScopeHash, Store, StoredResponse,
+use tower_idempotency::store::{
+    Completion, FencingToken, Fingerprint, Record, Reservation, ScopeHash, StoredResponse,
 };
+use tower_idempotency::Store;
 
 use support::cluster::RedisCluster;
 use support::proxy::FaultProxy;

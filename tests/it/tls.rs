@@ -16,7 +16,8 @@ use tower_idempotency::redis::fred::prelude::{ClientLike, Config};
 use tower_idempotency::redis::fred::types::config::{TlsConfig, TlsConnector};
 use tower_idempotency::redis::fred::types::Builder;
 use tower_idempotency::redis::RedisStore;
-use tower_idempotency::{FencingToken, Fingerprint, Reservation, ScopeHash, Store};
+use tower_idempotency::store::{FencingToken, Fingerprint, Reservation, ScopeHash};
+use tower_idempotency::Store;
 
 /// A test CA (`ca.pem`) and a server certificate it signed for 127.0.0.1 (as an IP
 /// subject alternative name, which is what rustls checks): `cert.pem`, `key.pem` in `dir`.
@@ -164,8 +165,9 @@ async fn rediss_speaks_tls_through_the_facade() {
     let _ = std::fs::remove_dir_all(&certs);
 }
 
-/// `sslmode=require` on the shared Postgres (which has `ssl = on`): the store's
-/// connections are encrypted.
+/// `sslmode=require` on the test Postgres (the shared server has `ssl = on`; a
+/// throwaway cluster gets a self-signed certificate): the store's connections are
+/// encrypted.
 #[tokio::test]
 async fn postgres_sslmode_require_encrypts() {
     let schema = support::postgres::TestSchema::create().await;

@@ -27,7 +27,8 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
-use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore, StorePolicy};
+use tower_idempotency::store::StorePolicy;
+use tower_idempotency::{IdempotencyLayer, InFlight, MemoryStore};
 
 /// A payment handler with side effects to count: `charged` when it has called the
 /// payment provider, `booked` when it has also written its own record and answered.

@@ -15,7 +15,8 @@ use http_body_util::{BodyExt, StreamBody};
 use tokio::sync::Notify;
 use tower::ServiceExt;
 use tower_idempotency::problems::PROBLEM_TYPE_BASE;
-use tower_idempotency::{FencingToken, IdempotencyLayer, Store};
+use tower_idempotency::store::FencingToken;
+use tower_idempotency::{IdempotencyLayer, Store};
 
 /// A router with the layer on every route, and what its handler saw.
 pub struct Harness {

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tower_idempotency::{
-    Completion, DecodeError, FencingToken, Fingerprint, Record, Reservation, ScopeHash, Store,
-    StoreError,
+use tower_idempotency::store::{
+    Completion, DecodeError, FencingToken, Fingerprint, Record, Reservation, ScopeHash, StoreError,
 };
+use tower_idempotency::Store;
 
 /// Which store operation a rule applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,7 +169,7 @@ impl<St: Store> Store for Faults<St> {
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
-        lease: tower_idempotency::LeaseTerms,
+        lease: tower_idempotency::store::LeaseTerms,
     ) -> Result<Reservation, StoreError> {
         self.check(Op::Reserve)?;
         let answer = self.inner.reserve(scope, fingerprint, token, lease).await?;
@@ -230,7 +230,10 @@ impl<St: Store> Store for Faults<St> {
         self.inner.subscribe(scope).await
     }
 
-    async fn inspect(&self, scope: &ScopeHash) -> Result<tower_idempotency::KeyState, StoreError> {
+    async fn inspect(
+        &self,
+        scope: &ScopeHash,
+    ) -> Result<tower_idempotency::store::KeyState, StoreError> {
         self.inner.inspect(scope).await
     }
 
@@ -243,7 +246,7 @@ impl<St: Store> Store for Faults<St> {
         scope: &ScopeHash,
         record: &Record,
         ttl: Duration,
-    ) -> Result<tower_idempotency::Resolved, StoreError> {
+    ) -> Result<tower_idempotency::store::Resolved, StoreError> {
         self.inner.resolve(scope, record, ttl).await
     }
 }

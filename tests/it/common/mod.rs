@@ -10,10 +10,11 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use futures_util::future::join_all;
-use tower_idempotency::{
-    FencingToken, Fingerprint, IdempotencyLayer, InFlight, KeyState, LeaseTerms, Record,
-    Reservation, Resolved, ScopeHash, Store, StorePolicy, Uncertain,
+use tower_idempotency::store::{
+    FencingToken, Fingerprint, KeyState, LeaseTerms, Record, Reservation, Resolved, ScopeHash,
+    StorePolicy,
 };
+use tower_idempotency::{IdempotencyLayer, InFlight, Store, Uncertain};
 
 use app::{assert_problem, post, send, Harness, Reply};
 
@@ -682,15 +683,15 @@ pub async fn store_level_fencing_and_fresh_tokens<St: Store>(store: St) {
     let ttl = Duration::from_secs(5);
     assert_eq!(
         store.complete(&scope, t2, &rec, ttl).await.unwrap(),
-        tower_idempotency::Completion::Fenced
+        tower_idempotency::store::Completion::Fenced
     );
     assert_eq!(
         store.complete(&scope, t3, &rec, ttl).await.unwrap(),
-        tower_idempotency::Completion::Stored
+        tower_idempotency::store::Completion::Stored
     );
     assert_eq!(
         store.complete(&scope, t3, &rec, ttl).await.unwrap(),
-        tower_idempotency::Completion::Stored
+        tower_idempotency::store::Completion::Stored
     );
     let again = store
         .reserve(&scope, &fp, FencingToken::generate(), lease.into())
@@ -976,7 +977,7 @@ pub async fn uncertain_keys_are_refused_until_resolved_or_forgotten<St: Store>(s
         }
         assert_eq!(h.runs(), 0);
         if decision == "resolve" {
-            let answer = Record::Response(tower_idempotency::StoredResponse::new(
+            let answer = Record::Response(tower_idempotency::store::StoredResponse::new(
                 StatusCode::CREATED,
                 vec![(header::CONTENT_TYPE, "application/json".parse().unwrap())],
                 bytes::Bytes::from_static(b"{\"resolved\":true}"),
@@ -991,7 +992,10 @@ pub async fn uncertain_keys_are_refused_until_resolved_or_forgotten<St: Store>(s
             assert_eq!(r.body, "{\"resolved\":true}");
             // The dead owner, alive after all, cannot overwrite the operator's answer.
             let late = store.complete(&scope, owner, &Record::NotReplayable, ttl);
-            assert_eq!(late.await.unwrap(), tower_idempotency::Completion::Fenced);
+            assert_eq!(
+                late.await.unwrap(),
+                tower_idempotency::store::Completion::Fenced
+            );
             let r = send(&h.router, post("/pay", Some(&key), "{}")).await;
             assert_eq!(r.body, "{\"resolved\":true}");
         } else {
@@ -1040,7 +1044,10 @@ pub async fn a_lapsed_owner_alive_after_all_completes<St: Store>(store: St) {
     ));
     let ttl = Duration::from_secs(60);
     let done = store.complete(&scope, owner, &Record::NotReplayable, ttl);
-    assert_eq!(done.await.unwrap(), tower_idempotency::Completion::Stored);
+    assert_eq!(
+        done.await.unwrap(),
+        tower_idempotency::store::Completion::Stored
+    );
     let h = Harness::new(
         IdempotencyLayer::new(store)
             .global_scope()
@@ -1096,7 +1103,7 @@ pub async fn operators_inspect_forget_and_resolve<St: Store>(store: St) {
             assert_eq!(response.status, StatusCode::CREATED);
             assert_eq!(response.body, first.body);
             assert!(
-                age.map_or(true, |age| age < Duration::from_secs(30)),
+                age.is_none_or(|age| age < Duration::from_secs(30)),
                 "{age:?}"
             );
             assert!(expires_in > Duration::from_secs(3600), "{expires_in:?}");

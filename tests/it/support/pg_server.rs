@@ -400,6 +400,10 @@ impl Cluster {
             return Err(remove(format!("initdb failed: {e}; its output:\n{tail}")));
         }
 
+        // TLS as on the shared server (`ssl = on`), so the sslmode=require test runs here
+        // too: a self-signed certificate in the data directory, when `openssl` is there.
+        let ssl = self_signed_certificate(run_as, &data);
+
         let port = free_port();
         let mut guard = run_as.command(Path::new("sh"));
         guard
@@ -413,6 +417,7 @@ impl Cluster {
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
+            .args(["-c", if ssl { "ssl=on" } else { "ssl=off" }])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -593,4 +598,29 @@ pub fn with_host_port(url: &str, addr: std::net::SocketAddr) -> Option<String> {
         .rsplit_once('@')
         .map_or(String::new(), |(u, _)| format!("{u}@"));
     Some(format!("{scheme}://{userinfo}{addr}{tail}"))
+}
+
+/// Writes `server.crt` and `server.key` (mode 0600, owned by the server's user) into
+/// `data`, Postgres's default paths for them; `false` when `openssl` is missing or fails,
+/// and the cluster then runs without TLS.
+fn self_signed_certificate(run_as: &RunAs, data: &Path) -> bool {
+    let mut openssl = run_as.command(Path::new("openssl"));
+    openssl
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(data.join("server.key"))
+        .arg("-out")
+        .arg(data.join("server.crt"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut chmod = run_as.command(Path::new("chmod"));
+    chmod
+        .arg("600")
+        .arg(data.join("server.key"))
+        .stdin(Stdio::null());
+    run_bounded(&mut openssl, Duration::from_secs(60)).is_ok()
+        && run_bounded(&mut chmod, Duration::from_secs(10)).is_ok()
 }

@@ -16,9 +16,10 @@ use std::time::Duration;
 use tower_idempotency::postgres::sqlx::postgres::{PgPool, PgPoolOptions};
 use tower_idempotency::postgres::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
 use tower_idempotency::postgres::PostgresStore;
-use tower_idempotency::{
-    Completion, FencingToken, Fingerprint, Record, Reservation, ScopeHash, Store, StoreError,
+use tower_idempotency::store::{
+    Completion, FencingToken, Fingerprint, Record, Reservation, ScopeHash, StoreError,
 };
+use tower_idempotency::Store;
 
 use super::pg_server::{self, NO_POSTGRES};
 
@@ -197,7 +198,7 @@ impl Store for TestStore {
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
-        lease: tower_idempotency::LeaseTerms,
+        lease: tower_idempotency::store::LeaseTerms,
     ) -> Result<Reservation, StoreError> {
         self.store.reserve(scope, fingerprint, token, lease).await
     }
@@ -238,7 +239,10 @@ impl Store for TestStore {
         self.store.subscribe(scope).await
     }
 
-    async fn inspect(&self, scope: &ScopeHash) -> Result<tower_idempotency::KeyState, StoreError> {
+    async fn inspect(
+        &self,
+        scope: &ScopeHash,
+    ) -> Result<tower_idempotency::store::KeyState, StoreError> {
         self.store.inspect(scope).await
     }
 
@@ -251,7 +255,7 @@ impl Store for TestStore {
         scope: &ScopeHash,
         record: &Record,
         ttl: Duration,
-    ) -> Result<tower_idempotency::Resolved, StoreError> {
+    ) -> Result<tower_idempotency::store::Resolved, StoreError> {
         self.store.resolve(scope, record, ttl).await
     }
 }

@@ -2,7 +2,7 @@
 
 use tower_idempotency::redis::fred::prelude::*;
 use tower_idempotency::redis::RedisStore;
-use tower_idempotency::{FencingToken, ScopeHash};
+use tower_idempotency::store::{FencingToken, ScopeHash};
 
 /// A fred client on `url` that reconnects every 100 ms, connected.
 pub async fn client(url: &str) -> Client {
