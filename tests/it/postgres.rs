@@ -297,7 +297,11 @@ async fn tx_round_trips_per_request() {
             .unwrap(),
         Reservation::InFlight
     );
-    assert_eq!(store.round_trips().total - before, 1, "in flight: the pre-read");
+    assert_eq!(
+        store.round_trips().total - before,
+        1,
+        "in flight: the pre-read"
+    );
     assert!(store.release(&s, owner).await.unwrap());
 }
 
@@ -324,7 +328,11 @@ async fn pg_local_tier_replays_with_no_statement() {
         };
         let first = send(&h.router, request("k", "{}")).await;
         assert_eq!(first.status, 201);
-        step(first.clone(), if transactional { 4 } else { 2 }, "new request");
+        step(
+            first.clone(),
+            if transactional { 4 } else { 2 },
+            "new request",
+        );
         let replay = send(&h.router, request("k", "{}")).await;
         assert_eq!(replay.body, first.body);
         step(replay, 1, "first replay: read from the table");

@@ -240,9 +240,8 @@ impl StatsState {
         let redis = self.store.as_ref().map(|s| s.round_trips());
         let pg = self.postgres.as_ref().map(|s| s.round_trips());
         // One set of keys for either store, so run.py reads them the same way.
-        let floor = |n: &AtomicU64| {
-            (self.variant == Variant::PgFloor).then(|| n.load(Ordering::Relaxed))
-        };
+        let floor =
+            |n: &AtomicU64| (self.variant == Variant::PgFloor).then(|| n.load(Ordering::Relaxed));
         let total = redis
             .map(|r| r.total)
             .or(pg.map(|r| r.total))
@@ -810,10 +809,8 @@ impl PgFloor {
                  ON CONFLICT (scope) DO NOTHING"
             )
             .into(),
-            replay: format!(
-                "SELECT record FROM {table} WHERE scope = $1 AND state = 'completed'"
-            )
-            .into(),
+            replay: format!("SELECT record FROM {table} WHERE scope = $1 AND state = 'completed'")
+                .into(),
             complete: format!(
                 "UPDATE {table} SET state = 'completed', record = $2, \
                  expires_at = now() + $3 * interval '1 second' WHERE scope = $1"
@@ -864,7 +861,11 @@ fn payments_pg_floor(stats: Arc<Stats>, insert: Arc<str>) -> MethodRouter {
     )
 }
 
-async fn pg_floor_layer(State(floor): State<PgFloor>, mut request: Request, next: Next) -> Response {
+async fn pg_floor_layer(
+    State(floor): State<PgFloor>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let Some(key) = request
         .headers()
         .get("idempotency-key")
@@ -891,10 +892,11 @@ async fn pg_floor_layer(State(floor): State<PgFloor>, mut request: Request, next
             drop(tx);
             floor.count(1);
             floor.stats.pg_floor_reserve.fetch_add(1, Ordering::Relaxed);
-            let saved = sqlx::query_scalar::<_, Option<Vec<u8>>>(AssertSqlSafe(floor.replay.clone()))
-                .bind(key.as_slice())
-                .fetch_optional(&floor.pool)
-                .await;
+            let saved =
+                sqlx::query_scalar::<_, Option<Vec<u8>>>(AssertSqlSafe(floor.replay.clone()))
+                    .bind(key.as_slice())
+                    .fetch_optional(&floor.pool)
+                    .await;
             return match saved {
                 Ok(Some(Some(stored))) => replay(Bytes::from(stored)),
                 Ok(_) => plain(StatusCode::CONFLICT),
@@ -923,7 +925,10 @@ async fn pg_floor_layer(State(floor): State<PgFloor>, mut request: Request, next
     stored.extend_from_slice(parts.status.as_str().as_bytes());
     stored.extend_from_slice(&body);
     floor.count(2);
-    floor.stats.pg_floor_complete.fetch_add(2, Ordering::Relaxed);
+    floor
+        .stats
+        .pg_floor_complete
+        .fetch_add(2, Ordering::Relaxed);
     let updated = sqlx::query(AssertSqlSafe(floor.complete.clone()))
         .bind(key.as_slice())
         .bind(stored.as_slice())

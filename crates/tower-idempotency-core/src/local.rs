@@ -29,10 +29,10 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::{Fingerprint, Record, Reservation, ScopeHash, StoredResponse};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use tokio::time::Instant;
-use crate::{Fingerprint, Record, Reservation, ScopeHash, StoredResponse};
 
 /// The default byte bound of the local replay tier: 64 MiB.
 pub const DEFAULT_LOCAL_REPLAY_BYTES: u64 = 64 * 1024 * 1024;
@@ -163,11 +163,7 @@ impl LocalTier {
 
     /// The answer for `scope` from memory: the record (same fingerprint) or a mismatch
     /// (another fingerprint), or `None` to ask the store.
-    pub fn answer(
-        &self,
-        scope: &ScopeHash,
-        fingerprint: &Fingerprint,
-    ) -> Option<Reservation> {
+    pub fn answer(&self, scope: &ScopeHash, fingerprint: &Fingerprint) -> Option<Reservation> {
         let kept = self.cache.get(scope)?;
         if kept.expires <= Instant::now() {
             self.cache.remove(scope);

@@ -175,11 +175,11 @@ pub use round_trip::RoundTrips;
 pub use setup::{DEFAULT_COMMAND_TIMEOUT, DEFAULT_LOCK_TIMEOUT, MIGRATE_LOCK_TIMEOUT};
 pub use sql::DEFAULT_TABLE;
 pub use sqlx;
+pub use store::PostgresStore;
+pub use subscriber::PgSubscription;
 pub use tower_idempotency_core::local::{
     LocalReplays, DEFAULT_LOCAL_REPLAY_AGE, DEFAULT_LOCAL_REPLAY_BYTES,
 };
-pub use store::PostgresStore;
-pub use subscriber::PgSubscription;
 #[cfg(feature = "axum")]
 pub use tx::MissingTx;
 pub use tx::{Tx, TxError, TxGuard};

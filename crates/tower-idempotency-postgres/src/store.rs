@@ -529,10 +529,9 @@ impl PostgresStore {
     /// Keeps the transaction that reserved `scope` for `token`, for the handler and the
     /// completion.
     fn keep_reservation(&self, scope: &ScopeHash, token: FencingToken, tx: OwnedTx) {
-        self.shared.registry.insert(
-            *scope,
-            Slot::new(token, tx, self.sql.token_lock(token)),
-        );
+        self.shared
+            .registry
+            .insert(*scope, Slot::new(token, tx, self.sql.token_lock(token)));
         // The owner's process listens, so a waiter elsewhere can ask for a notification
         // at commit (see the subscriber module).
         self.start_listener();

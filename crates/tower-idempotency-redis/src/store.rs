@@ -19,11 +19,11 @@ use tower_idempotency_core::{
 use crate::check::CheckReport;
 use crate::error::{DisplayChain, RedisStoreError};
 use crate::eval::{bytes, eval_on, flag, millis, unexpected};
-use tower_idempotency_core::local::LocalTier;
 use crate::replication::Replication;
 use crate::round_trip::{Counters, Op};
 use crate::scripts::{Lua, SCRIPTS};
 use crate::subscriber::{Hub, RedisSubscription};
+use tower_idempotency_core::local::LocalTier;
 
 /// A [`Store`] on Redis (standalone, Sentinel or Cluster) through a `fred` client.
 ///
