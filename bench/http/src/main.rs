@@ -217,8 +217,8 @@ struct Stats {
     /// Statements the pg-floor sent besides the handler's `INSERT` (its own count).
     pg_floor_statements: AtomicU64,
     /// The pg-floor's statements per operation: a new key's (`BEGIN`, `INSERT`,
-    /// `UPDATE`, `COMMIT`) and a conflict's (`BEGIN`, `INSERT`, `SELECT`; the dropped
-    /// transaction's `ROLLBACK` goes out when the connection returns to the pool).
+    /// `UPDATE`, `COMMIT`) and a conflict's (`BEGIN`, `INSERT`, `SELECT`, and the dropped
+    /// transaction's `ROLLBACK`, which goes out when the connection returns to the pool).
     pg_floor_reserve: AtomicU64,
     pg_floor_complete: AtomicU64,
 }
@@ -889,9 +889,11 @@ async fn pg_floor_layer(
         Err(_) => return plain(StatusCode::SERVICE_UNAVAILABLE),
         Ok(done) if done.rows_affected() == 0 => {
             // zero2prod: the saved response, read on the pool; the transaction is dropped.
+            // Its `ROLLBACK` goes out when the connection returns to the pool, off the
+            // request's path, but it is a statement sent all the same: counted.
             drop(tx);
-            floor.count(1);
-            floor.stats.pg_floor_reserve.fetch_add(1, Ordering::Relaxed);
+            floor.count(2);
+            floor.stats.pg_floor_reserve.fetch_add(2, Ordering::Relaxed);
             let saved =
                 sqlx::query_scalar::<_, Option<Vec<u8>>>(AssertSqlSafe(floor.replay.clone()))
                     .bind(key.as_slice())
