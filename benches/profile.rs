@@ -14,7 +14,10 @@
 //! replay tier on or off), `floor-new`, `floor-replay` (the least a Redis-backed
 //! idempotency middleware does: one `EVALSHA` to claim and one to store a new key, one
 //! to read a replay; no fingerprint, no lease, no fencing), all against `REDIS_URL`
-//! (default `redis://127.0.0.1:6379`). Callgrind counts instructions, not seconds, so
+//! (default `redis://127.0.0.1:6379`); `pg-tx-new`, `pg-tx-replay` (the layer on a
+//! transactional `PostgresStore`, local replay tier off, its default) against
+//! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`), in a table of its
+//! own that it drops at the end. Callgrind counts instructions, not seconds, so
 //! the numbers repeat run to run whatever else the machine does.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -135,6 +138,27 @@ async fn floor(client: Client, request: Request, next: Next) -> Response {
     Response::from_parts(parts, Body::from(body))
 }
 
+/// A transactional store on a table of this run (`profile_<pid>`), created here.
+async fn pg_store() -> (tower_idempotency_postgres::PostgresStore, String) {
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let pool = tower_idempotency_postgres::sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&url)
+        .await
+        .expect("connect to Postgres");
+    let table = format!("profile_{}", std::process::id());
+    let store = tower_idempotency_postgres::PostgresStore::new(pool).table(&table);
+    store.migrate().await.expect("migrate");
+    (store.transactional(), table)
+}
+
+thread_local! {
+    /// The Postgres cases' pool and table, dropped at the end.
+    static PG_TABLE: std::cell::RefCell<Option<(tower_idempotency_postgres::sqlx::PgPool, String)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let case = args.get(1).map(String::as_str).unwrap_or("new");
@@ -175,6 +199,11 @@ fn main() {
                         );
                         (app, case == "floor-new")
                     }
+                    "pg-tx-new" | "pg-tx-replay" => {
+                        let (store, table) = pg_store().await;
+                        PG_TABLE.with(|t| *t.borrow_mut() = Some((store.pool().clone(), table)));
+                        (layered(store), case == "pg-tx-new")
+                    }
                     other => panic!("unknown case {other}"),
                 };
             // What `axum::serve` does: handlers become routes once, layers applied once.
@@ -187,5 +216,16 @@ fn main() {
             (app, fresh)
         });
     measured(&rt, &app, n, fresh);
+    if let Some((pool, table)) = PG_TABLE.with(|t| t.borrow_mut().take()) {
+        rt.block_on(async {
+            let drop = format!("DROP TABLE {table}");
+            tower_idempotency_postgres::sqlx::raw_sql(
+                tower_idempotency_postgres::sqlx::AssertSqlSafe(drop),
+            )
+            .execute(&pool)
+            .await
+            .expect("drop the table");
+        });
+    }
     println!("{case}: {n} requests");
 }

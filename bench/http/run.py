@@ -51,7 +51,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 WRK_SCRIPT = HERE / "wrk.lua"
 
-ALL_VARIANTS = ["bare", "memory", "redis", "redis-nolocal", "peer", "floor", "postgres"]
+ALL_VARIANTS = ["bare", "memory", "redis", "redis-nolocal", "peer", "floor", "postgres", "pg-floor"]
+# The variants on the PostgreSQL server (skipped together when it does not answer).
+PG_VARIANTS = {"postgres", "pg-floor"}
 REDIS_VARIANTS = {"redis", "redis-nolocal", "peer", "floor"}
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/test"
 # Interleaved: bare and the baselines sit between our variants, and rep 2 runs the list
@@ -80,6 +82,9 @@ TARGETS = [
     ("redis-nolocal new key vs floor", "new", "redis-nolocal", "floor", 0.95),
     ("redis replay vs peer (local tier)", "replay", "redis", "peer", 1.50),
     ("redis-nolocal replay vs peer", "replay", "redis-nolocal", "peer", 1.00),
+    # Issue 18: the transactional Postgres store against the hand-written pattern.
+    ("postgres new key vs pg-floor", "new", "postgres", "pg-floor", 1.00),
+    ("postgres replay vs pg-floor", "replay", "postgres", "pg-floor", 2.00),
 ]
 # Ratios reported without a target (issue 10): the transactional Postgres store against
 # bare axum and the Redis floor, as (label, case, variant, baseline).
@@ -410,7 +415,7 @@ class Server:
         self.port = free_port()
         cmd = [str(exe), "--variant", variant, "--port", str(self.port), "--redis-url", redis_url]
         shown = list(cmd)
-        if variant == "postgres":
+        if variant in PG_VARIANTS:
             cmd += ["--database-url", database_url]
             shown += ["--database-url", redact(database_url)]
         if workers:
@@ -552,7 +557,7 @@ def measure_variant(exe: Path, variant: str, rep: int, valkey: Valkey, args, log
     tag = f"rep{rep + 1}-{variant}"
     server = Server(exe, variant, valkey.url, args.database_url, args.workers, logdir, tag)
     try:
-        if variant == "postgres" and results.pg_version is None:
+        if variant in PG_VARIANTS and results.pg_version is None:
             results.pg_version = server.stats().get("pg_server_version")
         # The peer caches only for a request that carries a session cookie: log in once
         # and send that cookie with every request. The other variants get a dummy cookie of
@@ -593,7 +598,7 @@ def measure_variant(exe: Path, variant: str, rep: int, valkey: Valkey, args, log
             elif stats1.get("floor_commands") is not None:
                 rt = (stats1["floor_commands"] - stats0["floor_commands"]) / n
             pg = {}
-            if variant == "postgres":
+            if variant in PG_VARIANTS:
                 for op in ("reserve", "complete", "release", "notify", "renew"):
                     d = (stats1.get(f"store_{op}") or 0) - (stats0.get(f"store_{op}") or 0)
                     if d:
@@ -601,7 +606,7 @@ def measure_variant(exe: Path, variant: str, rep: int, valkey: Valkey, args, log
                 pg["handler INSERT"] = ((stats1.get("pg_inserts") or 0) - (stats0.get("pg_inserts") or 0)) / n
             if uses_redis:
                 cmds = client_commands(variant, delta) / n
-            elif variant == "postgres":
+            elif variant in PG_VARIANTS:
                 cmds = rt  # the store's own statements: there is no commandstats to read
             else:
                 cmds = 0.0
@@ -638,7 +643,7 @@ def measure_variant(exe: Path, variant: str, rep: int, valkey: Valkey, args, log
                                      f"{m.handler_runs_per_req:.3f} times per request (expected 1)")
             if uses_redis:
                 cmds = f", {m.cmds_per_req:.2f} Redis cmds/req"
-            elif variant == "postgres" and m.cmds_per_req is not None:
+            elif variant in PG_VARIANTS and m.cmds_per_req is not None:
                 cmds = (f", {m.cmds_per_req:.2f} Postgres round trips/req (store) + "
                         f"{m.pg_per_req.get('handler INSERT', 0):.2f} handler INSERT/req")
             else:
@@ -857,8 +862,8 @@ def write_report(path: Path, svg: Path, results: Results, args, variants: list[s
     for case in CASES:
         L.append(f"## {CASE_TITLES[case]}")
         L.append("")
-        L.append("| variant | req/s | p50 ms | p99 ms | Redis / PG cmds / req | × bare | × peer | × floor |")
-        L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        L.append("| variant | req/s | p50 ms | p99 ms | Redis / PG cmds / req | × bare | × peer | × floor | × pg-floor |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for v in variants:
             ms = [results.data.get((r, case, v)) for r in range(reps)]
             if all(m is None for m in ms):
@@ -869,7 +874,7 @@ def write_report(path: Path, svg: Path, results: Results, args, variants: list[s
             p99 = " / ".join(f"{m.p99_us / 1000:.2f}" for m in ok)
             cmds = " / ".join("–" if m.cmds_per_req is None else f"{m.cmds_per_req:.2f}" for m in ok)
             cols = []
-            for base in ("bare", "peer", "floor"):
+            for base in ("bare", "peer", "floor", "pg-floor"):
                 cols.append("1" if base == v else fmt_ratio([ratio(results, r, case, v, base) for r in range(reps)]))
             L.append(f"| {v} | {rps} | {p50} | {p99} | {cmds} | " + " | ".join(cols) + " |")
         L.append("")
@@ -993,15 +998,16 @@ def main() -> int:
         sys.exit("run.py: wrk not found; on Debian: apt-get update && apt-get install -y wrk")
     smoke = args.duration < 10 or args.reps < 2 or args.warmup < 2 or variants != ALL_VARIANTS
     results = Results()
-    if "postgres" in variants:
+    if PG_VARIANTS & set(variants):
         why = postgres_probe(args.database_url)
         if why:
             # Not a failure of the run: the other variants still measure what they measure,
             # and the report says in its first lines that this one is missing.
-            log(f"skipping the postgres variant: {why}")
-            results.skipped["postgres"] = why
-            results.notes.append(f"postgres skipped: {why}")
-            variants = [v for v in variants if v != "postgres"]
+            for v in [v for v in variants if v in PG_VARIANTS]:
+                log(f"skipping the {v} variant: {why}")
+                results.skipped[v] = why
+                results.notes.append(f"{v} skipped: {why}")
+            variants = [v for v in variants if v not in PG_VARIANTS]
             if not variants:
                 sys.exit("run.py: no variant left to run")
 

@@ -23,7 +23,7 @@ use futures_util::future::join_all;
 use support::postgres::{TestSchema, TestStore};
 use tokio::sync::Notify;
 use tower_idempotency::postgres::sqlx::{self, AssertSqlSafe, Row};
-use tower_idempotency::postgres::{PostgresStore, Tx};
+use tower_idempotency::postgres::{LocalReplays, PostgresStore, Tx};
 use tower_idempotency::store::{
     Completion, FencingToken, Fingerprint, Record, Reservation, ScopeHash, StorePolicy,
 };
@@ -229,10 +229,13 @@ impl TxApp {
 // ---------------------------------------------------------------------------------------
 
 /// A new request costs exactly 2 statements (reserve, complete), a replay 1, a mismatch
-/// 1, a released 4xx 2 (reserve, release), counted by the store itself.
+/// 1, a released 4xx 2 (reserve, release), counted by the store itself (local replay tier
+/// off; see `pg_local_tier_replays_with_no_statement`).
 #[tokio::test]
 async fn pg_round_trips_per_request() {
-    let store = support::postgres::store().await;
+    let store = support::postgres::store()
+        .await
+        .map(|s| s.local_replays(None));
     let h = Harness::new(IdempotencyLayer::new(store.clone()).global_scope());
     let mut last = store.round_trips().total;
     let mut step = |reply: Reply, expected: u64, what: &str| {
@@ -251,11 +254,16 @@ async fn pg_round_trips_per_request() {
     step(send(&h.router, bad).await, 2, "released 4xx");
 }
 
-/// Transactional mode: a new request costs 4 (BEGIN batch, INSERT, UPDATE, COMMIT), a
-/// replay 3 (BEGIN batch, INSERT, ROLLBACK), a released 4xx 3 (BEGIN, INSERT, ROLLBACK).
+/// Transactional mode (local replay tier off): a new request costs 4 (the pre-read, the
+/// batch that begins and reserves, UPDATE, COMMIT: the hand-written pattern's BEGIN,
+/// INSERT, UPDATE, COMMIT), a replay or a mismatch 1 (the pre-read, no transaction), a
+/// key in flight 1 (the pre-read's probe), a released 4xx 3 (pre-read, batch, ROLLBACK).
+/// Before issue 18: 4, 3, 3, 3.
 #[tokio::test]
 async fn tx_round_trips_per_request() {
-    let store = support::postgres::transactional_store().await;
+    let store = support::postgres::transactional_store()
+        .await
+        .map(|s| s.local_replays(None));
     let h = Harness::new(IdempotencyLayer::new(store.clone()).global_scope());
     let mut last = store.round_trips().total;
     let mut step = |reply: Reply, expected: u64, what: &str| {
@@ -264,10 +272,86 @@ async fn tx_round_trips_per_request() {
         last = now;
     };
     step(send(&h.router, request("k", "{}")).await, 4, "new request");
-    step(send(&h.router, request("k", "{}")).await, 3, "replay");
+    step(send(&h.router, request("k", "{}")).await, 1, "replay");
+    step(send(&h.router, request("k", "{}")).await, 1, "replay again");
+    step(
+        send(&h.router, request("k", "{\"x\":1}")).await,
+        1,
+        "mismatch",
+    );
     let bad = common::app::with_header(request("k2", "{}"), "x-status", "400");
     step(send(&h.router, bad).await, 3, "released 4xx");
     assert_eq!(store.open_transactions(), 0);
+    // A key in flight: its owner's transaction holds the scope.
+    let s = ScopeHash::from_bytes([42; 32]);
+    let owner = FencingToken::generate();
+    assert_eq!(
+        store.reserve(&s, &FP, owner, LEASE.into()).await.unwrap(),
+        Reservation::Reserved
+    );
+    let before = store.round_trips().total;
+    assert_eq!(
+        store
+            .reserve(&s, &FP, FencingToken::generate(), LEASE.into())
+            .await
+            .unwrap(),
+        Reservation::InFlight
+    );
+    assert_eq!(
+        store.round_trips().total - before,
+        1,
+        "in flight: the pre-read"
+    );
+    assert!(store.release(&s, owner).await.unwrap());
+}
+
+/// The local replay tier (off by default, turned on here) in both modes: a completed record read once is
+/// replayed with no statement, a mismatch refused with none; `forget` on this process
+/// drops it, so the next request runs.
+#[tokio::test]
+async fn pg_local_tier_replays_with_no_statement() {
+    for transactional in [false, true] {
+        let store = support::postgres::store()
+            .await
+            .map(|s| s.local_replays(Some(LocalReplays::default())));
+        let store = if transactional {
+            store.map(PostgresStore::transactional)
+        } else {
+            store
+        };
+        let h = Harness::new(IdempotencyLayer::new(store.clone()).global_scope());
+        let mut last = store.round_trips().total;
+        let mut step = |reply: Reply, expected: u64, what: &str| {
+            let now = store.round_trips().total;
+            assert_eq!(now - last, expected, "{transactional} {what}: {reply:?}");
+            last = now;
+        };
+        let first = send(&h.router, request("k", "{}")).await;
+        assert_eq!(first.status, 201);
+        step(
+            first.clone(),
+            if transactional { 4 } else { 2 },
+            "new request",
+        );
+        let replay = send(&h.router, request("k", "{}")).await;
+        assert_eq!(replay.body, first.body);
+        step(replay, 1, "first replay: read from the table");
+        let local = store.round_trips().local_replays;
+        let replay = send(&h.router, request("k", "{}")).await;
+        assert_eq!(replay.body, first.body);
+        assert!(replay.replayed());
+        step(replay, 0, "replay from the local tier");
+        let mismatch = send(&h.router, request("k", "{\"x\":1}")).await;
+        assert_eq!(mismatch.status, 422);
+        step(mismatch, 0, "mismatch from the local tier");
+        assert_eq!(store.round_trips().local_replays - local, 2);
+        assert!(store.local_replay_bytes() > 0);
+        let scope = ScopeHash::new(None, &axum::http::Method::POST, "/pay", b"k");
+        assert!(store.forget(&scope).await.unwrap());
+        let again = send(&h.router, request("k", "{}")).await;
+        assert_eq!(again.status, 201);
+        assert_ne!(again.body, first.body, "forgotten: the handler ran again");
+    }
 }
 
 /// Two app servers with their own pools and stores on one table: 64 concurrent first

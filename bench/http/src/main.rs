@@ -2,7 +2,7 @@
 //! wrk over loopback.
 //!
 //! ```text
-//! bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres> --port <p>
+//! bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres|pg-floor> --port <p>
 //!            [--redis-url <url>] [--database-url <url>] [--workers <n>]
 //! ```
 //!
@@ -20,6 +20,7 @@
 //! | `peer` | axum-idempotent 0.6 in direct-key mode, in a ruts 0.13 Redis session (plus `POST /login`) |
 //! | `floor` | hand-written: reserve = 1 `EVALSHA`, complete = 1 `EVALSHA`, replay = 1 `EVALSHA` |
 //! | `postgres` | `IdempotencyLayer` on a transactional `PostgresStore`; the handler also `INSERT`s one row through its `Tx` |
+//! | `pg-floor` | hand-written, zero2prod's pattern: in the handler's transaction `INSERT ... ON CONFLICT DO NOTHING`, the same `INSERT` as `postgres`, `UPDATE` with the response, `COMMIT`; a conflict reads the saved response with one `SELECT` |
 //!
 //! All layers are attached per route (`post(h).route_layer(..)`, or `.layer(..)` for
 //! the peer, as its README and `bench/peer` do), keys are required, responses are kept
@@ -73,7 +74,7 @@ const PG_POOL_SIZE: u32 = 40;
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 const USAGE: &str =
-    "usage: bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres> \
+    "usage: bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres|pg-floor> \
 --port <port> [--redis-url <url>] [--database-url <url>] [--workers <n>]";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,10 +86,11 @@ enum Variant {
     Peer,
     Floor,
     Postgres,
+    PgFloor,
 }
 
 impl Variant {
-    const ALL: [(&'static str, Variant); 7] = [
+    const ALL: [(&'static str, Variant); 8] = [
         ("bare", Variant::Bare),
         ("memory", Variant::Memory),
         ("redis", Variant::Redis),
@@ -96,6 +98,7 @@ impl Variant {
         ("peer", Variant::Peer),
         ("floor", Variant::Floor),
         ("postgres", Variant::Postgres),
+        ("pg-floor", Variant::PgFloor),
     ];
 
     fn parse(name: &str) -> Option<Variant> {
@@ -107,6 +110,10 @@ impl Variant {
             .iter()
             .find(|(_, v)| *v == self)
             .map_or("?", |(n, _)| n)
+    }
+
+    fn uses_postgres(self) -> bool {
+        matches!(self, Variant::Postgres | Variant::PgFloor)
     }
 
     fn uses_redis(self) -> bool {
@@ -204,9 +211,16 @@ struct Stats {
     handler_runs: AtomicU64,
     /// Commands the floor sent (its own count, to check against `INFO commandstats`).
     floor_commands: AtomicU64,
-    /// Rows the postgres variant's handler inserted through its `Tx`: one statement
-    /// each, on top of the store's own round trips.
+    /// Rows the postgres (or pg-floor) variant's handler inserted in its transaction:
+    /// one statement each, on top of the store's own round trips.
     pg_inserts: AtomicU64,
+    /// Statements the pg-floor sent besides the handler's `INSERT` (its own count).
+    pg_floor_statements: AtomicU64,
+    /// The pg-floor's statements per operation: a new key's (`BEGIN`, `INSERT`,
+    /// `UPDATE`, `COMMIT`) and a conflict's (`BEGIN`, `INSERT`, `SELECT`, and the dropped
+    /// transaction's `ROLLBACK`, which goes out when the connection returns to the pool).
+    pg_floor_reserve: AtomicU64,
+    pg_floor_complete: AtomicU64,
 }
 
 /// Where `GET /stats` finds the store's own round-trip counter, if there is one.
@@ -217,6 +231,8 @@ struct StatsState {
     store: Option<RedisStore<Client>>,
     memory: Option<MemoryStore>,
     postgres: Option<PostgresStore>,
+    /// The server's version, for the pg-floor (which has no store to ask).
+    pg_version: Option<String>,
 }
 
 impl StatsState {
@@ -224,9 +240,20 @@ impl StatsState {
         let redis = self.store.as_ref().map(|s| s.round_trips());
         let pg = self.postgres.as_ref().map(|s| s.round_trips());
         // One set of keys for either store, so run.py reads them the same way.
-        let total = redis.map(|r| r.total).or(pg.map(|r| r.total));
-        let reserve = redis.map(|r| r.reserve).or(pg.map(|r| r.reserve));
-        let complete = redis.map(|r| r.complete).or(pg.map(|r| r.complete));
+        let floor =
+            |n: &AtomicU64| (self.variant == Variant::PgFloor).then(|| n.load(Ordering::Relaxed));
+        let total = redis
+            .map(|r| r.total)
+            .or(pg.map(|r| r.total))
+            .or(floor(&self.stats.pg_floor_statements));
+        let reserve = redis
+            .map(|r| r.reserve)
+            .or(pg.map(|r| r.reserve))
+            .or(floor(&self.stats.pg_floor_reserve));
+        let complete = redis
+            .map(|r| r.complete)
+            .or(pg.map(|r| r.complete))
+            .or(floor(&self.stats.pg_floor_complete));
         serde_json::json!({
             "variant": self.variant.name(),
             "handler_runs": self.stats.handler_runs.load(Ordering::Relaxed),
@@ -236,12 +263,13 @@ impl StatsState {
             "store_release": pg.map(|r| r.release),
             "store_notify": pg.map(|r| r.notify),
             "store_renew": pg.map(|r| r.renew),
-            "pg_inserts": (self.variant == Variant::Postgres)
+            "pg_inserts": self.variant.uses_postgres()
                 .then(|| self.stats.pg_inserts.load(Ordering::Relaxed)),
             "pg_open_transactions": self.postgres.as_ref().map(|s| s.open_transactions()),
             "pg_server_version": self.postgres.as_ref()
                 .and_then(|s| s.check_report())
-                .map(|r| r.server_version().to_string()),
+                .map(|r| r.server_version().to_string())
+                .or_else(|| self.pg_version.clone()),
             "memory_entries": self.memory.as_ref().map(|m| m.len()),
             "memory_bytes": self.memory.as_ref().map(|m| m.bytes()),
             "floor_commands": (self.variant == Variant::Floor)
@@ -405,7 +433,7 @@ impl PgSchema {
 
 async fn serve(args: Args) -> Result<(), String> {
     // The schema goes whatever happens after it exists: a failed start drops it too.
-    let schema = if args.variant == Variant::Postgres {
+    let schema = if args.variant.uses_postgres() {
         Some(PgSchema::create(&args.database_url).await?)
     } else {
         None
@@ -442,6 +470,7 @@ async fn serve_with(args: Args, schema: Option<&PgSchema>) -> Result<(), String>
     let mut store_for_stats = None;
     let mut memory_for_stats = None;
     let mut postgres_for_stats = None;
+    let mut pg_version = None;
 
     let app: Router = match (args.variant, client) {
         (Variant::Bare, _) => Router::new().route("/payments", payments(stats.clone())),
@@ -517,6 +546,21 @@ async fn serve_with(args: Args, schema: Option<&PgSchema>) -> Result<(), String>
                 payments_in_tx(stats.clone(), schema.insert()).route_layer(layer),
             )
         }
+        (Variant::PgFloor, _) => {
+            let schema = schema.ok_or("the pg-floor variant needs its schema")?;
+            pg_version = Some(
+                sqlx::query_scalar::<_, String>("SHOW server_version")
+                    .fetch_one(&schema.pool)
+                    .await
+                    .map_err(|e| format!("SHOW server_version: {e}"))?,
+            );
+            let floor = PgFloor::new(schema, stats.clone()).await?;
+            Router::new().route(
+                "/payments",
+                payments_pg_floor(stats.clone(), schema.insert())
+                    .route_layer(middleware::from_fn_with_state(floor, pg_floor_layer)),
+            )
+        }
         (variant, None) => return Err(format!("{} needs Redis", variant.name())),
     };
 
@@ -526,6 +570,7 @@ async fn serve_with(args: Args, schema: Option<&PgSchema>) -> Result<(), String>
         store: store_for_stats,
         memory: memory_for_stats,
         postgres: postgres_for_stats,
+        pg_version,
     };
     // Added after the variant's layers, so no idempotency (or session) layer sees it.
     let app = app.route("/stats", get(stats_handler).with_state(state.clone()));
@@ -722,4 +767,178 @@ fn replay(stored: Bytes) -> Response {
     );
     headers.insert(REPLAYED, HeaderValue::from_static("true"));
     response
+}
+
+// ---------------------------------------------------------------------------------------
+// The pg-floor: what a Rust team writes by hand for Postgres (zero2prod's idempotency
+// chapter), inline in the request. In the handler's transaction: `INSERT` the key `ON
+// CONFLICT DO NOTHING`, run the handler (the same `INSERT` into `payments` as the
+// postgres variant's, through that transaction), `UPDATE` the row with the response,
+// `COMMIT`. A key that conflicts reads the saved response with one `SELECT` on the pool
+// (409 while it has none); its transaction is dropped, and sqlx sends the `ROLLBACK` when
+// the connection goes back to the pool. Same table shape as the store's (the floor's
+// table is made by `PostgresStore::migrate`), no fingerprint, no scope beyond the key, no
+// lease, no fencing, no wake-ups, no spawned task.
+
+/// The transaction a pg-floor request holds, for its handler (a request extension).
+#[derive(Clone)]
+struct FloorTx(Arc<tokio::sync::Mutex<Option<sqlx::Transaction<'static, sqlx::Postgres>>>>);
+
+#[derive(Clone)]
+struct PgFloor {
+    pool: PgPool,
+    reserve: Arc<str>,
+    replay: Arc<str>,
+    complete: Arc<str>,
+    stats: Arc<Stats>,
+}
+
+impl PgFloor {
+    async fn new(schema: &PgSchema, stats: Arc<Stats>) -> Result<PgFloor, String> {
+        let table = format!("{}.floor_idempotency", schema.name);
+        PostgresStore::new(schema.pool.clone())
+            .table(&table)
+            .migrate()
+            .await
+            .map_err(|e| format!("migrate {table}: {e}"))?;
+        Ok(PgFloor {
+            pool: schema.pool.clone(),
+            reserve: format!(
+                "INSERT INTO {table} (scope, fingerprint, state, token, expires_at) \
+                 VALUES ($1, '\\x', 'pending', '\\x', now() + $2 * interval '1 second') \
+                 ON CONFLICT (scope) DO NOTHING"
+            )
+            .into(),
+            replay: format!("SELECT record FROM {table} WHERE scope = $1 AND state = 'completed'")
+                .into(),
+            complete: format!(
+                "UPDATE {table} SET state = 'completed', record = $2, \
+                 expires_at = now() + $3 * interval '1 second' WHERE scope = $1"
+            )
+            .into(),
+            stats,
+        })
+    }
+
+    fn count(&self, n: u64) {
+        self.stats
+            .pg_floor_statements
+            .fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// `POST /payments` behind the pg-floor: the postgres variant's handler, with the
+/// floor's transaction instead of `Tx`.
+fn payments_pg_floor(stats: Arc<Stats>, insert: Arc<str>) -> MethodRouter {
+    post(
+        move |axum::Extension(tx): axum::Extension<FloorTx>, body: Bytes| {
+            let stats = stats.clone();
+            let insert = insert.clone();
+            async move {
+                let run = stats.handler_runs.fetch_add(1, Ordering::Relaxed) + 1;
+                let mut guard = tx.0.lock().await;
+                let Some(conn) = guard.as_mut() else {
+                    return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+                };
+                stats.pg_inserts.fetch_add(1, Ordering::Relaxed);
+                let inserted = sqlx::query(AssertSqlSafe(insert))
+                    .bind(i64::try_from(run).unwrap_or(i64::MAX))
+                    .bind(i32::try_from(body.len()).unwrap_or(i32::MAX))
+                    .execute(&mut **conn)
+                    .await;
+                drop(guard);
+                if inserted.is_err() {
+                    return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+                }
+                (
+                    StatusCode::CREATED,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    format!(r#"{{"id":"pay_{run}","len":{}}}"#, body.len()),
+                )
+                    .into_response()
+            }
+        },
+    )
+}
+
+async fn pg_floor_layer(
+    State(floor): State<PgFloor>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(key) = request
+        .headers()
+        .get("idempotency-key")
+        .map(|v| v.as_bytes().to_vec())
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+    else {
+        return plain(StatusCode::BAD_REQUEST);
+    };
+    let ttl = TTL_SECS as f64;
+    floor.count(2);
+    floor.stats.pg_floor_reserve.fetch_add(2, Ordering::Relaxed);
+    let Ok(mut tx) = floor.pool.begin().await else {
+        return plain(StatusCode::SERVICE_UNAVAILABLE);
+    };
+    let inserted = sqlx::query(AssertSqlSafe(floor.reserve.clone()))
+        .bind(key.as_slice())
+        .bind(ttl)
+        .execute(&mut *tx)
+        .await;
+    match inserted {
+        Err(_) => return plain(StatusCode::SERVICE_UNAVAILABLE),
+        Ok(done) if done.rows_affected() == 0 => {
+            // zero2prod: the saved response, read on the pool; the transaction is dropped.
+            // Its `ROLLBACK` goes out when the connection returns to the pool, off the
+            // request's path, but it is a statement sent all the same: counted.
+            drop(tx);
+            floor.count(2);
+            floor.stats.pg_floor_reserve.fetch_add(2, Ordering::Relaxed);
+            let saved =
+                sqlx::query_scalar::<_, Option<Vec<u8>>>(AssertSqlSafe(floor.replay.clone()))
+                    .bind(key.as_slice())
+                    .fetch_optional(&floor.pool)
+                    .await;
+            return match saved {
+                Ok(Some(Some(stored))) => replay(Bytes::from(stored)),
+                Ok(_) => plain(StatusCode::CONFLICT),
+                Err(_) => plain(StatusCode::SERVICE_UNAVAILABLE),
+            };
+        }
+        Ok(_) => {}
+    }
+    let shared = FloorTx(Arc::new(tokio::sync::Mutex::new(Some(tx))));
+    request.extensions_mut().insert(shared.clone());
+    let response = next.run(request).await;
+    let (parts, body) = response.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, FLOOR_MAX_RESPONSE).await else {
+        return plain(StatusCode::INTERNAL_SERVER_ERROR);
+    };
+    let Some(mut tx) = shared.0.lock().await.take() else {
+        return plain(StatusCode::INTERNAL_SERVER_ERROR);
+    };
+    if !parts.status.is_success() {
+        // Nothing stored: the key is free again (and the handler's writes undone).
+        floor.count(1);
+        let _ = tx.rollback().await;
+        return Response::from_parts(parts, Body::from(body));
+    }
+    let mut stored = Vec::with_capacity(3 + body.len());
+    stored.extend_from_slice(parts.status.as_str().as_bytes());
+    stored.extend_from_slice(&body);
+    floor.count(2);
+    floor
+        .stats
+        .pg_floor_complete
+        .fetch_add(2, Ordering::Relaxed);
+    let updated = sqlx::query(AssertSqlSafe(floor.complete.clone()))
+        .bind(key.as_slice())
+        .bind(stored.as_slice())
+        .bind(ttl)
+        .execute(&mut *tx)
+        .await;
+    if updated.is_err() || tx.commit().await.is_err() {
+        return plain(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    Response::from_parts(parts, Body::from(body))
 }

@@ -132,8 +132,11 @@
 //! Costs: each request in flight holds one pool connection from reserve to commit, so the
 //! pool's size bounds the requests in flight (a reserve that cannot get a connection
 //! within the store's [`command_timeout`](PostgresStore::command_timeout) is a 503). A new request costs 4
-//! round trips (`BEGIN` with its settings, `INSERT`, the record `UPDATE`, `COMMIT`) plus
-//! one per renewal, a replay or a conflict 3. The exactly-once guarantee covers what the
+//! round trips (a pre-read `SELECT`, one batch that begins the transaction with its
+//! settings and inserts the pending row, the record `UPDATE`, `COMMIT`: as many as the
+//! hand-written `BEGIN`, `INSERT`, `UPDATE`, `COMMIT`) plus one per renewal; a replay, a
+//! 422 or a 409 for a key in flight 1 (the pre-read, outside any transaction), and 0
+//! from the opt-in [local replay tier](PostgresStore::local_replays). The exactly-once guarantee covers what the
 //! handler writes through [`Tx`] to this database only: a call to a payment provider from
 //! the handler is not undone by a rollback. Use one mode per table.
 //!
@@ -174,6 +177,9 @@ pub use sql::DEFAULT_TABLE;
 pub use sqlx;
 pub use store::PostgresStore;
 pub use subscriber::PgSubscription;
+pub use tower_idempotency_core::local::{
+    LocalReplays, DEFAULT_LOCAL_REPLAY_AGE, DEFAULT_LOCAL_REPLAY_BYTES,
+};
 #[cfg(feature = "axum")]
 pub use tx::MissingTx;
 pub use tx::{Tx, TxError, TxGuard};

@@ -16,7 +16,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tower_idempotency_core::metrics::STORE_COMMANDS_TOTAL;
+use tower_idempotency_core::metrics::{STORE_COMMANDS_TOTAL, STORE_LOCAL_REPLAYS_TOTAL};
 
 /// The statements a [`PostgresStore`](crate::PostgresStore) (and all its clones) sent so
 /// far, per operation, from [`PostgresStore::round_trips`](crate::PostgresStore::round_trips).
@@ -43,6 +43,8 @@ pub struct RoundTrips {
     pub admin: u64,
     /// The sum of all of the above.
     pub total: u64,
+    /// Reserves answered from the local replay tier: no statement sent (not in `total`).
+    pub local_replays: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -82,7 +84,7 @@ impl Op {
 
 /// Per-operation counters shared by every clone of a store.
 #[derive(Debug, Default)]
-pub(crate) struct Counters([AtomicU64; Op::ALL.len()]);
+pub(crate) struct Counters([AtomicU64; Op::ALL.len()], AtomicU64);
 
 impl Counters {
     /// Counts one statement sent for `op`, here and through `metrics`.
@@ -90,6 +92,13 @@ impl Counters {
         self.0[op as usize].fetch_add(1, Ordering::Relaxed);
         metrics::counter!(STORE_COMMANDS_TOTAL, "store" => "postgres", "op" => op.as_str())
             .increment(1);
+    }
+
+    /// Counts one reserve answered from the local replay tier (no statement sent), here
+    /// and as `idempotency_store_local_replays_total{store="postgres"}`.
+    pub(crate) fn local_replay(&self) {
+        self.1.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(STORE_LOCAL_REPLAYS_TOTAL, "store" => "postgres").increment(1);
     }
 
     pub(crate) fn snapshot(&self) -> RoundTrips {
@@ -103,6 +112,7 @@ impl Counters {
             purge: get(Op::Purge),
             admin: get(Op::Admin),
             total: Op::ALL.iter().map(|&op| get(op)).sum(),
+            local_replays: self.1.load(Ordering::Relaxed),
         }
     }
 }

@@ -7,6 +7,8 @@ use std::time::Duration;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, PgPool};
 
+use tower_idempotency_core::local::{LocalReplays, LocalTier};
+
 use crate::check::{self, CheckReport};
 use crate::error::{within, PostgresStoreError};
 use crate::round_trip::Counters;
@@ -53,6 +55,7 @@ impl PostgresStore {
             idle_limit: IdleLimit::Lease,
             invalid_table: None,
             invalid_channel: None,
+            local: None,
             shared: Arc::new(Shared {
                 counters: Counters::default(),
                 hub: Hub::new(),
@@ -101,6 +104,13 @@ impl PostgresStore {
                 if *self.channel == *self.sql.table.plain() {
                     self.channel = Arc::from(table.plain());
                 }
+                if table != self.sql.table {
+                    // The tier is keyed by scope hash alone: shared with a store on
+                    // another table, it would replay that table's records here.
+                    self.local = self
+                        .local
+                        .map(|tier| Arc::new(LocalTier::new(tier.settings())));
+                }
                 self.sql = Arc::new(Statements::new(table));
                 self.invalid_table = None;
             }
@@ -110,6 +120,39 @@ impl PostgresStore {
             }
         }
         self
+    }
+
+    /// The local replay tier: completed records this process read are kept in memory
+    /// (bounded by bytes, each no longer than its row's remaining TTL nor than
+    /// [`LocalReplays::max_age`]) and replayed with no statement at all, in either mode.
+    /// Off by default (`Some(LocalReplays::default())`: 64 MiB, 60 s); `None` turns it
+    /// off again.
+    ///
+    /// A completed record never changes until it expires, so replaying it from memory is
+    /// exact, with one inconsistency, the reason it is opt-in here (SPEC section 11:
+    /// `forget` lets the next request run): a row deleted by hand, or through
+    /// [`forget`](tower_idempotency_core::Store::forget) on *another* process, may still
+    /// be replayed by this one until its entry lapses (at most `max_age`); `forget` and
+    /// `resolve` on this process drop its entry. The tier is the core's, the same as
+    /// `RedisStore`'s ([`tower_idempotency_core::local`]). A store given another
+    /// [`table`](Self::table) gets a tier of its own.
+    ///
+    /// ```
+    /// # use tower_idempotency_postgres::{LocalReplays, PostgresStore};
+    /// # fn f(pool: tower_idempotency_postgres::sqlx::PgPool) {
+    /// let store = PostgresStore::new(pool)
+    ///     .local_replays(Some(LocalReplays::default().max_bytes(16 << 20)));
+    /// # }
+    /// ```
+    pub fn local_replays(mut self, settings: Option<LocalReplays>) -> Self {
+        self.local = settings.map(|settings| Arc::new(LocalTier::new(settings)));
+        self
+    }
+
+    /// The bytes the local replay tier holds now, as counted against its bound (0 when
+    /// it is off).
+    pub fn local_replay_bytes(&self) -> u64 {
+        self.local.as_ref().map_or(0, |tier| tier.bytes())
     }
 
     /// The `LISTEN`/`NOTIFY` channel of wake-ups; default: the table name. Every process

@@ -169,6 +169,9 @@ pub(crate) struct Statements {
     pub(crate) schema_current: Arc<str>,
     pub(crate) reserve: Arc<str>,
     pub(crate) reserve_tx: Arc<str>,
+    /// Transactional mode's first statement, outside any transaction: a completed record
+    /// (replayed with no transaction), else whether an owner holds the scope.
+    pub(crate) preread: Arc<str>,
     pub(crate) complete: Arc<str>,
     pub(crate) complete_tx: Arc<str>,
     pub(crate) completed_by: Arc<str>,
@@ -189,20 +192,21 @@ pub(crate) struct Statements {
 pub(crate) const HELD: &str = "SELECT NOT (CASE WHEN pg_try_advisory_lock_shared($1) \
      THEN pg_advisory_unlock_shared($1) ELSE false END)";
 
-/// Whether the owner's transaction (backend `$1`, started at `$2` µs since the epoch) is
-/// still open, asked from another connection: for a renewal that finds the transaction's
-/// connection busy with the handler.
-pub(crate) const ALIVE: &str = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
-     WHERE pid = $1 AND (extract(epoch FROM xact_start) * 1000000)::int8 = $2)";
-
-/// The owner's backend and the start of its transaction, in µs since the epoch: what
-/// [`ALIVE`] compares.
-const BACKEND: &str =
-    "pg_backend_pid() AS pid, (extract(epoch FROM now()) * 1000000)::int8 AS xact";
+/// Whether the owner's transaction is still open, asked from another connection (for a
+/// renewal that finds the transaction's connection busy with the handler): [`HELD`] of
+/// its token's advisory lock key ([`Statements::token_lock`]), which only that
+/// transaction takes, and holds until it ends.
+pub(crate) const ALIVE: &str = HELD;
 
 /// The renewal of a transactional reservation: a statement on the owner's transaction, so
 /// that Postgres does not count a live owner as idle (and a cut shows as an error).
 pub(crate) const KEEPALIVE: &str = "SELECT 1";
+
+/// The row's remaining life in ms (for the local replay tier: a kept record lapses no
+/// later than its row).
+const TTL_MS: &str = "(extract(epoch FROM expires_at - statement_timestamp()) * 1000)::int8";
+/// [`TTL_MS`] of the aliased row.
+const TTL_MS_R: &str = "(extract(epoch FROM r.expires_at - statement_timestamp()) * 1000)::int8";
 
 /// Whether the conflicting row is a pending lease that lapsed while kept as uncertain.
 const LAPSED: &str =
@@ -260,17 +264,17 @@ impl Statements {
                WHERE {TAKE} \
                   OR (r.state = 'pending' AND r.fingerprint = excluded.fingerprint AND NOT r.waiter \
                       AND NOT {LAPSED}) \
-               RETURNING r.state, r.token = $3 AS mine, r.fingerprint = $2 AS same, r.record\
+               RETURNING r.state, r.token = $3 AS mine, r.fingerprint = $2 AS same, r.record, \
+                 {TTL_MS_R} AS ttl_ms\
              ) \
-             SELECT state, mine, same, record, \
+             SELECT state, mine, same, record, ttl_ms, \
                CASE WHEN mine AND state = 'pending' THEN {RESTORE} END AS restored, \
                CASE WHEN $5::int8 IS NOT NULL AND mine AND state = 'pending' THEN \
-                 pg_advisory_xact_lock($5::int8)::text END AS locked, \
-               {BACKEND} \
+                 pg_advisory_xact_lock($5::int8)::text || pg_advisory_xact_lock($7::int8)::text END AS locked \
              FROM up \
              UNION ALL \
              SELECT CASE WHEN {LAPSED_ROW} THEN 'uncertain' ELSE state END, \
-               token = $3, fingerprint = $2, record, NULL, NULL, NULL, NULL FROM {t} \
+               token = $3, fingerprint = $2, record, {TTL_MS}, NULL, NULL FROM {t} \
              WHERE scope = $1 AND expires_at > statement_timestamp() AND NOT EXISTS (SELECT 1 FROM up)"
         );
         // Transactional mode's reserve. First the probe: an owner holds the scope's
@@ -294,16 +298,30 @@ impl Statements {
                ON CONFLICT (scope) DO NOTHING \
                RETURNING r.state\
              ) \
-             SELECT state, true AS mine, true AS same, NULL::bytea AS record, false AS expired, \
-               {RESTORE} AS restored, pg_advisory_xact_lock($5)::text AS locked, {BACKEND} \
+             SELECT state, true AS mine, true AS same, NULL::bytea AS record, NULL::int8 AS ttl_ms, \
+               false AS expired, {RESTORE} AS restored, \
+               pg_advisory_xact_lock($5)::text || pg_advisory_xact_lock($7)::text AS locked \
              FROM ins \
              UNION ALL \
-             SELECT 'pending', false, true, NULL, false, NULL, NULL, NULL, NULL \
+             SELECT 'pending', false, true, NULL, NULL, false, NULL, NULL \
              FROM probe WHERE NOT free \
              UNION ALL \
-             SELECT state, token = $3, fingerprint = $2, record, \
-               expires_at <= statement_timestamp(), NULL, NULL, NULL, NULL FROM {t} \
+             SELECT state, token = $3, fingerprint = $2, record, {TTL_MS}, \
+               expires_at <= statement_timestamp(), NULL, NULL FROM {t} \
              WHERE scope = $1 AND (SELECT free FROM probe) AND NOT EXISTS (SELECT 1 FROM ins)"
+        );
+        // $1 scope, $2 fingerprint, $3 the scope's advisory lock key. A committed row of
+        // transactional mode is a completed one (the pending row commits only with its
+        // record), and a completed record never changes: read outside any transaction, it
+        // is the answer (a replay, or 422 for another payload) in one statement. Without
+        // one, the probe of the owner's advisory lock answers "in flight"; the probe runs
+        // only when there is no record (a `CASE` evaluates the branch it takes).
+        let preread = format!(
+            "SELECT r.fingerprint = $2 AS same, r.record, {TTL_MS_R} AS ttl_ms, \
+               CASE WHEN r.scope IS NULL THEN CASE WHEN pg_try_advisory_lock_shared($3) \
+                 THEN pg_advisory_unlock_shared($3) ELSE false END END AS free \
+             FROM (SELECT 1) AS one LEFT JOIN {t} AS r ON r.scope = $1 \
+               AND r.state = 'completed' AND r.expires_at > statement_timestamp()"
         );
         // $1 scope, $2 token, $3 record, $4 ttl in ms, $5 channel, $6 notify regardless of
         // the row's flag (transactional mode: a waiter in another process told us).
@@ -403,6 +421,7 @@ impl Statements {
             schema_current: schema_current.into(),
             reserve: reserve.into(),
             reserve_tx: reserve_tx.into(),
+            preread: preread.into(),
             complete: complete.into(),
             complete_tx: complete_tx.into(),
             completed_by: completed_by.into(),
@@ -413,6 +432,85 @@ impl Statements {
             forget: forget.into(),
             resolve: resolve.into(),
         }
+    }
+
+    /// Transactional mode's reserve in one round trip: a simple-query batch that begins
+    /// the transaction (READ COMMITTED whatever the server's default), applies its
+    /// settings, and inserts the pending row with `ON CONFLICT DO NOTHING` after a probe
+    /// of the owner's advisory lock, taking the scope's and the token's advisory locks and
+    /// restoring the session's `lock_timeout` once it holds the row. A simple query takes
+    /// no parameters, so the values are literals: hex of bytes the store made (scope hash,
+    /// fingerprint, token), integers, and durations it formatted itself — nothing from a
+    /// client reaches this text unencoded.
+    ///
+    /// A batch answers with no rows (sqlx begins a transaction with it), so it says
+    /// whether it reserved by failing: when nothing was inserted (an owner holds the
+    /// scope, or a row is there: completed, expired or taken since the pre-read), the last
+    /// statement divides by zero ([`NOT_RESERVED`]), and the store ends the failed
+    /// transaction and asks with the statements that return the row. `lock_timeout` and
+    /// `idle` are settings as [`crate::store`] formats them (`'250ms'`).
+    #[allow(clippy::too_many_arguments)] // one reserve's inputs, as literals
+    pub(crate) fn reserve_batch(
+        &self,
+        scope: &tower_idempotency_core::ScopeHash,
+        fingerprint: &tower_idempotency_core::Fingerprint,
+        token: tower_idempotency_core::FencingToken,
+        lease_ms: i64,
+        lock_timeout: &str,
+        idle: Option<&str>,
+    ) -> String {
+        use std::fmt::Write;
+        let t = self.table.quoted();
+        let key = self.lock_key(scope);
+        let token_key = self.token_lock(token);
+        let mut sql = String::with_capacity(1500);
+        sql.push_str(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; \
+             WITH settings AS (SELECT \
+               set_config('tower_idempotency.lock_timeout', current_setting('lock_timeout'), true) AS a, \
+               set_config('lock_timeout', ",
+        );
+        sql.push_str(lock_timeout);
+        sql.push_str(", true) AS b");
+        if let Some(idle) = idle {
+            sql.push_str(", set_config('idle_in_transaction_session_timeout', ");
+            sql.push_str(idle);
+            sql.push_str(", true) AS c");
+        }
+        // Writing to a String cannot fail.
+        let _ = write!(
+            sql,
+            "), probe AS (\
+               SELECT CASE WHEN pg_try_advisory_lock_shared('{key}'::int8) \
+                 THEN pg_advisory_unlock_shared('{key}'::int8) ELSE false END AS free FROM settings\
+             ), ins AS (\
+               INSERT INTO {t} AS r (scope, fingerprint, state, token, record, expires_at, waiter) \
+               SELECT decode('{scope}', 'hex'), decode('{fingerprint}', 'hex'), 'pending', \
+                 decode('{token}', 'hex'), NULL, \
+                 statement_timestamp() + {lease_ms} * interval '1 millisecond', false \
+               FROM probe WHERE free \
+               ON CONFLICT (scope) DO NOTHING \
+               RETURNING 1\
+             ) \
+             SELECT 1 / count(*)::int4 FROM (\
+               SELECT {RESTORE} || pg_advisory_xact_lock('{key}'::int8)::text \
+                 || pg_advisory_xact_lock('{token_key}'::int8)::text AS locked FROM ins\
+             ) AS owner WHERE locked IS NOT NULL",
+            scope = scope.to_hex(),
+            fingerprint = hex(fingerprint.as_bytes()),
+            token = hex(&token.to_bytes()),
+        );
+        sql
+    }
+
+    /// The advisory lock key that only the transaction of `token` takes: 64 bits of the
+    /// token (random, never reused) mixed with the table's salt. Held while that
+    /// transaction is open, so another connection can tell whether it still is.
+    pub(crate) fn token_lock(&self, token: tower_idempotency_core::FencingToken) -> i64 {
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&token.to_bytes()[..8]);
+        // Not the scope keys' space as is: flip the salt, so the two families differ.
+        i64::from_be_bytes(head) ^ !self.lock_salt
     }
 
     /// The advisory lock key of `scope` on this table: 64 bits of the scope hash mixed
@@ -428,6 +526,20 @@ impl Statements {
 /// Restores the session's `lock_timeout`, stashed by transactional mode's `BEGIN`.
 const RESTORE: &str = "set_config('lock_timeout', coalesce(nullif(current_setting(\
     'tower_idempotency.lock_timeout', true), ''), current_setting('lock_timeout')), true)";
+
+/// SQLSTATE `division_by_zero`: how [`Statements::reserve_batch`] says it did not reserve.
+pub(crate) const NOT_RESERVED: &str = "22012";
+
+/// Lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
+}
 
 /// 64-bit FNV-1a: stable across processes, platforms and Rust versions.
 fn fnv1a(bytes: &[u8]) -> i64 {

@@ -41,6 +41,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgPool, Row};
+use tower_idempotency_core::local::LocalTier;
 use tower_idempotency_core::policy::MAX_TTL;
 use tower_idempotency_core::{
     Completion, FencingToken, Fingerprint, KeyState, LeaseTerms, Record, Reservation, Resolved,
@@ -50,9 +51,9 @@ use tower_idempotency_core::{
 use crate::check::CheckReport;
 use crate::error::{within, DisplayChain, PostgresStoreError};
 use crate::round_trip::{Counters, Op, RoundTrips};
-use crate::sql::Statements;
+use crate::sql::{Statements, NOT_RESERVED};
 use crate::subscriber::{Hub, PgSubscription};
-use crate::tx::{Backend, Registry, Slot, Tx};
+use crate::tx::{end_failed, OwnedTx, Registry, Slot, Tx};
 
 /// SQLSTATE `lock_not_available`: the lock timeout passed while the reserving `INSERT`
 /// waited on another transaction's uncommitted row for the same scope.
@@ -94,6 +95,9 @@ pub struct PostgresStore {
     /// [`channel`](PostgresStore::channel) name was refused, reported at `init`.
     pub(crate) invalid_table: Option<Arc<PostgresStoreError>>,
     pub(crate) invalid_channel: Option<Arc<PostgresStoreError>>,
+    /// The local replay tier; `None` when turned off. Keyed by scope hash alone, so it
+    /// is shared only by clones on the same table.
+    pub(crate) local: Option<Arc<LocalTier>>,
     pub(crate) shared: Arc<Shared>,
 }
 
@@ -116,6 +120,7 @@ impl fmt::Debug for PostgresStore {
             .field("lock_timeout", &self.lock_timeout)
             .field("round_trips", &self.shared.counters.snapshot())
             .field("open_transactions", &self.shared.registry.len())
+            .field("local_replays", &self.local)
             .field("listener", &self.shared.hub)
             .finish_non_exhaustive()
     }
@@ -219,6 +224,29 @@ where
 }
 
 impl PostgresStore {
+    /// Keeps a completed record read from the table in the local replay tier, if on:
+    /// `sent` is when the statement went out, `ttl_ms` the row's remaining life then.
+    fn keep_local(
+        &self,
+        scope: &ScopeHash,
+        fingerprint: &Fingerprint,
+        record: &Record,
+        sent: tokio::time::Instant,
+        ttl_ms: Option<i64>,
+    ) {
+        if let (Some(local), Some(ttl)) = (&self.local, ttl_ms) {
+            let ttl = Duration::from_millis(u64::try_from(ttl).unwrap_or(0));
+            local.keep(scope, fingerprint, record, sent, ttl);
+        }
+    }
+
+    /// Drops what the local replay tier keeps for `scope`.
+    fn forget_local(&self, scope: &ScopeHash) {
+        if let Some(local) = &self.local {
+            local.forget(scope);
+        }
+    }
+
     /// The pool the store runs on.
     pub fn pool(&self) -> &PgPool {
         &self.pool
@@ -277,7 +305,7 @@ impl PostgresStore {
         fingerprint: &Fingerprint,
         token: FencingToken,
         lease: LeaseTerms,
-    ) -> Result<(Reservation, Option<Backend>), PostgresStoreError> {
+    ) -> Result<Reservation, PostgresStoreError> {
         let mut locking = !in_tx;
         // A lapsed lease kept as uncertain: plain mode only (a transactional owner's
         // work rolls back with it).
@@ -286,6 +314,7 @@ impl PostgresStore {
             _ => 0,
         };
         let lock_key = in_tx.then(|| self.sql.lock_key(scope));
+        let token_lock = in_tx.then(|| self.sql.token_lock(token));
         for _ in 0..RESERVE_ATTEMPTS {
             self.count(Op::Reserve);
             let sql = if locking {
@@ -299,18 +328,17 @@ impl PostgresStore {
                 .bind(token.to_bytes().as_slice())
                 .bind(millis(lease.duration))
                 .bind(lock_key)
-                .bind(keep);
+                .bind(keep)
+                .bind(token_lock);
+            let sent = tokio::time::Instant::now();
             match within(self.timeout, query.fetch_optional(&mut *conn)).await {
                 Ok(Some(row)) if !locking && row.try_get::<bool, _>("expired")? => locking = true,
                 Ok(Some(row)) => {
                     let answer = answer(&row)?;
-                    let backend = match (row.try_get("pid")?, row.try_get("xact")?) {
-                        (Some(pid), Some(xact)) if answer == Reservation::Reserved => {
-                            Some(Backend { pid, xact })
-                        }
-                        _ => None,
-                    };
-                    return Ok((answer, backend));
+                    if let Reservation::Completed(record) = &answer {
+                        self.keep_local(scope, fingerprint, record, sent, row.try_get("ttl_ms")?);
+                    }
+                    return Ok(answer);
                 }
                 // The insert waited for a concurrent reserve that committed, and the
                 // statement's snapshot predates that row: run it again.
@@ -336,10 +364,8 @@ impl PostgresStore {
         lease: LeaseTerms,
     ) -> Result<Reservation, PostgresStoreError> {
         let mut conn = within(self.timeout, self.pool.acquire()).await?;
-        let (answer, _) = self
-            .run_reserve(&mut conn, false, scope, fingerprint, token, lease)
-            .await?;
-        Ok(answer)
+        self.run_reserve(&mut conn, false, scope, fingerprint, token, lease)
+            .await
     }
 
     /// Reserves in a transaction of its own, kept if it reserved. "In flight" only when a
@@ -347,6 +373,13 @@ impl PostgresStore {
     /// something else (a purge deleting the scope's expired row, DDL, `LOCK TABLE`) is
     /// tried again, up to the store's timeout, then fails (503, never 409 for a key that
     /// nobody holds).
+    ///
+    /// The common paths in as few statements as the hand-written pattern: a replay (or a
+    /// 422, or a 409 for a key in flight) is one statement outside any transaction, the
+    /// pre-read; a new key is the pre-read and one batch that begins the transaction and
+    /// reserves (see [`Statements::reserve_batch`](crate::sql::Statements)). Whatever the
+    /// batch did not settle (a key taken or completed since the pre-read, an expired row,
+    /// a lock timeout) goes the long way, with the statements that return the row.
     async fn reserve_in_transaction(
         &self,
         scope: &ScopeHash,
@@ -359,9 +392,106 @@ impl PostgresStore {
             return Ok(Reservation::Reserved);
         }
         let started = tokio::time::Instant::now();
+        let mut conn = within(self.timeout, self.pool.acquire()).await?;
+        self.count(Op::Reserve);
+        let lock_key = self.sql.lock_key(scope);
+        let query = sqlx::query(AssertSqlSafe(self.sql.preread.clone()))
+            .bind(scope.as_bytes().as_slice())
+            .bind(fingerprint.as_bytes().as_slice())
+            .bind(lock_key);
+        let sent = tokio::time::Instant::now();
+        let row = within(self.timeout, query.fetch_one(&mut *conn)).await?;
+        let blob: Option<Vec<u8>> = row.try_get("record")?;
+        if let Some(blob) = blob {
+            drop(conn);
+            if !row.try_get::<bool, _>("same")? {
+                return Ok(Reservation::Mismatch);
+            }
+            let record = Record::decode(&Bytes::from(blob))?;
+            self.keep_local(scope, fingerprint, &record, sent, row.try_get("ttl_ms")?);
+            return Ok(Reservation::Completed(record));
+        }
+        if row.try_get::<Option<bool>, _>("free")? == Some(false) {
+            return Ok(Reservation::InFlight);
+        }
+        // A new key, most likely: begin and reserve in one round trip.
+        let batch = self.sql.reserve_batch(
+            scope,
+            fingerprint,
+            token,
+            millis(lease.duration),
+            &self.lock_timeout_setting(),
+            self.idle_setting(lease).as_deref(),
+        );
+        self.count(Op::Reserve);
+        let failed = match OwnedTx::begin(conn, AssertSqlSafe(batch), self.timeout).await {
+            Ok(tx) => {
+                self.keep_reservation(scope, token, tx);
+                return Ok(Reservation::Reserved);
+            }
+            Err((None, err)) => return Err(err),
+            Err((Some(conn), err)) => (conn, err),
+        };
+        let (conn, err) = failed;
+        match err.sqlstate().as_deref() {
+            // Not reserved: the long way, on the same connection (its first statement
+            // ends the failed transaction).
+            Some(NOT_RESERVED) => {}
+            Some(LOCK_NOT_AVAILABLE) => {
+                self.count(Op::Reserve);
+                end_failed(conn, self.timeout).await;
+                if self.held(scope).await? {
+                    return Ok(Reservation::InFlight);
+                }
+                return self
+                    .reserve_the_long_way(scope, fingerprint, token, lease, started, None, err)
+                    .await;
+            }
+            _ => {
+                if !session_ended(&err) {
+                    self.count(Op::Reserve);
+                    end_failed(conn, self.timeout).await;
+                }
+                return Err(err);
+            }
+        }
+        self.reserve_the_long_way(scope, fingerprint, token, lease, started, Some(conn), err)
+            .await
+    }
+
+    /// The reserve that returns the row, looping while the reserving insert waits past
+    /// the lock timeout on a lock that is not a reservation's. `conn`, if any, is the
+    /// connection of a failed batch (its transaction still to end); `blocked` the error
+    /// that sent us here.
+    #[allow(clippy::too_many_arguments)] // one reserve's inputs, passed straight through
+    async fn reserve_the_long_way(
+        &self,
+        scope: &ScopeHash,
+        fingerprint: &Fingerprint,
+        token: FencingToken,
+        lease: LeaseTerms,
+        started: tokio::time::Instant,
+        mut conn: Option<sqlx::pool::PoolConnection<sqlx::Postgres>>,
+        mut blocked: PostgresStoreError,
+    ) -> Result<Reservation, PostgresStoreError> {
         loop {
-            let blocked = match self
-                .try_reserve_in_transaction(scope, fingerprint, token, lease)
+            if conn.is_none() && blocked.sqlstate().as_deref() == Some(LOCK_NOT_AVAILABLE) {
+                let waited = started.elapsed();
+                if waited >= self.timeout {
+                    return Err(PostgresStoreError::Locked {
+                        what: "reserve",
+                        waited,
+                        source: Box::new(blocked),
+                    });
+                }
+                tracing::debug!(
+                    waited = ?waited,
+                    "the reserving insert waited past the lock timeout on a lock that is not a \
+                     reservation (a purge, DDL); trying again"
+                );
+            }
+            blocked = match self
+                .try_reserve_in_transaction(scope, fingerprint, token, lease, conn.take())
                 .await
             {
                 Err(err) if err.sqlstate().as_deref() == Some(LOCK_NOT_AVAILABLE) => err,
@@ -370,19 +500,6 @@ impl PostgresStore {
             if self.held(scope).await? {
                 return Ok(Reservation::InFlight);
             }
-            let waited = started.elapsed();
-            if waited >= self.timeout {
-                return Err(PostgresStoreError::Locked {
-                    what: "reserve",
-                    waited,
-                    source: Box::new(blocked),
-                });
-            }
-            tracing::debug!(
-                waited = ?waited,
-                "the reserving insert waited past the lock timeout on a lock that is not a \
-                 reservation (a purge, DDL); trying again"
-            );
         }
     }
 
@@ -394,13 +511,42 @@ impl PostgresStore {
         within(self.timeout, query.fetch_one(&self.pool)).await
     }
 
+    /// `lock_timeout` for the reserving transaction: at least 1 ms (to Postgres 0 would
+    /// mean "wait for ever").
+    fn lock_timeout_setting(&self) -> String {
+        setting(self.lock_timeout.max(Duration::from_millis(1)))
+    }
+
+    /// `idle_in_transaction_session_timeout` for the reserving transaction, if any.
+    fn idle_setting(&self, lease: LeaseTerms) -> Option<String> {
+        match self.idle_limit {
+            IdleLimit::Lease => Some(setting(lease.duration)),
+            IdleLimit::Fixed(d) => Some(setting(d)),
+            IdleLimit::Off => None,
+        }
+    }
+
+    /// Keeps the transaction that reserved `scope` for `token`, for the handler and the
+    /// completion.
+    fn keep_reservation(&self, scope: &ScopeHash, token: FencingToken, tx: OwnedTx) {
+        self.shared
+            .registry
+            .insert(*scope, Slot::new(token, tx, self.sql.token_lock(token)));
+        // The owner's process listens, so a waiter elsewhere can ask for a notification
+        // at commit (see the subscriber module).
+        self.start_listener();
+    }
+
     /// `BEGIN`, the reserving statement in it; the transaction is kept if it reserved.
+    /// `failed`: the connection of a failed reserve batch, whose transaction the `BEGIN`
+    /// batch ends first.
     async fn try_reserve_in_transaction(
         &self,
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
         lease: LeaseTerms,
+        failed: Option<sqlx::pool::PoolConnection<sqlx::Postgres>>,
     ) -> Result<Reservation, PostgresStoreError> {
         // One simple-query batch: BEGIN at READ COMMITTED (at REPEATABLE READ, a reserve
         // that waited on the owner's row would fail when the owner commits, instead of
@@ -408,35 +554,41 @@ impl PostgresStore {
         // restores it once it holds the row, so the handler's own queries are not bounded
         // by ours); bound the wait on another session's uncommitted row; bound a frozen
         // owner's idle transaction.
-        let idle = match self.idle_limit {
-            IdleLimit::Lease => Some(setting(lease.duration)),
-            IdleLimit::Fixed(d) => Some(setting(d)),
-            IdleLimit::Off => None,
-        };
-        let mut begin = format!(
+        let mut begin = String::new();
+        if failed.is_some() {
+            begin.push_str("ROLLBACK; ");
+        }
+        begin.push_str(
             "BEGIN ISOLATION LEVEL READ COMMITTED; \
              SELECT set_config('tower_idempotency.lock_timeout', current_setting('lock_timeout'), true); \
-             SET LOCAL lock_timeout = {}",
-            // At least 1 ms: to Postgres 0 would mean "wait for ever".
-            setting(self.lock_timeout.max(Duration::from_millis(1)))
+             SET LOCAL lock_timeout = ",
         );
-        if let Some(idle) = idle {
+        begin.push_str(&self.lock_timeout_setting());
+        if let Some(idle) = self.idle_setting(lease) {
             begin.push_str("; SET LOCAL idle_in_transaction_session_timeout = ");
             begin.push_str(&idle);
         }
+        let conn = match failed {
+            Some(conn) => conn,
+            None => within(self.timeout, self.pool.acquire()).await?,
+        };
         self.count(Op::Reserve);
-        let mut tx = within(self.timeout, self.pool.begin_with(AssertSqlSafe(begin))).await?;
+        let mut tx = match OwnedTx::begin(conn, AssertSqlSafe(begin), self.timeout).await {
+            Ok(tx) => tx,
+            Err((Some(conn), err)) => {
+                if !session_ended(&err) {
+                    end_failed(conn, self.timeout).await;
+                }
+                return Err(err);
+            }
+            Err((None, err)) => return Err(err),
+        };
         let answer = self
             .run_reserve(&mut tx, true, scope, fingerprint, token, lease)
             .await;
         match answer {
-            Ok((Reservation::Reserved, Some(backend))) => {
-                self.shared
-                    .registry
-                    .insert(*scope, Slot::new(token, tx, backend));
-                // The owner's process listens, so a waiter elsewhere can ask for a
-                // notification at commit (see the subscriber module).
-                self.start_listener();
+            Ok(Reservation::Reserved) => {
+                self.keep_reservation(scope, token, tx);
                 Ok(Reservation::Reserved)
             }
             other => {
@@ -446,12 +598,7 @@ impl PostgresStore {
                 if let Err(err) = within(self.timeout, tx.rollback()).await {
                     tracing::debug!(error = %DisplayChain(&err), "rollback after a reserve failed");
                 }
-                match other {
-                    Ok((Reservation::Reserved, None)) => Err(PostgresStoreError::UnexpectedRow(
-                        "a reservation without its backend".into(),
-                    )),
-                    other => other.map(|(answer, _)| answer),
-                }
+                other
             }
         }
     }
@@ -577,7 +724,7 @@ impl PostgresStore {
         }
     }
 
-    async fn rollback(&self, tx: sqlx::Transaction<'static, sqlx::Postgres>) {
+    async fn rollback(&self, tx: OwnedTx) {
         self.count(Op::Release);
         if let Err(err) = within(self.timeout, tx.rollback()).await {
             // The connection is broken or stuck: the server rolls back when it goes.
@@ -674,9 +821,7 @@ impl PostgresStore {
         };
         self.count(Op::Renew);
         let Ok(mut guard) = slot.tx.clone().try_lock_owned() else {
-            let query = sqlx::query_scalar(crate::sql::ALIVE)
-                .bind(slot.backend.pid)
-                .bind(slot.backend.xact);
+            let query = sqlx::query_scalar(crate::sql::ALIVE).bind(slot.token_lock);
             return within(self.timeout, query.fetch_one(&self.pool)).await;
         };
         let Some(tx) = guard.as_mut() else {
@@ -766,6 +911,14 @@ impl Store for PostgresStore {
         token: FencingToken,
         lease: LeaseTerms,
     ) -> Result<Reservation, StoreError> {
+        if let Some(answer) = self
+            .local
+            .as_ref()
+            .and_then(|l| l.answer(scope, fingerprint))
+        {
+            self.shared.counters.local_replay();
+            return Ok(answer);
+        }
         let answer = if self.transactional {
             self.reserve_in_transaction(scope, fingerprint, token, lease)
                 .await
@@ -837,12 +990,15 @@ impl Store for PostgresStore {
     /// Transactional mode: a key in flight cannot be forgotten (its row is not committed
     /// yet): `false`, as for an absent key.
     async fn forget(&self, scope: &ScopeHash) -> Result<bool, StoreError> {
+        self.forget_local(scope);
         self.count(Op::Admin);
         let query = sqlx::query_scalar::<_, bool>(AssertSqlSafe(self.sql.forget.clone()))
             .bind(scope.as_bytes().as_slice())
             .bind(&*self.channel);
-        let live = within(self.timeout, query.fetch_optional(&self.pool)).await?;
-        Ok(live.unwrap_or(false))
+        let live = within(self.timeout, query.fetch_optional(&self.pool)).await;
+        // Again: a replay here may have kept the row while it was being deleted.
+        self.forget_local(scope);
+        Ok(live?.unwrap_or(false))
     }
 
     async fn resolve(
@@ -851,16 +1007,17 @@ impl Store for PostgresStore {
         record: &Record,
         ttl: Duration,
     ) -> Result<Resolved, StoreError> {
+        self.forget_local(scope);
         self.count(Op::Admin);
         let query = sqlx::query(AssertSqlSafe(self.sql.resolve.clone()))
             .bind(scope.as_bytes().as_slice())
             .bind(record.encode().as_ref())
             .bind(millis(ttl))
             .bind(&*self.channel);
-        if within(self.timeout, query.fetch_optional(&self.pool))
-            .await?
-            .is_some()
-        {
+        let resolved = within(self.timeout, query.fetch_optional(&self.pool)).await;
+        // Again: a replay here may have kept the old record while it was being replaced.
+        self.forget_local(scope);
+        if resolved?.is_some() {
             return Ok(Resolved::Stored);
         }
         // Not resolvable: say why (a live lease, or nothing there).

@@ -50,41 +50,114 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::PgTransactionManager;
+use sqlx::{PgConnection, Postgres, SqlSafeStr};
+use sqlx_core::transaction::TransactionManager;
 use tokio::sync::OwnedMappedMutexGuard;
 use tower_idempotency_core::{FencingToken, ScopeHash};
 
-/// Which server session holds an owner's transaction: enough to ask the server, from
-/// another connection, whether that transaction is still open.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Backend {
-    /// `pg_backend_pid()` of the transaction's session.
-    pub(crate) pid: i32,
-    /// The transaction's start (`now()`), in µs since the epoch.
-    pub(crate) xact: i64,
+use crate::error::PostgresStoreError;
+
+/// An open transaction on a connection of the pool, begun with a statement of the store's
+/// own that may do more than `BEGIN` (transactional mode's reserve begins the transaction
+/// and reserves in one round trip). What sqlx's `Transaction` is, built on its public
+/// [`TransactionManager`], so that sqlx counts the transaction (a handler's
+/// `guard.begin()` is a savepoint) and a dropped one rolls back.
+pub(crate) struct OwnedTx {
+    conn: PoolConnection<Postgres>,
+    open: bool,
+}
+
+impl OwnedTx {
+    /// Runs `statement` (a simple-query batch that starts with `BEGIN`) on `conn`, within
+    /// `timeout`. On an error the connection comes back: the batch may have left it in a
+    /// failed transaction, which the caller ends ([`end_failed`]). A batch that did not
+    /// answer in time may still run: its connection is closed, never returned to the pool
+    /// in a transaction nobody owns (the server rolls back when it goes).
+    pub(crate) async fn begin(
+        mut conn: PoolConnection<Postgres>,
+        statement: impl SqlSafeStr,
+        timeout: Duration,
+    ) -> Result<OwnedTx, (Option<PoolConnection<Postgres>>, PostgresStoreError)> {
+        let begin = PgTransactionManager::begin(&mut conn, Some(statement.into_sql_str()));
+        match tokio::time::timeout(timeout, begin).await {
+            Ok(Ok(())) => Ok(OwnedTx { conn, open: true }),
+            Ok(Err(err)) => Err((Some(conn), err.into())),
+            Err(_) => {
+                conn.close_on_drop();
+                Err((None, PostgresStoreError::Timeout(timeout)))
+            }
+        }
+    }
+
+    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
+        PgTransactionManager::commit(&mut self.conn).await?;
+        self.open = false;
+        Ok(())
+    }
+
+    pub(crate) async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        PgTransactionManager::rollback(&mut self.conn).await?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+/// Ends the transaction a failed [`OwnedTx::begin`] batch may have left open (failed) on
+/// `conn`, so that the connection goes back to the pool idle; one that cannot say so is
+/// closed instead.
+pub(crate) async fn end_failed(mut conn: PoolConnection<Postgres>, timeout: Duration) {
+    let rollback = sqlx::raw_sql("ROLLBACK").execute(&mut *conn);
+    if !matches!(tokio::time::timeout(timeout, rollback).await, Ok(Ok(_))) {
+        conn.close_on_drop();
+    }
+}
+
+impl Drop for OwnedTx {
+    fn drop(&mut self) {
+        if self.open {
+            // Queued, sent when the connection is next used (or tested on its way back to
+            // the pool), as sqlx's `Transaction` does.
+            PgTransactionManager::start_rollback(&mut self.conn);
+        }
+    }
+}
+
+impl Deref for OwnedTx {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl DerefMut for OwnedTx {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
 }
 
 /// The open transaction of one owned scope.
 pub(crate) struct Slot {
     pub(crate) token: FencingToken,
     /// `None` once the store committed or rolled it back.
-    pub(crate) tx: Arc<tokio::sync::Mutex<Option<Transaction<'static, Postgres>>>>,
-    pub(crate) backend: Backend,
+    pub(crate) tx: Arc<tokio::sync::Mutex<Option<OwnedTx>>>,
+    /// The advisory lock key that only this transaction holds (made from the token):
+    /// whether it is still open can be asked from another connection.
+    pub(crate) token_lock: i64,
     /// A waiter (in any process) said it waits for this scope: notify on commit/release.
     pub(crate) waiter_seen: AtomicBool,
 }
 
 impl Slot {
-    pub(crate) fn new(
-        token: FencingToken,
-        tx: Transaction<'static, Postgres>,
-        backend: Backend,
-    ) -> Self {
+    pub(crate) fn new(token: FencingToken, tx: OwnedTx, token_lock: i64) -> Self {
         Slot {
             token,
             tx: Arc::new(tokio::sync::Mutex::new(Some(tx))),
-            backend,
+            token_lock,
             waiter_seen: AtomicBool::new(false),
         }
     }
@@ -223,7 +296,7 @@ impl Tx {
 
 /// The locked transaction of a [`Tx`]: dereferences to its [`PgConnection`].
 pub struct TxGuard {
-    guard: OwnedMappedMutexGuard<Option<Transaction<'static, Postgres>>, PgConnection>,
+    guard: OwnedMappedMutexGuard<Option<OwnedTx>, PgConnection>,
 }
 
 impl fmt::Debug for TxGuard {

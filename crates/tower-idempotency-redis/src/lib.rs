@@ -201,7 +201,6 @@ mod check;
 mod connection;
 mod error;
 mod eval;
-mod local;
 mod replication;
 mod round_trip;
 mod scripts;
@@ -212,9 +211,11 @@ mod subscriber;
 pub use check::CheckReport;
 pub use error::RedisStoreError;
 pub use fred;
-pub use local::{LocalReplays, DEFAULT_LOCAL_REPLAY_AGE, DEFAULT_LOCAL_REPLAY_BYTES};
 pub use replication::DEFAULT_WAIT_CONNECTIONS;
 pub use round_trip::RoundTrips;
 pub use setup::{DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_PREFIX};
 pub use store::RedisStore;
 pub use subscriber::{RedisSubscription, DENIED_RETRY};
+pub use tower_idempotency_core::local::{
+    LocalReplays, DEFAULT_LOCAL_REPLAY_AGE, DEFAULT_LOCAL_REPLAY_BYTES,
+};

@@ -11,12 +11,12 @@ use fred::types::Builder;
 
 use crate::check::{self, CheckReport};
 use crate::error::{within, RedisStoreError};
-use crate::local::{LocalReplays, LocalTier};
 use crate::replication::{Replication, DEFAULT_WAIT_CONNECTIONS};
 use crate::round_trip::{Counters, RoundTrips};
 use crate::scripts::SCRIPTS;
 use crate::store::{RedisStore, Shared};
 use crate::subscriber::Hub;
+use tower_idempotency_core::local::{LocalReplays, LocalTier};
 
 /// The default key prefix, `idem:`.
 pub const DEFAULT_PREFIX: &str = "idem:";

@@ -19,11 +19,11 @@ use tower_idempotency_core::{
 use crate::check::CheckReport;
 use crate::error::{DisplayChain, RedisStoreError};
 use crate::eval::{bytes, eval_on, flag, millis, unexpected};
-use crate::local::LocalTier;
 use crate::replication::Replication;
 use crate::round_trip::{Counters, Op};
 use crate::scripts::{Lua, SCRIPTS};
 use crate::subscriber::{Hub, RedisSubscription};
+use tower_idempotency_core::local::LocalTier;
 
 /// A [`Store`] on Redis (standalone, Sentinel or Cluster) through a `fred` client.
 ///
@@ -452,7 +452,7 @@ mod tests {
 
     #[test]
     fn a_tier_is_shared_only_within_one_prefix() {
-        use crate::local::LocalReplays;
+        use tower_idempotency_core::local::LocalReplays;
         let tier = |store: &RedisStore<Client>| store.local.clone().expect("tier on");
         let settings = LocalReplays::default().max_bytes(1 << 20);
         let store = RedisStore::new(Client::default())

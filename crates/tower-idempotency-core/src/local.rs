@@ -1,19 +1,19 @@
 //! The local replay tier: completed records this process has seen, replayed with no
-//! round trip (SPEC section 7).
+//! round trip (SPEC section 7). One tier for every store that has one (Redis, Postgres):
+//! a completed record never changes until it expires, whatever the store.
 //!
-//! A completed record never changes until it expires, so a process may keep the ones it
-//! read and answer a retry from memory: a replay costs 0 commands, and so does a 422 for a
-//! retry with another payload. Bounded by bytes (a [`quick_cache`] weighed by each
-//! record's size); an entry lives no longer than the record's remaining TTL in Redis (the
-//! reserve script returns it with the record, and the local entry is dated from *before*
-//! the command was sent, so it always lapses first) and no longer than
-//! [`max_age`](LocalReplays::max_age). Pending records are never kept: only a completed
-//! record is final.
+//! A process may keep the completed records it read and answer a retry from memory: a
+//! replay costs 0 commands, and so does a 422 for a retry with another payload. Bounded by
+//! bytes (a [`quick_cache`] weighed by each record's size); an entry lives no longer than
+//! the record's remaining TTL in its store (the store reads it with the record, and the
+//! local entry is dated from *before* the command was sent, so it always lapses first) and
+//! no longer than [`max_age`](LocalReplays::max_age). Pending records are never kept: only
+//! a completed record is final.
 //!
-//! A tier belongs to one namespace. It is keyed by scope hash alone, so it is shared only
-//! by clones of a store that keep its prefix; a clone under another
-//! [`prefix`](crate::RedisStore::prefix) (live and sandbox on one Redis) gets a tier of
-//! its own and never replays, or refuses with 422, the other's keys.
+//! A tier belongs to one namespace. It is keyed by scope hash alone, so a store shares it
+//! only with clones that keep its namespace; a clone under another Redis prefix or
+//! Postgres table gets a tier of its own and never replays, or refuses with 422, the
+//! other's keys.
 //!
 //! Its memory is what it counts. A record decoded from a reply is a slice of the
 //! connection's read buffer, and a reply that arrived right behind a large one is a slice
@@ -21,17 +21,18 @@
 //! (made only when an entry is kept, not for replays read from Redis), and weighs them,
 //! its headers' bookkeeping and its slot in the cache.
 //!
-//! Its one inconsistency: a record deleted in Redis by hand (`DEL`, a flush) may still be
-//! replayed by a process that kept it, until its local entry lapses — at most
-//! [`max_age`](LocalReplays::max_age).
+//! Its one inconsistency: a record deleted in the store by hand (`DEL`, a flush, a
+//! `DELETE`), or forgotten through another process, may still be replayed by a process
+//! that kept it, until its local entry lapses — at most [`max_age`](LocalReplays::max_age).
+//! A store's own `forget` drops the entry of its process.
 
 use std::fmt;
 use std::time::Duration;
 
+use crate::{Fingerprint, Record, Reservation, ScopeHash, StoredResponse};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use tokio::time::Instant;
-use tower_idempotency_core::{Fingerprint, Record, Reservation, ScopeHash, StoredResponse};
 
 /// The default byte bound of the local replay tier: 64 MiB.
 pub const DEFAULT_LOCAL_REPLAY_BYTES: u64 = 64 * 1024 * 1024;
@@ -53,13 +54,13 @@ const ENTRY_OVERHEAD: u64 = (2 * (size_of::<(ScopeHash, Kept)>() + 24) + 12 + SH
 /// record's `Vec` and the [`SHARED_HEADER`]s of its name and value.
 const HEADER_OVERHEAD: usize = size_of::<(HeaderName, HeaderValue)>() + 2 * SHARED_HEADER;
 
-/// Settings of the local replay tier of a [`RedisStore`](crate::RedisStore): on by
-/// default with [`DEFAULT_LOCAL_REPLAY_BYTES`] and [`DEFAULT_LOCAL_REPLAY_AGE`]. See
-/// [`RedisStore::local_replays`](crate::RedisStore::local_replays).
+/// Settings of a store's local replay tier (`RedisStore::local_replays`,
+/// `PostgresStore::local_replays`): on by default with [`DEFAULT_LOCAL_REPLAY_BYTES`] and
+/// [`DEFAULT_LOCAL_REPLAY_AGE`].
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_idempotency_redis::LocalReplays;
+/// use tower_idempotency_core::local::LocalReplays;
 ///
 /// let tier = LocalReplays::default()
 ///     .max_bytes(16 * 1024 * 1024)
@@ -90,8 +91,8 @@ impl LocalReplays {
         self
     }
 
-    /// The longest a record is replayed from memory, however long it lives in Redis; it
-    /// bounds how long a record deleted in Redis by hand may still be replayed. Default
+    /// The longest a record is replayed from memory, however long it lives in its store;
+    /// it bounds how long a record deleted there by hand may still be replayed. Default
     /// [`DEFAULT_LOCAL_REPLAY_AGE`].
     pub fn max_age(mut self, age: Duration) -> Self {
         self.max_age = age;
@@ -114,7 +115,7 @@ impl LocalReplays {
 struct Kept {
     fingerprint: Fingerprint,
     record: Record,
-    /// No later than the record's expiry in Redis.
+    /// No later than the record's expiry in its store.
     expires: Instant,
     weight: u64,
 }
@@ -128,8 +129,11 @@ impl quick_cache::Weighter<ScopeHash, Kept> for Weight {
     }
 }
 
-/// The tier itself, shared by a store's clones.
-pub(crate) struct LocalTier {
+/// The tier itself, shared by a store's clones: for store implementations, which ask it
+/// before a reserve ([`answer`](LocalTier::answer)), fill it with completed records they
+/// read ([`keep`](LocalTier::keep)), and drop an entry when an operator forgets or
+/// resolves its key ([`forget`](LocalTier::forget)).
+pub struct LocalTier {
     cache: quick_cache::sync::Cache<ScopeHash, Kept, Weight>,
     settings: LocalReplays,
 }
@@ -145,7 +149,8 @@ impl fmt::Debug for LocalTier {
 }
 
 impl LocalTier {
-    pub(crate) fn new(settings: LocalReplays) -> Self {
+    /// An empty tier with `settings`.
+    pub fn new(settings: LocalReplays) -> Self {
         // quick_cache sizes its table from an estimate of the item count.
         let estimated = usize::try_from(settings.max_bytes / 2048)
             .unwrap_or(usize::MAX)
@@ -157,12 +162,8 @@ impl LocalTier {
     }
 
     /// The answer for `scope` from memory: the record (same fingerprint) or a mismatch
-    /// (another fingerprint), or `None` to ask Redis.
-    pub(crate) fn answer(
-        &self,
-        scope: &ScopeHash,
-        fingerprint: &Fingerprint,
-    ) -> Option<Reservation> {
+    /// (another fingerprint), or `None` to ask the store.
+    pub fn answer(&self, scope: &ScopeHash, fingerprint: &Fingerprint) -> Option<Reservation> {
         let kept = self.cache.get(scope)?;
         if kept.expires <= Instant::now() {
             self.cache.remove(scope);
@@ -175,9 +176,9 @@ impl LocalTier {
         })
     }
 
-    /// Keeps `record`, completed with `fingerprint`, which Redis said (in a reply to a
-    /// command sent at `sent`) lives `remaining` longer.
-    pub(crate) fn keep(
+    /// Keeps `record`, completed with `fingerprint`, which its store said (in a reply to
+    /// a command sent at `sent`) lives `remaining` longer.
+    pub fn keep(
         &self,
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
@@ -205,24 +206,28 @@ impl LocalTier {
     }
 
     /// Drops what the tier keeps for `scope` (an operator forgot or resolved it here).
-    pub(crate) fn forget(&self, scope: &ScopeHash) {
+    pub fn forget(&self, scope: &ScopeHash) {
         self.cache.remove(scope);
     }
 
     /// The settings the tier was made with.
-    pub(crate) fn settings(&self) -> LocalReplays {
+    pub fn settings(&self) -> LocalReplays {
         self.settings
     }
 
     /// The bytes the kept records take, as counted against the bound.
-    pub(crate) fn bytes(&self) -> u64 {
+    pub fn bytes(&self) -> u64 {
         self.cache.weight()
     }
 
     /// How many records are kept.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.cache.len()
+    }
+
+    /// Whether no record is kept.
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
     }
 }
 
@@ -299,7 +304,7 @@ mod tests {
         let other = Fingerprint::from_bytes([2; 32]);
         assert_eq!(tier.answer(&scope(1), &other), Some(Reservation::Mismatch));
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(tier.answer(&scope(1), &FP), None, "Redis's TTL passed");
+        assert_eq!(tier.answer(&scope(1), &FP), None, "the store's TTL passed");
         assert!(tier.answer(&scope(2), &FP).is_some());
         tokio::time::advance(Duration::from_secs(3)).await;
         assert_eq!(tier.answer(&scope(2), &FP), None, "max_age passed");
