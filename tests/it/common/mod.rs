@@ -675,8 +675,13 @@ pub async fn store_level_fencing_and_fresh_tokens<St: Store>(store: St) {
     );
     tokio::time::sleep(Duration::from_millis(250)).await;
     let t3 = FencingToken::generate();
+    // t2's lease lapsed; t3's must not before it completes below, however slow the
+    // machine (a 150 ms lease here made the test flaky under load).
     assert_eq!(
-        store.reserve(&scope, &fp, t3, lease.into()).await.unwrap(),
+        store
+            .reserve(&scope, &fp, t3, Duration::from_secs(30).into())
+            .await
+            .unwrap(),
         Reservation::Reserved
     );
     let rec = Record::NotReplayable;
