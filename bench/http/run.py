@@ -843,7 +843,7 @@ def write_report(path: Path, svg: Path, results: Results, args, variants: list[s
         if any(v is not None for v in vals):
             reported.append((label, vals))
     if reported:
-        L.append("Reported without a target: the transactional Postgres store (`postgres`).")
+        L.append("Reported without a target: the transactional Postgres store (`postgres`) against bare axum and the Redis floor.")
         L.append("")
         L.append("| ratio (req/s) | " + " | ".join(f"rep {r + 1}" for r in range(reps)) + " |")
         L.append("| --- | " + " | ".join("---" for _ in range(reps)) + " |")
@@ -885,9 +885,12 @@ def write_report(path: Path, svg: Path, results: Results, args, variants: list[s
              "floor (the commands their scripts run inside Redis are not round trips), and every "
              "command but the ones ruts runs only inside its Lua scripts (`hset`, `hexpire`, `hdel`, "
              "`exists`, `rename`) for the peer. For `postgres` it is the store's own statements "
-             "(`PostgresStore::round_trips()`, from `GET /stats`: `BEGIN`, the reserving `INSERT`, "
-             "the record `UPDATE`, `COMMIT` for a new key; `BEGIN`, `INSERT`, `ROLLBACK` for a "
-             "replay), without the handler's own `INSERT` (one per new key, in the Checks table). "
+             "(`PostgresStore::round_trips()`, from `GET /stats`: the pre-read `SELECT`, the batch "
+             "that begins the transaction and reserves, the record `UPDATE`, `COMMIT` for a new key; "
+             "the pre-read alone for a replay), for `pg-floor` its own count (`BEGIN`, `INSERT`, "
+             "`UPDATE`, `COMMIT` for a new key; `BEGIN`, `INSERT`, the `SELECT` and the dropped "
+             "transaction's `ROLLBACK` for a replay), both without the handler's own `INSERT` (one "
+             "per new key, in the Checks table). "
              "Requests still in flight when wrk stops are served "
              "but not counted by wrk, so the figures can be a hair above the exact count.")
     L.append("")

@@ -12,6 +12,17 @@
 //! reached, a new reservation fails with [`StoreError::Full`] and the layer answers 503;
 //! a completion is never refused, because the operation it records already happened.
 //!
+//! What the default budget absorbs: an entry counts about 400 bytes
+//! ([`ENTRY_OVERHEAD_BYTES`]) plus its stored response (body and kept headers), and lives
+//! for the route's TTL, so the store holds TTL × (new keys per second) entries. With the
+//! default 24 h TTL and 256 MiB ([`DEFAULT_MAX_BYTES`]), that is about **7 new keys per
+//! second** sustained for ~50-byte JSON responses (≈ 450 bytes an entry, ≈ 600,000
+//! entries), about **2 per second** for 1 KiB responses, and about 0.3 per second for
+//! 10 KiB ones; past that, within a day the store is full and new keys get 503 until
+//! entries expire. Size `max_bytes` (and the TTL) for the traffic: budget ≈ TTL in
+//! seconds × new keys per second × (400 + response bytes). For more, or for several app
+//! servers, use the Redis or Postgres store.
+//!
 //! Expired entries are swept a shard at a time: every 1024 insertions into a shard, and
 //! when the store is full. Each shard, and the store as a whole, keeps a lower bound of
 //! the earliest expiry of its entries, and only a shard whose bound has passed is swept,
