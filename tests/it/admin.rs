@@ -6,8 +6,8 @@
 
 use crate::common::app::{assert_problem, send, spawn_send, Reply};
 use crate::payments::{self, AdminToken, Config};
+use crate::support::logs::Captured;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -727,57 +727,19 @@ async fn no_operator_is_403_and_a_router_must_be_told_who_acts() {
 // Logs
 // ---------------------------------------------------------------------------------------
 
-/// A `tracing` writer into a shared buffer.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    /// Installs a fmt subscriber (INFO, no colours) writing here, for this thread only:
-    /// the test runs on a current-thread runtime, so everything it spawns logs here too.
-    fn install(&self) -> (tracing::Dispatch, tracing::subscriber::DefaultGuard) {
-        // A second dispatcher, alive for the test: with only one registered, tracing-core
-        // computes the interest of a callsite that another thread hits first from *that*
-        // thread's dispatcher (none, in other tests) and caches "never", which would drop
-        // this test's events. With two, interest is "sometimes" and each thread asks its
-        // own (as tests/it/observability.rs does).
-        let second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
-        let writer = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::INFO)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        (second, tracing::subscriber::set_default(subscriber))
-    }
-
-    /// The one audit line with every one of `parts`.
-    #[track_caller]
-    fn audit_line(&self, parts: &[&str]) -> String {
-        let logs = self.text();
-        let lines: Vec<&str> = logs
-            .lines()
-            .filter(|l| parts.iter().all(|p| l.contains(p)))
-            .collect();
-        assert_eq!(lines.len(), 1, "{parts:?} in:\n{logs}");
-        let line = lines[0];
-        assert!(line.contains(" INFO "), "{line}");
-        assert!(line.contains(&format!(" {AUDIT_TARGET}: ")), "{line}");
-        line.to_owned()
-    }
+/// The one audit line with every one of `parts`.
+#[track_caller]
+fn audit_line(captured: &Captured, parts: &[&str]) -> String {
+    let logs = captured.text();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .collect();
+    assert_eq!(lines.len(), 1, "{parts:?} in:\n{logs}");
+    let line = lines[0];
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(line.contains(&format!(" {AUDIT_TARGET}: ")), "{line}");
+    line.to_owned()
 }
 
 /// Every action is one INFO event on `tower_idempotency::audit` with the operator, the
@@ -787,7 +749,7 @@ impl Captured {
 #[tokio::test]
 async fn every_action_is_audited_without_the_key_or_the_tenant() {
     let captured = Captured::default();
-    let _installed = captured.install();
+    let _installed = captured.install(tracing::Level::INFO);
     let store = MemoryStore::default();
     let app = payments::app(store.clone(), &config());
     let (tenant, key) = ("tenant-secret-93", "key-secret-41");
@@ -808,7 +770,7 @@ async fn every_action_is_audited_without_the_key_or_the_tenant() {
     assert_eq!(r.status, StatusCode::OK);
     let mut parts = named.to_vec();
     parts.extend(["action=inspect", "result=absent", "status=200"]);
-    captured.audit_line(&parts);
+    audit_line(&captured, &parts);
 
     let answer = json!({ "status": 201, "body": "{}" });
     let r = send(&app, admin(Method::PUT, &who, Some(answer.clone()))).await;
@@ -821,7 +783,7 @@ async fn every_action_is_audited_without_the_key_or_the_tenant() {
         "result=absent",
         "status=404",
     ]);
-    captured.audit_line(&parts);
+    audit_line(&captured, &parts);
 
     let body = r#"{"amount": 3, "currency": "EUR"}"#;
     assert_eq!(
@@ -832,7 +794,7 @@ async fn every_action_is_audited_without_the_key_or_the_tenant() {
     assert_eq!(r.status, StatusCode::OK);
     let mut parts = named.to_vec();
     parts.extend(["action=inspect", "result=completed", "status=200"]);
-    captured.audit_line(&parts);
+    audit_line(&captured, &parts);
     let not_replayable = json!({ "not_replayable": true, "ttl_secs": 60 });
     send(&app, admin(Method::PUT, &who, Some(not_replayable))).await;
     let mut parts = named.to_vec();
@@ -843,21 +805,24 @@ async fn every_action_is_audited_without_the_key_or_the_tenant() {
         "result=resolved",
         "status=200",
     ]);
-    captured.audit_line(&parts);
+    audit_line(&captured, &parts);
     send(&app, admin(Method::DELETE, &who, None)).await;
     let mut parts = named.to_vec();
     parts.extend(["action=forget", "result=forgotten", "status=200"]);
-    captured.audit_line(&parts);
+    audit_line(&captured, &parts);
 
     // Refused: a bad parameter (no scope to name), the example's 401, no operator.
     let r = send(&app, admin(Method::DELETE, &[("path", "/payments")], None)).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let line = captured.audit_line(&[
-        actor,
-        "action=forget",
-        "result=invalid_request",
-        "status=400",
-    ]);
+    let line = audit_line(
+        &captured,
+        &[
+            actor,
+            "action=forget",
+            "result=invalid_request",
+            "status=400",
+        ],
+    );
     assert!(!line.contains("scope="), "{line}");
     let r = send(
         &app,
@@ -865,22 +830,28 @@ async fn every_action_is_audited_without_the_key_or_the_tenant() {
     )
     .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    captured.audit_line(&[
-        "admin request refused",
-        "method=DELETE",
-        "path=\"/admin/idempotency/key\"",
-        "result=unauthorized",
-        "status=401",
-    ]);
+    audit_line(
+        &captured,
+        &[
+            "admin request refused",
+            "method=DELETE",
+            "path=\"/admin/idempotency/key\"",
+            "result=unauthorized",
+            "status=401",
+        ],
+    );
     let bare = small_app(store, None);
     let r = send(&bare, admin(Method::GET, &who, None)).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    let line = captured.audit_line(&[
-        "action=inspect",
-        "result=no_actor",
-        "status=403",
-        &scope_field,
-    ]);
+    let line = audit_line(
+        &captured,
+        &[
+            "action=inspect",
+            "result=no_actor",
+            "status=403",
+            &scope_field,
+        ],
+    );
     assert!(!line.contains("actor="), "{line}");
 
     let logs = captured.text();
@@ -898,7 +869,7 @@ async fn a_failing_store_is_503_with_its_cause_logged() {
     use crate::support::redis::RedisServer;
 
     let captured = Captured::default();
-    let _installed = captured.install();
+    let _installed = captured.install(tracing::Level::INFO);
     let server = RedisServer::start();
     let upstream = format!("127.0.0.1:{}", server.port()).parse().unwrap();
     let proxy = FaultProxy::start(upstream).await;
@@ -914,12 +885,15 @@ async fn a_failing_store_is_503_with_its_cause_logged() {
         let r = send(&app, admin(method.clone(), &who, answer)).await;
         assert_admin_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
     }
-    captured.audit_line(&[
-        "action=inspect",
-        "result=store_error",
-        "status=503",
-        "actor=\"alice@ops\"",
-    ]);
+    audit_line(
+        &captured,
+        &[
+            "action=inspect",
+            "result=store_error",
+            "status=503",
+            "actor=\"alice@ops\"",
+        ],
+    );
     let logs = captured.text();
     let line = logs
         .lines()

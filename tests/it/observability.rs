@@ -14,9 +14,9 @@
 use crate::common;
 use crate::payments;
 use crate::support;
+use crate::support::logs::Captured;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -459,26 +459,6 @@ fn every_documented_metric_is_scraped_with_its_labels() {
 // Logs
 // ---------------------------------------------------------------------------------------
 
-/// A `tracing` writer into a shared buffer.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 /// Redis unreachable: the error log that goes with the 503 names the route and the
 /// outcome (from the request span, at INFO) and carries the Redis store's own error,
 /// not only "store backend unavailable"; no log line has the raw key or the tenant.
@@ -488,20 +468,9 @@ async fn an_outage_logs_its_cause_with_the_route_and_never_the_key() {
     use support::proxy::FaultProxy;
     use support::redis::RedisServer;
 
-    // A second dispatcher, alive for the test: with only one registered, tracing-core
-    // computes the interest of a callsite that another thread hits first from *that*
-    // thread's dispatcher (none, in the other tests here) and caches "never", which would
-    // drop this test's span. With two, interest is "sometimes" and each thread asks its own.
-    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
     // This thread only: the test runs on a current-thread runtime.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = Captured::default();
+    let _installed = captured.install(tracing::Level::INFO);
 
     let server = RedisServer::start();
     let upstream = format!("127.0.0.1:{}", server.port()).parse().unwrap();

@@ -13,9 +13,9 @@
 #![cfg(feature = "redis")]
 
 use crate::support;
+use crate::support::logs::Captured;
 
-use std::io;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -120,37 +120,6 @@ async fn retry_on_promoted_replica(pair: &Pair, prefix: &str, scope: &ScopeHash)
         .unwrap()
 }
 
-/// Log lines written while a `Captured` subscriber is the thread's default.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let writer = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::WARN)
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Failover
 // ---------------------------------------------------------------------------------------
@@ -247,7 +216,7 @@ async fn an_unwaited_complete_is_lost_in_a_failover() {
 #[tokio::test]
 async fn without_a_replica_complete_is_stored_after_the_timeout_and_counted_short() {
     let logs = Captured::default();
-    let _guard = logs.install();
+    let _installed = logs.install(tracing::Level::WARN);
     let server = RedisServer::start();
     let timeout = Duration::from_millis(200);
     let store = waiting_store(&server.url(), "no-replica:", 1, timeout).await;

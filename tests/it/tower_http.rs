@@ -6,6 +6,7 @@
 //! handler, ours wraps both); "outside" is `post(handler).layer(idempotency).layer(other)`.
 
 use crate::common;
+use crate::support::logs::Captured;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -489,43 +490,20 @@ async fn default_body_limit_disabled_outside_keeps_max_body_for_keyed_requests()
     }
 }
 
-/// A `tracing` writer into a shared buffer.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// When `.max_body(..)` refuses a keyed body that axum's `DefaultBodyLimit` (outside)
 /// allows, the layer says so once per layer, naming the setting to raise; a smaller axum
 /// limit, which the layer applies, logs nothing.
 #[tokio::test]
 async fn max_body_under_axums_limit_warns_once_per_layer() {
-    // A second dispatcher, as in tests/it/observability.rs: each thread then asks its
-    // own for a callsite's interest instead of caching another thread's "never".
-    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
     let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _installed = captured.install(tracing::Level::WARN);
 
     let runs = Arc::new(AtomicUsize::new(0));
     for (limit, warnings) in [
         (DefaultBodyLimit::disable(), 1),
         (DefaultBodyLimit::max(64), 0),
     ] {
-        captured.0.lock().unwrap().clear();
+        captured.clear();
         let app = routed(
             echo_bytes(&runs)
                 .layer::<_, Infallible>(layer().max_body(64))
@@ -535,7 +513,7 @@ async fn max_body_under_axums_limit_warns_once_per_layer() {
             let over = send(&app, upload("k", 65, false)).await;
             assert_eq!(over.status, StatusCode::PAYLOAD_TOO_LARGE);
         }
-        let logs = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+        let logs = captured.text();
         let lines: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
         assert_eq!(lines.len(), warnings, "{logs}");
         for line in lines {

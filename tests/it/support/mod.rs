@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod logs;
 pub mod metrics;
 pub mod pg_server;
 pub mod postgres;
