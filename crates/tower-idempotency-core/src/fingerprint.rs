@@ -209,14 +209,8 @@ impl Fingerprint {
         body: &[u8],
     ) -> Self {
         static KEY: OnceLock<[u8; 32]> = OnceLock::new();
-        let mut fields = Fields::new(context_key("tower-idempotency 2026 fingerprint v1", &KEY));
-        fields
-            .field(method.as_str().as_bytes())
-            .field(path.as_bytes());
-        match query {
-            Some(query) => fields.field(b"?").field(query.as_bytes()),
-            None => fields.field(b""),
-        };
+        let key = context_key("tower-idempotency 2026 fingerprint v1", &KEY);
+        let mut fields = Fingerprint::request_line(key, method, path, query);
         for name in fingerprinted {
             fields.field(name.as_str().as_bytes());
             let values = headers.get_all(name);
@@ -239,8 +233,17 @@ impl Fingerprint {
         payload: &[u8],
     ) -> Self {
         static KEY: OnceLock<[u8; 32]> = OnceLock::new();
-        let context = "tower-idempotency 2026 normalised fingerprint v1";
-        let mut fields = Fields::new(context_key(context, &KEY));
+        let key = context_key("tower-idempotency 2026 normalised fingerprint v1", &KEY);
+        let mut fields = Fingerprint::request_line(key, method, path, query);
+        fields.large_field(payload);
+        Fingerprint(fields.finish())
+    }
+
+    /// The fields every fingerprint starts with, under its context's `key`: the method,
+    /// the path and the query (`?` then the query, or one empty field without one, so
+    /// `/a?` and `/a` differ).
+    fn request_line(key: &[u8; 32], method: &Method, path: &str, query: Option<&str>) -> Fields {
+        let mut fields = Fields::new(key);
         fields
             .field(method.as_str().as_bytes())
             .field(path.as_bytes());
@@ -248,8 +251,7 @@ impl Fingerprint {
             Some(query) => fields.field(b"?").field(query.as_bytes()),
             None => fields.field(b""),
         };
-        fields.large_field(payload);
-        Fingerprint(fields.finish())
+        fields
     }
 }
 
