@@ -311,26 +311,44 @@ fn payments_in_tx(stats: Arc<Stats>, insert: Arc<str>) -> MethodRouter {
             let Ok(mut conn) = tx.lock().await else {
                 return StatusCode::INTERNAL_SERVER_ERROR.into_response();
             };
-            stats.pg_inserts.fetch_add(1, Ordering::Relaxed);
-            let inserted = sqlx::query(AssertSqlSafe(insert))
-                .bind(i64::try_from(run).unwrap_or(i64::MAX))
-                .bind(i32::try_from(body.len()).unwrap_or(i32::MAX))
-                .execute(&mut *conn)
-                .await;
+            let inserted = insert_payment(&stats, &insert, run, body.len(), &mut conn).await;
             // Completing waits for the guard: let it go before answering.
             drop(conn);
-            if inserted.is_err() {
-                // The transaction is aborted now: the commit would fail anyway (503).
-                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-            }
-            (
-                StatusCode::CREATED,
-                [(header::CONTENT_TYPE, "application/json")],
-                format!(r#"{{"id":"pay_{run}","len":{}}}"#, body.len()),
-            )
-                .into_response()
+            payment_answer(inserted, run, body.len())
         }
     })
+}
+
+/// The handler's work in both Postgres variants (`postgres`, `pg-floor`): one INSERT on
+/// the request's transaction, counted.
+async fn insert_payment(
+    stats: &Stats,
+    insert: &str,
+    run: u64,
+    len: usize,
+    conn: &mut sqlx::PgConnection,
+) -> Result<(), sqlx::Error> {
+    stats.pg_inserts.fetch_add(1, Ordering::Relaxed);
+    sqlx::query(AssertSqlSafe(insert))
+        .bind(i64::try_from(run).unwrap_or(i64::MAX))
+        .bind(i32::try_from(len).unwrap_or(i32::MAX))
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// The answer of both Postgres variants once the handler's INSERT ran.
+fn payment_answer(inserted: Result<(), sqlx::Error>, run: u64, len: usize) -> Response {
+    if inserted.is_err() {
+        // The transaction is aborted now: the commit would fail anyway (503).
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    (
+        StatusCode::CREATED,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!(r#"{{"id":"pay_{run}","len":{len}}}"#),
+    )
+        .into_response()
 }
 
 /// A prefix no other run uses, so several runs can share one Redis; every key the
@@ -840,22 +858,9 @@ fn payments_pg_floor(stats: Arc<Stats>, insert: Arc<str>) -> MethodRouter {
                 let Some(conn) = guard.as_mut() else {
                     return StatusCode::INTERNAL_SERVER_ERROR.into_response();
                 };
-                stats.pg_inserts.fetch_add(1, Ordering::Relaxed);
-                let inserted = sqlx::query(AssertSqlSafe(insert))
-                    .bind(i64::try_from(run).unwrap_or(i64::MAX))
-                    .bind(i32::try_from(body.len()).unwrap_or(i32::MAX))
-                    .execute(&mut **conn)
-                    .await;
+                let inserted = insert_payment(&stats, &insert, run, body.len(), conn).await;
                 drop(guard);
-                if inserted.is_err() {
-                    return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-                }
-                (
-                    StatusCode::CREATED,
-                    [(header::CONTENT_TYPE, "application/json")],
-                    format!(r#"{{"id":"pay_{run}","len":{}}}"#, body.len()),
-                )
-                    .into_response()
+                payment_answer(inserted, run, body.len())
             }
         },
     )
