@@ -654,3 +654,111 @@ async fn plain_complete_and_release_check_the_token() {
         Reservation::Completed(Record::NotReplayable)
     );
 }
+
+/// The statements each session prepares once (see the store's `prepared` module) are a
+/// belief the store checks, never trusts: a session that lost its reserve (deallocated) gets
+/// it prepared again; a second store on the same table prepares nothing twice; a session
+/// that lost its complete under a live transaction answers "rolled back" once (nothing
+/// committed) and has it again next time. A new key costs 2 statements to reserve and 1 to
+/// complete and commit.
+#[tokio::test]
+async fn tx_lost_or_shared_prepared_statements_still_work() {
+    let schema = TestSchema::create().await;
+    // One connection: every batch below meets the same session.
+    let pool = support::postgres::pool(1).await;
+    let first = PostgresStore::new(pool.clone())
+        .table(&schema.table("idem"))
+        .transactional();
+    first.migrate().await.unwrap();
+    let names = || async {
+        let sql = "SELECT name FROM pg_prepared_statements \
+                   WHERE name LIKE 'tower_idempotency_%' ORDER BY name";
+        sqlx::query_scalar::<_, String>(sql)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    let deallocate = |name: String| {
+        let pool = pool.clone();
+        async move {
+            let sql = format!("DEALLOCATE {name}");
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    // Reserves, completes (or not) and replays one new key; the reserve's statements.
+    let new_key = |store: PostgresStore, name: &'static str, completes: Completion| async move {
+        let s = scope(name);
+        let token = FencingToken::generate();
+        let before = store.round_trips();
+        let reserved = store.reserve(&s, &FP, token, LEASE.into()).await.unwrap();
+        let trips = store.round_trips().reserve - before.reserve;
+        assert_eq!(reserved, Reservation::Reserved, "{name}");
+        let record = Record::NotReplayable;
+        let stored = store.complete(&s, token, &record, LEASE).await.unwrap();
+        assert_eq!(stored, completes, "{name}");
+        if completes == Completion::Stored {
+            assert_eq!(store.round_trips().complete - before.complete, 1, "{name}");
+            let replay = store.reserve(&s, &FP, FencingToken::generate(), LEASE.into());
+            assert_eq!(
+                replay.await.unwrap(),
+                Reservation::Completed(record),
+                "{name}"
+            );
+        }
+        trips
+    };
+    let stored = Completion::Stored;
+    assert_eq!(
+        new_key(first.clone(), "/fresh", stored).await,
+        2,
+        "pre-read, prepare+reserve"
+    );
+    let prepared = names().await;
+    assert_eq!(prepared.len(), 2, "complete and reserve: {prepared:?}");
+    assert!(
+        prepared[0].starts_with("tower_idempotency_complete_"),
+        "{prepared:?}"
+    );
+    assert_eq!(
+        new_key(first.clone(), "/known", stored).await,
+        2,
+        "pre-read, reserve"
+    );
+
+    // The reserve deallocated behind the store's back: its `EXECUTE` fails, the store
+    // prepares it again.
+    deallocate(prepared[1].clone()).await;
+    assert_eq!(
+        new_key(first.clone(), "/lost", stored).await,
+        3,
+        "one failed EXECUTE more"
+    );
+    assert_eq!(new_key(first.clone(), "/healed", stored).await, 2);
+
+    // The complete deallocated: that transaction rolls back (nothing of it committed, the
+    // key runs again), and the next one prepares it again.
+    deallocate(prepared[0].clone()).await;
+    let rolled_back = Completion::RolledBack;
+    assert_eq!(
+        new_key(first.clone(), "/lost-complete", rolled_back).await,
+        2
+    );
+    let (s, token) = (scope("/lost-complete"), FencingToken::generate());
+    let again = first.reserve(&s, &FP, token, LEASE.into()).await.unwrap();
+    assert_eq!(again, Reservation::Reserved, "nothing was committed");
+    assert!(first.release(&s, token).await.unwrap());
+    assert_eq!(new_key(first.clone(), "/healed-complete", stored).await, 2);
+
+    // A second store on the same table: its first batch prepares nothing the session holds.
+    let second = PostgresStore::new(pool.clone())
+        .table(&schema.table("idem"))
+        .transactional();
+    assert_eq!(new_key(second.clone(), "/shared", stored).await, 2);
+    assert_eq!(new_key(second, "/shared-known", stored).await, 2);
+    assert_eq!(names().await, prepared);
+    drop(first);
+    pool.close().await;
+}

@@ -131,10 +131,12 @@
 //!
 //! Costs: each request in flight holds one pool connection from reserve to commit, so the
 //! pool's size bounds the requests in flight (a reserve that cannot get a connection
-//! within the store's [`command_timeout`](PostgresStore::command_timeout) is a 503). A new request costs 4
-//! round trips (a pre-read `SELECT`, one batch that begins the transaction with its
-//! settings and inserts the pending row, the record `UPDATE`, `COMMIT`: as many as the
-//! hand-written `BEGIN`, `INSERT`, `UPDATE`, `COMMIT`) plus one per renewal; a replay, a
+//! within the store's [`command_timeout`](PostgresStore::command_timeout) is a 503). A new request costs 3
+//! round trips (a pre-read `SELECT`; one batch that begins the transaction with its
+//! settings and inserts the pending row; one that writes the record and `COMMIT`s: one
+//! fewer than the hand-written `BEGIN`, `INSERT`, `UPDATE`, `COMMIT`) plus one per
+//! renewal (a record over 64 KiB adds 1: its `COMMIT` goes on its own); the two batches
+//! run statements each connection prepares once; a replay, a
 //! 422 or a 409 for a key in flight 1 (the pre-read, outside any transaction), and 0
 //! from the opt-in [local replay tier](PostgresStore::local_replays). The exactly-once guarantee covers what the
 //! handler writes through [`Tx`] to this database only: a call to a payment provider from
@@ -160,6 +162,7 @@
 
 pub mod check;
 mod error;
+mod prepared;
 pub mod purge;
 pub mod round_trip;
 mod setup;

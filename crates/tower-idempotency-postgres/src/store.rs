@@ -51,7 +51,7 @@ use tower_idempotency_core::{
 use crate::check::CheckReport;
 use crate::error::{within, DisplayChain, PostgresStoreError};
 use crate::round_trip::{Counters, Op, RoundTrips};
-use crate::sql::{Statements, NOT_RESERVED};
+use crate::sql::{Statements, NOT_RESERVED, NO_SUCH_STATEMENT};
 use crate::subscriber::{Hub, PgSubscription};
 use crate::tx::{end_failed, OwnedTx, Registry, Slot, Tx};
 
@@ -62,6 +62,11 @@ const LOCK_NOT_AVAILABLE: &str = "55P03";
 /// How often a reserve runs its statement when a concurrent reserve of the same scope
 /// committed between its snapshot and its insert (see [`crate::sql`]).
 const RESERVE_ATTEMPTS: usize = 4;
+
+/// The largest encoded record transactional mode writes as a literal in its one-batch
+/// complete-and-commit (as hex, twice that in the batch's text); a larger one goes as a
+/// bound parameter, with the `COMMIT` a round trip of its own.
+const INLINE_RECORD: usize = 64 * 1024;
 
 /// How a transactional reservation bounds a frozen owner.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -414,29 +419,92 @@ impl PostgresStore {
         if row.try_get::<Option<bool>, _>("free")? == Some(false) {
             return Ok(Reservation::InFlight);
         }
-        // A new key, most likely: begin and reserve in one round trip.
-        let batch = self.sql.reserve_batch(
-            scope,
-            fingerprint,
-            token,
-            millis(lease.duration),
-            &self.lock_timeout_setting(),
-            self.idle_setting(lease).as_deref(),
-        );
-        self.count(Op::Reserve);
-        let failed = match OwnedTx::begin(conn, AssertSqlSafe(batch), self.timeout).await {
-            Ok(tx) => {
-                self.keep_reservation(scope, token, tx);
-                return Ok(Reservation::Reserved);
+        // A new key, most likely: begin and reserve in one round trip (preparing the
+        // statements first on a session not known to hold them; see `crate::prepared`).
+        let prepared = &self.sql.prepared;
+        if !prepared.enabled() {
+            drop(conn);
+            return self
+                .reserve_the_long_way(scope, fingerprint, token, lease, started, None, None)
+                .await;
+        }
+        let pid: i32 = row.try_get("pid")?;
+        let lock_timeout = self.lock_timeout_setting();
+        let idle = self.idle_setting(lease);
+        let (mut prepare, mut failed) = (!prepared.has(pid), false);
+        let (conn, err) = loop {
+            let batch = self.sql.reserve_batch(
+                failed,
+                prepare,
+                scope,
+                fingerprint,
+                token,
+                millis(lease.duration),
+                &lock_timeout,
+                idle.as_deref(),
+            );
+            self.count(Op::Reserve);
+            let (back, err) = match OwnedTx::begin(conn, AssertSqlSafe(batch), self.timeout).await {
+                Ok(tx) => {
+                    if prepare {
+                        prepared.insert(pid);
+                    }
+                    self.keep_reservation(scope, token, tx, Some(pid));
+                    return Ok(Reservation::Reserved);
+                }
+                Err((None, err)) => return Err(err),
+                Err((Some(back), err)) => (back, err),
+            };
+            match err.sqlstate().as_deref() {
+                // The session lost the statements (a new session under a reused process
+                // id, or they were deallocated): once more, preparing them, after the
+                // failed transaction.
+                Some(NO_SUCH_STATEMENT) if !prepare => {
+                    prepared.remove(pid);
+                    (prepare, failed) = (true, true);
+                    conn = back;
+                }
+                // Anything after the prepare (not reserved, a lock wait) leaves the
+                // statements prepared: a rollback does not undo a `PREPARE`.
+                Some(NOT_RESERVED | LOCK_NOT_AVAILABLE) => {
+                    if prepare {
+                        prepared.insert(pid);
+                    }
+                    break (back, err);
+                }
+                // The prepare itself failed (a server that refuses `DO`, say): this store
+                // reserves with text statements from now on, the long way.
+                Some(state) if prepare && !session_ended(&err) => {
+                    tracing::warn!(
+                        error = %DisplayChain(&err),
+                        sqlstate = state,
+                        "cannot prepare the reserve statement on this server; reserving \
+                         with plain statements from now on (one round trip more per new key)"
+                    );
+                    prepared.disable();
+                    break (back, err);
+                }
+                _ => break (back, err),
             }
-            Err((None, err)) => return Err(err),
-            Err((Some(conn), err)) => (conn, err),
         };
-        let (conn, err) = failed;
+        if prepare && !prepared.enabled() {
+            return self
+                .reserve_the_long_way(
+                    scope,
+                    fingerprint,
+                    token,
+                    lease,
+                    started,
+                    Some(conn),
+                    Some(err),
+                )
+                .await;
+        }
         match err.sqlstate().as_deref() {
-            // Not reserved: the long way, on the same connection (its first statement
-            // ends the failed transaction).
-            Some(NOT_RESERVED) => {}
+            // Not reserved (or a session that does not keep its prepared statements, as
+            // behind a transaction-mode connection pooler): the long way, on the same
+            // connection (its first statement ends the failed transaction).
+            Some(NOT_RESERVED | NO_SUCH_STATEMENT) => {}
             Some(LOCK_NOT_AVAILABLE) => {
                 self.count(Op::Reserve);
                 end_failed(conn, self.timeout).await;
@@ -444,7 +512,15 @@ impl PostgresStore {
                     return Ok(Reservation::InFlight);
                 }
                 return self
-                    .reserve_the_long_way(scope, fingerprint, token, lease, started, None, err)
+                    .reserve_the_long_way(
+                        scope,
+                        fingerprint,
+                        token,
+                        lease,
+                        started,
+                        None,
+                        Some(err),
+                    )
                     .await;
             }
             _ => {
@@ -455,14 +531,22 @@ impl PostgresStore {
                 return Err(err);
             }
         }
-        self.reserve_the_long_way(scope, fingerprint, token, lease, started, Some(conn), err)
-            .await
+        self.reserve_the_long_way(
+            scope,
+            fingerprint,
+            token,
+            lease,
+            started,
+            Some(conn),
+            Some(err),
+        )
+        .await
     }
 
     /// The reserve that returns the row, looping while the reserving insert waits past
     /// the lock timeout on a lock that is not a reservation's. `conn`, if any, is the
     /// connection of a failed batch (its transaction still to end); `blocked` the error
-    /// that sent us here.
+    /// that sent us here, if any.
     #[allow(clippy::too_many_arguments)] // one reserve's inputs, passed straight through
     async fn reserve_the_long_way(
         &self,
@@ -472,10 +556,13 @@ impl PostgresStore {
         lease: LeaseTerms,
         started: tokio::time::Instant,
         mut conn: Option<sqlx::pool::PoolConnection<sqlx::Postgres>>,
-        mut blocked: PostgresStoreError,
+        mut blocked: Option<PostgresStoreError>,
     ) -> Result<Reservation, PostgresStoreError> {
         loop {
-            if conn.is_none() && blocked.sqlstate().as_deref() == Some(LOCK_NOT_AVAILABLE) {
+            let lock_wait = blocked
+                .take()
+                .filter(|err| err.sqlstate().as_deref() == Some(LOCK_NOT_AVAILABLE));
+            if let (None, Some(blocked)) = (&conn, lock_wait) {
                 let waited = started.elapsed();
                 if waited >= self.timeout {
                     return Err(PostgresStoreError::Locked {
@@ -494,7 +581,7 @@ impl PostgresStore {
                 .try_reserve_in_transaction(scope, fingerprint, token, lease, conn.take())
                 .await
             {
-                Err(err) if err.sqlstate().as_deref() == Some(LOCK_NOT_AVAILABLE) => err,
+                Err(err) if err.sqlstate().as_deref() == Some(LOCK_NOT_AVAILABLE) => Some(err),
                 other => return other,
             };
             if self.held(scope).await? {
@@ -528,10 +615,17 @@ impl PostgresStore {
 
     /// Keeps the transaction that reserved `scope` for `token`, for the handler and the
     /// completion.
-    fn keep_reservation(&self, scope: &ScopeHash, token: FencingToken, tx: OwnedTx) {
-        self.shared
-            .registry
-            .insert(*scope, Slot::new(token, tx, self.sql.token_lock(token)));
+    /// `prepared`: the server process id of the transaction's session when it holds the
+    /// prepared statements (its reserve executed one), so the completion can be one batch.
+    fn keep_reservation(
+        &self,
+        scope: &ScopeHash,
+        token: FencingToken,
+        tx: OwnedTx,
+        prepared: Option<i32>,
+    ) {
+        let slot = Slot::new(token, tx, self.sql.token_lock(token), prepared);
+        self.shared.registry.insert(*scope, slot);
         // The owner's process listens, so a waiter elsewhere can ask for a notification
         // at commit (see the subscriber module).
         self.start_listener();
@@ -588,7 +682,7 @@ impl PostgresStore {
             .await;
         match answer {
             Ok(Reservation::Reserved) => {
-                self.keep_reservation(scope, token, tx);
+                self.keep_reservation(scope, token, tx, None);
                 Ok(Reservation::Reserved)
             }
             other => {
@@ -665,11 +759,17 @@ impl PostgresStore {
         };
         drop(guard);
         let notify = slot.waiter_seen.load(std::sync::atomic::Ordering::Relaxed);
+        let record = record.encode();
+        if let Some(pid) = slot.prepared.filter(|_| record.len() <= INLINE_RECORD) {
+            return self
+                .complete_and_commit(pid, scope, token, &record, ttl, notify, tx)
+                .await;
+        }
         self.count(Op::Complete);
         let query = sqlx::query(AssertSqlSafe(self.sql.complete_tx.clone()))
             .bind(scope.as_bytes().as_slice())
             .bind(token.to_bytes().as_slice())
-            .bind(record.encode().as_ref())
+            .bind(record.as_ref())
             .bind(millis(ttl))
             .bind(&*self.channel)
             .bind(notify);
@@ -706,6 +806,68 @@ impl PostgresStore {
                 Completion::RolledBack
             }
         }
+    }
+
+    /// [`complete_in_transaction`](Self::complete_in_transaction) in one round trip, on a
+    /// session that holds the prepared statements: the record `UPDATE`, `COMMIT` and an
+    /// empty `BEGIN` in one batch ([`Statements::complete_batch`]).
+    #[allow(clippy::too_many_arguments)] // one completion's inputs
+    async fn complete_and_commit(
+        &self,
+        pid: i32,
+        scope: &ScopeHash,
+        token: FencingToken,
+        record: &[u8],
+        ttl: Duration,
+        notify: bool,
+        mut tx: OwnedTx,
+    ) -> Completion {
+        self.count(Op::Complete);
+        let batch =
+            self.sql
+                .complete_batch(scope, token, record, millis(ttl), &self.channel, notify);
+        let done = within(
+            self.timeout,
+            sqlx::raw_sql(AssertSqlSafe(batch)).execute(&mut *tx),
+        )
+        .await;
+        let err = match done {
+            // Dropped, the transaction queues the `ROLLBACK` that ends the empty one.
+            Ok(_) => return Completion::Stored,
+            Err(err) => err,
+        };
+        match err.sqlstate().as_deref() {
+            Some(NOT_RESERVED) => tracing::error!(
+                "the reservation row is gone from the idempotency transaction (did the \
+                 handler COMMIT or ROLLBACK it with SQL?); rolling back"
+            ),
+            Some(NO_SUCH_STATEMENT) => {
+                // Deallocated under the handler (by its own SQL): prepared again next time.
+                self.sql.prepared.remove(pid);
+                tracing::warn!(
+                    "the idempotency transaction's session lost the prepared complete; \
+                     the transaction is rolled back"
+                );
+            }
+            _ if matches!(err, PostgresStoreError::Timeout(_)) => tracing::warn!(
+                timeout = ?self.timeout,
+                "writing the idempotency record and its COMMIT did not answer in time: \
+                 the operation may have committed (a retry replays it) or not (a retry \
+                 runs it)"
+            ),
+            // E.g. 25P02 (a query of the handler failed and aborted the transaction), or
+            // a deferred constraint that failed the COMMIT.
+            state => tracing::warn!(
+                error = %DisplayChain(&err),
+                sqlstate = state,
+                "writing the idempotency record or its COMMIT failed: the operation did \
+                 not happen"
+            ),
+        }
+        // Ends the failed transaction (after a failed COMMIT there is none left, and the
+        // server only warns).
+        self.rollback(tx).await;
+        Completion::RolledBack
     }
 
     /// `Stored` if `token` completed `scope` already, else `RolledBack`.
