@@ -51,9 +51,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 WRK_SCRIPT = HERE / "wrk.lua"
 
-ALL_VARIANTS = ["bare", "memory", "redis", "redis-nolocal", "peer", "floor", "postgres", "pg-floor"]
+ALL_VARIANTS = ["bare", "memory", "redis", "redis-nolocal", "peer", "floor", "postgres", "postgres-local", "pg-floor"]
 # The variants on the PostgreSQL server (skipped together when it does not answer).
-PG_VARIANTS = {"postgres", "pg-floor"}
+PG_VARIANTS = {"postgres", "postgres-local", "pg-floor"}
 REDIS_VARIANTS = {"redis", "redis-nolocal", "peer", "floor"}
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/test"
 # Interleaved: bare and the baselines sit between our variants, and rep 2 runs the list
@@ -85,6 +85,7 @@ TARGETS = [
     # Issue 18: the transactional Postgres store against the hand-written pattern.
     ("postgres new key vs pg-floor", "new", "postgres", "pg-floor", 1.00),
     ("postgres replay vs pg-floor", "replay", "postgres", "pg-floor", 2.00),
+    ("postgres-local replay vs pg-floor (local tier)", "replay", "postgres-local", "pg-floor", 2.00),
 ]
 # Ratios reported without a target (issue 10): the transactional Postgres store against
 # bare axum and the Redis floor, as (label, case, variant, baseline).
@@ -851,7 +852,7 @@ def write_report(path: Path, svg: Path, results: Results, args, variants: list[s
             # Three decimals: these ratios sit far below 1, where two say little.
             L.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:.3f}×" for v in vals) + " |")
         L.append("")
-    L.append("`redis` has the store's local replay tier on (the default), `redis-nolocal` has it off.")
+    L.append("`redis` has the store's local replay tier on (the default), `redis-nolocal` has it off; `postgres` has it off (the default), `postgres-local` on.")
     nolocal = [results.data.get((r, "replay", "redis-nolocal")) for r in range(reps)]
     if any(m is not None and m.cmds_per_req < 0.5 for m in nolocal):
         L.append("**In this run `redis-nolocal` replayed with no Redis command: its local tier was on**, "

@@ -2,7 +2,7 @@
 //! wrk over loopback.
 //!
 //! ```text
-//! bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres|pg-floor> --port <p>
+//! bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres|postgres-local|pg-floor> --port <p>
 //!            [--redis-url <url>] [--database-url <url>] [--workers <n>]
 //! ```
 //!
@@ -20,6 +20,7 @@
 //! | `peer` | axum-idempotent 0.6 in direct-key mode, in a ruts 0.13 Redis session (plus `POST /login`) |
 //! | `floor` | hand-written: reserve = 1 `EVALSHA`, complete = 1 `EVALSHA`, replay = 1 `EVALSHA` |
 //! | `postgres` | `IdempotencyLayer` on a transactional `PostgresStore`; the handler also `INSERT`s one row through its `Tx` |
+//! | `postgres-local` | the same with the store's opt-in local replay tier on |
 //! | `pg-floor` | hand-written, zero2prod's pattern: in the handler's transaction `INSERT ... ON CONFLICT DO NOTHING`, the same `INSERT` as `postgres`, `UPDATE` with the response, `COMMIT`; a conflict reads the saved response with one `SELECT` |
 //!
 //! All layers are attached per route (`post(h).route_layer(..)`, or `.layer(..)` for
@@ -50,7 +51,7 @@ use ruts::{CookieOptions, Session, SessionLayer};
 use tower_cookies::CookieManagerLayer;
 use tower_idempotency::postgres::sqlx::postgres::PgPoolOptions;
 use tower_idempotency::postgres::sqlx::{self, AssertSqlSafe, PgPool};
-use tower_idempotency::postgres::{PostgresStore, Tx};
+use tower_idempotency::postgres::{LocalReplays, PostgresStore, Tx};
 use tower_idempotency::redis::RedisStore;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
@@ -74,7 +75,7 @@ const PG_POOL_SIZE: u32 = 40;
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 const USAGE: &str =
-    "usage: bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres|pg-floor> \
+    "usage: bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres|postgres-local|pg-floor> \
 --port <port> [--redis-url <url>] [--database-url <url>] [--workers <n>]";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,11 +87,12 @@ enum Variant {
     Peer,
     Floor,
     Postgres,
+    PostgresLocal,
     PgFloor,
 }
 
 impl Variant {
-    const ALL: [(&'static str, Variant); 8] = [
+    const ALL: [(&'static str, Variant); 9] = [
         ("bare", Variant::Bare),
         ("memory", Variant::Memory),
         ("redis", Variant::Redis),
@@ -98,6 +100,7 @@ impl Variant {
         ("peer", Variant::Peer),
         ("floor", Variant::Floor),
         ("postgres", Variant::Postgres),
+        ("postgres-local", Variant::PostgresLocal),
         ("pg-floor", Variant::PgFloor),
     ];
 
@@ -113,7 +116,10 @@ impl Variant {
     }
 
     fn uses_postgres(self) -> bool {
-        matches!(self, Variant::Postgres | Variant::PgFloor)
+        matches!(
+            self,
+            Variant::Postgres | Variant::PostgresLocal | Variant::PgFloor
+        )
     }
 
     fn uses_redis(self) -> bool {
@@ -534,13 +540,16 @@ async fn serve_with(args: Args, schema: Option<&PgSchema>) -> Result<(), String>
                     .route_layer(middleware::from_fn_with_state(floor, floor_layer)),
             )
         }
-        (Variant::Postgres, _) => {
+        (Variant::Postgres | Variant::PostgresLocal, _) => {
             let schema = schema.ok_or("the postgres variant needs its schema")?;
             // The default transactional settings: lock timeout 250 ms, idle-in-transaction
-            // limit = the layer's lease, store timeout 5 s.
+            // limit = the layer's lease, store timeout 5 s; `postgres-local` turns on the
+            // opt-in local replay tier (the default for Redis).
+            let local = (args.variant == Variant::PostgresLocal).then(LocalReplays::default);
             let store = PostgresStore::new(schema.pool.clone())
                 .table(&format!("{}.idempotency", schema.name))
-                .transactional();
+                .transactional()
+                .local_replays(local);
             store
                 .migrate()
                 .await
