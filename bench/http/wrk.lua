@@ -2,8 +2,12 @@
 -- `POST /payments` with the same JSON body; what differs is the Idempotency-Key:
 --
 --   BENCH_MODE=new     a new key per request: BENCH_KEY_PREFIX, a random part per thread,
---                      then a per-thread counter (run.py gives every wrk run its own prefix,
---                      so a measured run never meets a key of its warm-up)
+--                      64 random bits per request, then a per-thread counter (run.py gives
+--                      every wrk run its own prefix, so a measured run never meets a key of
+--                      its warm-up). Random, as clients send them (the Idempotency-Key
+--                      draft recommends UUIDs): keys that only counted up would land on one
+--                      B-tree leaf of a table indexed by the raw key (pg-floor), a locality
+--                      real traffic does not give, while our stores index a hash anyway
 --   BENCH_MODE=replay  the fixed key BENCH_KEY, stored beforehand by one request
 --
 -- BENCH_BODY is the request body, BENCH_COOKIE an optional Cookie header (the peer caches
@@ -48,7 +52,8 @@ else
 
   function request()
     counter = counter + 1
-    wrk.headers["Idempotency-Key"] = prefix .. counter
+    wrk.headers["Idempotency-Key"] = string.format("%s%08x%08x-%d", prefix,
+      math.random(0, 0x7fffffff), math.random(0, 0x7fffffff), counter)
     return wrk.format()
   end
 end
