@@ -720,6 +720,10 @@ def ratio(results: Results, rep: int, case: str, variant: str, base: str) -> flo
     return a.rps / b.rps
 
 
+# The chart's widest ratio: a bar past it is drawn cut (its number is exact).
+VCAP = 3.0
+
+
 def write_svg(path: Path, results: Results, reps: int, title: str) -> None:
     rows = []
     for label, case, variant, base, goal in TARGETS:
@@ -730,9 +734,12 @@ def write_svg(path: Path, results: Results, reps: int, title: str) -> None:
         vals = [ratio(results, r, case, variant, base) for r in range(reps)]
         if any(v is not None for v in vals):
             rows.append((label, vals, None))
-    width, left, right, top, row_h, bar_h = 760, 250, 70, 56, 22 * max(reps, 1) + 18, 18
+    # Room for the longest label (about 7 px a character at 12 px); bars past `VCAP` are cut
+    # there (their number says how far they go), so one 10× ratio does not squash the rest.
+    left = max(250, 7 * max([len(label) for label, _, _ in rows] or [0]) + 16)
+    width, right, top, row_h, bar_h = left + 440 + 70, 70, 56, 22 * max(reps, 1) + 18, 18
     height = top + row_h * max(len(rows), 1) + 50
-    vmax = max([1.6] + [v for _, vals, g in rows for v in vals + [g] if v is not None]) * 1.08
+    vmax = min(VCAP, max([1.6] + [v for _, vals, g in rows for v in vals + [g] if v is not None])) * 1.08
     scale = (width - left - right) / vmax
     colors = ["#4c78a8", "#9ecae9", "#72b7b2", "#b7e0dc"]
     out = [
@@ -745,7 +752,7 @@ def write_svg(path: Path, results: Results, reps: int, title: str) -> None:
         f'black tick = the project\'s target</text>',
     ]
     # grid
-    step = 0.25 if vmax <= 2.5 else 0.5
+    step = 0.25 if vmax <= 2.5 else 0.5 if vmax <= 5 else 1.0
     g = 0.0
     while g <= vmax + 1e-9:
         x = left + g * scale
@@ -766,10 +773,14 @@ def write_svg(path: Path, results: Results, reps: int, title: str) -> None:
                 out.append(f'<text x="{left + 4}" y="{y + bar_h / 2:.1f}" dominant-baseline="middle" '
                            f'fill="#999">n/a (rep {r + 1})</text>')
                 continue
-            w = max(v * scale, 1)
+            w = max(min(v, VCAP) * scale, 1)
             color = colors[r % len(colors)]
             out.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{color}">'
                        f'<title>{html.escape(label)}, rep {r + 1}: {v:.3f}×</title></rect>')
+            if v > VCAP:  # cut: a white zigzag near the end of the bar
+                cx = left + w - 10
+                out.append(f'<path d="M{cx:.1f} {y - 1} l4 {bar_h / 2 + 1:.1f} l-4 {bar_h / 2 + 1:.1f}" '
+                           f'stroke="white" stroke-width="3" fill="none"/>')
             mark = "" if goal is None else (" ✓" if v >= goal else " ✗")
             lx = left + max(w, (goal or 0) * scale + 2) + 5  # past the bar and the target tick
             out.append(f'<text x="{lx:.1f}" y="{y + bar_h / 2:.1f}" dominant-baseline="middle">'
