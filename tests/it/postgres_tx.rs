@@ -762,3 +762,137 @@ async fn tx_lost_or_shared_prepared_statements_still_work() {
     drop(first);
     pool.close().await;
 }
+
+/// A server that refuses the `DO` block that prepares the reserve and the complete (here: a
+/// database where the role has no `USAGE` on plpgsql) still reserves and commits, with
+/// plain statements: the store turns its prepared path off after the first refusal (one
+/// round trip more per new key from then on, two more for the first).
+#[tokio::test]
+async fn tx_a_server_that_refuses_to_prepare_still_reserves() {
+    let suffix = TestSchema::create().await; // only for a unique name (and its cleanup)
+    let db = format!("{}_noplpgsql", suffix.name);
+    let role = format!("{}_noplpgsql", suffix.name);
+    let admin = support::postgres::pool(1).await;
+    // One statement per call: CREATE and DROP DATABASE refuse a multi-statement batch.
+    for sql in [
+        format!("CREATE DATABASE {db}"),
+        format!("CREATE ROLE {role} LOGIN"),
+    ] {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    let url = support::postgres::database_url();
+    let (base, rest) = url.rsplit_once('/').expect("a database URL");
+    let query = rest
+        .split_once('?')
+        .map_or(String::new(), |(_, q)| format!("?{q}"));
+    let in_db = format!("{base}/{db}{query}");
+    let as_role = in_db.replacen("postgres@", &format!("{role}@"), 1);
+    {
+        let owner = sqlx::PgPool::connect(&in_db).await.unwrap();
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC; \
+             CREATE SCHEMA app AUTHORIZATION {role}"
+        )))
+        .execute(&owner)
+        .await
+        .unwrap();
+        owner.close().await;
+    }
+    let pool = sqlx::PgPool::connect(&as_role).await.unwrap();
+    let refused = sqlx::raw_sql("DO $$ BEGIN END $$").execute(&pool).await;
+    assert!(refused.is_err(), "the role must not be able to run DO here");
+    let store = PostgresStore::new(pool.clone())
+        .table("app.idem")
+        .transactional();
+    store.migrate().await.unwrap();
+    for (name, reserve_trips) in [("/first", 4), ("/second", 3)] {
+        let (s, token) = (scope(name), FencingToken::generate());
+        let before = store.round_trips();
+        let reserved = store.reserve(&s, &FP, token, LEASE.into()).await.unwrap();
+        assert_eq!(reserved, Reservation::Reserved, "{name}");
+        assert_eq!(
+            store.round_trips().reserve - before.reserve,
+            reserve_trips,
+            "{name}"
+        );
+        let record = Record::NotReplayable;
+        let stored = store.complete(&s, token, &record, LEASE).await.unwrap();
+        assert_eq!(stored, Completion::Stored, "{name}");
+        assert_eq!(
+            store.round_trips().complete - before.complete,
+            2,
+            "UPDATE, COMMIT"
+        );
+        let replay = store.reserve(&s, &FP, FencingToken::generate(), LEASE.into());
+        assert_eq!(
+            replay.await.unwrap(),
+            Reservation::Completed(record),
+            "{name}"
+        );
+    }
+    drop(store);
+    pool.close().await;
+    for sql in [
+        format!("DROP DATABASE {db} WITH (FORCE)"),
+        format!("DROP ROLE {role}"),
+    ] {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await;
+}
+
+/// A handler that ends the idempotency transaction with its own SQL (`ROLLBACK`, which the
+/// docs forbid) never gets a record committed without its writes: the one-batch complete
+/// finds no pending row, fails before its `COMMIT`, and answers "rolled back"; the key runs
+/// again. The connection goes back to the pool usable.
+#[tokio::test]
+async fn tx_a_transaction_ended_by_the_handler_is_rolled_back_not_committed() {
+    let store = support::postgres::transactional_store().await;
+    let (s, token) = (scope("/ended"), FencingToken::generate());
+    let reserved = store.reserve(&s, &FP, token, LEASE.into()).await.unwrap();
+    assert_eq!(reserved, Reservation::Reserved);
+    let mut extensions = axum::http::Extensions::new();
+    store.owner_extensions(&s, token, &mut extensions);
+    let tx = extensions
+        .get::<tower_idempotency::postgres::Tx>()
+        .expect("the owner's transaction")
+        .clone();
+    {
+        let mut conn = tx.lock().await.unwrap();
+        let sql = format!(
+            "INSERT INTO {} (scope, fingerprint, state, token, expires_at) \
+             VALUES ('\\x01', '\\x', 'completed', '\\x', now() + interval '1 hour'); ROLLBACK",
+            store.table_name()
+        );
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    drop(tx);
+    let completed = store
+        .complete(&s, token, &Record::NotReplayable, LEASE)
+        .await;
+    assert_eq!(completed.unwrap(), Completion::RolledBack);
+    assert_eq!(store.open_transactions(), 0);
+    let again = FencingToken::generate();
+    let reserved = store.reserve(&s, &FP, again, LEASE.into()).await.unwrap();
+    assert_eq!(
+        reserved,
+        Reservation::Reserved,
+        "nothing of the first run was committed"
+    );
+    assert!(store.release(&s, again).await.unwrap());
+    let rows = format!("SELECT count(*) FROM {}", store.table_name());
+    let count: i64 = sqlx::query_scalar(AssertSqlSafe(rows))
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(count, 0, "neither the handler's row nor a record");
+}

@@ -746,6 +746,33 @@ mod tests {
     }
 
     #[test]
+    fn the_commit_batch_quotes_the_channel_and_hexes_the_bytes() {
+        let s = Statements::new(TableName::parse("idem").unwrap());
+        let scope = tower_idempotency_core::ScopeHash::from_bytes([0xab; 32]);
+        let token = tower_idempotency_core::FencingToken::from_bytes([0x01; 16]);
+        let batch = s.complete_batch(&scope, token, &[0, b'\'', 0xff], 1500, "a'b\\c", true);
+        assert!(
+            batch.starts_with(&format!("EXECUTE {}(", s.complete_name)),
+            "{batch}"
+        );
+        assert!(
+            batch.contains(&format!("E'\\\\x{}'", "ab".repeat(32))),
+            "{batch}"
+        );
+        assert!(
+            batch.contains(&format!("E'\\\\x{}'", "01".repeat(16))),
+            "{batch}"
+        );
+        assert!(
+            batch.contains("E'\\\\x0027ff', 1500, E'a''b\\\\c', true)"),
+            "{batch}"
+        );
+        assert!(batch.ends_with("; COMMIT; BEGIN"), "{batch}");
+        // Its only quotes are the literals' own: no value can end one early.
+        assert_eq!(batch.matches('\'').count(), 2 * 4 + 2, "{batch}");
+    }
+
+    #[test]
     fn statements_name_the_quoted_table_only() {
         let s = Statements::new(TableName::parse("app.idem").unwrap());
         for sql in [&s.reserve, &s.complete, &s.release, &s.renew, &s.purge] {

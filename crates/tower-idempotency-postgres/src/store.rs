@@ -59,6 +59,12 @@ use crate::tx::{end_failed, OwnedTx, Registry, Slot, Tx};
 /// waited on another transaction's uncommitted row for the same scope.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 
+/// SQLSTATEs of a server that refuses the `DO` block that prepares transactional mode's
+/// statements (see `crate::prepared`): no privilege on plpgsql, no plpgsql, no `DO`.
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+const UNDEFINED_OBJECT: &str = "42704";
+const FEATURE_NOT_SUPPORTED: &str = "0A000";
+
 /// How often a reserve runs its statement when a concurrent reserve of the same scope
 /// committed between its snapshot and its insert (see [`crate::sql`]).
 const RESERVE_ATTEMPTS: usize = 4;
@@ -472,9 +478,13 @@ impl PostgresStore {
                     }
                     break (back, err);
                 }
-                // The prepare itself failed (a server that refuses `DO`, say): this store
-                // reserves with text statements from now on, the long way.
-                Some(state) if prepare && !session_ended(&err) => {
+                // The server refuses the prepare itself (no `USAGE` on plpgsql for this
+                // role, no plpgsql at all): this store reserves with plain statements from
+                // now on, the long way. Any other error is the request's, not the server's
+                // for good (a missing table, a timeout): answered as before.
+                Some(
+                    state @ (INSUFFICIENT_PRIVILEGE | UNDEFINED_OBJECT | FEATURE_NOT_SUPPORTED),
+                ) if prepare => {
                     tracing::warn!(
                         error = %DisplayChain(&err),
                         sqlstate = state,
