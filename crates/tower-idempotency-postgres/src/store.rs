@@ -497,24 +497,13 @@ impl PostgresStore {
                 _ => break (back, err),
             }
         };
-        if prepare && !prepared.enabled() {
-            return self
-                .reserve_the_long_way(
-                    scope,
-                    fingerprint,
-                    token,
-                    lease,
-                    started,
-                    Some(conn),
-                    Some(err),
-                )
-                .await;
-        }
         match err.sqlstate().as_deref() {
             // Not reserved (or a session that does not keep its prepared statements, as
-            // behind a transaction-mode connection pooler): the long way, on the same
-            // connection (its first statement ends the failed transaction).
+            // behind a transaction-mode connection pooler, or a server that refused to
+            // prepare them): the long way, on the same connection (its first statement
+            // ends the failed transaction).
             Some(NOT_RESERVED | NO_SUCH_STATEMENT) => {}
+            _ if prepare && !prepared.enabled() => {}
             Some(LOCK_NOT_AVAILABLE) => {
                 self.count(Op::Reserve);
                 end_failed(conn, self.timeout).await;
