@@ -59,6 +59,10 @@ use crate::tx::{end_failed, OwnedTx, Registry, Slot, Tx};
 /// waited on another transaction's uncommitted row for the same scope.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 
+/// A store call's future on the heap (see [`within`]): the layer's future then holds a
+/// pointer, not the kilobytes of sqlx's state.
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// SQLSTATEs of a server that refuses the `DO` block that prepares transactional mode's
 /// statements (see `crate::prepared`): no privilege on plpgsql, no plpgsql, no `DO`.
 const INSUFFICIENT_PRIVILEGE: &str = "42501";
@@ -1082,12 +1086,12 @@ impl Store for PostgresStore {
         }
         // Each call's future boxed (see `within`): kept inline, the kilobytes of sqlx's
         // state would be copied with the layer's future every time it moves.
-        let answer = if self.transactional {
-            Box::pin(self.reserve_in_transaction(scope, fingerprint, token, lease)).await
+        let call: BoxFuture<'_, _> = if self.transactional {
+            Box::pin(self.reserve_in_transaction(scope, fingerprint, token, lease))
         } else {
-            Box::pin(self.reserve_plain(scope, fingerprint, token, lease)).await
+            Box::pin(self.reserve_plain(scope, fingerprint, token, lease))
         };
-        Ok(answer?)
+        Ok(call.await?)
     }
 
     async fn renew(
@@ -1096,10 +1100,12 @@ impl Store for PostgresStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        if self.transactional {
-            return Ok(Box::pin(self.renew_in_transaction(scope, token)).await?);
-        }
-        Ok(Box::pin(self.renew_plain(scope, token, lease)).await?)
+        let call: BoxFuture<'_, _> = if self.transactional {
+            Box::pin(self.renew_in_transaction(scope, token))
+        } else {
+            Box::pin(self.renew_plain(scope, token, lease))
+        };
+        Ok(call.await?)
     }
 
     async fn complete(
@@ -1109,10 +1115,16 @@ impl Store for PostgresStore {
         record: &Record,
         ttl: Duration,
     ) -> Result<Completion, StoreError> {
-        if self.transactional {
-            return Ok(Box::pin(self.complete_in_transaction(scope, token, record, ttl)).await);
-        }
-        Ok(Box::pin(self.complete_plain(scope, token, record, ttl)).await?)
+        let call: BoxFuture<'_, _> = if self.transactional {
+            Box::pin(async move {
+                Ok(self
+                    .complete_in_transaction(scope, token, record, ttl)
+                    .await)
+            })
+        } else {
+            Box::pin(self.complete_plain(scope, token, record, ttl))
+        };
+        Ok(call.await?)
     }
 
     fn owner_extensions(
@@ -1127,11 +1139,12 @@ impl Store for PostgresStore {
     }
 
     async fn release(&self, scope: &ScopeHash, token: FencingToken) -> Result<bool, StoreError> {
-        let released = if self.transactional {
-            Box::pin(self.release_in_transaction(scope, token)).await
+        let call: BoxFuture<'_, _> = if self.transactional {
+            Box::pin(self.release_in_transaction(scope, token))
         } else {
-            Box::pin(self.release_plain(scope, token)).await
+            Box::pin(self.release_plain(scope, token))
         };
+        let released = call.await;
         Ok(released?)
     }
 
