@@ -20,15 +20,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// More process ids than any server runs at once (`max_connections` is in the hundreds):
-/// past it, the set starts over (each session then prepares once more, which fails once).
+/// past it, the set starts over (each session's next batch then carries the `DO` block
+/// once more, which finds both statements and prepares nothing).
 const MAX_SESSIONS: usize = 65_536;
 
-/// The server process ids whose sessions prepared the reserve (shared by a store's clones).
+/// The server process ids whose sessions hold both statements (shared by a store's clones).
 #[derive(Debug, Default)]
 pub(crate) struct Prepared {
     pids: Mutex<HashSet<i32>>,
-    /// The server refused to prepare them once (not for a reservation's reason): the
-    /// store reserves with plain statements from then on.
+    /// The server refused the `DO` block once (no plpgsql for this role): the store
+    /// reserves with plain statements from then on.
     refused: AtomicBool,
 }
 
@@ -56,7 +57,7 @@ impl Prepared {
         self.lock().contains(&pid)
     }
 
-    /// The session of `pid` holds the statement.
+    /// The session of `pid` holds the statements.
     pub(crate) fn insert(&self, pid: i32) {
         let mut pids = self.lock();
         if pids.len() >= MAX_SESSIONS {

@@ -304,15 +304,21 @@ impl Statements {
         // or another session's lock on the row or table; the store then asks again
         // (`HELD`). An expired row is reported (`expired`) and taken over with `reserve`,
         // the rare path. $5 is the scope's advisory lock key.
+        // Both transactional reserves (the long way's and the prepared one) insert the
+        // same pending row: $1 scope, $2 fingerprint, $3 token, $4 lease in ms, when the
+        // `probe` found the scope free.
+        let insert_pending = format!(
+            "INSERT INTO {t} AS r (scope, fingerprint, state, token, record, expires_at, waiter) \
+               SELECT $1, $2, 'pending', $3, NULL, statement_timestamp() + $4 * interval '1 millisecond', false \
+               FROM probe WHERE free \
+               ON CONFLICT (scope) DO NOTHING"
+        );
         let reserve_tx = format!(
             "WITH probe AS (\
                SELECT CASE WHEN pg_try_advisory_lock_shared($5) \
                  THEN pg_advisory_unlock_shared($5) ELSE false END AS free\
              ), ins AS (\
-               INSERT INTO {t} AS r (scope, fingerprint, state, token, record, expires_at, waiter) \
-               SELECT $1, $2, 'pending', $3, NULL, statement_timestamp() + $4 * interval '1 millisecond', false \
-               FROM probe WHERE free \
-               ON CONFLICT (scope) DO NOTHING \
+               {insert_pending} \
                RETURNING r.state\
              ) \
              SELECT state, true AS mine, true AS same, NULL::bytea AS record, NULL::int8 AS ttl_ms, \
@@ -346,11 +352,7 @@ impl Statements {
                SELECT CASE WHEN pg_try_advisory_lock_shared($7) \
                  THEN pg_advisory_unlock_shared($7) ELSE false END AS free FROM settings\
              ), ins AS (\
-               INSERT INTO {t} AS r (scope, fingerprint, state, token, record, expires_at, waiter) \
-               SELECT $1, $2, 'pending', $3, NULL, \
-                 statement_timestamp() + $4 * interval '1 millisecond', false \
-               FROM probe WHERE free \
-               ON CONFLICT (scope) DO NOTHING \
+               {insert_pending} \
                RETURNING 1\
              ) \
              SELECT 1 / count(*)::int4 FROM (\
@@ -358,21 +360,29 @@ impl Statements {
                  || pg_advisory_xact_lock($8)::text AS locked FROM ins\
              ) AS owner WHERE locked IS NOT NULL"
         );
-        // Transactional mode's complete with its `COMMIT` (see `complete_batch`): the
-        // parameters of `complete_tx`. Not one row updated (the handler ended the
-        // transaction with SQL): 1 / 0, so the batch's `COMMIT` never runs. `n` is a
-        // materialized CTE (it calls a volatile function), so every row's `pg_notify` runs.
-        let complete_body = format!(
-            "(bytea, bytea, bytea, int8, text, bool) AS \
-             WITH u AS (\
+        // Both transactional completes (`complete_tx` and the prepared one) write the
+        // record the same way, in the owner's transaction. No lease check: the uncommitted
+        // row is the lock, nobody else can read or take it, so a handler that ran longer
+        // than the lease still commits (SPEC section 10). $1 scope, $2 token, $3 record, $4
+        // TTL in ms, $5 channel, $6 notify whatever the row says; `NOTIFY_COMPLETED` reads
+        // the `waiter` it returns.
+        let complete_update = format!(
+            "u AS (\
                UPDATE {t} SET state = 'completed', record = $3, \
                  completed_at = statement_timestamp(), \
                  expires_at = statement_timestamp() + $4 * interval '1 millisecond' \
                WHERE scope = $1 AND token = $2 AND state = 'pending' \
                RETURNING waiter\
-             ), n AS (\
-               SELECT CASE WHEN waiter OR $6 THEN pg_notify($5, 'c' || encode($1, 'hex')) IS NULL END AS sent \
-               FROM u\
+             )"
+        );
+        // Transactional mode's complete with its `COMMIT` (see `complete_batch`). Not one
+        // row updated (the handler ended the transaction with SQL): 1 / 0, so the batch's
+        // `COMMIT` never runs. `n` is a materialized CTE (it calls a volatile function), so
+        // every row's `pg_notify` runs.
+        let complete_body = format!(
+            "(bytea, bytea, bytea, int8, text, bool) AS \
+             WITH {complete_update}, n AS (\
+               SELECT {NOTIFY_COMPLETED} AS sent FROM u\
              ) \
              SELECT 1 / count(*)::int4 FROM n"
         );
@@ -427,19 +437,9 @@ impl Statements {
              SELECT NULL FROM {t} WHERE scope = $1 AND token = $2 AND state = 'completed' \
                AND expires_at > statement_timestamp() AND NOT EXISTS (SELECT 1 FROM u)"
         );
-        // Transactional mode's complete, in the owner's transaction. No lease check: the
-        // uncommitted row is the lock, nobody else can read or take it, so a handler that
-        // ran longer than the lease still commits (SPEC section 10). Same parameters.
-        let complete_tx = format!(
-            "WITH u AS (\
-               UPDATE {t} SET state = 'completed', record = $3, \
-                 completed_at = statement_timestamp(), \
-                 expires_at = statement_timestamp() + $4 * interval '1 millisecond' \
-               WHERE scope = $1 AND token = $2 AND state = 'pending' \
-               RETURNING waiter\
-             ) \
-             SELECT CASE WHEN waiter OR $6 THEN pg_notify($5, 'c' || encode($1, 'hex')) IS NULL END FROM u"
-        );
+        // Transactional mode's complete on its own (a record over `INLINE_RECORD`, or a
+        // session without the prepared statements); the `COMMIT` follows.
+        let complete_tx = format!("WITH {complete_update} SELECT {NOTIFY_COMPLETED} FROM u");
         // $1 scope, $2 token.
         let completed_by = format!(
             "SELECT 1 FROM {t} WHERE scope = $1 AND token = $2 AND state = 'completed' \
@@ -653,6 +653,11 @@ impl Statements {
         i64::from_be_bytes(head) ^ self.lock_salt
     }
 }
+
+/// Transactional mode's wake-up at completion, on the row `u` returns: when a waiter said
+/// it waits (`waiter`) or one was seen (`$6`), `pg_notify` on the channel `$5`.
+const NOTIFY_COMPLETED: &str =
+    "CASE WHEN waiter OR $6 THEN pg_notify($5, 'c' || encode($1, 'hex')) IS NULL END";
 
 /// Restores the session's `lock_timeout`, stashed by transactional mode's `BEGIN`.
 const RESTORE: &str = "set_config('lock_timeout', coalesce(nullif(current_setting(\
