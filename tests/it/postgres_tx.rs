@@ -763,6 +763,67 @@ async fn tx_lost_or_shared_prepared_statements_still_work() {
     pool.close().await;
 }
 
+/// The pre-read takes an idle connection without the pool's test (its ping would be a
+/// round trip of its own before every request). A connection that died while idle (here
+/// terminated, as a server restart or a proxy's idle cut would) fails that read; the
+/// read has no effect, so it goes again on a connection the pool tested: a replay and a
+/// new key answer as usual, never 503.
+#[tokio::test]
+async fn tx_an_idle_connection_that_died_is_replaced_for_the_pre_read() {
+    let schema = TestSchema::create().await;
+    let pool = support::postgres::pool(1).await;
+    let store = PostgresStore::new(pool.clone())
+        .table(&schema.table("idem"))
+        .transactional();
+    store.migrate().await.unwrap();
+    let (done, token) = (scope("/done"), FencingToken::generate());
+    let reserved = store.reserve(&done, &FP, token, LEASE.into()).await;
+    assert_eq!(reserved.unwrap(), Reservation::Reserved);
+    let record = Record::NotReplayable;
+    let stored = store.complete(&done, token, &record, LEASE).await.unwrap();
+    assert_eq!(stored, Completion::Stored);
+    let admin = support::postgres::pool(1).await;
+    let (new, owner) = (scope("/new"), FencingToken::generate());
+    for case in ["replay", "new key"] {
+        // The pool's one connection, back in the pool (its release runs on a task).
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.num_idle() != 1 {
+            assert!(
+                Instant::now() < deadline,
+                "{case}: the connection came back"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+            .bind(pid)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        assert!(killed, "{case}");
+        let before = store.round_trips().reserve;
+        let answer = match case {
+            "replay" => store.reserve(&done, &FP, FencingToken::generate(), LEASE.into()),
+            _ => store.reserve(&new, &FP, owner, LEASE.into()),
+        };
+        let expected = match case {
+            "replay" => Reservation::Completed(record.clone()),
+            _ => Reservation::Reserved,
+        };
+        assert_eq!(answer.await.unwrap(), expected, "{case}");
+        assert_eq!(
+            store.round_trips().reserve - before,
+            if case == "replay" { 2 } else { 3 },
+            "{case}: the pre-read twice (then the reserve)"
+        );
+    }
+    assert!(store.release(&new, owner).await.unwrap());
+    pool.close().await;
+}
+
 /// A server that refuses the `DO` block that prepares the reserve and the complete (here: a
 /// database where the role has no `USAGE` on plpgsql) still reserves and commits, with
 /// plain statements: the store turns its prepared path off after the first refusal (one

@@ -138,7 +138,13 @@
 //! renewal (a record over 64 KiB adds 1: its `COMMIT` goes on its own); the two batches
 //! run statements each connection prepares once; a replay, a
 //! 422 or a 409 for a key in flight 1 (the pre-read, outside any transaction), and 0
-//! from the opt-in [local replay tier](PostgresStore::local_replays). The exactly-once guarantee covers what the
+//! from the opt-in [local replay tier](PostgresStore::local_replays). The pre-read takes an
+//! idle connection as the pool holds it (sqlx's `try_acquire`), without the pool's
+//! `test_before_acquire` ping, a round trip of its own, or its `before_acquire` hook: the
+//! pre-read is the test. It changes nothing, so when that connection died while idle
+//! (a restarted server, a proxy's idle cut) it is sent again on a connection that
+//! `acquire` tested; only when the pool has no idle connection does the store wait in
+//! `acquire`. The exactly-once guarantee covers what the
 //! handler writes through [`Tx`] to this database only: a call to a payment provider from
 //! the handler is not undone by a rollback. Use one mode per table.
 //!

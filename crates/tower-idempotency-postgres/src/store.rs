@@ -407,15 +407,36 @@ impl PostgresStore {
             return Ok(Reservation::Reserved);
         }
         let started = tokio::time::Instant::now();
-        let mut conn = within(self.timeout, self.pool.acquire()).await?;
-        self.count(Op::Reserve);
         let lock_key = self.sql.lock_key(scope);
-        let query = sqlx::query(AssertSqlSafe(self.sql.preread.clone()))
-            .bind(scope.as_bytes().as_slice())
-            .bind(fingerprint.as_bytes().as_slice())
-            .bind(lock_key);
-        let sent = tokio::time::Instant::now();
-        let row = within(self.timeout, query.fetch_one(&mut *conn)).await?;
+        let preread = || {
+            sqlx::query(AssertSqlSafe(self.sql.preread.clone()))
+                .bind(scope.as_bytes().as_slice())
+                .bind(fingerprint.as_bytes().as_slice())
+                .bind(lock_key)
+        };
+        // An idle connection as it is, without the pool's test (a round trip of its own
+        // before every request: a third of a replay's): the pre-read tests it. It has no
+        // effect, so when that connection turns out to have died while idle (a restarted
+        // server, a proxy's idle cut), it goes again on one the pool tested.
+        let (mut conn, tested) = match self.pool.try_acquire() {
+            Some(conn) => (conn, false),
+            None => (within(self.timeout, self.pool.acquire()).await?, true),
+        };
+        self.count(Op::Reserve);
+        let mut sent = tokio::time::Instant::now();
+        let row = match within(self.timeout, preread().fetch_one(&mut *conn)).await {
+            Ok(row) => row,
+            Err(err) if !tested && session_ended(&err) => {
+                tracing::debug!(error = %DisplayChain(&err), "idle connection gone; pre-read again on a tested one");
+                conn.close_on_drop();
+                drop(conn);
+                conn = within(self.timeout, self.pool.acquire()).await?;
+                self.count(Op::Reserve);
+                sent = tokio::time::Instant::now();
+                within(self.timeout, preread().fetch_one(&mut *conn)).await?
+            }
+            Err(err) => return Err(err),
+        };
         let blob: Option<Vec<u8>> = row.try_get("record")?;
         if let Some(blob) = blob {
             drop(conn);
