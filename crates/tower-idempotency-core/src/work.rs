@@ -6,8 +6,11 @@
 //! [`DetachOnDrop`](crate::detach): if the client hangs up, the rest is spawned and
 //! finishes anyway (SPEC section 6).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use http::request::Parts;
 use http::{Request, Response};
@@ -29,6 +32,9 @@ use crate::scope::scope_path;
 
 /// What the layer's future resolves to.
 pub(crate) type Output<B, E> = Result<Response<ResponseBody<B>>, E>;
+
+/// What [`Job::respond`] resolves to: the output and its outcome, to record.
+type Responded<B, E> = (Outcome, Output<B, E>);
 
 /// The bounds on the inner service, written once for the layer's own code (the public
 /// `Service` impl of [`Idempotency`](crate::Idempotency) states them for users).
@@ -133,149 +139,201 @@ pub(crate) struct Job<S, St> {
 
 impl<S, St: crate::Store> Job<S, St> {
     /// Does the work and records its outcome.
-    pub(crate) async fn run<ReqB>(self, body: ReqB) -> Output<S::ResBody, S::Error>
+    ///
+    /// Neither this nor [`respond`](Self::respond) is an `async fn`: an `async fn` keeps
+    /// its arguments twice in its future (as arguments, and moved into its body), and
+    /// this future is boxed and copied once per request. Written this way it is half the
+    /// size (about 1.1 KiB instead of 2.2 on `MemoryStore`; callgrind: 770 instructions
+    /// fewer per replay). The outcome is recorded by [`Recorded`], which holds
+    /// `respond`'s future in place.
+    pub(crate) fn run<ReqB>(
+        self,
+        body: ReqB,
+    ) -> Recorded<impl Future<Output = Responded<S::ResBody, S::Error>> + Send>
     where
         S: Inner<ReqB>,
+        St: 'static,
         ReqB: Body + Send + 'static,
-        ReqB::Error: Into<BoxError>,
+        ReqB::Data: Send,
+        ReqB::Error: Into<BoxError> + Send,
     {
-        let observer = self.observer.clone();
-        let (outcome, output) = self.respond(body).await;
-        record_outcome(outcome);
-        observer.outcome(outcome);
-        output
+        Recorded {
+            observer: self.observer.clone(),
+            respond: self.respond(body),
+        }
     }
 
-    async fn respond<ReqB>(self, body: ReqB) -> (Outcome, Output<S::ResBody, S::Error>)
+    /// Buffers the body, claims the scope, then replays, refuses, or runs as the owner.
+    #[allow(clippy::manual_async_fn)] // an `async fn` would hold `self` twice (see `run`)
+    fn respond<ReqB>(
+        self,
+        body: ReqB,
+    ) -> impl Future<Output = Responded<S::ResBody, S::Error>> + Send
     where
         S: Inner<ReqB>,
+        St: 'static,
         ReqB: Body + Send + 'static,
-        ReqB::Error: Into<BoxError>,
+        ReqB::Data: Send,
+        ReqB::Error: Into<BoxError> + Send,
     {
-        let shared = &*self.shared;
-        let policy = &shared.policy;
-        let limits = Limits {
-            max: self.max_body,
-            drain_bytes: policy.drain_bytes,
-            drain_time: policy.drain_time,
-        };
-        let bytes = match buffer(std::pin::pin!(body), &limits).await {
-            Ok(bytes) => bytes,
-            Err(BufferError::TooLarge) => {
-                shared.refused_over_max_body(self.axum_limit);
-                let detail = format!("the request body is larger than {} bytes", self.max_body);
-                return (
-                    Outcome::TooLarge,
-                    Ok(shared.problem(Problem::BodyTooLarge, detail)),
-                );
-            }
-            Err(BufferError::OverOuterLimit) => {
-                let detail = "the request body is larger than the server accepts";
-                return (
-                    Outcome::TooLarge,
-                    Ok(shared.problem(Problem::BodyTooLarge, detail)),
-                );
-            }
-            Err(BufferError::Unreadable(err)) => {
-                tracing::debug!(error = %DisplayChain(&*err), "request body unreadable");
-                let detail = format!("the request body could not be read: {err}");
-                return (
-                    Outcome::Unreadable,
-                    Ok(shared.problem(Problem::BodyUnreadable, detail)),
-                );
-            }
-        };
-        let normalised = policy
-            .fingerprint_body
-            .as_ref()
-            .and_then(|normalise| normalise(&self.parts, &bytes));
-        let fingerprint = match normalised {
-            Some(payload) => Fingerprint::normalised(
-                &self.parts.method,
-                scope_path(&self.parts),
-                self.parts.uri.query(),
-                &payload,
-            ),
-            None => Fingerprint::new(
-                &self.parts.method,
-                scope_path(&self.parts),
-                self.parts.uri.query(),
-                &self.parts.headers,
-                &policy.fingerprint_headers,
-                &bytes,
-            ),
-        };
-        let claimed = claim(Claimant {
-            store: &shared.store,
-            scope: &self.scope,
-            fingerprint: &fingerprint,
-            policy,
-            observer: &self.observer,
-            detached: &shared.detached,
-        })
-        .await;
-        self.observer.wait_ended(claimed.wait_end());
-        match claimed {
-            // The owner's path holds the inner service's future, the body collection and
-            // the lease: boxed, so the future every request moves around (a replay's, a
-            // conflict's) stays small.
-            Claim::Owner { token, reserved_at } => {
-                Box::pin(owner::own(self, bytes, token, reserved_at)).await
-            }
-            Claim::Completed(Record::Response(stored)) => (Outcome::Replayed, Ok(replay(stored))),
-            Claim::Completed(Record::NotReplayable) => {
-                let detail = "the first request with this key ran, but its response could not be \
+        // `self` and `body` are used where they are captured, never moved into locals.
+        async move {
+            let shared = &*self.shared;
+            let policy = &shared.policy;
+            let bytes = {
+                let limits = Limits {
+                    max: self.max_body,
+                    drain_bytes: policy.drain_bytes,
+                    drain_time: policy.drain_time,
+                };
+                match buffer(std::pin::pin!(body), &limits).await {
+                    Ok(bytes) => bytes,
+                    Err(BufferError::TooLarge) => {
+                        shared.refused_over_max_body(self.axum_limit);
+                        let detail =
+                            format!("the request body is larger than {} bytes", self.max_body);
+                        return (
+                            Outcome::TooLarge,
+                            Ok(shared.problem(Problem::BodyTooLarge, detail)),
+                        );
+                    }
+                    Err(BufferError::OverOuterLimit) => {
+                        let detail = "the request body is larger than the server accepts";
+                        return (
+                            Outcome::TooLarge,
+                            Ok(shared.problem(Problem::BodyTooLarge, detail)),
+                        );
+                    }
+                    Err(BufferError::Unreadable(err)) => {
+                        tracing::debug!(error = %DisplayChain(&*err), "request body unreadable");
+                        let detail = format!("the request body could not be read: {err}");
+                        return (
+                            Outcome::Unreadable,
+                            Ok(shared.problem(Problem::BodyUnreadable, detail)),
+                        );
+                    }
+                }
+            };
+            let normalised = policy
+                .fingerprint_body
+                .as_ref()
+                .and_then(|normalise| normalise(&self.parts, &bytes));
+            let fingerprint = match normalised {
+                Some(payload) => Fingerprint::normalised(
+                    &self.parts.method,
+                    scope_path(&self.parts),
+                    self.parts.uri.query(),
+                    &payload,
+                ),
+                None => Fingerprint::new(
+                    &self.parts.method,
+                    scope_path(&self.parts),
+                    self.parts.uri.query(),
+                    &self.parts.headers,
+                    &policy.fingerprint_headers,
+                    &bytes,
+                ),
+            };
+            let claimed = claim(Claimant {
+                store: &shared.store,
+                scope: &self.scope,
+                fingerprint: &fingerprint,
+                policy,
+                observer: &self.observer,
+                detached: &shared.detached,
+            })
+            .await;
+            self.observer.wait_ended(claimed.wait_end());
+            match claimed {
+                // The owner's path holds the inner service's future, the body collection and
+                // the lease: boxed, so the future every request moves around (a replay's, a
+                // conflict's) stays small.
+                Claim::Owner { token, reserved_at } => {
+                    Box::pin(owner::own(self, bytes, token, reserved_at)).await
+                }
+                Claim::Completed(Record::Response(stored)) => {
+                    (Outcome::Replayed, Ok(replay(stored)))
+                }
+                Claim::Completed(Record::NotReplayable) => {
+                    let detail =
+                        "the first request with this key ran, but its response could not be \
                               stored (too large, or it failed mid-stream); it cannot be replayed";
-                (
-                    Outcome::NotReplayable,
-                    Ok(shared.problem(Problem::NotReplayable, detail)),
-                )
-            }
-            Claim::Mismatch => {
-                let detail =
-                    "this idempotency key was already used with a different request payload";
-                (
-                    Outcome::Mismatch,
-                    Ok(shared.problem(Problem::KeyReused, detail)),
-                )
-            }
-            Claim::Uncertain => {
-                let detail = "the first request with this key stopped before it recorded an \
+                    (
+                        Outcome::NotReplayable,
+                        Ok(shared.problem(Problem::NotReplayable, detail)),
+                    )
+                }
+                Claim::Mismatch => {
+                    let detail =
+                        "this idempotency key was already used with a different request payload";
+                    (
+                        Outcome::Mismatch,
+                        Ok(shared.problem(Problem::KeyReused, detail)),
+                    )
+                }
+                Claim::Uncertain => {
+                    let detail = "the first request with this key stopped before it recorded an \
                               answer, so it may or may not have happened; this endpoint will \
                               not run it again until the operators have resolved the key";
-                (
-                    Outcome::Uncertain,
-                    Ok(shared.problem(Problem::OperationUncertain, detail)),
-                )
-            }
-            Claim::InFlight => {
-                let detail = "a request with this idempotency key is still being processed";
-                (
-                    Outcome::Conflict,
-                    Ok(shared.problem(Problem::InFlight, detail)),
-                )
-            }
-            Claim::Unavailable { error, may_pass } if may_pass && policy.fail_open => {
-                record_outcome(Outcome::FailOpen);
-                tracing::warn!(error = %DisplayChain(&error), "idempotency store unavailable; passing the request through (fail open)");
-                let Job {
-                    mut inner, parts, ..
-                } = self;
-                let request = Request::from_parts(parts, RequestBody::buffered(bytes));
-                let output = Box::pin(inner.call(request))
-                    .await
-                    .map(|response| response.map(ResponseBody::stream));
-                (Outcome::FailOpen, output)
-            }
-            Claim::Unavailable { error, .. } => {
-                record_outcome(Outcome::StoreError);
-                tracing::error!(error = %DisplayChain(&error), "idempotency store unavailable; refusing the request");
-                let detail = "the idempotency store is unavailable; retry with the same key later";
-                (
-                    Outcome::StoreError,
-                    Ok(shared.problem(Problem::StoreUnavailable, detail)),
-                )
+                    (
+                        Outcome::Uncertain,
+                        Ok(shared.problem(Problem::OperationUncertain, detail)),
+                    )
+                }
+                Claim::InFlight => {
+                    let detail = "a request with this idempotency key is still being processed";
+                    (
+                        Outcome::Conflict,
+                        Ok(shared.problem(Problem::InFlight, detail)),
+                    )
+                }
+                Claim::Unavailable { error, may_pass } if may_pass && policy.fail_open => {
+                    record_outcome(Outcome::FailOpen);
+                    tracing::warn!(error = %DisplayChain(&error), "idempotency store unavailable; passing the request through (fail open)");
+                    let Job {
+                        mut inner, parts, ..
+                    } = self;
+                    let request = Request::from_parts(parts, RequestBody::buffered(bytes));
+                    let output = Box::pin(inner.call(request))
+                        .await
+                        .map(|response| response.map(ResponseBody::stream));
+                    (Outcome::FailOpen, output)
+                }
+                Claim::Unavailable { error, .. } => {
+                    record_outcome(Outcome::StoreError);
+                    tracing::error!(error = %DisplayChain(&error), "idempotency store unavailable; refusing the request");
+                    let detail =
+                        "the idempotency store is unavailable; retry with the same key later";
+                    (
+                        Outcome::StoreError,
+                        Ok(shared.problem(Problem::StoreUnavailable, detail)),
+                    )
+                }
             }
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Job::run`]'s future: `respond`'s, then its outcome recorded, in one place.
+    pub(crate) struct Recorded<F> {
+        #[pin]
+        respond: F,
+        observer: Observer,
+    }
+}
+
+impl<F, T> Future for Recorded<F>
+where
+    F: Future<Output = (Outcome, T)>,
+{
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let this = self.project();
+        let (outcome, output) = std::task::ready!(this.respond.poll(cx));
+        record_outcome(outcome);
+        this.observer.outcome(outcome);
+        Poll::Ready(output)
     }
 }
