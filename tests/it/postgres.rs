@@ -864,6 +864,58 @@ async fn tx_the_handlers_queries_keep_the_sessions_lock_timeout() {
     assert_eq!(r.body, "0", "the server default, not the store's 250ms");
 }
 
+/// The same for a session whose own `lock_timeout` is not the server's default (set when
+/// the pool connects, as a team would for its API): the handler gets that value back, not
+/// the store's and not the default, on a session's first new key (which prepares the
+/// store's statements) and on its next ones (which only execute them).
+#[tokio::test]
+async fn tx_the_handlers_queries_keep_a_sessions_own_lock_timeout() {
+    let schema = TestSchema::create().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::raw_sql("SET lock_timeout = '7s'")
+                    .execute(&mut *conn)
+                    .await
+                    .map(drop)
+            })
+        })
+        .connect(&support::postgres::database_url())
+        .await
+        .unwrap();
+    let store = PostgresStore::new(pool.clone())
+        .table(&schema.table("idem"))
+        .transactional();
+    store.migrate().await.unwrap();
+    let router = Router::new().route(
+        "/pay",
+        post(|tx: Tx| async move {
+            let mut conn = tx.lock().await.unwrap();
+            let value: String = sqlx::query_scalar("SHOW lock_timeout")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            (StatusCode::CREATED, value)
+        })
+        .layer(IdempotencyLayer::new(store).global_scope()),
+    );
+    for key in ["first", "second", "third"] {
+        let r = send(&router, request(key, "{}")).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{key}");
+        assert_eq!(
+            r.body, "7s",
+            "{key}: the session's own, not the store's 250ms"
+        );
+    }
+    let outside: String = sqlx::query_scalar("SHOW lock_timeout")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(outside, "7s", "and the session keeps it after the commit");
+    pool.close().await;
+}
+
 /// A frozen owner (its handler idle in the transaction past the idle timeout) loses its
 /// transaction: Postgres ends the session; a waiting retry becomes the owner and runs;
 /// the frozen owner's caller gets 503, and only the retry's row exists.

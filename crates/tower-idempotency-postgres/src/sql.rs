@@ -336,18 +336,21 @@ impl Statements {
         // Transactional mode's new key, prepared once per session (see `reserve_batch`):
         // $1 scope, $2 fingerprint, $3 token, $4 lease in ms, $5 lock_timeout, $6
         // idle_in_transaction_session_timeout (NULL: the session's), $7 the scope's advisory
-        // lock key, $8 the token's. `settings` stashes the session's lock_timeout and bounds
-        // the waits of this transaction; the probe answers "held" without waiting on the
-        // owner's row; the insert locks no existing row (`DO NOTHING`). Reserved: the
-        // owner's two advisory locks, held to the end of the transaction, and the session's
-        // lock_timeout back for the handler's own queries. Not reserved: 1 / 0.
+        // lock key, $8 the token's. `settings` reads the session's lock_timeout (in a
+        // subquery: read before it is set) and bounds the waits of this transaction; the
+        // probe answers "held" without waiting on the owner's row; the insert locks no
+        // existing row (`DO NOTHING`). Reserved: the owner's two advisory locks, held to
+        // the end of the transaction, and the session's lock_timeout back for the handler's
+        // own queries. Not reserved: 1 / 0. Each `set_config` costs the server about 11 µs
+        // per new key (set, then undone at the end of the transaction), so there are as
+        // few as the bounds need: the long way's custom stash is not one of them here.
         let reserve_body = format!(
             "(bytea, bytea, bytea, int8, text, text, int8, int8) AS \
-             WITH settings AS (SELECT \
-               set_config('tower_idempotency.lock_timeout', current_setting('lock_timeout'), true) AS a, \
+             WITH settings AS (SELECT session.lock_timeout, \
                set_config('lock_timeout', $5, true) AS b, \
-               set_config('idle_in_transaction_session_timeout', \
-                 coalesce($6, current_setting('idle_in_transaction_session_timeout')), true) AS c\
+               CASE WHEN $6 IS NOT NULL THEN \
+                 set_config('idle_in_transaction_session_timeout', $6, true) END AS c \
+               FROM (SELECT current_setting('lock_timeout') AS lock_timeout OFFSET 0) AS session\
              ), probe AS (\
                SELECT CASE WHEN pg_try_advisory_lock_shared($7) \
                  THEN pg_advisory_unlock_shared($7) ELSE false END AS free FROM settings\
@@ -356,7 +359,8 @@ impl Statements {
                RETURNING 1\
              ) \
              SELECT 1 / count(*)::int4 FROM (\
-               SELECT {RESTORE} || pg_advisory_xact_lock($7)::text \
+               SELECT set_config('lock_timeout', (SELECT lock_timeout FROM settings), true) \
+                 || pg_advisory_xact_lock($7)::text \
                  || pg_advisory_xact_lock($8)::text AS locked FROM ins\
              ) AS owner WHERE locked IS NOT NULL"
         );
