@@ -140,8 +140,9 @@
 //! 422 or a 409 for a key in flight 1 (the pre-read, outside any transaction), and 0
 //! from the opt-in [local replay tier](PostgresStore::local_replays). The pre-read takes an
 //! idle connection as the pool holds it (sqlx's `try_acquire`), without the pool's
-//! `test_before_acquire` ping, a round trip of its own, or its `before_acquire` hook: the
-//! pre-read is the test. It changes nothing, so when that connection died while idle
+//! `test_before_acquire` ping, a round trip of its own, its `before_acquire` hook or its
+//! `max_lifetime` check (the pool still checks that one when the connection comes back):
+//! the pre-read is the test. It changes nothing, so when that connection died while idle
 //! (a restarted server, a proxy's idle cut) it is sent again on a connection that
 //! `acquire` tested; only when the pool has no idle connection does the store wait in
 //! `acquire`. The exactly-once guarantee covers what the
