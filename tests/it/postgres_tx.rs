@@ -824,6 +824,54 @@ async fn tx_an_idle_connection_that_died_is_replaced_for_the_pre_read() {
     pool.close().await;
 }
 
+/// `pool_acquire_checks(true)`: the pre-read takes its connection through `acquire()`,
+/// so the pool's `before_acquire` hook sees it; by default it does not (an idle connection
+/// as it is, the pre-read being the test).
+#[tokio::test]
+async fn tx_pool_acquire_checks_run_the_pools_hook_for_the_pre_read() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let schema = TestSchema::create().await;
+    let hooks = Arc::new(AtomicUsize::new(0));
+    let counted = hooks.clone();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .before_acquire(move |_, _| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(true) })
+        })
+        .connect(&support::postgres::database_url())
+        .await
+        .unwrap();
+    let table = schema.table("idem");
+    let store = PostgresStore::new(pool.clone())
+        .table(&table)
+        .transactional();
+    store.migrate().await.unwrap();
+    for (checks, expected) in [(false, 0), (true, 1)] {
+        let store = store.clone().pool_acquire_checks(checks);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.num_idle() != 1 {
+            assert!(Instant::now() < deadline, "the connection came back");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = hooks.load(Ordering::SeqCst);
+        let (s, token) = (
+            scope(&format!("/checks-{checks}")),
+            FencingToken::generate(),
+        );
+        let reserved = store.reserve(&s, &FP, token, LEASE.into()).await.unwrap();
+        assert_eq!(reserved, Reservation::Reserved, "{checks}");
+        assert_eq!(
+            hooks.load(Ordering::SeqCst) - before,
+            expected,
+            "checks {checks}: the hook ran for the pre-read's connection"
+        );
+        assert!(store.release(&s, token).await.unwrap());
+    }
+    pool.close().await;
+}
+
 /// A server that refuses the `DO` block that prepares the reserve and the complete (here: a
 /// database where the role has no `USAGE` on plpgsql) still reserves and commits, with
 /// plain statements: the store turns its prepared path off after the first refusal (one

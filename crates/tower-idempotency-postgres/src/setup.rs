@@ -53,6 +53,7 @@ impl PostgresStore {
             transactional: false,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
             idle_limit: IdleLimit::Lease,
+            pool_checks: false,
             invalid_table: None,
             invalid_channel: None,
             local: None,
@@ -240,6 +241,27 @@ impl PostgresStore {
     /// limit derives from it.
     pub fn idle_in_transaction_timeout(mut self, timeout: Duration) -> Self {
         self.idle_limit = IdleLimit::Fixed(timeout);
+        self
+    }
+
+    /// In transactional mode, whether each request's first statement (the pre-read) takes
+    /// its connection through the pool's `acquire()`, with the pool's own checks: the
+    /// `test_before_acquire` ping, a round trip per request (on by default in sqlx), the
+    /// `before_acquire` hook, the `max_lifetime` check. Default `false`: the pre-read
+    /// takes an idle connection as the pool holds it (sqlx's `try_acquire`) and is itself
+    /// the test; a connection that died while idle fails the pre-read, which changes
+    /// nothing and is sent again on a connection `acquire()` tested. Turn it on when the
+    /// pool's `before_acquire` hook must see every connection this store takes (a
+    /// connection-age policy, a session reset done there rather than in `after_release`).
+    ///
+    /// ```
+    /// # use tower_idempotency_postgres::{sqlx::PgPool, PostgresStore};
+    /// # fn store(pool: PgPool) -> PostgresStore {
+    /// PostgresStore::new(pool).transactional().pool_acquire_checks(true)
+    /// # }
+    /// ```
+    pub fn pool_acquire_checks(mut self, on: bool) -> Self {
+        self.pool_checks = on;
         self
     }
 

@@ -106,6 +106,9 @@ pub struct PostgresStore {
     pub(crate) transactional: bool,
     pub(crate) lock_timeout: Duration,
     pub(crate) idle_limit: IdleLimit,
+    /// The pre-read takes its connection through the pool's checks
+    /// ([`pool_acquire_checks`](PostgresStore::pool_acquire_checks)).
+    pub(crate) pool_checks: bool,
     /// Why the last [`table`](PostgresStore::table) or
     /// [`channel`](PostgresStore::channel) name was refused, reported at `init`.
     pub(crate) invalid_table: Option<Arc<PostgresStoreError>>,
@@ -133,6 +136,7 @@ impl fmt::Debug for PostgresStore {
             .field("timeout", &self.timeout)
             .field("transactional", &self.transactional)
             .field("lock_timeout", &self.lock_timeout)
+            .field("pool_acquire_checks", &self.pool_checks)
             .field("round_trips", &self.shared.counters.snapshot())
             .field("open_transactions", &self.shared.registry.len())
             .field("local_replays", &self.local)
@@ -418,7 +422,12 @@ impl PostgresStore {
         // before every request: a third of a replay's): the pre-read tests it. It has no
         // effect, so when that connection turns out to have died while idle (a restarted
         // server, a proxy's idle cut), it goes again on one the pool tested.
-        let (mut conn, tested) = match self.pool.try_acquire() {
+        let idle = if self.pool_checks {
+            None
+        } else {
+            self.pool.try_acquire()
+        };
+        let (mut conn, tested) = match idle {
             Some(conn) => (conn, false),
             None => (within(self.timeout, self.pool.acquire()).await?, true),
         };
