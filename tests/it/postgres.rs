@@ -108,6 +108,24 @@ pub(crate) fn request(key: &str, body: &str) -> Request<Body> {
     common::app::post("/pay", Some(key), body)
 }
 
+/// A router whose transactional handler answers 201 with the value of the setting `name`
+/// (`SHOW name`) as its transaction sees it.
+pub(crate) fn show_setting<St: Store>(store: St, name: &'static str) -> Router {
+    Router::new().route(
+        "/show",
+        post(move |tx: Tx| async move {
+            let mut conn = tx.lock().await.unwrap();
+            let sql = format!("SHOW {name}");
+            let value: String = sqlx::query_scalar(AssertSqlSafe(sql))
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            (StatusCode::CREATED, value)
+        })
+        .layer(IdempotencyLayer::new(store).global_scope()),
+    )
+}
+
 /// What the transactional test handler does, steered by the JSON body:
 /// `{"rows": n, "dup": bool, "status": s, "hold_ms": ms, "hold_locked_ms": ms,
 /// "fail_query": bool, "panic": bool, "wait_for_proceed": bool}` (`hold_locked_ms` sleeps
@@ -888,20 +906,9 @@ async fn tx_the_handlers_queries_keep_a_sessions_own_lock_timeout() {
         .table(&schema.table("idem"))
         .transactional();
     store.migrate().await.unwrap();
-    let router = Router::new().route(
-        "/pay",
-        post(|tx: Tx| async move {
-            let mut conn = tx.lock().await.unwrap();
-            let value: String = sqlx::query_scalar("SHOW lock_timeout")
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
-            (StatusCode::CREATED, value)
-        })
-        .layer(IdempotencyLayer::new(store).global_scope()),
-    );
+    let router = show_setting(store, "lock_timeout");
     for key in ["first", "second", "third"] {
-        let r = send(&router, request(key, "{}")).await;
+        let r = send(&router, common::app::post("/show", Some(key), "{}")).await;
         assert_eq!(r.status, StatusCode::CREATED, "{key}");
         assert_eq!(
             r.body, "7s",

@@ -7,7 +7,7 @@
 #![cfg(feature = "postgres")]
 
 use crate::common;
-use crate::postgres::{request, scope, TxApp, FP, LEASE};
+use crate::postgres::{request, scope, show_setting, TxApp, FP, LEASE};
 use crate::support;
 
 use std::time::Duration;
@@ -23,6 +23,15 @@ use tower_idempotency::store::{Completion, FencingToken, Record, Reservation};
 use tower_idempotency::{IdempotencyLayer, InFlight, Store};
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// A transactional store on `pool`, on the table `idem` of `schema`, migrated.
+async fn tx_store_on(pool: &sqlx::PgPool, schema: &TestSchema) -> PostgresStore {
+    let store = PostgresStore::new(pool.clone())
+        .table(&schema.table("idem"))
+        .transactional();
+    store.migrate().await.unwrap();
+    store
+}
 
 fn lease_lost(route: &str) -> u64 {
     support::metrics::counter("idempotency_lease_lost_total", &[("route", route)])
@@ -235,18 +244,7 @@ async fn tx_a_zero_idle_limit_is_no_limit() {
     assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
     assert_eq!(app.rows().await, 1);
     // And it reaches the session as 0 (the server's "off"), not 1 ms.
-    let router = axum::Router::new().route(
-        "/show",
-        axum::routing::post(|tx: tower_idempotency::postgres::Tx| async move {
-            let mut conn = tx.lock().await.unwrap();
-            let value: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
-            (StatusCode::CREATED, value)
-        })
-        .layer(IdempotencyLayer::new(store).global_scope()),
-    );
+    let router = show_setting(store, "idle_in_transaction_session_timeout");
     let r = send(&router, common::app::post("/show", Some("k"), "{}")).await;
     assert_eq!(r.status, StatusCode::CREATED);
     assert_eq!(r.body, "0");
@@ -666,10 +664,7 @@ async fn tx_lost_or_shared_prepared_statements_still_work() {
     let schema = TestSchema::create().await;
     // One connection: every batch below meets the same session.
     let pool = support::postgres::pool(1).await;
-    let first = PostgresStore::new(pool.clone())
-        .table(&schema.table("idem"))
-        .transactional();
-    first.migrate().await.unwrap();
+    let first = tx_store_on(&pool, &schema).await;
     let names = || async {
         let sql = "SELECT name FROM pg_prepared_statements \
                    WHERE name LIKE 'tower_idempotency_%' ORDER BY name";
@@ -772,10 +767,7 @@ async fn tx_lost_or_shared_prepared_statements_still_work() {
 async fn tx_an_idle_connection_that_died_is_replaced_for_the_pre_read() {
     let schema = TestSchema::create().await;
     let pool = support::postgres::pool(1).await;
-    let store = PostgresStore::new(pool.clone())
-        .table(&schema.table("idem"))
-        .transactional();
-    store.migrate().await.unwrap();
+    let store = tx_store_on(&pool, &schema).await;
     let (done, token) = (scope("/done"), FencingToken::generate());
     let reserved = store.reserve(&done, &FP, token, LEASE.into()).await;
     assert_eq!(reserved.unwrap(), Reservation::Reserved);
@@ -843,11 +835,7 @@ async fn tx_pool_acquire_checks_run_the_pools_hook_for_the_pre_read() {
         .connect(&support::postgres::database_url())
         .await
         .unwrap();
-    let table = schema.table("idem");
-    let store = PostgresStore::new(pool.clone())
-        .table(&table)
-        .transactional();
-    store.migrate().await.unwrap();
+    let store = tx_store_on(&pool, &schema).await;
     for (checks, expected) in [(false, 0), (true, 1)] {
         let store = store.clone().pool_acquire_checks(checks);
         let deadline = Instant::now() + Duration::from_secs(5);
