@@ -272,11 +272,70 @@ async fn pg_round_trips_per_request() {
     step(send(&h.router, bad).await, 2, "released 4xx");
 }
 
-/// Transactional mode (local replay tier off): a new request costs 4 (the pre-read, the
-/// batch that begins and reserves, UPDATE, COMMIT: the hand-written pattern's BEGIN,
-/// INSERT, UPDATE, COMMIT), a replay or a mismatch 1 (the pre-read, no transaction), a
-/// key in flight 1 (the pre-read's probe), a released 4xx 3 (pre-read, batch, ROLLBACK).
-/// Before issue 18: 4, 3, 3, 3.
+/// Plain mode's reserve takes an idle connection without the pool's ping, as the
+/// transactional pre-read does: when that connection died while idle (terminated here),
+/// the reserve is sent again, with the same token, on a connection the pool tested. A
+/// replay and a new key answer as usual, each with one reserve statement more.
+#[tokio::test]
+async fn pg_an_idle_connection_that_died_is_replaced_for_the_reserve() {
+    let schema = TestSchema::create().await;
+    let pool = support::postgres::pool(1).await;
+    let store = PostgresStore::new(pool.clone())
+        .table(&schema.table("idem"))
+        .local_replays(None);
+    store.migrate().await.unwrap();
+    let (done, token) = (scope("/done"), FencingToken::generate());
+    let reserved = store.reserve(&done, &FP, token, LEASE.into()).await;
+    assert_eq!(reserved.unwrap(), Reservation::Reserved);
+    let record = Record::NotReplayable;
+    let stored = store.complete(&done, token, &record, LEASE).await.unwrap();
+    assert_eq!(stored, Completion::Stored);
+    let admin = support::postgres::pool(1).await;
+    let (new, owner) = (scope("/new"), FencingToken::generate());
+    for (case, expected) in [
+        ("replay", Reservation::Completed(record)),
+        ("new key", Reservation::Reserved),
+    ] {
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while pool.num_idle() != 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{case}: back in the pool"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+            .bind(pid)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        assert!(killed, "{case}");
+        let before = store.round_trips().reserve;
+        let answer = match case {
+            "replay" => store.reserve(&done, &FP, FencingToken::generate(), LEASE.into()),
+            _ => store.reserve(&new, &FP, owner, LEASE.into()),
+        };
+        assert_eq!(answer.await.unwrap(), expected, "{case}");
+        assert_eq!(
+            store.round_trips().reserve - before,
+            2,
+            "{case}: sent twice"
+        );
+    }
+    assert!(store.release(&new, owner).await.unwrap());
+    pool.close().await;
+}
+
+/// Transactional mode (local replay tier off): a new request costs 3 (the pre-read, the
+/// batch that begins and reserves, the batch that writes the record and COMMITs: one
+/// fewer than the hand-written pattern's BEGIN, INSERT, UPDATE, COMMIT; 4 for a record
+/// over 64 KiB), a replay or a mismatch 1 (the pre-read, no transaction), a key in flight
+/// 1 (the pre-read's probe), a released 4xx 3 (pre-read, batch, ROLLBACK). Before issue
+/// 18: 4, 3, 3, 3.
 #[tokio::test]
 async fn tx_round_trips_per_request() {
     let store = support::postgres::transactional_store()

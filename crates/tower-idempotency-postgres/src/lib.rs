@@ -145,8 +145,9 @@
 //! the pre-read is the test. It changes nothing, so when that connection died while idle
 //! (a restarted server, a proxy's idle cut) it is sent again on a connection that
 //! `acquire` tested; only when the pool has no idle connection does the store wait in
-//! `acquire`. [`pool_acquire_checks(true)`](PostgresStore::pool_acquire_checks) takes
-//! every connection through `acquire`. The exactly-once guarantee covers what the
+//! `acquire`. Plain mode's reserve takes its connection the same way.
+//! [`pool_acquire_checks(true)`](PostgresStore::pool_acquire_checks) takes every
+//! connection through `acquire`. The exactly-once guarantee covers what the
 //! handler writes through [`Tx`] to this database only: a call to a payment provider from
 //! the handler is not undone by a rollback. Use one mode per table.
 //!

@@ -244,13 +244,14 @@ impl PostgresStore {
         self
     }
 
-    /// In transactional mode, whether each request's first statement (the pre-read) takes
-    /// its connection through the pool's `acquire()`, with the pool's own checks: the
-    /// `test_before_acquire` ping, a round trip per request (on by default in sqlx), the
-    /// `before_acquire` hook, the `max_lifetime` check. Default `false`: the pre-read
+    /// Whether each request's first statement (the reserve; in transactional mode the
+    /// pre-read) takes its connection through the pool's `acquire()`, with the pool's own
+    /// checks: the `test_before_acquire` ping, a round trip per request (on by default in
+    /// sqlx), the `before_acquire` hook, the `max_lifetime` check. Default `false`: it
     /// takes an idle connection as the pool holds it (sqlx's `try_acquire`) and is itself
-    /// the test; a connection that died while idle fails the pre-read, which changes
-    /// nothing and is sent again on a connection `acquire()` tested. Turn it on when the
+    /// the test; a connection that died while idle fails that statement, which is then
+    /// sent again on a connection `acquire()` tested (the pre-read changes nothing, and a
+    /// reserve sent again with its token answers what it answered). Turn it on when the
     /// pool's `before_acquire` hook must see every connection this store takes (a
     /// connection-age policy, a session reset done there rather than in `after_release`).
     ///

@@ -382,9 +382,46 @@ impl PostgresStore {
         token: FencingToken,
         lease: LeaseTerms,
     ) -> Result<Reservation, PostgresStoreError> {
-        let mut conn = within(self.timeout, self.pool.acquire()).await?;
-        self.run_reserve(&mut conn, false, scope, fingerprint, token, lease)
+        let (mut conn, tested) = self.first_connection().await?;
+        match self
+            .run_reserve(&mut conn, false, scope, fingerprint, token, lease)
             .await
+        {
+            // The connection died while idle. The reserve may have run before it went: sent
+            // again with the same token, it answers what the first did (SPEC section 6, a
+            // re-sent reserve).
+            Err(err) if !tested && session_ended(&err) => {
+                tracing::debug!(error = %DisplayChain(&err), "idle connection gone; reserve again on a tested one");
+                conn.close_on_drop();
+                drop(conn);
+                let mut conn = within(self.timeout, self.pool.acquire()).await?;
+                self.run_reserve(&mut conn, false, scope, fingerprint, token, lease)
+                    .await
+            }
+            answer => answer,
+        }
+    }
+
+    /// The connection for a request's first statement (the plain reserve, transactional
+    /// mode's pre-read), and whether the pool tested it. An idle connection as the pool
+    /// holds it, without the pool's test (a ping, a round trip of its own before every
+    /// request: a third of a transactional replay's): that first statement tests it, and
+    /// when it fails because the connection died while idle (a restarted server, a proxy's
+    /// idle cut), the caller sends it again on a connection the pool tested. Through
+    /// `acquire()` when the pool has no idle connection (waiters keep their turn), and
+    /// always with [`pool_acquire_checks`](PostgresStore::pool_acquire_checks).
+    async fn first_connection(
+        &self,
+    ) -> Result<(sqlx::pool::PoolConnection<sqlx::Postgres>, bool), PostgresStoreError> {
+        let idle = if self.pool_checks {
+            None
+        } else {
+            self.pool.try_acquire()
+        };
+        match idle {
+            Some(conn) => Ok((conn, false)),
+            None => Ok((within(self.timeout, self.pool.acquire()).await?, true)),
+        }
     }
 
     /// Reserves in a transaction of its own, kept if it reserved. "In flight" only when a
@@ -418,19 +455,9 @@ impl PostgresStore {
                 .bind(fingerprint.as_bytes().as_slice())
                 .bind(lock_key)
         };
-        // An idle connection as it is, without the pool's test (a round trip of its own
-        // before every request: a third of a replay's): the pre-read tests it. It has no
-        // effect, so when that connection turns out to have died while idle (a restarted
-        // server, a proxy's idle cut), it goes again on one the pool tested.
-        let idle = if self.pool_checks {
-            None
-        } else {
-            self.pool.try_acquire()
-        };
-        let (mut conn, tested) = match idle {
-            Some(conn) => (conn, false),
-            None => (within(self.timeout, self.pool.acquire()).await?, true),
-        };
+        // The pre-read has no effect: when its untested connection turns out to have died
+        // while idle, it goes again on one the pool tested.
+        let (mut conn, tested) = self.first_connection().await?;
         self.count(Op::Reserve);
         let mut sent = tokio::time::Instant::now();
         let row = match within(self.timeout, preread().fetch_one(&mut *conn)).await {
