@@ -95,15 +95,22 @@ impl<C> RedisStore<C> {
 /// command names its key, so this is on every request's path.
 fn tagged(prefix: &str, infix: &str, scope: &ScopeHash) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(prefix.len() + infix.len() + 66);
+    // The hex in a byte buffer, pushed as one `str`: a `char` pushed at a time cost about
+    // 920 instructions per key under callgrind, this about 390.
+    let mut hex = [b'{'; 66];
+    for (pair, byte) in hex[1..65].chunks_exact_mut(2).zip(scope.as_bytes()) {
+        pair[0] = HEX[usize::from(byte >> 4)];
+        pair[1] = HEX[usize::from(byte & 0xf)];
+    }
+    hex[65] = b'}';
+    let mut out = String::with_capacity(prefix.len() + infix.len() + hex.len());
     out.push_str(prefix);
     out.push_str(infix);
-    out.push('{');
-    for byte in scope.as_bytes() {
-        out.push(char::from(HEX[usize::from(byte >> 4)]));
-        out.push(char::from(HEX[usize::from(byte & 0xf)]));
+    match std::str::from_utf8(&hex) {
+        Ok(hex) => out.push_str(hex),
+        // ASCII by construction.
+        Err(err) => unreachable!("{err}"),
     }
-    out.push('}');
     out
 }
 
@@ -253,11 +260,13 @@ where
             bytes(fingerprint.as_bytes()),
             bytes(&token.to_bytes()),
             millis(lease.duration),
-            // Only a store that keeps records locally needs their TTL.
-            Value::Integer(i64::from(self.local.is_some())),
+            // Only a store that keeps records locally needs their TTL. Constants as static
+            // strings: Redis receives every argument as a string anyway, and a static one
+            // is sent as it is, where an integer is formatted first.
+            Value::from_static_str(if self.local.is_some() { "1" } else { "0" }),
             match lease.keep_lapsed {
                 Some(keep) => millis(keep),
-                None => Value::Integer(0),
+                None => Value::from_static_str("0"),
             },
         ];
         let sent = Instant::now();
@@ -419,6 +428,10 @@ mod tests {
             RedisStore::new(Client::default()).key(&scope),
             format!("idem:{{{hex}}}")
         );
+        // Every byte in its place, each nibble in order (the scope's `Display` is the
+        // reference: it formats each byte with `{:02x}`).
+        let scope = ScopeHash::from_bytes(std::array::from_fn(|i| (i as u8) * 7 + 1));
+        assert_eq!(store.key(&scope), format!("app:{{{scope}}}"));
     }
 
     #[tokio::test]
