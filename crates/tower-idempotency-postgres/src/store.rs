@@ -106,7 +106,8 @@ pub struct PostgresStore {
     pub(crate) transactional: bool,
     pub(crate) lock_timeout: Duration,
     pub(crate) idle_limit: IdleLimit,
-    /// The pre-read takes its connection through the pool's checks
+    /// A request's first statement (the plain reserve, transactional mode's pre-read)
+    /// takes its connection through the pool's checks
     /// ([`pool_acquire_checks`](PostgresStore::pool_acquire_checks)).
     pub(crate) pool_checks: bool,
     /// Why the last [`table`](PostgresStore::table) or
