@@ -284,6 +284,20 @@ async fn pg_an_idle_connection_that_died_is_replaced_for_the_reserve() {
         .table(&schema.table("idem"))
         .local_replays(None);
     store.migrate().await.unwrap();
+    an_idle_connection_that_died_is_replaced(&store, &pool, 2).await;
+    pool.close().await;
+}
+
+/// The run of both modes' idle-connection tests, on `store` over `pool` (one connection):
+/// a completed key, then that connection terminated before a replay and again before a new
+/// key. Each answers as usual; the replay sends its first statement twice (2 reserve
+/// statements), the new key `new_key_trips` (plain 2, the reserve twice; transactional 3,
+/// the pre-read twice and the batch).
+pub(crate) async fn an_idle_connection_that_died_is_replaced(
+    store: &PostgresStore,
+    pool: &sqlx::PgPool,
+    new_key_trips: u64,
+) {
     let (done, token) = (scope("/done"), FencingToken::generate());
     let reserved = store.reserve(&done, &FP, token, LEASE.into()).await;
     assert_eq!(reserved.unwrap(), Reservation::Reserved);
@@ -292,28 +306,11 @@ async fn pg_an_idle_connection_that_died_is_replaced_for_the_reserve() {
     assert_eq!(stored, Completion::Stored);
     let admin = support::postgres::pool(1).await;
     let (new, owner) = (scope("/new"), FencingToken::generate());
-    for (case, expected) in [
-        ("replay", Reservation::Completed(record)),
-        ("new key", Reservation::Reserved),
+    for (case, expected, trips) in [
+        ("replay", Reservation::Completed(record), 2),
+        ("new key", Reservation::Reserved, new_key_trips),
     ] {
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while pool.num_idle() != 1 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{case}: back in the pool"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
-            .bind(pid)
-            .fetch_one(&admin)
-            .await
-            .unwrap();
-        assert!(killed, "{case}");
+        support::postgres::kill_idle_connection(pool, &admin).await;
         let before = store.round_trips().reserve;
         let answer = match case {
             "replay" => store.reserve(&done, &FP, FencingToken::generate(), LEASE.into()),
@@ -322,12 +319,12 @@ async fn pg_an_idle_connection_that_died_is_replaced_for_the_reserve() {
         assert_eq!(answer.await.unwrap(), expected, "{case}");
         assert_eq!(
             store.round_trips().reserve - before,
-            2,
-            "{case}: sent twice"
+            trips,
+            "{case}: the first statement sent twice"
         );
     }
     assert!(store.release(&new, owner).await.unwrap());
-    pool.close().await;
+    admin.close().await;
 }
 
 /// Transactional mode (local replay tier off): a new request costs 3 (the pre-read, the

@@ -7,7 +7,9 @@
 #![cfg(feature = "postgres")]
 
 use crate::common;
-use crate::postgres::{request, scope, show_setting, TxApp, FP, LEASE};
+use crate::postgres::{
+    an_idle_connection_that_died_is_replaced, request, scope, show_setting, TxApp, FP, LEASE,
+};
 use crate::support;
 
 use std::time::Duration;
@@ -768,51 +770,7 @@ async fn tx_an_idle_connection_that_died_is_replaced_for_the_pre_read() {
     let schema = TestSchema::create().await;
     let pool = support::postgres::pool(1).await;
     let store = tx_store_on(&pool, &schema).await;
-    let (done, token) = (scope("/done"), FencingToken::generate());
-    let reserved = store.reserve(&done, &FP, token, LEASE.into()).await;
-    assert_eq!(reserved.unwrap(), Reservation::Reserved);
-    let record = Record::NotReplayable;
-    let stored = store.complete(&done, token, &record, LEASE).await.unwrap();
-    assert_eq!(stored, Completion::Stored);
-    let admin = support::postgres::pool(1).await;
-    let (new, owner) = (scope("/new"), FencingToken::generate());
-    for case in ["replay", "new key"] {
-        // The pool's one connection, back in the pool (its release runs on a task).
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while pool.num_idle() != 1 {
-            assert!(
-                Instant::now() < deadline,
-                "{case}: the connection came back"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
-            .bind(pid)
-            .fetch_one(&admin)
-            .await
-            .unwrap();
-        assert!(killed, "{case}");
-        let before = store.round_trips().reserve;
-        let answer = match case {
-            "replay" => store.reserve(&done, &FP, FencingToken::generate(), LEASE.into()),
-            _ => store.reserve(&new, &FP, owner, LEASE.into()),
-        };
-        let expected = match case {
-            "replay" => Reservation::Completed(record.clone()),
-            _ => Reservation::Reserved,
-        };
-        assert_eq!(answer.await.unwrap(), expected, "{case}");
-        assert_eq!(
-            store.round_trips().reserve - before,
-            if case == "replay" { 2 } else { 3 },
-            "{case}: the pre-read twice (then the reserve)"
-        );
-    }
-    assert!(store.release(&new, owner).await.unwrap());
+    an_idle_connection_that_died_is_replaced(&store, &pool, 3).await;
     pool.close().await;
 }
 
@@ -838,11 +796,8 @@ async fn tx_pool_acquire_checks_run_the_pools_hook_for_the_pre_read() {
     let store = tx_store_on(&pool, &schema).await;
     for (checks, expected) in [(false, 0), (true, 1)] {
         let store = store.clone().pool_acquire_checks(checks);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while pool.num_idle() != 1 {
-            assert!(Instant::now() < deadline, "the connection came back");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        // The pool's one connection idle, so that only the store's reserve takes it.
+        support::postgres::until_idle(&pool).await;
         let before = hooks.load(Ordering::SeqCst);
         let (s, token) = (
             scope(&format!("/checks-{checks}")),

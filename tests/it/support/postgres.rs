@@ -31,6 +31,36 @@ pub fn database_url() -> String {
     pg_server::database_url()
 }
 
+/// Waits (at most 5 s) until the one connection of `pool` is idle in it again: sqlx
+/// gives a connection back on a task of its own, after a ping.
+pub async fn until_idle(pool: &PgPool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while pool.num_idle() != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pool's connection did not come back within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Terminates the one connection of `pool` while it sits idle in the pool, as a server
+/// restart or a proxy's idle cut would, from a session of `admin`; returns once its
+/// backend is gone. The pool does not know yet: its next user finds out.
+pub async fn kill_idle_connection(pool: &PgPool, admin: &PgPool) {
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(pool)
+        .await
+        .expect("the pool's backend");
+    until_idle(pool).await;
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+        .bind(pid)
+        .fetch_one(admin)
+        .await
+        .expect("pg_terminate_backend");
+    assert!(killed, "backend {pid} did not end within 5 s");
+}
+
 /// The server's address, for a proxy in front of it.
 pub fn server_addr() -> SocketAddr {
     let url = database_url();
