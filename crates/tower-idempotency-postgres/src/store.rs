@@ -392,10 +392,7 @@ impl PostgresStore {
             // again with the same token, it answers what the first did (SPEC section 6, a
             // re-sent reserve).
             Err(err) if !tested && session_ended(&err) => {
-                tracing::debug!(error = %DisplayChain(&err), "idle connection gone; reserve again on a tested one");
-                conn.close_on_drop();
-                drop(conn);
-                let mut conn = within(self.timeout, self.pool.acquire()).await?;
+                let mut conn = self.replace_dead(conn, &err).await?;
                 self.run_reserve(&mut conn, false, scope, fingerprint, token, lease)
                     .await
             }
@@ -423,6 +420,20 @@ impl PostgresStore {
             Some(conn) => Ok((conn, false)),
             None => Ok((within(self.timeout, self.pool.acquire()).await?, true)),
         }
+    }
+
+    /// A connection the pool tested, in place of `dead`, an untested one from
+    /// [`first_connection`](Self::first_connection) whose first statement failed with
+    /// `err`, an error that ended its session: `dead` is closed, not given back.
+    async fn replace_dead(
+        &self,
+        mut dead: sqlx::pool::PoolConnection<sqlx::Postgres>,
+        err: &PostgresStoreError,
+    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, PostgresStoreError> {
+        tracing::debug!(error = %DisplayChain(err), "idle connection gone; sent again on a tested one");
+        dead.close_on_drop();
+        drop(dead);
+        within(self.timeout, self.pool.acquire()).await
     }
 
     /// Reserves in a transaction of its own, kept if it reserved. "In flight" only when a
@@ -464,10 +475,7 @@ impl PostgresStore {
         let row = match within(self.timeout, preread().fetch_one(&mut *conn)).await {
             Ok(row) => row,
             Err(err) if !tested && session_ended(&err) => {
-                tracing::debug!(error = %DisplayChain(&err), "idle connection gone; pre-read again on a tested one");
-                conn.close_on_drop();
-                drop(conn);
-                conn = within(self.timeout, self.pool.acquire()).await?;
+                conn = self.replace_dead(conn, &err).await?;
                 self.count(Op::Reserve);
                 sent = tokio::time::Instant::now();
                 within(self.timeout, preread().fetch_one(&mut *conn)).await?
