@@ -482,6 +482,16 @@ async fn tx_a_foreign_lock_is_not_in_flight() {
     let r = send(&router, request("locked-long", "{}")).await;
     assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
     assert_eq!(app.runs(), runs);
+    // Every attempt gave up in the server before the 503: none still waits on the table,
+    // to reserve the key once the lock goes and hold it after the caller was told to retry
+    // (a statement the store stopped waiting for goes on in the server).
+    let waiting: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM pg_locks WHERE relation = '{table}'::regclass AND NOT granted"
+    )))
+    .fetch_one(&mut *ddl)
+    .await
+    .unwrap();
+    assert_eq!(waiting, 0, "a reserve still waits on the table lock");
     ddl.rollback().await.unwrap();
     assert_eq!(
         send(&router, request("locked-long", "{}")).await.status,

@@ -334,23 +334,22 @@ impl Statements {
              WHERE scope = $1 AND (SELECT free FROM probe) AND NOT EXISTS (SELECT 1 FROM ins)"
         );
         // Transactional mode's new key, prepared once per session (see `reserve_batch`):
-        // $1 scope, $2 fingerprint, $3 token, $4 lease in ms, $5 lock_timeout, $6
-        // idle_in_transaction_session_timeout (NULL: the session's), $7 the scope's advisory
-        // lock key, $8 the token's. `settings` reads the session's lock_timeout (in a
-        // subquery: read before it is set) and bounds the waits of this transaction; the
-        // probe answers "held" without waiting on the owner's row; the insert locks no
-        // existing row (`DO NOTHING`). Reserved: the owner's two advisory locks, held to
-        // the end of the transaction, and the session's lock_timeout back for the handler's
-        // own queries. Not reserved: 1 / 0. Each `set_config` costs the server about 11 µs
-        // per new key (set, then undone at the end of the transaction), so there are as
-        // few as the bounds need: the long way's custom stash is not one of them here.
+        // $1 scope, $2 fingerprint, $3 token, $4 lease in ms, $5 the session's own
+        // lock_timeout (to restore), $6 idle_in_transaction_session_timeout (NULL: the
+        // session's), $7 the scope's advisory lock key, $8 the token's. The batch bounds
+        // the transaction's lock waits before it sends this (see `reserve_batch`: set in
+        // here, the bound would come too late for the table lock); `settings` bounds a
+        // frozen owner's idle transaction; the probe answers "held" without waiting on the
+        // owner's row; the insert locks no existing row (`DO NOTHING`). Reserved: the
+        // owner's two advisory locks, held to the end of the transaction, and the session's
+        // lock_timeout back for the handler's own queries. Not reserved: 1 / 0. Each
+        // `set_config` costs the server about 11 µs per new key (set, then undone at the
+        // end of the transaction), so there are as few as the bounds need: the long way's
+        // custom stash is not one of them here.
         let reserve_body = format!(
             "(bytea, bytea, bytea, int8, text, text, int8, int8) AS \
-             WITH settings AS (SELECT session.lock_timeout, \
-               set_config('lock_timeout', $5, true) AS b, \
-               CASE WHEN $6 IS NOT NULL THEN \
-                 set_config('idle_in_transaction_session_timeout', $6, true) END AS c \
-               FROM (SELECT current_setting('lock_timeout') AS lock_timeout OFFSET 0) AS session\
+             WITH settings AS (SELECT CASE WHEN $6 IS NOT NULL THEN \
+                 set_config('idle_in_transaction_session_timeout', $6, true) END AS c\
              ), probe AS (\
                SELECT CASE WHEN pg_try_advisory_lock_shared($7) \
                  THEN pg_advisory_unlock_shared($7) ELSE false END AS free FROM settings\
@@ -359,7 +358,7 @@ impl Statements {
                RETURNING 1\
              ) \
              SELECT 1 / count(*)::int4 FROM (\
-               SELECT set_config('lock_timeout', (SELECT lock_timeout FROM settings), true) \
+               SELECT set_config('lock_timeout', $5, true) \
                  || pg_advisory_xact_lock($7)::text \
                  || pg_advisory_xact_lock($8)::text AS locked FROM ins\
              ) AS owner WHERE locked IS NOT NULL"
@@ -415,11 +414,13 @@ impl Statements {
         // transactional mode is a completed one (the pending row commits only with its
         // record), and a completed record never changes: read outside any transaction, it
         // is the answer (a replay, or 422 for another payload) in one statement. Without
-        // one, the probe of the owner's advisory lock answers "in flight"; the probe runs
-        // only when there is no record (a `CASE` evaluates the branch it takes).
+        // one, the probe of the owner's advisory lock answers "in flight", and the session's
+        // `lock_timeout` is what a new key's reserve restores for the handler; both only
+        // when there is no record (a `CASE` evaluates the branch it takes).
         let preread = format!(
             "SELECT r.fingerprint = $2 AS same, r.record, {TTL_MS_R} AS ttl_ms, \
                pg_backend_pid() AS pid, \
+               CASE WHEN r.scope IS NULL THEN current_setting('lock_timeout') END AS lock_timeout, \
                CASE WHEN r.scope IS NULL THEN CASE WHEN pg_try_advisory_lock_shared($3) \
                  THEN pg_advisory_unlock_shared($3) ELSE false END END AS free \
              FROM (SELECT 1) AS one LEFT JOIN {t} AS r ON r.scope = $1 \
@@ -553,7 +554,16 @@ impl Statements {
     /// scope, or a row is there: completed, expired or taken since the pre-read), the last
     /// statement divides by zero ([`NOT_RESERVED`]), and the store ends the failed
     /// transaction and asks with the statements that return the row. `lock_timeout` and
-    /// `idle` are settings as [`crate::store`] formats them (`'250ms'`).
+    /// `idle` are settings as [`crate::store`] formats them (`'250ms'`); `session_lock_timeout`
+    /// the session's own, as the pre-read read it, restored once the row is held.
+    ///
+    /// The transaction's `lock_timeout` is set by a statement of its own, before the
+    /// `PREPARE` and the `EXECUTE`: both take the table's lock before any of the reserve's
+    /// expressions runs (parse analysis, and the check of the cached plan), so a bound set
+    /// inside the statement does not bound a wait on a table lock (DDL, `LOCK TABLE`). That
+    /// wait would last until the store's timeout, and the statement would go on in the
+    /// server after it: once the lock went, it would reserve the key and hold it until its
+    /// session noticed the store had closed the connection (409 to a retry meanwhile).
     #[allow(clippy::too_many_arguments)] // one reserve's inputs, as literals
     pub(crate) fn reserve_batch(
         &self,
@@ -564,6 +574,7 @@ impl Statements {
         token: tower_idempotency_core::FencingToken,
         lease_ms: i64,
         lock_timeout: &str,
+        session_lock_timeout: &str,
         idle: Option<&str>,
     ) -> String {
         use std::fmt::Write;
@@ -575,7 +586,9 @@ impl Statements {
         // implicit transaction of the batch, and `BEGIN ISOLATION LEVEL` then fails
         // (25001) on a server whose default isolation is not READ COMMITTED. A `ROLLBACK`
         // does not undo a `PREPARE`.
-        sql.push_str("BEGIN ISOLATION LEVEL READ COMMITTED; ");
+        sql.push_str("BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = ");
+        sql.push_str(lock_timeout);
+        sql.push_str("; ");
         if prepare {
             sql.push_str(&self.prepare);
             sql.push_str("; ");
@@ -584,11 +597,16 @@ impl Statements {
         let _ = write!(
             sql,
             "EXECUTE {name}(E'\\\\x{scope}', E'\\\\x{fingerprint}', E'\\\\x{token}', \
-               {lease_ms}, {lock_timeout}, {idle}, {key}, {token_key})",
+               {lease_ms}, ",
             name = self.reserve_name,
             scope = scope.to_hex(),
             fingerprint = hex(fingerprint.as_bytes()),
             token = hex(&token.to_bytes()),
+        );
+        push_text_literal(&mut sql, session_lock_timeout);
+        let _ = write!(
+            sql,
+            ", {idle}, {key}, {token_key})",
             idle = idle.unwrap_or("NULL"),
             key = self.lock_key(scope),
             token_key = self.token_lock(token),
@@ -626,15 +644,9 @@ impl Statements {
             token = hex(&token.to_bytes()),
         );
         push_hex(&mut sql, record);
-        let _ = write!(sql, "', {ttl_ms}, E'");
-        for c in channel.chars() {
-            match c {
-                '\'' => sql.push_str("''"),
-                '\\' => sql.push_str("\\\\"),
-                c => sql.push(c),
-            }
-        }
-        let _ = write!(sql, "', {notify}); COMMIT; BEGIN");
+        let _ = write!(sql, "', {ttl_ms}, ");
+        push_text_literal(&mut sql, channel);
+        let _ = write!(sql, ", {notify}); COMMIT; BEGIN");
         sql
     }
 
@@ -673,6 +685,20 @@ pub(crate) const NOT_RESERVED: &str = "22012";
 /// SQLSTATE `invalid_sql_statement_name`: the session has no prepared statement of that
 /// name (see [`crate::prepared`]).
 pub(crate) const NO_SUCH_STATEMENT: &str = "26000";
+
+/// Appends `text` as an `E''` string literal (read the same whatever
+/// `standard_conforming_strings` says): backslashes and quotes doubled.
+fn push_text_literal(out: &mut String, text: &str) {
+    out.reserve(text.len() + 3);
+    out.push_str("E'");
+    for c in text.chars() {
+        if c == '\\' || c == '\'' {
+            out.push(c);
+        }
+        out.push(c);
+    }
+    out.push('\'');
+}
 
 /// Lowercase hex.
 fn hex(bytes: &[u8]) -> String {

@@ -505,6 +505,7 @@ impl PostgresStore {
                 .await;
         }
         let pid: i32 = row.try_get("pid")?;
+        let session_lock_timeout: String = row.try_get("lock_timeout")?;
         let lock_timeout = self.lock_timeout_setting();
         let idle = self.idle_setting(lease);
         let (mut prepare, mut failed) = (!prepared.has(pid), false);
@@ -517,6 +518,7 @@ impl PostgresStore {
                 token,
                 millis(lease.duration),
                 &lock_timeout,
+                &session_lock_timeout,
                 idle.as_deref(),
             );
             self.count(Op::Reserve);
