@@ -272,6 +272,46 @@ async fn pg_round_trips_per_request() {
     step(send(&h.router, bad).await, 2, "released 4xx");
 }
 
+/// Plain mode next to a table lock held past the store's timeout (DDL, `LOCK TABLE`): 503,
+/// and the handler does not run. The reserve the store stopped waiting for stays queued on
+/// the lock in the server, and the layer's fenced release of its token behind it: once the
+/// lock goes, a retry runs (a 409 only for the moment the two take), and never waits out
+/// the 30 s lease of a token nobody holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_a_table_lock_past_the_timeout_is_503_and_the_retry_runs() {
+    let store = support::postgres::store()
+        .await
+        .map(|s| s.command_timeout(Duration::from_millis(500)));
+    let table = store.schema.table("idem");
+    let h = Harness::new(
+        IdempotencyLayer::new(store.store().clone())
+            .global_scope()
+            .in_flight(InFlight::Conflict)
+            .lease(Duration::from_secs(30)),
+    );
+    let mut ddl = store.store().pool().begin().await.unwrap();
+    sqlx::raw_sql(AssertSqlSafe(format!("LOCK TABLE {table} IN SHARE MODE")))
+        .execute(&mut *ddl)
+        .await
+        .unwrap();
+    let r = send(&h.router, request("locked", "{}")).await;
+    assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    assert_eq!(h.runs(), 0);
+    // Long enough for the layer's release to queue behind the reserve, on the lock.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ddl.rollback().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let r = loop {
+        let r = send(&h.router, request("locked", "{}")).await;
+        if r.status != StatusCode::CONFLICT || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    assert_eq!(h.runs(), 1);
+}
+
 /// Plain mode's reserve takes an idle connection without the pool's ping, as the
 /// transactional pre-read does: when that connection died while idle (terminated here),
 /// the reserve is sent again, with the same token, on a connection the pool tested. A
