@@ -234,6 +234,39 @@ async fn tx_durations_past_postgres_limits_are_clamped() {
     assert_eq!(app.rows().await, 1);
 }
 
+/// A lock timeout longer than the store's own timeout is cut to half of it: a reserve
+/// waiting on a table lock gives up in the server before the store gives up on it (503),
+/// so nothing is left waiting there to reserve the key once the lock goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_a_lock_timeout_past_the_store_timeout_ends_in_the_server_first() {
+    let store = support::postgres::transactional_store().await.map(|s| {
+        s.lock_timeout(Duration::MAX)
+            .command_timeout(Duration::from_secs(1))
+    });
+    let (app, router) = TxApp::new(store.clone(), |l| l).await;
+    let table = store.schema.table("idem");
+    let mut ddl = store.store().pool().begin().await.unwrap();
+    sqlx::raw_sql(AssertSqlSafe(format!("LOCK TABLE {table} IN SHARE MODE")))
+        .execute(&mut *ddl)
+        .await
+        .unwrap();
+    let r = send(&router, request("locked", "{}")).await;
+    assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    let waiting: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM pg_locks WHERE relation = '{table}'::regclass AND NOT granted"
+    )))
+    .fetch_one(&mut *ddl)
+    .await
+    .unwrap();
+    assert_eq!(waiting, 0, "a reserve still waits on the table lock");
+    ddl.rollback().await.unwrap();
+    assert_eq!(
+        send(&router, request("locked", "{}")).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(app.runs(), 1);
+}
+
 /// `idle_in_transaction_timeout(Duration::ZERO)` means what 0 means to Postgres: no
 /// limit (not "cut at once", which would fail every request).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -215,8 +215,9 @@ impl PostgresStore {
     /// DDL on the table). After it, the reservation is "in flight" only if an owner holds
     /// the key; otherwise it is tried again, up to the store's [`command_timeout`](Self::command_timeout),
     /// and then fails ([`PostgresStoreError::Locked`]: 503, never 409 for a key that nobody
-    /// holds). `Duration::ZERO` waits 1 ms (to Postgres, 0 would mean "for ever"); values
-    /// above Postgres's limit (2^31 - 1 ms, ~24.8 days) are clamped to it.
+    /// holds). `Duration::ZERO` waits 1 ms (to Postgres, 0 would mean "for ever"); a value
+    /// above half the [`command_timeout`](Self::command_timeout) is that half, so that a
+    /// wait always ends in the server before the store stops waiting for its answer.
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
         self.lock_timeout = timeout;
         self

@@ -670,9 +670,16 @@ impl PostgresStore {
     }
 
     /// `lock_timeout` for the reserving transaction: at least 1 ms (to Postgres 0 would
-    /// mean "wait for ever").
+    /// mean "wait for ever"), and at most half the store's timeout, so that a lock wait
+    /// always ends in the server before the store stops waiting for its answer (a statement
+    /// the store gave up on would go on there, and could reserve the key after the caller
+    /// was told to retry).
     fn lock_timeout_setting(&self) -> String {
-        setting(self.lock_timeout.max(Duration::from_millis(1)))
+        setting(
+            self.lock_timeout
+                .min(self.timeout / 2)
+                .max(Duration::from_millis(1)),
+        )
     }
 
     /// `idle_in_transaction_session_timeout` for the reserving transaction, if any.
