@@ -282,18 +282,13 @@ async fn pg_a_table_lock_past_the_timeout_is_503_and_the_retry_runs() {
     let store = support::postgres::store()
         .await
         .map(|s| s.command_timeout(Duration::from_millis(500)));
-    let table = store.schema.table("idem");
     let h = Harness::new(
         IdempotencyLayer::new(store.store().clone())
             .global_scope()
             .in_flight(InFlight::Conflict)
             .lease(Duration::from_secs(30)),
     );
-    let mut ddl = store.store().pool().begin().await.unwrap();
-    sqlx::raw_sql(AssertSqlSafe(format!("LOCK TABLE {table} IN SHARE MODE")))
-        .execute(&mut *ddl)
-        .await
-        .unwrap();
+    let ddl = store.lock_table("idem").await;
     let r = send(&h.router, request("locked", "{}")).await;
     assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
     assert_eq!(h.runs(), 0);

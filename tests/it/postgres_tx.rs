@@ -244,20 +244,10 @@ async fn tx_a_lock_timeout_past_the_store_timeout_ends_in_the_server_first() {
             .command_timeout(Duration::from_secs(1))
     });
     let (app, router) = TxApp::new(store.clone(), |l| l).await;
-    let table = store.schema.table("idem");
-    let mut ddl = store.store().pool().begin().await.unwrap();
-    sqlx::raw_sql(AssertSqlSafe(format!("LOCK TABLE {table} IN SHARE MODE")))
-        .execute(&mut *ddl)
-        .await
-        .unwrap();
+    let mut ddl = store.lock_table("idem").await;
     let r = send(&router, request("locked", "{}")).await;
     assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
-    let waiting: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FROM pg_locks WHERE relation = '{table}'::regclass AND NOT granted"
-    )))
-    .fetch_one(&mut *ddl)
-    .await
-    .unwrap();
+    let waiting = store.lock_waiters(&mut ddl, "idem").await;
     assert_eq!(waiting, 0, "a reserve still waits on the table lock");
     ddl.rollback().await.unwrap();
     assert_eq!(
@@ -456,11 +446,7 @@ async fn tx_a_foreign_lock_is_not_in_flight() {
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
 
     // A table lock held for 800 ms.
-    let mut ddl = store.store().pool().begin().await.unwrap();
-    sqlx::raw_sql(AssertSqlSafe(format!("LOCK TABLE {table} IN SHARE MODE")))
-        .execute(&mut *ddl)
-        .await
-        .unwrap();
+    let ddl = store.lock_table("idem").await;
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(800)).await;
         ddl.rollback().await.unwrap();
@@ -506,11 +492,7 @@ async fn tx_a_foreign_lock_is_not_in_flight() {
     release.await.unwrap();
 
     // A table lock held past the store's timeout: 503, and the handler did not run.
-    let mut ddl = store.store().pool().begin().await.unwrap();
-    sqlx::raw_sql(AssertSqlSafe(format!("LOCK TABLE {table} IN SHARE MODE")))
-        .execute(&mut *ddl)
-        .await
-        .unwrap();
+    let mut ddl = store.lock_table("idem").await;
     let runs = app.runs();
     let r = send(&router, request("locked-long", "{}")).await;
     assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
@@ -518,12 +500,7 @@ async fn tx_a_foreign_lock_is_not_in_flight() {
     // Every attempt gave up in the server before the 503: none still waits on the table,
     // to reserve the key once the lock goes and hold it after the caller was told to retry
     // (a statement the store stopped waiting for goes on in the server).
-    let waiting: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT count(*) FROM pg_locks WHERE relation = '{table}'::regclass AND NOT granted"
-    )))
-    .fetch_one(&mut *ddl)
-    .await
-    .unwrap();
+    let waiting = store.lock_waiters(&mut ddl, "idem").await;
     assert_eq!(waiting, 0, "a reserve still waits on the table lock");
     ddl.rollback().await.unwrap();
     assert_eq!(
