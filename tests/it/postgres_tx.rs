@@ -257,6 +257,23 @@ async fn tx_a_lock_timeout_past_the_store_timeout_ends_in_the_server_first() {
     assert_eq!(app.runs(), 1);
 }
 
+/// A completed row without a record is not this crate's (edited by hand, another writer):
+/// 503 with the reason in the log, never a run of the handler over it nor a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_a_completed_row_without_a_record_is_503() {
+    let store = support::postgres::transactional_store().await;
+    let (app, router) = TxApp::new(store.clone(), |l| l).await;
+    let first = send(&router, request("hand-edited", "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    let table = store.schema.table("idem");
+    store
+        .exec(&format!("UPDATE {table} SET record = NULL"))
+        .await;
+    let r = send(&router, request("hand-edited", "{}")).await;
+    assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    assert_eq!(app.runs(), 1);
+}
+
 /// `idle_in_transaction_timeout(Duration::ZERO)` means what 0 means to Postgres: no
 /// limit (not "cut at once", which would fail every request).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -497,15 +497,17 @@ impl PostgresStore {
         }
         // A new key, most likely: begin and reserve in one round trip (preparing the
         // statements first on a session not known to hold them; see `crate::prepared`).
+        // The long way when the server refused to prepare them, or for a completed row
+        // without a record (not this crate's; the long way says so).
         let prepared = &self.sql.prepared;
-        if !prepared.enabled() {
+        let session = row.try_get::<Option<String>, _>("lock_timeout")?;
+        let (true, Some(session_lock_timeout)) = (prepared.enabled(), session) else {
             drop(conn);
             return self
                 .reserve_the_long_way(scope, fingerprint, token, lease, started, None, None)
                 .await;
-        }
+        };
         let pid: i32 = row.try_get("pid")?;
-        let session_lock_timeout: String = row.try_get("lock_timeout")?;
         let lock_timeout = self.lock_timeout_setting();
         let idle = self.idle_setting(lease);
         let (mut prepare, mut failed) = (!prepared.has(pid), false);
@@ -542,14 +544,17 @@ impl PostgresStore {
                     (prepare, failed) = (true, true);
                     conn = back;
                 }
-                // Anything after the prepare (not reserved, a lock wait) leaves the
-                // statements prepared: a rollback does not undo a `PREPARE`.
-                Some(NOT_RESERVED | LOCK_NOT_AVAILABLE) => {
+                // Not reserved: the `EXECUTE` ran, so the statements are prepared (a
+                // rollback does not undo a `PREPARE`). A lock wait may have ended the
+                // prepare itself (parsing the insert takes the table's lock): this session
+                // is not counted as prepared, and its next batch prepares what it lacks.
+                Some(NOT_RESERVED) => {
                     if prepare {
                         prepared.insert(pid);
                     }
                     break (back, err);
                 }
+                Some(LOCK_NOT_AVAILABLE) => break (back, err),
                 // The server refuses the prepare itself (no `USAGE` on plpgsql for this
                 // role, no plpgsql at all): this store reserves with plain statements from
                 // now on, the long way. Any other error is the request's, not the server's
