@@ -244,17 +244,28 @@ async fn tx_a_lock_timeout_past_the_store_timeout_ends_in_the_server_first() {
             .command_timeout(Duration::from_secs(1))
     });
     let (app, router) = TxApp::new(store.clone(), |l| l).await;
+    locked_past_the_timeout(&store, &app, &router, "locked").await;
+}
+
+/// A table lock held past the store's timeout, around a request of `key` on `router`: 503
+/// and the handler does not run; every attempt gave up in the server before the 503, so
+/// none still waits on the table to reserve the key once the lock goes and hold it after
+/// the caller was told to retry (a statement the store stopped waiting for goes on in the
+/// server); once the lock has gone, the key runs.
+async fn locked_past_the_timeout(store: &TestStore, app: &TxApp, router: &axum::Router, key: &str) {
     let mut ddl = store.lock_table("idem").await;
-    let r = send(&router, request("locked", "{}")).await;
+    let runs = app.runs();
+    let r = send(router, request(key, "{}")).await;
     assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    assert_eq!(app.runs(), runs);
     let waiting = store.lock_waiters(&mut ddl, "idem").await;
     assert_eq!(waiting, 0, "a reserve still waits on the table lock");
     ddl.rollback().await.unwrap();
     assert_eq!(
-        send(&router, request("locked", "{}")).await.status,
+        send(router, request(key, "{}")).await.status,
         StatusCode::CREATED
     );
-    assert_eq!(app.runs(), 1);
+    assert_eq!(app.runs(), runs + 1);
 }
 
 /// A completed row without a record is not this crate's (edited by hand, another writer):
@@ -509,21 +520,7 @@ async fn tx_a_foreign_lock_is_not_in_flight() {
     release.await.unwrap();
 
     // A table lock held past the store's timeout: 503, and the handler did not run.
-    let mut ddl = store.lock_table("idem").await;
-    let runs = app.runs();
-    let r = send(&router, request("locked-long", "{}")).await;
-    assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
-    assert_eq!(app.runs(), runs);
-    // Every attempt gave up in the server before the 503: none still waits on the table,
-    // to reserve the key once the lock goes and hold it after the caller was told to retry
-    // (a statement the store stopped waiting for goes on in the server).
-    let waiting = store.lock_waiters(&mut ddl, "idem").await;
-    assert_eq!(waiting, 0, "a reserve still waits on the table lock");
-    ddl.rollback().await.unwrap();
-    assert_eq!(
-        send(&router, request("locked-long", "{}")).await.status,
-        StatusCode::CREATED
-    );
+    locked_past_the_timeout(&store, &app, &router, "locked-long").await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -690,6 +687,54 @@ async fn plain_complete_and_release_check_the_token() {
             .unwrap(),
         Reservation::Completed(Record::NotReplayable)
     );
+}
+
+/// A lock wait can end the prepare itself (parsing the reserve takes the table's lock, and
+/// a fresh session's first batch prepares): that session holds no statements and is not
+/// counted as holding them, so its next new key prepares them in its batch (the pre-read
+/// and one batch), never an `EXECUTE` that fails for want of them and a batch more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_a_lock_wait_in_the_prepare_does_not_count_the_session_as_prepared() {
+    let schema = TestSchema::create().await;
+    // One connection: the batches below meet the same, fresh session.
+    let pool = support::postgres::pool(1).await;
+    let store = tx_store_on(&pool, &schema)
+        .await
+        .lock_timeout(Duration::from_millis(100))
+        .command_timeout(Duration::from_secs(1));
+    let admin = support::postgres::pool(1).await;
+    let mut ddl = admin.begin().await.unwrap();
+    let lock = format!("LOCK TABLE {} IN SHARE MODE", schema.table("idem"));
+    sqlx::raw_sql(AssertSqlSafe(lock))
+        .execute(&mut *ddl)
+        .await
+        .unwrap();
+    let locked = scope("/locked");
+    let answer = store.reserve(&locked, &FP, FencingToken::generate(), LEASE.into());
+    assert!(answer.await.is_err(), "reserved past a table lock");
+    ddl.rollback().await.unwrap();
+    let prepared: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'tower_idempotency_%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(prepared, 0, "the lock wait ended the prepare");
+    let (s, token) = (scope("/after"), FencingToken::generate());
+    let before = store.round_trips().reserve;
+    let reserved = store.reserve(&s, &FP, token, LEASE.into()).await.unwrap();
+    assert_eq!(reserved, Reservation::Reserved);
+    assert_eq!(
+        store.round_trips().reserve - before,
+        2,
+        "pre-read, prepare+reserve"
+    );
+    let stored = store
+        .complete(&s, token, &Record::NotReplayable, LEASE)
+        .await;
+    assert_eq!(stored.unwrap(), Completion::Stored);
+    admin.close().await;
+    pool.close().await;
 }
 
 /// The statements each session prepares once (see the store's `prepared` module) are a
