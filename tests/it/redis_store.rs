@@ -10,6 +10,7 @@
 
 use crate::support;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -22,8 +23,8 @@ use tower_idempotency::redis::fred::prelude::*;
 use tower_idempotency::redis::fred::types::{ClusterHash, CustomCommand};
 use tower_idempotency::redis::{RedisStore, RedisStoreError};
 use tower_idempotency::store::{
-    Completion, DecodeError, FencingToken, Fingerprint, Record, Reservation, ScopeHash, StoreError,
-    StoredResponse, Subscription,
+    Completion, DecodeError, FencingToken, Fingerprint, LeaseTerms, Record, Reservation, ScopeHash,
+    StoreError, StoredResponse, Subscription,
 };
 use tower_idempotency::{IdempotencyLayer, InFlight, Store};
 
@@ -783,6 +784,55 @@ async fn unknown_record_version_is_a_decode_error() {
             Err(StoreError::Decode(err)) => assert_eq!(err, expected),
             other => panic!("expected a decode error, got {other:?}"),
         }
+    }
+}
+
+/// A new key's pending hash, as the reserve script writes it on its fast path (a lapsed
+/// lease is not kept: the default) and on its general path (a kept one): the same fields
+/// but `le`, and the life the lease terms give it. The fast path repeats what the general
+/// one does so that the common call builds nothing it does not use; this holds the two
+/// together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_keys_pending_hash_is_the_same_on_both_reserve_paths() {
+    let store = store(&redis_url().await, &support::unique_prefix("pending-hash")).await;
+    let keep = Duration::from_secs(120);
+    for terms in [LEASE.into(), LeaseTerms::new(LEASE).keep_lapsed(keep)] {
+        let s = scope();
+        let token = FencingToken::generate();
+        let reserved = store.reserve(&s, &FP, token, terms).await.unwrap();
+        assert_eq!(reserved, Reservation::Reserved);
+        let hgetall = CustomCommand::new_static("HGETALL", ClusterHash::FirstKey, true);
+        let fields: HashMap<String, Bytes> = store
+            .client()
+            .custom(hgetall, vec![store.key(&s)])
+            .await
+            .unwrap();
+        let mut names: Vec<&str> = fields.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        let life: i64 = store.client().pttl(store.key(&s)).await.unwrap();
+        let life = Duration::from_millis(u64::try_from(life).unwrap());
+        assert_eq!(fields["st"].as_ref(), b"p");
+        assert_eq!(fields["tok"].as_ref(), token.to_bytes().as_slice());
+        assert_eq!(fields["fp"].as_ref(), FP.as_bytes().as_slice());
+        if terms.keep_lapsed.is_some() {
+            assert_eq!(names, ["fp", "le", "st", "tok"]);
+            assert!(life > LEASE && life <= keep, "{life:?}");
+        } else {
+            assert_eq!(names, ["fp", "st", "tok"]);
+            assert!(
+                life > LEASE - Duration::from_secs(5) && life <= LEASE,
+                "{life:?}"
+            );
+        }
+        // And both answer as a lease: in flight for another token, reserved for this one.
+        let other = store
+            .reserve(&s, &FP, FencingToken::generate(), terms)
+            .await;
+        assert_eq!(other.unwrap(), Reservation::InFlight);
+        assert_eq!(
+            store.reserve(&s, &FP, token, terms).await.unwrap(),
+            Reservation::Reserved
+        );
     }
 }
 

@@ -22,7 +22,30 @@
 -- for it, so its complete or release publishes on the scope's channel. Without the mark
 -- they publish nothing, and a request nobody waits for costs Redis no pub/sub work.
 local h = redis.call('HMGET', KEYS[1], 'st', 'fp', 'rec', 'tok', 'w', 'le')
-local st, fp, rec, tok, w, le = h[1], h[2], h[3], h[4], h[5], h[6]
+local st, fp = h[1], h[2]
+
+-- The two common answers first, before the script builds anything else: every call pays
+-- for each closure, table and number it makes (and the garbage collector after it), so
+-- a new key and a replay return before the functions and numbers below exist. On a new
+-- key that keeps no lapsed lease, this is what `take` below does.
+if not st and ARGV[5] == '0' then
+  redis.call('HSET', KEYS[1], 'st', 'p', 'tok', ARGV[2], 'fp', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+if st == 'c' then
+  if fp ~= ARGV[1] then
+    return 3
+  end
+  -- A completed hash always has `rec`; an empty blob would only come from a damaged
+  -- hash, and the client then reports a decode error instead of replaying nothing.
+  if ARGV[4] == '1' then
+    return {h[3] or '', redis.call('PTTL', KEYS[1])}
+  end
+  return {h[3] or ''}
+end
+
+local tok, w, le = h[4], h[5], h[6]
 local lease = tonumber(ARGV[3])
 local keep = tonumber(ARGV[5])
 
@@ -74,14 +97,6 @@ if st == 'p' and le and tonumber(le) <= now_ms() then
 end
 if fp ~= ARGV[1] then
   return 3
-end
-if st == 'c' then
-  -- A completed hash always has `rec`; an empty blob would only come from a damaged
-  -- hash, and the client then reports a decode error instead of replaying nothing.
-  if ARGV[4] == '1' then
-    return {rec or '', redis.call('PTTL', KEYS[1])}
-  end
-  return {rec or ''}
 end
 if not w then
   redis.call('HSET', KEYS[1], 'w', '1')
