@@ -737,12 +737,10 @@ async fn tx_a_lock_wait_in_the_prepare_does_not_count_the_session_as_prepared() 
     pool.close().await;
 }
 
-/// The statements each session prepares once (see the store's `prepared` module) are a
-/// belief the store checks, never trusts: a session that lost its reserve (deallocated) gets
-/// it prepared again; a second store on the same table prepares nothing twice; a session
-/// that lost its complete under a live transaction answers "rolled back" once (nothing
-/// committed) and has it again next time. A new key costs 2 statements to reserve and 1 to
-/// complete and commit.
+/// The reserve each session prepares once (see the store's `prepared` module) is a belief
+/// the store checks, never trusts: a session that lost it (deallocated) gets it prepared
+/// again; a second store on the same table prepares nothing twice. A new key costs 2
+/// statements to reserve and 2 to complete (`UPDATE`, `COMMIT`).
 #[tokio::test]
 async fn tx_lost_or_shared_prepared_statements_still_work() {
     let schema = TestSchema::create().await;
@@ -779,7 +777,7 @@ async fn tx_lost_or_shared_prepared_statements_still_work() {
         let stored = store.complete(&s, token, &record, LEASE).await.unwrap();
         assert_eq!(stored, completes, "{name}");
         if completes == Completion::Stored {
-            assert_eq!(store.round_trips().complete - before.complete, 1, "{name}");
+            assert_eq!(store.round_trips().complete - before.complete, 2, "{name}");
             let replay = store.reserve(&s, &FP, FencingToken::generate(), LEASE.into());
             assert_eq!(
                 replay.await.unwrap(),
@@ -796,9 +794,9 @@ async fn tx_lost_or_shared_prepared_statements_still_work() {
         "pre-read, prepare+reserve"
     );
     let prepared = names().await;
-    assert_eq!(prepared.len(), 2, "complete and reserve: {prepared:?}");
+    assert_eq!(prepared.len(), 1, "the reserve: {prepared:?}");
     assert!(
-        prepared[0].starts_with("tower_idempotency_complete_"),
+        prepared[0].starts_with("tower_idempotency_reserve_"),
         "{prepared:?}"
     );
     assert_eq!(
@@ -809,27 +807,13 @@ async fn tx_lost_or_shared_prepared_statements_still_work() {
 
     // The reserve deallocated behind the store's back: its `EXECUTE` fails, the store
     // prepares it again.
-    deallocate(prepared[1].clone()).await;
+    deallocate(prepared[0].clone()).await;
     assert_eq!(
         new_key(first.clone(), "/lost", stored).await,
         3,
         "one failed EXECUTE more"
     );
     assert_eq!(new_key(first.clone(), "/healed", stored).await, 2);
-
-    // The complete deallocated: that transaction rolls back (nothing of it committed, the
-    // key runs again), and the next one prepares it again.
-    deallocate(prepared[0].clone()).await;
-    let rolled_back = Completion::RolledBack;
-    assert_eq!(
-        new_key(first.clone(), "/lost-complete", rolled_back).await,
-        2
-    );
-    let (s, token) = (scope("/lost-complete"), FencingToken::generate());
-    let again = first.reserve(&s, &FP, token, LEASE.into()).await.unwrap();
-    assert_eq!(again, Reservation::Reserved, "nothing was committed");
-    assert!(first.release(&s, token).await.unwrap());
-    assert_eq!(new_key(first.clone(), "/healed-complete", stored).await, 2);
 
     // A second store on the same table: its first batch prepares nothing the session holds.
     let second = PostgresStore::new(pool.clone())
@@ -839,6 +823,58 @@ async fn tx_lost_or_shared_prepared_statements_still_work() {
     assert_eq!(new_key(second, "/shared-known", stored).await, 2);
     assert_eq!(names().await, prepared);
     drop(first);
+    pool.close().await;
+}
+
+/// A row the pre-read does not see (an expired record, not purged yet) makes the new key's
+/// insert fail on the primary key: the store ends that transaction and goes the long way,
+/// which takes the row over. The key is reserved, the handler's work commits with the new
+/// record, and the retry replays it. Each case costs what it did with the insert that
+/// divided by zero instead (pre-read, batch, then the long way's three statements). A
+/// row of another owner that holds the scope still answers "in flight" (1 / 0 first).
+#[tokio::test]
+async fn tx_an_expired_record_not_yet_purged_is_taken_over() {
+    let schema = TestSchema::create().await;
+    let pool = support::postgres::pool(2).await;
+    let store = tx_store_on(&pool, &schema).await;
+    let table = schema.table("idem");
+    let s = scope("/expired");
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {table} (scope, fingerprint, state, token, record, expires_at) \
+         VALUES ($1, $2, 'completed', '\\x00', $3, now() - interval '1 second')"
+    )))
+    .bind(s.as_bytes().as_slice())
+    .bind(FP.as_bytes().as_slice())
+    .bind(Record::NotReplayable.encode().to_vec())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let token = FencingToken::generate();
+    let before = store.round_trips();
+    let reserved = store.reserve(&s, &FP, token, LEASE.into()).await.unwrap();
+    assert_eq!(reserved, Reservation::Reserved);
+    assert_eq!(
+        store.round_trips().reserve - before.reserve,
+        5,
+        "pre-read, batch (23505), long way: ROLLBACK+BEGIN, reserve"
+    );
+    // Held: another request is in flight, not a second owner.
+    let other = store.reserve(&s, &FP, FencingToken::generate(), LEASE.into());
+    assert_eq!(other.await.unwrap(), Reservation::InFlight);
+    let record = Record::Response(tower_idempotency::store::StoredResponse::new(
+        StatusCode::CREATED,
+        Vec::new(),
+        bytes::Bytes::from_static(b"{\"id\":1}"),
+    ));
+    let stored = store.complete(&s, token, &record, LEASE).await.unwrap();
+    assert_eq!(stored, Completion::Stored);
+    let replay = store.reserve(&s, &FP, FencingToken::generate(), LEASE.into());
+    assert_eq!(replay.await.unwrap(), Reservation::Completed(record));
+    let rows: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "taken over in place");
     pool.close().await;
 }
 

@@ -131,12 +131,11 @@
 //!
 //! Costs: each request in flight holds one pool connection from reserve to commit, so the
 //! pool's size bounds the requests in flight (a reserve that cannot get a connection
-//! within the store's [`command_timeout`](PostgresStore::command_timeout) is a 503). A new request costs 3
+//! within the store's [`command_timeout`](PostgresStore::command_timeout) is a 503). A new request costs 4
 //! round trips (a pre-read `SELECT`; one batch that begins the transaction with its
-//! settings and inserts the pending row; one that writes the record and `COMMIT`s: one
-//! fewer than the hand-written `BEGIN`, `INSERT`, `UPDATE`, `COMMIT`) plus one per
-//! renewal (a record over 64 KiB adds 1: its `COMMIT` goes on its own); the two batches
-//! run statements each connection prepares once; a replay, a
+//! settings and inserts the pending row, with a statement each connection prepares once;
+//! the record's `UPDATE`; the `COMMIT`: as many as the hand-written `BEGIN`, `INSERT`,
+//! `UPDATE`, `COMMIT`) plus one per renewal; a replay, a
 //! 422 or a 409 for a key in flight 1 (the pre-read, outside any transaction), and 0
 //! from the opt-in [local replay tier](PostgresStore::local_replays). The pre-read takes an
 //! idle connection as the pool holds it (sqlx's `try_acquire`), without the pool's

@@ -1,19 +1,17 @@
-//! Which server sessions hold transactional mode's prepared statements: [`Prepared`].
+//! Which server sessions hold transactional mode's prepared reserve: [`Prepared`].
 //!
 //! The batch that begins a new key's transaction `EXECUTE`s a reserve the session
-//! prepared (SQL `PREPARE`), and the batch that commits it a prepared complete, so the
-//! server plans them once per connection instead of once per request. Which connection a
-//! reserve gets from the pool is sqlx's business, so the store tells sessions apart by
-//! their server process id (the pre-read returns it) and prepares in the same batch the
-//! first time it meets one (a `DO` block that prepares whichever of the two the session
-//! lacks): no extra round trip and no error in the server's log. What this set says is a
-//! belief, never trusted for correctness: a reused process id, or a session whose reserve
-//! was deallocated, makes the `EXECUTE` fail before anything happened and the store
-//! prepares again; a session whose complete was deallocated under a live transaction
-//! (only the handler's own SQL can) rolls that transaction back, answered as a failed
-//! commit, and the next reserve on it prepares again. A server that refuses the `DO`
-//! block turns this off for the store: it reserves with plain statements, one round trip
-//! more.
+//! prepared (SQL `PREPARE`), so the server plans it once per connection instead of once
+//! per request. (The complete is a statement with bound parameters, which sqlx prepares
+//! and caches per connection by itself.) Which connection a reserve gets from the pool is
+//! sqlx's business, so the store tells sessions apart by their server process id (the
+//! pre-read returns it) and prepares in the same batch the first time it meets one (a
+//! `DO` block that prepares the reserve unless the session holds it): no extra round trip
+//! and no error in the server's log. What this set says is a belief, never trusted for
+//! correctness: a reused process id, or a session whose reserve was deallocated, makes
+//! the `EXECUTE` fail before anything happened and the store prepares again. A server
+//! that refuses the `DO` block turns this off for the store: it reserves with plain
+//! statements, one round trip more.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +22,7 @@ use std::sync::{Mutex, MutexGuard};
 /// once more, which finds both statements and prepares nothing).
 const MAX_SESSIONS: usize = 65_536;
 
-/// The server process ids whose sessions hold both statements (shared by a store's clones).
+/// The server process ids whose sessions hold the reserve (shared by a store's clones).
 #[derive(Debug, Default)]
 pub(crate) struct Prepared {
     pids: Mutex<HashSet<i32>>,

@@ -3,18 +3,15 @@
 //! A round trip is one statement (or one simple-query batch) sent to Postgres and
 //! answered. Plain mode: a new request costs 2 (reserve, complete), a replay 1, a renewal
 //! 1, a release 1 (a reserve that raced a concurrent insert runs its statement once more,
-//! counted). Transactional mode: a new request costs 3 (the pre-read; the batch that
-//! begins the transaction and reserves; the batch that writes the record and `COMMIT`s,
-//! or 2 statements, `UPDATE` and `COMMIT`, for a record over 64 KiB), a replay, a
+//! counted). Transactional mode: a new request costs 4 (the pre-read; the batch that
+//! begins the transaction and reserves; the record's `UPDATE`; the `COMMIT`), a replay, a
 //! mismatch or a conflict 1 (the pre-read), a release 2 (`ROLLBACK`, and a `NOTIFY` only
 //! when a waiter was seen), a renewal 1 (a statement on the owner's transaction, or a look
 //! at `pg_stat_activity` while the handler holds it). A reserve batch that finds its
-//! session without the prepared statements adds 1 (see `prepared.rs`); one that did not
+//! session without the prepared reserve adds 1 (see `prepared.rs`); one that did not
 //! reserve adds the long way (a batch that begins, the reserving statement that returns
 //! the row, a `ROLLBACK`). A reserve that waited past the lock timeout adds 1 (is the
-//! scope held by an owner?) and, when it was not, runs again. The `ROLLBACK` sqlx sends
-//! with the pool's ping when a connection comes back (ending the empty transaction the
-//! commit batch leaves) is sqlx's round trip, not counted here.
+//! scope held by an owner?) and, when it was not, runs again.
 //!
 //! Every statement is also counted through the `metrics` facade as
 //! `idempotency_store_commands_total{store="postgres", op="reserve"|"renew"|"complete"|"release"|"notify"|"purge"|"admin"}`

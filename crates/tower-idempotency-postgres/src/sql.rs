@@ -25,11 +25,11 @@
 //!   NOTHING`, which locks no existing row, and the owner's advisory lock. An expired row
 //!   is taken over with the locking `reserve` above. A new key's reserve runs as a
 //!   statement each session prepares once, in the batch that begins the transaction
-//!   ([`Statements::reserve_batch`]).
+//!   ([`Statements::reserve_batch`]): a plain `INSERT` of one row, which fails when it
+//!   does not reserve.
 //! - **complete** (`complete_tx`): the same `UPDATE` without the lease check, in the
 //!   owner's transaction: the uncommitted row is the lock, so a handler longer than the
-//!   lease still commits. Prepared too, and sent with the `COMMIT` in one batch
-//!   ([`Statements::complete_batch`]).
+//!   lease still commits. The `COMMIT` follows as a statement of its own.
 //! - **renew**: `SELECT 1` on the owner's transaction (a live owner is never idle), or,
 //!   while the handler holds it, a look at `pg_stat_activity` from another connection.
 //!
@@ -173,18 +173,16 @@ pub(crate) struct Statements {
     pub(crate) schema_current: Arc<str>,
     pub(crate) reserve: Arc<str>,
     pub(crate) reserve_tx: Arc<str>,
-    /// Transactional mode's reserve and complete as each connection's session prepares
-    /// them (SQL `PREPARE`, once per session), for [`Statements::reserve_batch`] and
-    /// [`Statements::complete_batch`] to `EXECUTE`: a `DO` block that prepares whichever
-    /// of the two the session does not hold yet (so it never fails on one it holds).
+    /// Transactional mode's reserve as each connection's session prepares it (SQL
+    /// `PREPARE`, once per session), for [`Statements::reserve_batch`] to `EXECUTE`: a `DO`
+    /// block that prepares it unless the session holds it already (so it never fails on
+    /// one it holds).
     pub(crate) prepare: Arc<str>,
     /// `tower_idempotency_reserve_` and a hash of the statement's text (which names the
     /// table): two stores on two tables, or two versions of this crate, never share a
     /// name for two different statements.
     pub(crate) reserve_name: Arc<str>,
-    /// `tower_idempotency_complete_` and a hash of its text.
-    pub(crate) complete_name: Arc<str>,
-    /// The sessions believed to hold both prepared statements.
+    /// The sessions believed to hold the prepared reserve.
     pub(crate) prepared: Prepared,
     /// Transactional mode's first statement, outside any transaction: a completed record
     /// (replayed with no transaction), else whether an owner holds the scope.
@@ -338,77 +336,44 @@ impl Statements {
         // lock_timeout (to restore), $6 idle_in_transaction_session_timeout (NULL: the
         // session's), $7 the scope's advisory lock key, $8 the token's. The batch bounds
         // the transaction's lock waits before it sends this (see `reserve_batch`: set in
-        // here, the bound would come too late for the table lock); `settings` bounds a
-        // frozen owner's idle transaction; the probe answers "held" without waiting on the
-        // owner's row; the insert locks no existing row (`DO NOTHING`). Reserved: the
-        // owner's two advisory locks, held to the end of the transaction, and the session's
-        // lock_timeout back for the handler's own queries. Not reserved: 1 / 0. Each
-        // `set_config` costs the server about 11 µs per new key (set, then undone at the
-        // end of the transaction), so there are as few as the bounds need: the long way's
-        // custom stash is not one of them here.
+        // here, the bound would come too late for the table lock). One plain `INSERT` of
+        // one row, no CTE, no aggregate: the server starts its executor for every
+        // `EXECUTE`, and the CTEs and the `count(*)` this had before cost it about 40 k
+        // instructions per new key (callgrind). What the batch learns is whether it failed:
+        // - an owner holds the scope (the probe of its advisory lock, in the `WHERE`): 1 / 0
+        //   ([`NOT_RESERVED`]), without waiting on the owner's row;
+        // - a row is there (completed, or expired and not purged yet): the primary key
+        //   refuses it ([`UNIQUE_VIOLATION`]); an uncommitted one (an owner between its
+        //   insert and its lock) is waited for, up to the batch's `lock_timeout`.
+        // Reserved: `RETURNING` bounds a frozen owner's idle transaction, gives the
+        // handler's own queries the session's lock_timeout back, and takes the owner's two
+        // advisory locks, held to the end of the transaction (in that order, as before the
+        // flat statement). Each `set_config` costs the server a few µs per new key (set,
+        // then undone at the end of the transaction), so there are as few as the bounds
+        // need: the long way's custom stash is not one of them here.
         let reserve_body = format!(
             "(bytea, bytea, bytea, int8, text, text, int8, int8) AS \
-             WITH settings AS (SELECT CASE WHEN $6 IS NOT NULL THEN \
-                 set_config('idle_in_transaction_session_timeout', $6, true) END AS c\
-             ), probe AS (\
-               SELECT CASE WHEN pg_try_advisory_lock_shared($7) \
-                 THEN pg_advisory_unlock_shared($7) ELSE false END AS free FROM settings\
-             ), ins AS (\
-               {insert_pending} \
-               RETURNING 1\
-             ) \
-             SELECT 1 / count(*)::int4 FROM (\
-               SELECT set_config('lock_timeout', $5, true) \
-                 || pg_advisory_xact_lock($7)::text \
-                 || pg_advisory_xact_lock($8)::text AS locked FROM ins\
-             ) AS owner WHERE locked IS NOT NULL"
-        );
-        // Both transactional completes (`complete_tx` and the prepared one) write the
-        // record the same way, in the owner's transaction. No lease check: the uncommitted
-        // row is the lock, nobody else can read or take it, so a handler that ran longer
-        // than the lease still commits (SPEC section 10). $1 scope, $2 token, $3 record, $4
-        // TTL in ms, $5 channel, $6 notify whatever the row says; `NOTIFY_COMPLETED` reads
-        // the `waiter` it returns.
-        let complete_update = format!(
-            "u AS (\
-               UPDATE {t} SET state = 'completed', record = $3, \
-                 completed_at = statement_timestamp(), \
-                 expires_at = statement_timestamp() + $4 * interval '1 millisecond' \
-               WHERE scope = $1 AND token = $2 AND state = 'pending' \
-               RETURNING waiter\
-             )"
-        );
-        // Transactional mode's complete with its `COMMIT` (see `complete_batch`). Not one
-        // row updated (the handler ended the transaction with SQL): 1 / 0, so the batch's
-        // `COMMIT` never runs. `n` is a materialized CTE (it calls a volatile function), so
-        // every row's `pg_notify` runs.
-        let complete_body = format!(
-            "(bytea, bytea, bytea, int8, text, bool) AS \
-             WITH {complete_update}, n AS (\
-               SELECT {NOTIFY_COMPLETED} AS sent FROM u\
-             ) \
-             SELECT 1 / count(*)::int4 FROM n"
+             INSERT INTO {t} (scope, fingerprint, state, token, record, expires_at, waiter) \
+             SELECT $1, $2, 'pending', $3, NULL, \
+               statement_timestamp() + $4 * interval '1 millisecond', false \
+             WHERE 1 / (CASE WHEN pg_try_advisory_lock_shared($7) \
+               THEN pg_advisory_unlock_shared($7)::int4 ELSE 0 END) = 1 \
+             RETURNING CASE WHEN $6 IS NOT NULL THEN \
+                 set_config('idle_in_transaction_session_timeout', $6, true) END, \
+               set_config('lock_timeout', $5, true) \
+                 || pg_advisory_xact_lock($7)::text || pg_advisory_xact_lock($8)::text"
         );
         let reserve_name = format!(
             "tower_idempotency_reserve_{:016x}",
             fnv1a(reserve_body.as_bytes()) as u64
         );
-        let complete_name = format!(
-            "tower_idempotency_complete_{:016x}",
-            fnv1a(complete_body.as_bytes()) as u64
-        );
-        // Dollar-quoted: the statements' text holds quotes, and no `$`-tag of these.
-        let prepare_one = |name: &str, body: &str| {
-            format!(
-                "IF NOT EXISTS (SELECT FROM pg_prepared_statements WHERE name = '{name}') THEN \
-                   EXECUTE $tower_idempotency_stmt$PREPARE {name}{body}$tower_idempotency_stmt$; \
-                 END IF; "
-            )
-        };
+        // Dollar-quoted: the statement's text holds quotes, and no `$`-tag of these.
         let prepare = format!(
-            "DO $tower_idempotency_do$ BEGIN {}{}END $tower_idempotency_do$",
-            prepare_one(&complete_name, &complete_body),
-            prepare_one(&reserve_name, &reserve_body),
+            "DO $tower_idempotency_do$ BEGIN \
+               IF NOT EXISTS (SELECT FROM pg_prepared_statements WHERE name = '{reserve_name}') THEN \
+                 EXECUTE $tower_idempotency_stmt$PREPARE {reserve_name}{reserve_body}$tower_idempotency_stmt$; \
+               END IF; \
+             END $tower_idempotency_do$"
         );
         // $1 scope, $2 fingerprint, $3 the scope's advisory lock key. A committed row of
         // transactional mode is a completed one (the pending row commits only with its
@@ -442,9 +407,23 @@ impl Statements {
              SELECT NULL FROM {t} WHERE scope = $1 AND token = $2 AND state = 'completed' \
                AND expires_at > statement_timestamp() AND NOT EXISTS (SELECT 1 FROM u)"
         );
-        // Transactional mode's complete on its own (a record over `INLINE_RECORD`, or a
-        // session without the prepared statements); the `COMMIT` follows.
-        let complete_tx = format!("WITH {complete_update} SELECT {NOTIFY_COMPLETED} FROM u");
+        // Transactional mode's complete, in the owner's transaction; the `COMMIT` follows.
+        // No lease check: the uncommitted row is the lock, nobody else can read or take it,
+        // so a handler that ran longer than the lease still commits (SPEC section 10). $1
+        // scope, $2 token, $3 record, $4 TTL in ms, $5 channel, $6 notify whatever the row
+        // says. No row (the handler ended the transaction with SQL): the store rolls back.
+        // Bound parameters and sqlx's cached statement, one `UPDATE` with no CTE: writing
+        // the record as literals in one batch with the `COMMIT` saved a round trip but
+        // cost the server about 75 k instructions more per new key (parsing, the
+        // parameters' coercion, the CTE and the `count(*)` that stopped the batch before its
+        // `COMMIT`, and the empty transaction it left for the pool to end).
+        let complete_tx = format!(
+            "UPDATE {t} SET state = 'completed', record = $3, \
+               completed_at = statement_timestamp(), \
+               expires_at = statement_timestamp() + $4 * interval '1 millisecond' \
+             WHERE scope = $1 AND token = $2 AND state = 'pending' \
+             RETURNING {NOTIFY_COMPLETED}"
+        );
         // $1 scope, $2 token.
         let completed_by = format!(
             "SELECT 1 FROM {t} WHERE scope = $1 AND token = $2 AND state = 'completed' \
@@ -516,7 +495,6 @@ impl Statements {
             reserve_tx: reserve_tx.into(),
             prepare: prepare.into(),
             reserve_name: reserve_name.into(),
-            complete_name: complete_name.into(),
             prepared: Prepared::default(),
             preread: preread.into(),
             complete: complete.into(),
@@ -550,10 +528,10 @@ impl Statements {
     /// batch ends it first.
     ///
     /// A batch answers with no rows (sqlx begins a transaction with it), so it says
-    /// whether it reserved by failing: when nothing was inserted (an owner holds the
-    /// scope, or a row is there: completed, expired or taken since the pre-read), the last
-    /// statement divides by zero ([`NOT_RESERVED`]), and the store ends the failed
-    /// transaction and asks with the statements that return the row. `lock_timeout` and
+    /// whether it reserved by failing: when an owner holds the scope, the insert divides
+    /// by zero ([`NOT_RESERVED`]); when a row is there (completed, expired, or taken since
+    /// the pre-read), the primary key refuses it ([`UNIQUE_VIOLATION`]). The store then
+    /// ends the failed transaction and asks with the statements that return the row. `lock_timeout` and
     /// `idle` are settings as [`crate::store`] formats them (`'250ms'`); `session_lock_timeout`
     /// the session's own, as the pre-read read it, restored once the row is held.
     ///
@@ -614,42 +592,6 @@ impl Statements {
         sql
     }
 
-    /// Transactional mode's complete and `COMMIT` in one round trip, for a transaction
-    /// whose session holds the prepared statements: `EXECUTE` the prepared complete (the
-    /// record `UPDATE`, and the `NOTIFY` when a waiter was seen), `COMMIT`, and `BEGIN` an
-    /// empty transaction. sqlx still counts the owner's transaction as open (its depth is
-    /// not ours to change), so the `ROLLBACK` it queues when the store lets the
-    /// transaction go ends that empty one, sent with the ping the pool sends anyway when
-    /// the connection comes back. An error stops the batch where it happens: in the
-    /// `EXECUTE` (the handler's failed query, a row that is gone: 1 / 0), `COMMIT` never
-    /// runs and the transaction waits for the store's `ROLLBACK`; in the `COMMIT` (a
-    /// deferred constraint), the server rolled back already. Literals as in
-    /// [`reserve_batch`](Self::reserve_batch); `channel` is quoted here.
-    pub(crate) fn complete_batch(
-        &self,
-        scope: &tower_idempotency_core::ScopeHash,
-        token: tower_idempotency_core::FencingToken,
-        record: &[u8],
-        ttl_ms: i64,
-        channel: &str,
-        notify: bool,
-    ) -> String {
-        use std::fmt::Write;
-        let mut sql = String::with_capacity(300 + 2 * record.len() + channel.len());
-        let _ = write!(
-            sql,
-            "EXECUTE {name}(E'\\\\x{scope}', E'\\\\x{token}', E'\\\\x",
-            name = self.complete_name,
-            scope = scope.to_hex(),
-            token = hex(&token.to_bytes()),
-        );
-        push_hex(&mut sql, record);
-        let _ = write!(sql, "', {ttl_ms}, ");
-        push_text_literal(&mut sql, channel);
-        let _ = write!(sql, ", {notify}); COMMIT; BEGIN");
-        sql
-    }
-
     /// The advisory lock key that only the transaction of `token` takes: 64 bits of the
     /// token (random, never reused) mixed with the table's salt. Held while that
     /// transaction is open, so another connection can tell whether it still is.
@@ -681,6 +623,10 @@ const RESTORE: &str = "set_config('lock_timeout', coalesce(nullif(current_settin
 
 /// SQLSTATE `division_by_zero`: how [`Statements::reserve_batch`] says it did not reserve.
 pub(crate) const NOT_RESERVED: &str = "22012";
+
+/// SQLSTATE `unique_violation`: the other way [`Statements::reserve_batch`] says it did not
+/// reserve (a row of the scope is there).
+pub(crate) const UNIQUE_VIOLATION: &str = "23505";
 
 /// SQLSTATE `invalid_sql_statement_name`: the session has no prepared statement of that
 /// name (see [`crate::prepared`]).
@@ -781,30 +727,52 @@ mod tests {
     }
 
     #[test]
-    fn the_commit_batch_quotes_the_channel_and_hexes_the_bytes() {
+    fn the_reserve_batch_quotes_the_setting_and_hexes_the_bytes() {
         let s = Statements::new(TableName::parse("idem").unwrap());
         let scope = tower_idempotency_core::ScopeHash::from_bytes([0xab; 32]);
+        let fingerprint = tower_idempotency_core::Fingerprint::from_bytes([0xcd; 32]);
         let token = tower_idempotency_core::FencingToken::from_bytes([0x01; 16]);
-        let batch = s.complete_batch(&scope, token, &[0, b'\'', 0xff], 1500, "a'b\\c", true);
+        let batch = s.reserve_batch(
+            false,
+            false,
+            &scope,
+            &fingerprint,
+            token,
+            1500,
+            "'250ms'",
+            "a'b\\c",
+            None,
+        );
         assert!(
-            batch.starts_with(&format!("EXECUTE {}(", s.complete_name)),
+            batch.starts_with(
+                "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = '250ms'; "
+            ),
             "{batch}"
         );
         assert!(
-            batch.contains(&format!("E'\\\\x{}'", "ab".repeat(32))),
+            batch.contains(&format!("EXECUTE {}(", s.reserve_name)),
             "{batch}"
         );
-        assert!(
-            batch.contains(&format!("E'\\\\x{}'", "01".repeat(16))),
-            "{batch}"
-        );
-        assert!(
-            batch.contains("E'\\\\x0027ff', 1500, E'a''b\\\\c', true)"),
-            "{batch}"
-        );
-        assert!(batch.ends_with("; COMMIT; BEGIN"), "{batch}");
+        for bytes in ["ab".repeat(32), "cd".repeat(32), "01".repeat(16)] {
+            assert!(batch.contains(&format!("E'\\\\x{bytes}'")), "{batch}");
+        }
+        assert!(batch.contains(", 1500, E'a''b\\\\c', NULL, "), "{batch}");
+        assert!(!batch.contains("DO $"), "{batch}");
         // Its only quotes are the literals' own: no value can end one early.
-        assert_eq!(batch.matches('\'').count(), 2 * 4 + 2, "{batch}");
+        assert_eq!(batch.matches('\'').count(), 2 + 2 * 4 + 2, "{batch}");
+        let prepared = s.reserve_batch(
+            true,
+            true,
+            &scope,
+            &fingerprint,
+            token,
+            1500,
+            "'1ms'",
+            "0",
+            None,
+        );
+        assert!(prepared.starts_with("ROLLBACK; BEGIN "), "{prepared}");
+        assert!(prepared.contains(&*s.prepare), "{prepared}");
     }
 
     #[test]

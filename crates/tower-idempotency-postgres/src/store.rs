@@ -51,7 +51,7 @@ use tower_idempotency_core::{
 use crate::check::CheckReport;
 use crate::error::{within, DisplayChain, PostgresStoreError};
 use crate::round_trip::{Counters, Op, RoundTrips};
-use crate::sql::{Statements, NOT_RESERVED, NO_SUCH_STATEMENT};
+use crate::sql::{Statements, NOT_RESERVED, NO_SUCH_STATEMENT, UNIQUE_VIOLATION};
 use crate::subscriber::{Hub, PgSubscription};
 use crate::tx::{end_failed, OwnedTx, Registry, Slot, Tx};
 
@@ -72,11 +72,6 @@ const FEATURE_NOT_SUPPORTED: &str = "0A000";
 /// How often a reserve runs its statement when a concurrent reserve of the same scope
 /// committed between its snapshot and its insert (see [`crate::sql`]).
 const RESERVE_ATTEMPTS: usize = 4;
-
-/// The largest encoded record transactional mode writes as a literal in its one-batch
-/// complete-and-commit (as hex, twice that in the batch's text); a larger one goes as a
-/// bound parameter, with the `COMMIT` a round trip of its own.
-const INLINE_RECORD: usize = 64 * 1024;
 
 /// How a transactional reservation bounds a frozen owner.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -529,7 +524,7 @@ impl PostgresStore {
                     if prepare {
                         prepared.insert(pid);
                     }
-                    self.keep_reservation(scope, token, tx, Some(pid));
+                    self.keep_reservation(scope, token, tx);
                     return Ok(Reservation::Reserved);
                 }
                 Err((None, err)) => return Err(err),
@@ -544,11 +539,12 @@ impl PostgresStore {
                     (prepare, failed) = (true, true);
                     conn = back;
                 }
-                // Not reserved: the `EXECUTE` ran, so the statements are prepared (a
-                // rollback does not undo a `PREPARE`). A lock wait may have ended the
-                // prepare itself (parsing the insert takes the table's lock): this session
-                // is not counted as prepared, and its next batch prepares what it lacks.
-                Some(NOT_RESERVED) => {
+                // Not reserved (an owner holds the scope: 1 / 0; a row is there: the
+                // primary key refuses the insert): the `EXECUTE` ran, so the statement is
+                // prepared (a rollback does not undo a `PREPARE`). A lock wait may have
+                // ended the prepare itself (parsing the insert takes the table's lock):
+                // this session is not counted as prepared, and its next batch prepares it.
+                Some(NOT_RESERVED | UNIQUE_VIOLATION) => {
                     if prepare {
                         prepared.insert(pid);
                     }
@@ -579,7 +575,7 @@ impl PostgresStore {
             // behind a transaction-mode connection pooler, or a server that refused to
             // prepare them): the long way, on the same connection (its first statement
             // ends the failed transaction).
-            Some(NOT_RESERVED | NO_SUCH_STATEMENT) => {}
+            Some(NOT_RESERVED | UNIQUE_VIOLATION | NO_SUCH_STATEMENT) => {}
             _ if prepare && !prepared.enabled() => {}
             Some(LOCK_NOT_AVAILABLE) => {
                 self.count(Op::Reserve);
@@ -698,16 +694,8 @@ impl PostgresStore {
 
     /// Keeps the transaction that reserved `scope` for `token`, for the handler and the
     /// completion.
-    /// `prepared`: the server process id of the transaction's session when it holds the
-    /// prepared statements (its reserve executed one), so the completion can be one batch.
-    fn keep_reservation(
-        &self,
-        scope: &ScopeHash,
-        token: FencingToken,
-        tx: OwnedTx,
-        prepared: Option<i32>,
-    ) {
-        let slot = Slot::new(token, tx, self.sql.token_lock(token), prepared);
+    fn keep_reservation(&self, scope: &ScopeHash, token: FencingToken, tx: OwnedTx) {
+        let slot = Slot::new(token, tx, self.sql.token_lock(token));
         self.shared.registry.insert(*scope, slot);
         // The owner's process listens, so a waiter elsewhere can ask for a notification
         // at commit (see the subscriber module).
@@ -765,7 +753,7 @@ impl PostgresStore {
             .await;
         match answer {
             Ok(Reservation::Reserved) => {
-                self.keep_reservation(scope, token, tx, None);
+                self.keep_reservation(scope, token, tx);
                 Ok(Reservation::Reserved)
             }
             other => {
@@ -843,11 +831,6 @@ impl PostgresStore {
         drop(guard);
         let notify = slot.waiter_seen.load(std::sync::atomic::Ordering::Relaxed);
         let record = record.encode();
-        if let Some(pid) = slot.prepared.filter(|_| record.len() <= INLINE_RECORD) {
-            return self
-                .complete_and_commit(pid, scope, token, &record, ttl, notify, tx)
-                .await;
-        }
         self.count(Op::Complete);
         let query = sqlx::query(AssertSqlSafe(self.sql.complete_tx.clone()))
             .bind(scope.as_bytes().as_slice())
@@ -889,68 +872,6 @@ impl PostgresStore {
                 Completion::RolledBack
             }
         }
-    }
-
-    /// [`complete_in_transaction`](Self::complete_in_transaction) in one round trip, on a
-    /// session that holds the prepared statements: the record `UPDATE`, `COMMIT` and an
-    /// empty `BEGIN` in one batch ([`Statements::complete_batch`]).
-    #[allow(clippy::too_many_arguments)] // one completion's inputs
-    async fn complete_and_commit(
-        &self,
-        pid: i32,
-        scope: &ScopeHash,
-        token: FencingToken,
-        record: &[u8],
-        ttl: Duration,
-        notify: bool,
-        mut tx: OwnedTx,
-    ) -> Completion {
-        self.count(Op::Complete);
-        let batch =
-            self.sql
-                .complete_batch(scope, token, record, millis(ttl), &self.channel, notify);
-        let done = within(
-            self.timeout,
-            sqlx::raw_sql(AssertSqlSafe(batch)).execute(&mut *tx),
-        )
-        .await;
-        let err = match done {
-            // Dropped, the transaction queues the `ROLLBACK` that ends the empty one.
-            Ok(_) => return Completion::Stored,
-            Err(err) => err,
-        };
-        match err.sqlstate().as_deref() {
-            Some(NOT_RESERVED) => tracing::error!(
-                "the reservation row is gone from the idempotency transaction (did the \
-                 handler COMMIT or ROLLBACK it with SQL?); rolling back"
-            ),
-            Some(NO_SUCH_STATEMENT) => {
-                // Deallocated under the handler (by its own SQL): prepared again next time.
-                self.sql.prepared.remove(pid);
-                tracing::warn!(
-                    "the idempotency transaction's session lost the prepared complete; \
-                     the transaction is rolled back"
-                );
-            }
-            _ if matches!(err, PostgresStoreError::Timeout(_)) => tracing::warn!(
-                timeout = ?self.timeout,
-                "writing the idempotency record and its COMMIT did not answer in time: \
-                 the operation may have committed (a retry replays it) or not (a retry \
-                 runs it)"
-            ),
-            // E.g. 25P02 (a query of the handler failed and aborted the transaction), or
-            // a deferred constraint that failed the COMMIT.
-            state => tracing::warn!(
-                error = %DisplayChain(&err),
-                sqlstate = state,
-                "writing the idempotency record or its COMMIT failed: the operation did \
-                 not happen"
-            ),
-        }
-        // Ends the failed transaction (after a failed COMMIT there is none left, and the
-        // server only warns).
-        self.rollback(tx).await;
-        Completion::RolledBack
     }
 
     /// `Stored` if `token` completed `scope` already, else `RolledBack`.

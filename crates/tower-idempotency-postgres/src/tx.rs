@@ -150,24 +150,15 @@ pub(crate) struct Slot {
     pub(crate) token_lock: i64,
     /// A waiter (in any process) said it waits for this scope: notify on commit/release.
     pub(crate) waiter_seen: AtomicBool,
-    /// The server process id of the transaction's session, when it holds the store's
-    /// prepared statements: complete and commit in one batch.
-    pub(crate) prepared: Option<i32>,
 }
 
 impl Slot {
-    pub(crate) fn new(
-        token: FencingToken,
-        tx: OwnedTx,
-        token_lock: i64,
-        prepared: Option<i32>,
-    ) -> Self {
+    pub(crate) fn new(token: FencingToken, tx: OwnedTx, token_lock: i64) -> Self {
         Slot {
             token,
             tx: Arc::new(tokio::sync::Mutex::new(Some(tx))),
             token_lock,
             waiter_seen: AtomicBool::new(false),
-            prepared,
         }
     }
 }
