@@ -1018,9 +1018,9 @@ async fn tx_a_server_that_refuses_to_prepare_still_reserves() {
 }
 
 /// A handler that ends the idempotency transaction with its own SQL (`ROLLBACK`, which the
-/// docs forbid) never gets a record committed without its writes: the one-batch complete
-/// finds no pending row, fails before its `COMMIT`, and answers "rolled back"; the key runs
-/// again. The connection goes back to the pool usable.
+/// docs forbid) never gets a record committed without its writes: the complete's `UPDATE`
+/// finds no pending row, the store rolls back instead of sending its `COMMIT`, and answers
+/// "rolled back"; the key runs again. The connection goes back to the pool usable.
 #[tokio::test]
 async fn tx_a_transaction_ended_by_the_handler_is_rolled_back_not_committed() {
     let store = support::postgres::transactional_store().await;

@@ -863,6 +863,16 @@ impl PostgresStore {
         self.count(Op::Complete);
         match within(self.timeout, tx.commit()).await {
             Ok(()) => Completion::Stored,
+            // The `COMMIT` went out and did not answer: the caller gets 503 either way, and
+            // its retry replays what committed or runs what did not.
+            Err(PostgresStoreError::Timeout(timeout)) => {
+                tracing::warn!(
+                    ?timeout,
+                    "the COMMIT of the idempotency transaction did not answer in time: the \
+                     operation may have committed (a retry replays it) or not (a retry runs it)"
+                );
+                Completion::RolledBack
+            }
             Err(err) => {
                 tracing::warn!(
                     error = %DisplayChain(&err),
