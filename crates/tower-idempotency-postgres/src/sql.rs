@@ -531,9 +531,10 @@ impl Statements {
     /// whether it reserved by failing: when an owner holds the scope, the insert divides
     /// by zero ([`NOT_RESERVED`]); when a row is there (completed, expired, or taken since
     /// the pre-read), the primary key refuses it ([`UNIQUE_VIOLATION`]). The store then
-    /// ends the failed transaction and asks with the statements that return the row. `lock_timeout` and
-    /// `idle` are settings as [`crate::store`] formats them (`'250ms'`); `session_lock_timeout`
-    /// the session's own, as the pre-read read it, restored once the row is held.
+    /// ends the failed transaction and asks with the statements that return the row.
+    /// `lock_timeout` and `idle` are settings as [`crate::store`] formats them (`'250ms'`);
+    /// `session_lock_timeout` the session's own, as the pre-read read it, restored once
+    /// the row is held.
     ///
     /// The transaction's `lock_timeout` is set by a statement of its own, before the
     /// `PREPARE` and the `EXECUTE`: both take the table's lock before any of the reserve's
