@@ -223,6 +223,12 @@ const TTL_MS: &str = "(extract(epoch FROM expires_at - statement_timestamp()) * 
 /// [`TTL_MS`] of the aliased row.
 const TTL_MS_R: &str = "(extract(epoch FROM r.expires_at - statement_timestamp()) * 1000)::int8";
 
+/// The pending row both transactional reserves (the long way's `reserve_tx` and the
+/// prepared one) insert: $1 scope, $2 fingerprint, $3 token, $4 lease in ms. One text, so
+/// the two paths cannot write different rows.
+const PENDING_ROW: &str = "(scope, fingerprint, state, token, record, expires_at, waiter) \
+    SELECT $1, $2, 'pending', $3, NULL, statement_timestamp() + $4 * interval '1 millisecond', false";
+
 /// Whether the conflicting row is a pending lease that lapsed while kept as uncertain.
 const LAPSED: &str =
     "(r.state = 'pending' AND coalesce(r.lease_until <= statement_timestamp(), false))";
@@ -302,14 +308,8 @@ impl Statements {
         // or another session's lock on the row or table; the store then asks again
         // (`HELD`). An expired row is reported (`expired`) and taken over with `reserve`,
         // the rare path. $5 is the scope's advisory lock key.
-        // Both transactional reserves (the long way's and the prepared one) insert the
-        // same pending row: $1 scope, $2 fingerprint, $3 token, $4 lease in ms, when the
-        // `probe` found the scope free.
         let insert_pending = format!(
-            "INSERT INTO {t} AS r (scope, fingerprint, state, token, record, expires_at, waiter) \
-               SELECT $1, $2, 'pending', $3, NULL, statement_timestamp() + $4 * interval '1 millisecond', false \
-               FROM probe WHERE free \
-               ON CONFLICT (scope) DO NOTHING"
+            "INSERT INTO {t} AS r {PENDING_ROW} FROM probe WHERE free ON CONFLICT (scope) DO NOTHING"
         );
         let reserve_tx = format!(
             "WITH probe AS (\
@@ -353,9 +353,7 @@ impl Statements {
         // need: the long way's custom stash is not one of them here.
         let reserve_body = format!(
             "(bytea, bytea, bytea, int8, text, text, int8, int8) AS \
-             INSERT INTO {t} (scope, fingerprint, state, token, record, expires_at, waiter) \
-             SELECT $1, $2, 'pending', $3, NULL, \
-               statement_timestamp() + $4 * interval '1 millisecond', false \
+             INSERT INTO {t} {PENDING_ROW} \
              WHERE 1 / (CASE WHEN pg_try_advisory_lock_shared($7) \
                THEN pg_advisory_unlock_shared($7)::int4 ELSE 0 END) = 1 \
              RETURNING CASE WHEN $6 IS NOT NULL THEN \
