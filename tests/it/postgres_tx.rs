@@ -523,6 +523,47 @@ async fn tx_a_foreign_lock_is_not_in_flight() {
     locked_past_the_timeout(&store, &app, &router, "locked-long").await;
 }
 
+/// A `COMMIT` that does not answer within the store's timeout (here a deferred trigger
+/// that sleeps at commit; in life a slow disk or a lock the commit waits for): the caller
+/// gets 503 within the timeout, not when the server is done. The commit then goes through
+/// in the server, and the key is never run twice: while it is still committing, a retry
+/// is in flight (the owner's transaction holds its advisory lock); after, it replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_a_commit_past_the_timeout_is_503_and_the_retry_never_runs_again() {
+    let store = support::postgres::transactional_store()
+        .await
+        .map(|s| s.command_timeout(Duration::from_millis(300)));
+    let (app, router) = TxApp::new(store.clone(), |l| l.in_flight(InFlight::Conflict)).await;
+    let (payments, slow) = (
+        store.schema.table("payments"),
+        store.schema.table("slow_commit"),
+    );
+    store
+        .exec(&format!(
+            "CREATE FUNCTION {slow}() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$; \
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON {payments} \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {slow}()"
+        ))
+        .await;
+    let started = Instant::now();
+    let r = send(&router, request("slow", "{}")).await;
+    assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    assert!(
+        started.elapsed() < Duration::from_millis(1200),
+        "answered when the commit ended, not at the timeout: {:?}",
+        started.elapsed()
+    );
+    let during = send(&router, request("slow", "{}")).await;
+    assert_problem(&during, StatusCode::CONFLICT, "request-in-flight");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let after = send(&router, request("slow", "{}")).await;
+    assert_eq!(after.status, StatusCode::CREATED, "{after:?}");
+    assert!(after.replayed(), "the commit went through: {after:?}");
+    assert_eq!(app.runs(), 1);
+    assert_eq!(app.rows().await, 1);
+}
+
 // ---------------------------------------------------------------------------------------
 // migrate() next to a long transaction
 // ---------------------------------------------------------------------------------------
