@@ -373,21 +373,23 @@ impl Statements {
                END IF; \
              END $tower_idempotency_do$"
         );
-        // $1 scope, $2 fingerprint, $3 the scope's advisory lock key. A committed row of
-        // transactional mode is a completed one (the pending row commits only with its
-        // record), and a completed record never changes: read outside any transaction, it
-        // is the answer (a replay, or 422 for another payload) in one statement. Without
-        // one, the probe of the owner's advisory lock answers "in flight", and the session's
-        // `lock_timeout` is what a new key's reserve restores for the handler; both only
-        // when there is no record (a `CASE` evaluates the branch it takes).
+        // $1 scope. A committed row of transactional mode is a completed one (the pending
+        // row commits only with its record), and a completed record never changes: read
+        // outside any transaction, it is the answer (a replay, or 422 for another payload)
+        // in one statement. `found` packs what the store needs of it: the fingerprint (32
+        // bytes, compared by the store), the row's remaining life in ms (8 bytes, big
+        // endian: `int8send`) and the record (split by [`Found::split`]). The session's
+        // `lock_timeout` is what a new key's reserve restores for the handler, the
+        // backend's pid which session it is (see `crate::prepared`). One scalar subquery,
+        // no join, no advisory lock probe: this statement runs for every new key, and under
+        // callgrind the `LEFT JOIN` form with the probe cost the server about 20 k
+        // instructions more per execution (82.5 k against 62.4 k). A key in flight is
+        // found by the reserve's own probe instead ([`NOT_RESERVED`]).
         let preread = format!(
-            "SELECT r.fingerprint = $2 AS same, r.record, {TTL_MS_R} AS ttl_ms, \
-               pg_backend_pid() AS pid, \
-               CASE WHEN r.scope IS NULL THEN current_setting('lock_timeout') END AS lock_timeout, \
-               CASE WHEN r.scope IS NULL THEN CASE WHEN pg_try_advisory_lock_shared($3) \
-                 THEN pg_advisory_unlock_shared($3) ELSE false END END AS free \
-             FROM (SELECT 1) AS one LEFT JOIN {t} AS r ON r.scope = $1 \
-               AND r.state = 'completed' AND r.expires_at > statement_timestamp()"
+            "SELECT pg_backend_pid() AS pid, current_setting('lock_timeout') AS lock_timeout, \
+               (SELECT fingerprint || int8send({TTL_MS}) || record FROM {t} \
+                WHERE scope = $1 AND state = 'completed' AND expires_at > statement_timestamp()) \
+               AS found"
         );
         // $1 scope, $2 token, $3 record, $4 ttl in ms, $5 channel, $6 notify regardless of
         // the row's flag (transactional mode: a waiter in another process told us).
@@ -620,6 +622,34 @@ const NOTIFY_COMPLETED: &str =
 const RESTORE: &str = "set_config('lock_timeout', coalesce(nullif(current_setting(\
     'tower_idempotency.lock_timeout', true), ''), current_setting('lock_timeout')), true)";
 
+/// A completed row as the pre-read packs it: fingerprint, remaining life, record.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Found {
+    /// The request fingerprint the record was stored for.
+    pub(crate) fingerprint: [u8; 32],
+    /// The row's remaining life in ms when the pre-read ran.
+    pub(crate) ttl_ms: i64,
+    /// The record's bytes (`Record::encode`).
+    pub(crate) record: bytes::Bytes,
+}
+
+impl Found {
+    /// Splits the pre-read's `found`: 32 bytes of fingerprint, 8 of remaining life (big
+    /// endian, as `int8send` writes it), then the record. `None` for anything shorter (a
+    /// row this crate did not write).
+    pub(crate) fn split(found: Vec<u8>) -> Option<Self> {
+        let head = found.get(..40)?;
+        let (fingerprint, ttl) = head.split_at(32);
+        let fingerprint: [u8; 32] = fingerprint.try_into().ok()?;
+        let ttl_ms = i64::from_be_bytes(ttl.try_into().ok()?);
+        Some(Found {
+            fingerprint,
+            ttl_ms,
+            record: bytes::Bytes::from(found).slice(40..),
+        })
+    }
+}
+
 /// SQLSTATE `division_by_zero`: how [`Statements::reserve_batch`] says it did not reserve.
 pub(crate) const NOT_RESERVED: &str = "22012";
 
@@ -723,6 +753,22 @@ mod tests {
         for bad in ["", "Done", "a b", "a\"b", &"c".repeat(64)] {
             assert!(channel_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_preread_packing_splits_into_fingerprint_ttl_and_record() {
+        let mut packed = vec![7u8; 32];
+        packed.extend_from_slice(&(-5i64).to_be_bytes());
+        packed.extend_from_slice(b"record");
+        let found = Found::split(packed).unwrap();
+        assert_eq!(found.fingerprint, [7; 32]);
+        assert_eq!(found.ttl_ms, -5);
+        assert_eq!(&found.record[..], b"record");
+        // An empty record still splits (the decoder then says what is wrong with it);
+        // anything shorter than the head is not this crate's row.
+        assert_eq!(&Found::split(vec![0; 40]).unwrap().record[..], b"");
+        assert_eq!(Found::split(vec![0; 39]), None);
+        assert_eq!(Found::split(Vec::new()), None);
     }
 
     #[test]

@@ -51,7 +51,7 @@ use tower_idempotency_core::{
 use crate::check::CheckReport;
 use crate::error::{within, DisplayChain, PostgresStoreError};
 use crate::round_trip::{Counters, Op, RoundTrips};
-use crate::sql::{Statements, NOT_RESERVED, NO_SUCH_STATEMENT, UNIQUE_VIOLATION};
+use crate::sql::{Found, Statements, NOT_RESERVED, NO_SUCH_STATEMENT, UNIQUE_VIOLATION};
 use crate::subscriber::{Hub, PgSubscription};
 use crate::tx::{end_failed, OwnedTx, Registry, Slot, Tx};
 
@@ -455,12 +455,8 @@ impl PostgresStore {
             return Ok(Reservation::Reserved);
         }
         let started = tokio::time::Instant::now();
-        let lock_key = self.sql.lock_key(scope);
         let preread = || {
-            sqlx::query(AssertSqlSafe(self.sql.preread.clone()))
-                .bind(scope.as_bytes().as_slice())
-                .bind(fingerprint.as_bytes().as_slice())
-                .bind(lock_key)
+            sqlx::query(AssertSqlSafe(self.sql.preread.clone())).bind(scope.as_bytes().as_slice())
         };
         // The pre-read has no effect: when its untested connection turns out to have died
         // while idle, it goes again on one the pool tested.
@@ -477,31 +473,30 @@ impl PostgresStore {
             }
             Err(err) => return Err(err),
         };
-        let blob: Option<Vec<u8>> = row.try_get("record")?;
-        if let Some(blob) = blob {
+        let found: Option<Vec<u8>> = row.try_get("found")?;
+        // A completed row without a record, or one too short to be this crate's, packs
+        // to NULL or less: the long way reads it and says what it is.
+        if let Some(found) = found.and_then(Found::split) {
             drop(conn);
-            if !row.try_get::<bool, _>("same")? {
+            if found.fingerprint != *fingerprint.as_bytes() {
                 return Ok(Reservation::Mismatch);
             }
-            let record = Record::decode(&Bytes::from(blob))?;
-            self.keep_local(scope, fingerprint, &record, sent, row.try_get("ttl_ms")?);
+            let record = Record::decode(&found.record)?;
+            self.keep_local(scope, fingerprint, &record, sent, Some(found.ttl_ms));
             return Ok(Reservation::Completed(record));
-        }
-        if row.try_get::<Option<bool>, _>("free")? == Some(false) {
-            return Ok(Reservation::InFlight);
         }
         // A new key, most likely: begin and reserve in one round trip (preparing the
         // statements first on a session not known to hold them; see `crate::prepared`).
-        // The long way when the server refused to prepare them, or for a completed row
-        // without a record (not this crate's; the long way says so).
+        // A key in flight is found there too, by the reserve's probe of the owner's lock.
+        // The long way when the server refused to prepare them.
         let prepared = &self.sql.prepared;
-        let session = row.try_get::<Option<String>, _>("lock_timeout")?;
-        let (true, Some(session_lock_timeout)) = (prepared.enabled(), session) else {
+        let session_lock_timeout: String = row.try_get("lock_timeout")?;
+        if !prepared.enabled() {
             drop(conn);
             return self
                 .reserve_the_long_way(scope, fingerprint, token, lease, started, None, None)
                 .await;
-        };
+        }
         let pid: i32 = row.try_get("pid")?;
         let lock_timeout = self.lock_timeout_setting();
         let idle = self.idle_setting(lease);
@@ -571,11 +566,18 @@ impl PostgresStore {
             }
         };
         match err.sqlstate().as_deref() {
-            // Not reserved (or a session that does not keep its prepared statements, as
+            // An owner holds the scope (the reserve's probe of its advisory lock): in
+            // flight, as the long way would answer, once the failed transaction ends.
+            Some(NOT_RESERVED) => {
+                self.count(Op::Reserve);
+                end_failed(conn, self.timeout).await;
+                return Ok(Reservation::InFlight);
+            }
+            // A row is there (or a session that does not keep its prepared statements, as
             // behind a transaction-mode connection pooler, or a server that refused to
             // prepare them): the long way, on the same connection (its first statement
             // ends the failed transaction).
-            Some(NOT_RESERVED | UNIQUE_VIOLATION | NO_SUCH_STATEMENT) => {}
+            Some(UNIQUE_VIOLATION | NO_SUCH_STATEMENT) => {}
             _ if prepare && !prepared.enabled() => {}
             Some(LOCK_NOT_AVAILABLE) => {
                 self.count(Op::Reserve);
