@@ -438,11 +438,12 @@ impl PostgresStore {
     /// nobody holds).
     ///
     /// The common paths in as few statements as the hand-written pattern: a replay (or a
-    /// 422, or a 409 for a key in flight) is one statement outside any transaction, the
-    /// pre-read; a new key is the pre-read and one batch that begins the transaction and
-    /// reserves (see [`Statements::reserve_batch`](crate::sql::Statements)). Whatever the
-    /// batch did not settle (a key taken or completed since the pre-read, an expired row,
-    /// a lock timeout) goes the long way, with the statements that return the row.
+    /// 422) is one statement outside any transaction, the pre-read; a new key is the
+    /// pre-read and one batch that begins the transaction and reserves (see
+    /// [`Statements::reserve_batch`](crate::sql::Statements)); a key in flight is the
+    /// pre-read, that batch (its probe finds the owner's lock) and its `ROLLBACK`. Whatever
+    /// the batch did not settle (a key completed since the pre-read, an expired row, a
+    /// lock timeout) goes the long way, with the statements that return the row.
     async fn reserve_in_transaction(
         &self,
         scope: &ScopeHash,
