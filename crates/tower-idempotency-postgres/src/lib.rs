@@ -135,11 +135,9 @@
 //! round trips (a pre-read `SELECT`; one batch that begins the transaction with its
 //! settings and inserts the pending row, with a statement each connection prepares once;
 //! the record's `UPDATE`; the `COMMIT`: as many as the hand-written `BEGIN`, `INSERT`,
-//! `UPDATE`, `COMMIT`) plus one per renewal; a replay or a
-//! 422 1 (the pre-read, outside any transaction), and 0 from the opt-in
-//! [local replay tier](PostgresStore::local_replays); a 409 for a key in flight 3 (the
-//! pre-read, the batch, whose probe of the owner's advisory lock finds it held, and its
-//! `ROLLBACK`: new keys are the common case, so the pre-read does not probe). The pre-read takes an
+//! `UPDATE`, `COMMIT`) plus one per renewal; a replay, a
+//! 422 or a 409 for a key in flight 1 (the pre-read, outside any transaction), and 0
+//! from the opt-in [local replay tier](PostgresStore::local_replays). The pre-read takes an
 //! idle connection as the pool holds it (sqlx's `try_acquire`), without the pool's
 //! `test_before_acquire` ping, a round trip of its own, its `before_acquire` hook or its
 //! `max_lifetime` check (the pool still checks that one when the connection comes back):

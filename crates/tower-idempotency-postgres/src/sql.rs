@@ -373,23 +373,27 @@ impl Statements {
                END IF; \
              END $tower_idempotency_do$"
         );
-        // $1 scope. A committed row of transactional mode is a completed one (the pending
-        // row commits only with its record), and a completed record never changes: read
-        // outside any transaction, it is the answer (a replay, or 422 for another payload)
-        // in one statement. `found` packs what the store needs of it: the fingerprint (32
-        // bytes, compared by the store), the row's remaining life in ms (8 bytes, big
-        // endian: `int8send`) and the record (split by [`Found::split`]). The session's
-        // `lock_timeout` is what a new key's reserve restores for the handler, the
-        // backend's pid which session it is (see `crate::prepared`). One scalar subquery,
-        // no join, no advisory lock probe: this statement runs for every new key, and under
-        // callgrind the `LEFT JOIN` form with the probe cost the server about 20 k
-        // instructions more per execution (82.5 k against 62.4 k). A key in flight is
-        // found by the reserve's own probe instead ([`NOT_RESERVED`]).
+        // $1 scope, $2 the scope's advisory lock key. A committed row of transactional mode
+        // is a completed one (the pending row commits only with its record), and a
+        // completed record never changes: read outside any transaction, it is the answer
+        // (a replay, or 422 for another payload) in one statement. `found` packs what the
+        // store needs of it: the fingerprint (32 bytes, compared by the store), the row's
+        // remaining life in ms (8 bytes, big endian: `int8send`) and the record (split by
+        // [`Found::split`]). Without one, the probe of the owner's advisory lock answers
+        // "in flight" (a 409 stays one statement, and a quiet one: the reserve's own probe
+        // would say so by failing, an `ERROR` in the server's log for every 409 and every
+        // poll of a waiter); the session's `lock_timeout` is what a new key's reserve
+        // restores for the handler, the backend's pid which session it is (see
+        // `crate::prepared`). One scalar subquery and no join: under callgrind (pgbench,
+        // a miss) this costs the server about 72 k instructions per execution, the
+        // `LEFT JOIN` form it replaces 82.5 k, the same without the probe 57–62 k.
         let preread = format!(
             "SELECT pg_backend_pid() AS pid, current_setting('lock_timeout') AS lock_timeout, \
                (SELECT fingerprint || int8send({TTL_MS}) || record FROM {t} \
                 WHERE scope = $1 AND state = 'completed' AND expires_at > statement_timestamp()) \
-               AS found"
+               AS found, \
+               CASE WHEN pg_try_advisory_lock_shared($2) THEN pg_advisory_unlock_shared($2) \
+                 ELSE false END AS free"
         );
         // $1 scope, $2 token, $3 record, $4 ttl in ms, $5 channel, $6 notify regardless of
         // the row's flag (transactional mode: a waiter in another process told us).

@@ -438,12 +438,13 @@ impl PostgresStore {
     /// nobody holds).
     ///
     /// The common paths in as few statements as the hand-written pattern: a replay (or a
-    /// 422) is one statement outside any transaction, the pre-read; a new key is the
-    /// pre-read and one batch that begins the transaction and reserves (see
-    /// [`Statements::reserve_batch`](crate::sql::Statements)); a key in flight is the
-    /// pre-read, that batch (its probe finds the owner's lock) and its `ROLLBACK`. Whatever
-    /// the batch did not settle (a key completed since the pre-read, an expired row, a
-    /// lock timeout) goes the long way, with the statements that return the row.
+    /// 422, or a 409 for a key in flight) is one statement outside any transaction, the
+    /// pre-read; a new key is the pre-read and one batch that begins the transaction and
+    /// reserves (see [`Statements::reserve_batch`](crate::sql::Statements)). A key taken
+    /// since the pre-read fails the batch's probe: in flight, after its `ROLLBACK`.
+    /// Whatever else the batch did not settle (a key completed since the pre-read, an
+    /// expired row, a lock timeout) goes the long way, with the statements that return the
+    /// row.
     async fn reserve_in_transaction(
         &self,
         scope: &ScopeHash,
@@ -456,8 +457,11 @@ impl PostgresStore {
             return Ok(Reservation::Reserved);
         }
         let started = tokio::time::Instant::now();
+        let lock_key = self.sql.lock_key(scope);
         let preread = || {
-            sqlx::query(AssertSqlSafe(self.sql.preread.clone())).bind(scope.as_bytes().as_slice())
+            sqlx::query(AssertSqlSafe(self.sql.preread.clone()))
+                .bind(scope.as_bytes().as_slice())
+                .bind(lock_key)
         };
         // The pre-read has no effect: when its untested connection turns out to have died
         // while idle, it goes again on one the pool tested.
@@ -486,9 +490,11 @@ impl PostgresStore {
             self.keep_local(scope, fingerprint, &record, sent, Some(found.ttl_ms));
             return Ok(Reservation::Completed(record));
         }
+        if !row.try_get::<bool, _>("free")? {
+            return Ok(Reservation::InFlight);
+        }
         // A new key, most likely: begin and reserve in one round trip (preparing the
         // statements first on a session not known to hold them; see `crate::prepared`).
-        // A key in flight is found there too, by the reserve's probe of the owner's lock.
         // The long way when the server refused to prepare them.
         let prepared = &self.sql.prepared;
         let session_lock_timeout: String = row.try_get("lock_timeout")?;
@@ -567,8 +573,9 @@ impl PostgresStore {
             }
         };
         match err.sqlstate().as_deref() {
-            // An owner holds the scope (the reserve's probe of its advisory lock): in
-            // flight, as the long way would answer, once the failed transaction ends.
+            // An owner took the scope since the pre-read (the reserve's probe of its
+            // advisory lock): in flight, as the long way would answer, once the failed
+            // transaction ends.
             Some(NOT_RESERVED) => {
                 self.count(Op::Reserve);
                 end_failed(conn, self.timeout).await;
