@@ -577,8 +577,7 @@ impl PostgresStore {
             // advisory lock): in flight, as the long way would answer, once the failed
             // transaction ends.
             Some(NOT_RESERVED) => {
-                self.count(Op::Reserve);
-                end_failed(conn, self.timeout).await;
+                self.end_failed_reserve(conn).await;
                 return Ok(Reservation::InFlight);
             }
             // A row is there (or a session that does not keep its prepared statements, as
@@ -588,8 +587,7 @@ impl PostgresStore {
             Some(UNIQUE_VIOLATION | NO_SUCH_STATEMENT) => {}
             _ if prepare && !prepared.enabled() => {}
             Some(LOCK_NOT_AVAILABLE) => {
-                self.count(Op::Reserve);
-                end_failed(conn, self.timeout).await;
+                self.end_failed_reserve(conn).await;
                 if self.held(scope).await? {
                     return Ok(Reservation::InFlight);
                 }
@@ -607,8 +605,7 @@ impl PostgresStore {
             }
             _ => {
                 if !session_ended(&err) {
-                    self.count(Op::Reserve);
-                    end_failed(conn, self.timeout).await;
+                    self.end_failed_reserve(conn).await;
                 }
                 return Err(err);
             }
@@ -623,6 +620,13 @@ impl PostgresStore {
             Some(err),
         )
         .await
+    }
+
+    /// Ends the failed transaction a reserve batch left on `conn` (its `ROLLBACK` is a
+    /// round trip of the reserve, counted as one).
+    async fn end_failed_reserve(&self, conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {
+        self.count(Op::Reserve);
+        end_failed(conn, self.timeout).await;
     }
 
     /// The reserve that returns the row, looping while the reserving insert waits past
