@@ -89,110 +89,126 @@ pub(crate) struct Claimant<'a, St> {
 
 /// Reserves the scope, or waits for it as the policy says. A wait is timed from
 /// [`Observer::waiting`]; the caller ends it with [`Claim::wait_end`].
-pub(crate) async fn claim<St: Store>(c: Claimant<'_, St>) -> Claim {
-    let deadline = match c.policy.in_flight {
-        InFlight::Conflict => None,
-        InFlight::Wait(bound) => Some(saturating_deadline(Instant::now(), bound)),
-    };
-    // `None` until the first in-flight answer; `Some(None)` when subscribing failed and
-    // the waiter falls back to polling alone.
-    let mut subscription: Option<Option<St::Subscription>> = None;
-    let mut backoff = WAIT_POLL_MIN;
-    let mut first = true;
-    // The store's last answer while waiting: `None` is "in flight".
-    let mut error: Option<StoreError> = None;
-    loop {
-        let token = FencingToken::generate();
-        let reserved_at = Instant::now();
-        let reserve = c
-            .store
-            .reserve(c.scope, c.fingerprint, token, c.policy.lease_terms());
-        // The first attempt is bounded by the store's own timeouts; later ones by the
-        // wait's deadline as well.
-        let answer = match deadline.filter(|_| !first) {
-            None => reserve.await,
-            Some(deadline) => match tokio::time::timeout_at(deadline, reserve).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    // The bound passed mid-call: the reserve may still run in the store.
-                    release_in_case_it_ran(&c, token);
-                    return give_up(error);
-                }
-            },
+///
+/// Not an `async fn`, which would keep `c` twice in its future (as its argument, and moved
+/// into its body): every request's future holds this one.
+#[allow(clippy::manual_async_fn)] // an `async fn` would hold `c` twice (see above)
+pub(crate) fn claim<'a, St: Store>(
+    c: Claimant<'a, St>,
+) -> impl std::future::Future<Output = Claim> + use<'a, St> {
+    async move {
+        let deadline = match c.policy.in_flight {
+            InFlight::Conflict => None,
+            InFlight::Wait(bound) => Some(saturating_deadline(Instant::now(), bound)),
         };
-        c.observer
-            .store_answered(c.store, StoreOp::Reserve, reserved_at, &answer);
-        error = match answer {
-            Ok(Reservation::Reserved) => return Claim::Owner { token, reserved_at },
-            Ok(Reservation::Completed(record)) => return Claim::Completed(record),
-            Ok(Reservation::Mismatch) => return Claim::Mismatch,
-            // Waiting cannot settle it: only an operator (or its owner) can.
-            Ok(Reservation::Uncertain) => return Claim::Uncertain,
-            Ok(Reservation::InFlight) => None,
-            Err(error) => {
-                if matches!(error, StoreError::Backend(_)) {
-                    release_in_case_it_ran(&c, token);
-                }
-                match error {
-                    // Waiting cannot make a record readable.
-                    StoreError::Decode(_) => {
-                        return Claim::Unavailable {
-                            error,
-                            may_pass: false,
+        // `None` until the first in-flight answer; `Some(None)` when subscribing failed and
+        // the waiter falls back to polling alone.
+        let mut subscription: Option<Option<St::Subscription>> = None;
+        let mut backoff = WAIT_POLL_MIN;
+        let mut first = true;
+        // The store's last answer while waiting: `None` is "in flight".
+        let mut error: Option<StoreError> = None;
+        loop {
+            let token = FencingToken::generate();
+            let reserved_at = Instant::now();
+            let reserve = c
+                .store
+                .reserve(c.scope, c.fingerprint, token, c.policy.lease_terms());
+            // The first attempt is bounded by the store's own timeouts; later ones by the
+            // wait's deadline as well. The timers of a wait are boxed: inline, they would
+            // take room in every request's future (it holds this one), for a path few take.
+            let answer = match deadline.filter(|_| !first) {
+                None => reserve.await,
+                Some(deadline) => {
+                    match Box::pin(tokio::time::timeout_at(deadline, reserve)).await {
+                        Ok(answer) => answer,
+                        Err(_) => {
+                            // The bound passed mid-call: the reserve may still run in the store.
+                            release_in_case_it_ran(&c, token);
+                            return give_up(error);
                         }
                     }
-                    _ if first => {
-                        return Claim::Unavailable {
-                            error,
-                            may_pass: true,
-                        }
-                    }
-                    _ => Some(error),
                 }
+            };
+            c.observer
+                .store_answered(c.store, StoreOp::Reserve, reserved_at, &answer);
+            error = match answer {
+                Ok(Reservation::Reserved) => return Claim::Owner { token, reserved_at },
+                Ok(Reservation::Completed(record)) => return Claim::Completed(record),
+                Ok(Reservation::Mismatch) => return Claim::Mismatch,
+                // Waiting cannot settle it: only an operator (or its owner) can.
+                Ok(Reservation::Uncertain) => return Claim::Uncertain,
+                Ok(Reservation::InFlight) => None,
+                Err(error) => {
+                    if matches!(error, StoreError::Backend(_)) {
+                        release_in_case_it_ran(&c, token);
+                    }
+                    match error {
+                        // Waiting cannot make a record readable.
+                        StoreError::Decode(_) => {
+                            return Claim::Unavailable {
+                                error,
+                                may_pass: false,
+                            }
+                        }
+                        _ if first => {
+                            return Claim::Unavailable {
+                                error,
+                                may_pass: true,
+                            }
+                        }
+                        _ => Some(error),
+                    }
+                }
+            };
+            first = false;
+            let now = Instant::now();
+            let Some(deadline) = deadline.filter(|deadline| *deadline > now) else {
+                return give_up(error);
+            };
+            c.observer.waiting(now);
+            if let Some(error) = &error {
+                tracing::warn!(error = %DisplayChain(error), "idempotency store failed while waiting for a request in flight; still waiting");
             }
-        };
-        first = false;
-        let now = Instant::now();
-        let Some(deadline) = deadline.filter(|deadline| *deadline > now) else {
-            return give_up(error);
-        };
-        c.observer.waiting(now);
-        if let Some(error) = &error {
-            tracing::warn!(error = %DisplayChain(error), "idempotency store failed while waiting for a request in flight; still waiting");
+            let Some(subscription) = &mut subscription else {
+                // Subscribe, then re-read at once: a completion between the first read and the
+                // subscription is seen by the re-read, one after it wakes us.
+                let subscribed = Box::pin(tokio::time::timeout_at(
+                    deadline,
+                    c.store.subscribe(c.scope),
+                ))
+                .await;
+                if let Ok(answer) = &subscribed {
+                    c.observer
+                        .store_answered(c.store, StoreOp::Subscribe, now, answer);
+                }
+                subscription = Some(match subscribed {
+                    Ok(Ok(subscription)) => Some(subscription),
+                    Ok(Err(err)) => {
+                        tracing::debug!(error = %DisplayChain(&err), "subscribe failed; waiting by polling");
+                        None
+                    }
+                    Err(_) => None,
+                });
+                continue;
+            };
+            let pause = backoff.min(deadline - now);
+            let woken = match subscription {
+                Some(subscription) => {
+                    let sleep = Box::pin(tokio::time::sleep(pause));
+                    tokio::select! {
+                        () = subscription.changed() => Wakeup::Notification,
+                        () = sleep => Wakeup::Poll,
+                    }
+                }
+                None => {
+                    Box::pin(tokio::time::sleep(pause)).await;
+                    Wakeup::Poll
+                }
+            };
+            c.observer.woken(woken);
+            backoff = (backoff * 2).min(WAIT_POLL_MAX);
         }
-        let Some(subscription) = &mut subscription else {
-            // Subscribe, then re-read at once: a completion between the first read and the
-            // subscription is seen by the re-read, one after it wakes us.
-            let subscribed = tokio::time::timeout_at(deadline, c.store.subscribe(c.scope)).await;
-            if let Ok(answer) = &subscribed {
-                c.observer
-                    .store_answered(c.store, StoreOp::Subscribe, now, answer);
-            }
-            subscription = Some(match subscribed {
-                Ok(Ok(subscription)) => Some(subscription),
-                Ok(Err(err)) => {
-                    tracing::debug!(error = %DisplayChain(&err), "subscribe failed; waiting by polling");
-                    None
-                }
-                Err(_) => None,
-            });
-            continue;
-        };
-        let pause = backoff.min(deadline - now);
-        let woken = match subscription {
-            Some(subscription) => {
-                tokio::select! {
-                    () = subscription.changed() => Wakeup::Notification,
-                    () = tokio::time::sleep(pause) => Wakeup::Poll,
-                }
-            }
-            None => {
-                tokio::time::sleep(pause).await;
-                Wakeup::Poll
-            }
-        };
-        c.observer.woken(woken);
-        backoff = (backoff * 2).min(WAIT_POLL_MAX);
     }
 }
 

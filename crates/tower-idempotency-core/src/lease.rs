@@ -9,7 +9,8 @@
 //! policy refuses more), one failed renewal never loses it.
 
 use std::future::Future;
-use std::pin::pin;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -76,17 +77,12 @@ impl<'a, St: Store> Lease<'a, St> {
     /// Runs `work`, renewing the lease on its schedule until `work` is done or the lease
     /// is lost. A quick `work` never arms a timer: the schedule is only polled while
     /// `work` is pending.
-    pub(crate) async fn hold_while<F: Future>(&mut self, work: F) -> F::Output {
-        let mut work = pin!(work);
-        if self.due.is_none() {
-            return work.await;
-        }
-        let renewing = self.renew_on_schedule();
-        tokio::select! {
-            biased;
-            output = &mut work => output,
-            () = renewing => work.await,
-        }
+    pub(crate) fn hold_while<F: Future>(
+        &mut self,
+        work: F,
+    ) -> HoldWhile<F, impl Future<Output = ()> + use<'_, 'a, St, F>> {
+        let renewing = self.due.map(|_| self.renew_on_schedule());
+        HoldWhile { work, renewing }
     }
 
     /// Renews whenever due; returns only when the lease is lost (the schedule then
@@ -98,7 +94,9 @@ impl<'a, St: Store> Lease<'a, St> {
         let lease = self.policy.lease();
         let mut retry = RENEW_RETRY_MIN;
         while let Some(due) = self.due {
-            tokio::time::sleep_until(due).await;
+            // Boxed, as the retry's sleep in `complete`: a timer is 112 bytes, and this
+            // future sits inside the owner's (see `HoldWhile`).
+            Box::pin(tokio::time::sleep_until(due)).await;
             let sent = Instant::now();
             let renewed = self.store.renew(self.scope, self.token, lease).await;
             self.observer
@@ -130,7 +128,16 @@ impl<'a, St: Store> Lease<'a, St> {
 
     /// Stores `record`, retrying with back-off (still renewing) while the store fails, up to
     /// the policy's bound. Retries meanwhile get 409 (or wait): never a second execution.
-    pub(crate) async fn complete(&mut self, record: &Record) -> Completed {
+    ///
+    /// Not an `async fn`: its future would hold this [`HoldWhile`] and its own arguments
+    /// besides, in the owner's future.
+    pub(crate) fn complete<'s>(
+        &'s mut self,
+        record: &'s Record,
+    ) -> HoldWhile<
+        impl Future<Output = Completed> + use<'s, 'a, St>,
+        impl Future<Output = ()> + use<'s, 'a, St>,
+    > {
         let (store, scope, token, policy, observer) = (
             self.store,
             self.scope,
@@ -174,13 +181,15 @@ impl<'a, St: Store> Lease<'a, St> {
                     }
                     Err(err) => {
                         tracing::warn!(error = %DisplayChain(&err), "storing the idempotency record failed; retrying");
-                        tokio::time::sleep(backoff).await;
+                        // Boxed: only a failing store waits here, and inline the timer
+                        // would take room in every owner's future.
+                        Box::pin(tokio::time::sleep(backoff)).await;
                         backoff = (backoff * 2).min(COMPLETE_RETRY_MAX);
                     }
                 }
             }
         };
-        self.hold_while(retrying).await
+        self.hold_while(retrying)
     }
 
     /// Deletes the lease so a retry may run; a failure leaves it to expire. Returns once
@@ -200,5 +209,39 @@ impl<'a, St: Store> Lease<'a, St> {
                 "idempotency release failed; the key stays in flight until its lease expires"
             ),
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Lease::hold_while`]'s future: the work, and the renewal schedule polled after it
+    /// while it is pending. Written by hand rather than as an `async fn`, which would keep
+    /// the work twice in its state (as its argument, and pinned in its body): the owner's
+    /// future holds this one, and is allocated once per new key, so every byte here is
+    /// copied and allocated per request (under about 1 KiB, glibc serves it from its
+    /// thread cache).
+    pub(crate) struct HoldWhile<F, R> {
+        #[pin]
+        work: F,
+        // `None` once the lease is lost (or when renewal is off): the work goes on alone.
+        #[pin]
+        renewing: Option<R>,
+    }
+}
+
+impl<F: Future, R: Future<Output = ()>> Future for HoldWhile<F, R> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(output) = this.work.poll(cx) {
+            return Poll::Ready(output);
+        }
+        if let Some(renewing) = this.renewing.as_mut().as_pin_mut() {
+            if renewing.poll(cx).is_ready() {
+                // The lease is lost: the schedule stopped for good.
+                this.renewing.set(None);
+            }
+        }
+        Poll::Pending
     }
 }

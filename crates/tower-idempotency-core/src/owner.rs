@@ -34,12 +34,18 @@ use crate::work::{Inner, Job, Output, Shared};
 use crate::Store;
 
 /// Runs the request as the owner of `token`'s lease, taken at `reserved_at`.
-pub(crate) async fn own<S, St, ReqB>(
+///
+/// Not an `async fn`, for the size of its future (allocated once per new key; under
+/// about 1 KiB, glibc serves it from its thread cache): an `async fn` keeps its arguments
+/// for its whole life, beside what its body moves them into. Here the request is built
+/// and handed to the inner service before the future exists, and the future keeps only
+/// what the rest needs.
+pub(crate) fn own<S, St, ReqB>(
     job: Job<S, St>,
     body: Bytes,
     token: FencingToken,
     reserved_at: Instant,
-) -> (Outcome, Output<S::ResBody, S::Error>)
+) -> impl std::future::Future<Output = (Outcome, Output<S::ResBody, S::Error>)> + Send
 where
     S: Inner<ReqB>,
     St: Store,
@@ -53,105 +59,136 @@ where
         observer,
         ..
     } = job;
-    let policy = &shared.policy;
-    let mut lease = Lease::new(&shared.store, &scope, token, policy, &observer, reserved_at);
     let mut request = Request::from_parts(parts, RequestBody::buffered(body));
     request.extensions_mut().insert(token);
     shared
         .store
         .owner_extensions(&scope, token, request.extensions_mut());
-    let called = lease
-        .hold_while(AssertUnwindSafe(inner.call(request)).catch_unwind())
-        .await;
-    let response = match called {
-        Ok(Ok(response)) => response,
+    // Boxed: the inner service's future (axum's holds the request until its first poll)
+    // would otherwise sit in this future for its whole life, copied on every move.
+    let call = Box::pin(AssertUnwindSafe(inner.call(request)).catch_unwind());
+    async move {
+        let policy = &shared.policy;
+        let mut lease = Lease::new(&shared.store, &scope, token, policy, &observer, reserved_at);
+        // Whatever waits for an `.await` in this future takes room in it (allocated once
+        // per new key) for good. So the handler's answer is settled by a plain function,
+        // a release is boxed with its answer (a handler that failed is not the common
+        // path), and what is kept is used in place, not destructured into locals that
+        // would each take room of their own.
+        let kept = match settle(lease.hold_while(call).await, &shared) {
+            Ok(kept) => kept,
+            Err(answer) => return Box::pin(released(&mut lease, *answer)).await,
+        };
+        if policy.streams(&kept.parts) {
+            // A stream (server-sent events): its first byte must not wait for the last. The
+            // operation counts as done, so the marker is stored first; then the body passes
+            // through as it comes.
+            tracing::debug!(
+                "streamed response: storing the not-replayable marker, then passing it through"
+            );
+            let completed = lease.complete(&Record::NotReplayable).await;
+            if let Completed::RolledBack = completed {
+                return (Outcome::RolledBack, Ok(rolled_back(&shared)));
+            }
+            let response = Response::from_parts(kept.parts, ResponseBody::stream(kept.body));
+            return (Outcome::Streamed, Ok(response));
+        }
+        let collecting =
+            AssertUnwindSafe(collect(kept.body, policy.max_stored_response)).catch_unwind();
+        let (record, outcome, body) = match lease.hold_while(collecting).await {
+            Ok(Collected::Whole { data, trailers }) => {
+                let record = Record::Response(StoredResponse {
+                    status: kept.parts.status,
+                    headers: stored_headers(&kept.parts.headers, &policy.deny_replay_headers),
+                    body: data.clone(),
+                });
+                let body = ResponseBody::full_with_trailers(data, trailers);
+                (record, Outcome::New, body)
+            }
+            Ok(Collected::TooLarge { read, rest }) => {
+                tracing::warn!(
+                    limit = policy.max_stored_response,
+                    "response too large to store; retries will get 409 response-not-replayable"
+                );
+                let body = ResponseBody::prefixed(read, rest);
+                (Record::NotReplayable, Outcome::TooLargeToStore, body)
+            }
+            Ok(Collected::Failed { read, error }) => {
+                tracing::error!(
+                    error = %DisplayChain(&*error),
+                    "response body failed after the handler ran; storing the not-replayable marker"
+                );
+                let body = ResponseBody::failed(read, error);
+                (Record::NotReplayable, Outcome::BodyFailed, body)
+            }
+            Err(panic) => {
+                let message = panic_message(&*panic).to_owned();
+                tracing::error!(
+                    panic = message,
+                    "response body panicked after the handler ran; storing the not-replayable \
+                     marker"
+                );
+                let error: BoxError = format!("response body panicked: {message}").into();
+                let body = ResponseBody::failed(Bytes::new(), error);
+                (Record::NotReplayable, Outcome::BodyFailed, body)
+            }
+        };
+        let outcome = match (lease.complete(&record).await, outcome) {
+            (Completed::RolledBack, _) => return (Outcome::RolledBack, Ok(rolled_back(&shared))),
+            (Completed::Stored, outcome) => outcome,
+            (Completed::Fenced, Outcome::New) => Outcome::Fenced,
+            (Completed::GaveUp, Outcome::New) => Outcome::CompleteFailed,
+            // Not stored either way; the lease-lost and complete-failed counters say why.
+            (Completed::Fenced | Completed::GaveUp, outcome) => outcome,
+        };
+        (outcome, Ok(Response::from_parts(kept.parts, body)))
+    }
+}
+
+/// A handler's response whose status the policy stores: it completes the key.
+struct Kept<B> {
+    parts: http::response::Parts,
+    body: B,
+}
+
+/// Releases the key, then gives `answer`.
+async fn released<St: Store, T>(lease: &mut Lease<'_, St>, answer: T) -> T {
+    lease.release().await;
+    answer
+}
+
+/// What the handler's answer means for the key: kept (a status the policy stores: the
+/// response's parts and body, to complete with), or to be released, with the answer to
+/// send once it is (boxed, see `own`).
+#[allow(clippy::type_complexity)] // the handler's output, and the two ways on
+fn settle<St, B, E>(
+    called: Result<Result<Response<B>, E>, Box<dyn Any + Send>>,
+    shared: &Shared<St>,
+) -> Result<Kept<B>, Box<(Outcome, Output<B, E>)>> {
+    match called {
+        Ok(Ok(response)) => {
+            let (parts, body) = response.into_parts();
+            if shared.policy.store_when.stores(parts.status) {
+                return Ok(Kept { parts, body });
+            }
+            // Released before the response is sent, so an immediate corrected retry runs.
+            let response = Response::from_parts(parts, ResponseBody::stream(body));
+            Err(Box::new((Outcome::Released, Ok(response))))
+        }
         Ok(Err(err)) => {
             tracing::debug!("handler returned an error; releasing the key");
-            lease.release().await;
-            return (Outcome::HandlerFailed, Err(err));
+            Err(Box::new((Outcome::HandlerFailed, Err(err))))
         }
         Err(panic) => {
             tracing::error!(
                 panic = panic_message(&*panic),
                 "handler panicked; releasing the key"
             );
-            lease.release().await;
             let detail = "the request failed; it may be retried with the same key";
-            return (
-                Outcome::HandlerFailed,
-                Ok(shared.problem(Problem::HandlerFailed, detail)),
-            );
+            let problem = shared.problem(Problem::HandlerFailed, detail);
+            Err(Box::new((Outcome::HandlerFailed, Ok(problem))))
         }
-    };
-    if !policy.store_when.stores(response.status()) {
-        // Released before the response is sent, so an immediate corrected retry runs.
-        lease.release().await;
-        return (Outcome::Released, Ok(response.map(ResponseBody::stream)));
     }
-    let (parts, body) = response.into_parts();
-    if policy.streams(&parts) {
-        // A stream (server-sent events): its first byte must not wait for the last. The
-        // operation counts as done, so the marker is stored first; then the body passes
-        // through as it comes.
-        tracing::debug!(
-            "streamed response: storing the not-replayable marker, then passing it through"
-        );
-        let completed = lease.complete(&Record::NotReplayable).await;
-        if let Completed::RolledBack = completed {
-            return (Outcome::RolledBack, Ok(rolled_back(&shared)));
-        }
-        let response = Response::from_parts(parts, ResponseBody::stream(body));
-        return (Outcome::Streamed, Ok(response));
-    }
-    let collected = lease
-        .hold_while(AssertUnwindSafe(collect(body, policy.max_stored_response)).catch_unwind())
-        .await;
-    let (record, outcome, body) = match collected {
-        Ok(Collected::Whole { data, trailers }) => {
-            let record = Record::Response(StoredResponse {
-                status: parts.status,
-                headers: stored_headers(&parts.headers, &policy.deny_replay_headers),
-                body: data.clone(),
-            });
-            let body = ResponseBody::full_with_trailers(data, trailers);
-            (record, Outcome::New, body)
-        }
-        Ok(Collected::TooLarge { read, rest }) => {
-            tracing::warn!(
-                limit = policy.max_stored_response,
-                "response too large to store; retries will get 409 response-not-replayable"
-            );
-            let body = ResponseBody::prefixed(read, rest);
-            (Record::NotReplayable, Outcome::TooLargeToStore, body)
-        }
-        Ok(Collected::Failed { read, error }) => {
-            tracing::error!(
-                error = %DisplayChain(&*error),
-                "response body failed after the handler ran; storing the not-replayable marker"
-            );
-            let body = ResponseBody::failed(read, error);
-            (Record::NotReplayable, Outcome::BodyFailed, body)
-        }
-        Err(panic) => {
-            let message = panic_message(&*panic).to_owned();
-            tracing::error!(
-                panic = message,
-                "response body panicked after the handler ran; storing the not-replayable marker"
-            );
-            let error: BoxError = format!("response body panicked: {message}").into();
-            let body = ResponseBody::failed(Bytes::new(), error);
-            (Record::NotReplayable, Outcome::BodyFailed, body)
-        }
-    };
-    let outcome = match (lease.complete(&record).await, outcome) {
-        (Completed::RolledBack, _) => return (Outcome::RolledBack, Ok(rolled_back(&shared))),
-        (Completed::Stored, outcome) => outcome,
-        (Completed::Fenced, Outcome::New) => Outcome::Fenced,
-        (Completed::GaveUp, Outcome::New) => Outcome::CompleteFailed,
-        // Not stored either way; the lease-lost and complete-failed counters say why.
-        (Completed::Fenced | Completed::GaveUp, outcome) => outcome,
-    };
-    (outcome, Ok(Response::from_parts(parts, body)))
 }
 
 /// The answer when the commit of the handler's writes with the record failed.
