@@ -261,8 +261,7 @@ impl Replication {
             counters,
             Op::Complete,
             &SCRIPTS.complete,
-            key,
-            args,
+            &|| (key.clone(), args.clone()),
             timeout,
         )
         .await?;

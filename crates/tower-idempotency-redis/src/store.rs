@@ -18,7 +18,7 @@ use tower_idempotency_core::{
 
 use crate::check::CheckReport;
 use crate::error::{DisplayChain, RedisStoreError};
-use crate::eval::{bytes, eval_on, flag, millis, unexpected};
+use crate::eval::{bytes, eval_on, flag, millis, unexpected, Command};
 use crate::replication::Replication;
 use crate::round_trip::{Counters, Op};
 use crate::scripts::{Lua, SCRIPTS};
@@ -118,13 +118,13 @@ impl<C> RedisStore<C>
 where
     C: LuaInterface + ConfigInterface + ClientLike + Clone + Send + Sync + 'static,
 {
-    /// Runs `lua` on `key` on the store's client; see [`eval_on`].
+    /// Runs `lua` with the key and arguments `command` builds, on the store's client; see
+    /// [`eval_on`].
     async fn eval(
         &self,
         op: Op,
         lua: &'static Lua,
-        key: String,
-        args: Vec<Value>,
+        command: Command<'_>,
     ) -> Result<Value, RedisStoreError> {
         self.check_prefix()?;
         eval_on(
@@ -132,8 +132,7 @@ where
             &self.shared.counters,
             op,
             lua,
-            key,
-            args,
+            command,
             self.command_timeout,
         )
         .await
@@ -256,22 +255,24 @@ where
             self.shared.counters.local_replay();
             return Ok(answer);
         }
-        let args = vec![
-            bytes(fingerprint.as_bytes()),
-            bytes(&token.to_bytes()),
-            millis(lease.duration),
-            // Only a store that keeps records locally needs their TTL. Constants as static
-            // strings: Redis receives every argument as a string anyway, and a static one
-            // is sent as it is, where an integer is formatted first.
-            Value::from_static_str(if self.local.is_some() { "1" } else { "0" }),
-            match lease.keep_lapsed {
-                Some(keep) => millis(keep),
-                None => Value::from_static_str("0"),
-            },
-        ];
+        let args = || {
+            vec![
+                bytes(fingerprint.as_bytes()),
+                bytes(&token.to_bytes()),
+                millis(lease.duration),
+                // Only a store that keeps records locally needs their TTL. Constants as static
+                // strings: Redis receives every argument as a string anyway, and a static one
+                // is sent as it is, where an integer is formatted first.
+                Value::from_static_str(if self.local.is_some() { "1" } else { "0" }),
+                match lease.keep_lapsed {
+                    Some(keep) => millis(keep),
+                    None => Value::from_static_str("0"),
+                },
+            ]
+        };
         let sent = Instant::now();
         let reply = self
-            .eval(Op::Reserve, &SCRIPTS.reserve, self.key(scope), args)
+            .eval(Op::Reserve, &SCRIPTS.reserve, &|| (self.key(scope), args()))
             .await?;
         match reply {
             Value::Integer(1) => Ok(Reservation::Reserved),
@@ -297,9 +298,9 @@ where
         token: FencingToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let args = vec![bytes(&token.to_bytes()), millis(lease)];
+        let args = || vec![bytes(&token.to_bytes()), millis(lease)];
         let reply = self
-            .eval(Op::Renew, &SCRIPTS.renew, self.key(scope), args)
+            .eval(Op::Renew, &SCRIPTS.renew, &|| (self.key(scope), args()))
             .await?;
         Ok(flag(reply, "renew")?)
     }
@@ -311,25 +312,28 @@ where
         record: &Record,
         ttl: Duration,
     ) -> Result<Completion, StoreError> {
-        let args = vec![
-            bytes(&token.to_bytes()),
-            Value::Bytes(record.encode()),
-            millis(ttl),
-            Value::from(self.channel(scope)),
-        ];
-        let key = self.key(scope);
+        let args = || {
+            vec![
+                bytes(&token.to_bytes()),
+                Value::Bytes(record.encode()),
+                millis(ttl),
+                Value::from(self.channel(scope)),
+            ]
+        };
         let reply = match &self.replication {
             None => {
-                self.eval(Op::Complete, &SCRIPTS.complete, key, args)
-                    .await?
+                self.eval(Op::Complete, &SCRIPTS.complete, &|| {
+                    (self.key(scope), args())
+                })
+                .await?
             }
             Some(replication) => {
                 Box::pin(replication.complete(
                     &self.client,
                     &self.shared.counters,
                     self.command_timeout,
-                    key,
-                    args,
+                    self.key(scope),
+                    args(),
                 ))
                 .await?
             }
@@ -342,16 +346,16 @@ where
     }
 
     async fn release(&self, scope: &ScopeHash, token: FencingToken) -> Result<bool, StoreError> {
-        let args = vec![bytes(&token.to_bytes()), Value::from(self.channel(scope))];
+        let args = || vec![bytes(&token.to_bytes()), Value::from(self.channel(scope))];
         let reply = self
-            .eval(Op::Release, &SCRIPTS.release, self.key(scope), args)
+            .eval(Op::Release, &SCRIPTS.release, &|| (self.key(scope), args()))
             .await?;
         Ok(flag(reply, "release")?)
     }
 
     async fn inspect(&self, scope: &ScopeHash) -> Result<KeyState, StoreError> {
         let reply = self
-            .eval(Op::Admin, &SCRIPTS.inspect, self.key(scope), vec![])
+            .eval(Op::Admin, &SCRIPTS.inspect, &|| (self.key(scope), vec![]))
             .await?;
         key_state(reply)
     }
@@ -360,9 +364,9 @@ where
         if let Some(local) = &self.local {
             local.forget(scope);
         }
-        let args = vec![Value::from(self.channel(scope))];
+        let args = || vec![Value::from(self.channel(scope))];
         let reply = self
-            .eval(Op::Admin, &SCRIPTS.forget, self.key(scope), args)
+            .eval(Op::Admin, &SCRIPTS.forget, &|| (self.key(scope), args()))
             .await?;
         Ok(flag(reply, "forget")?)
     }
@@ -376,13 +380,15 @@ where
         if let Some(local) = &self.local {
             local.forget(scope);
         }
-        let args = vec![
-            Value::Bytes(record.encode()),
-            millis(ttl),
-            Value::from(self.channel(scope)),
-        ];
+        let args = || {
+            vec![
+                Value::Bytes(record.encode()),
+                millis(ttl),
+                Value::from(self.channel(scope)),
+            ]
+        };
         let reply = self
-            .eval(Op::Admin, &SCRIPTS.resolve, self.key(scope), args)
+            .eval(Op::Admin, &SCRIPTS.resolve, &|| (self.key(scope), args()))
             .await?;
         match reply {
             Value::Integer(1) => Ok(Resolved::Stored),
