@@ -15,9 +15,12 @@ port, fsync off, no autovacuum) runs under `valgrind --tool=callgrind
 --trace-children=yes --toggle-collect=PostgresMain`, so every backend counts what it
 does from its main loop on, and writes its count when it exits. For each variant and
 case, bench-http runs twice against it, with N1 and then N2 sequential requests (one
-keep-alive connection, new keys or one key replayed); the backends of each run end with
-it. (count of run N2 - count of run N1) / (N2 - N1) cancels what both runs share
-(connections, the schema, the store's checks). User-space instructions only: the
+keep-alive connection, new keys or one key replayed) on a Postgres pool of one connection
+(`--pg-pool 1`); the backends of each run end with it. (count of run N2 - count of run N1)
+/ (N2 - N1) cancels what both runs share (the connections and their setup, the schema, the
+store's checks). With the default pool of 40, a connection back in the pool a moment late
+made the next request open another, and the same binary measured 455 k to 546 k per new
+key from run to run; with one, each run opens the same connections. User-space instructions only: the
 kernel's work for a round trip (the socket calls) is not in it, so a change that trades
 instructions for round trips needs a throughput run (`run.py`) too.
 
@@ -141,7 +144,8 @@ def run_once(cluster: Cluster, bench_http: str, variant: str, case: str, n: int)
     before = cluster.files()
     port = free_port()
     env = dict(os.environ, DATABASE_URL=cluster.url)
-    app = subprocess.Popen([bench_http, "--variant", variant, "--port", str(port), "--workers", "1"],
+    app = subprocess.Popen([bench_http, "--variant", variant, "--port", str(port), "--workers", "1",
+                            "--pg-pool", "1"],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300

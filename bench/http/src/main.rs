@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres|postgres-local|pg-floor> --port <p>
-//!            [--redis-url <url>] [--database-url <url>] [--workers <n>]
+//!            [--redis-url <url>] [--database-url <url>] [--workers <n>] [--pg-pool <n>]
 //! ```
 //!
 //! Every variant serves `POST /payments` with the same handler (it counts its runs and
@@ -76,7 +76,7 @@ const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 const USAGE: &str =
     "usage: bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres|postgres-local|pg-floor> \
---port <port> [--redis-url <url>] [--database-url <url>] [--workers <n>]";
+--port <port> [--redis-url <url>] [--database-url <url>] [--workers <n>] [--pg-pool <n>]";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Variant {
@@ -136,6 +136,8 @@ struct Args {
     redis_url: String,
     database_url: String,
     workers: usize,
+    /// The Postgres pool's size (`PG_POOL_SIZE` unless `--pg-pool` says).
+    pg_pool: u32,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -145,6 +147,7 @@ fn parse_args() -> Result<Args, String> {
     let mut database_url =
         std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_string());
     let mut workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut pg_pool = PG_POOL_SIZE;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -163,6 +166,17 @@ fn parse_args() -> Result<Args, String> {
                     return Err("--workers must be at least 1".into());
                 }
             }
+            // `pg_server_instructions.py` runs one request at a time on a pool of one: each
+            // run then opens the same connections, whose setup (catalog caches, plans, the
+            // prepared reserve) cancels out between its two runs. With the default pool,
+            // a connection returned to the pool a moment late made the next request open
+            // another, and the count per request moved by tens of thousands.
+            "--pg-pool" => {
+                pg_pool = value()?.parse().map_err(|e| format!("--pg-pool: {e}"))?;
+                if pg_pool == 0 {
+                    return Err("--pg-pool must be at least 1".into());
+                }
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -173,6 +187,7 @@ fn parse_args() -> Result<Args, String> {
         redis_url,
         database_url,
         workers,
+        pg_pool,
     })
 }
 
@@ -406,9 +421,9 @@ fn redact(url: &str) -> String {
 }
 
 impl PgSchema {
-    async fn create(url: &str) -> Result<PgSchema, String> {
+    async fn create(url: &str, pool_size: u32) -> Result<PgSchema, String> {
         let connect = PgPoolOptions::new()
-            .max_connections(PG_POOL_SIZE)
+            .max_connections(pool_size)
             .acquire_timeout(Duration::from_secs(5))
             .connect(url);
         let pool = match tokio::time::timeout(Duration::from_secs(10), connect).await {
@@ -458,7 +473,7 @@ impl PgSchema {
 async fn serve(args: Args) -> Result<(), String> {
     // The schema goes whatever happens after it exists: a failed start drops it too.
     let schema = if args.variant.uses_postgres() {
-        Some(PgSchema::create(&args.database_url).await?)
+        Some(PgSchema::create(&args.database_url, args.pg_pool).await?)
     } else {
         None
     };
