@@ -20,9 +20,11 @@ keep-alive connection, new keys or one key replayed) on a Postgres pool of one c
 / (N2 - N1) cancels what both runs share (the connections and their setup, the schema, the
 store's checks). With the default pool of 40, a connection back in the pool a moment late
 made the next request open another, and the same binary measured 455 k to 546 k per new
-key from run to run; with one, each run opens the same connections. User-space instructions only: the
-kernel's work for a round trip (the socket calls) is not in it, so a change that trades
-instructions for round trips needs a throughput run (`run.py`) too.
+key from run to run; with one, each run opens the same connections (pg-floor's replay
+keeps the default pool, see `run_once`). Counts depend on what ran before on the cluster:
+compare them from the same --variants and --cases order. User-space instructions only:
+the kernel's work for a round trip (the socket calls) is not in it, so a change that
+trades instructions for round trips needs a throughput run (`run.py`) too.
 
 Needs: valgrind, a PostgreSQL server installation (`pg_config --bindir`, or
 /usr/lib/postgresql/*/bin), and bench-http built. Run as root, the cluster runs as the
