@@ -18,7 +18,7 @@ use tower_idempotency_core::{
 
 use crate::check::CheckReport;
 use crate::error::{DisplayChain, RedisStoreError};
-use crate::eval::{bytes, eval_on, flag, millis, unexpected, Command};
+use crate::eval::{bytes, eval_on, flag, millis, unexpected};
 use crate::replication::Replication;
 use crate::round_trip::{Counters, Op};
 use crate::scripts::{Lua, SCRIPTS};
@@ -118,13 +118,14 @@ impl<C> RedisStore<C>
 where
     C: LuaInterface + ConfigInterface + ClientLike + Clone + Send + Sync + 'static,
 {
-    /// Runs `lua` with the key and arguments `command` builds, on the store's client; see
-    /// [`eval_on`].
+    /// Runs `lua` on the key of `scope` with the arguments `args` builds, on the store's
+    /// client; see [`eval_on`].
     async fn eval(
         &self,
         op: Op,
         lua: &'static Lua,
-        command: Command<'_>,
+        scope: &ScopeHash,
+        args: &(dyn Fn() -> Vec<Value> + Sync),
     ) -> Result<Value, RedisStoreError> {
         self.check_prefix()?;
         eval_on(
@@ -132,7 +133,7 @@ where
             &self.shared.counters,
             op,
             lua,
-            command,
+            &|| (self.key(scope), args()),
             self.command_timeout,
         )
         .await
@@ -272,7 +273,7 @@ where
         };
         let sent = Instant::now();
         let reply = self
-            .eval(Op::Reserve, &SCRIPTS.reserve, &|| (self.key(scope), args()))
+            .eval(Op::Reserve, &SCRIPTS.reserve, scope, &args)
             .await?;
         match reply {
             Value::Integer(1) => Ok(Reservation::Reserved),
@@ -299,9 +300,7 @@ where
         lease: Duration,
     ) -> Result<bool, StoreError> {
         let args = || vec![bytes(&token.to_bytes()), millis(lease)];
-        let reply = self
-            .eval(Op::Renew, &SCRIPTS.renew, &|| (self.key(scope), args()))
-            .await?;
+        let reply = self.eval(Op::Renew, &SCRIPTS.renew, scope, &args).await?;
         Ok(flag(reply, "renew")?)
     }
 
@@ -322,10 +321,8 @@ where
         };
         let reply = match &self.replication {
             None => {
-                self.eval(Op::Complete, &SCRIPTS.complete, &|| {
-                    (self.key(scope), args())
-                })
-                .await?
+                self.eval(Op::Complete, &SCRIPTS.complete, scope, &args)
+                    .await?
             }
             Some(replication) => {
                 Box::pin(replication.complete(
@@ -348,14 +345,14 @@ where
     async fn release(&self, scope: &ScopeHash, token: FencingToken) -> Result<bool, StoreError> {
         let args = || vec![bytes(&token.to_bytes()), Value::from(self.channel(scope))];
         let reply = self
-            .eval(Op::Release, &SCRIPTS.release, &|| (self.key(scope), args()))
+            .eval(Op::Release, &SCRIPTS.release, scope, &args)
             .await?;
         Ok(flag(reply, "release")?)
     }
 
     async fn inspect(&self, scope: &ScopeHash) -> Result<KeyState, StoreError> {
         let reply = self
-            .eval(Op::Admin, &SCRIPTS.inspect, &|| (self.key(scope), vec![]))
+            .eval(Op::Admin, &SCRIPTS.inspect, scope, &Vec::new)
             .await?;
         key_state(reply)
     }
@@ -365,9 +362,7 @@ where
             local.forget(scope);
         }
         let args = || vec![Value::from(self.channel(scope))];
-        let reply = self
-            .eval(Op::Admin, &SCRIPTS.forget, &|| (self.key(scope), args()))
-            .await?;
+        let reply = self.eval(Op::Admin, &SCRIPTS.forget, scope, &args).await?;
         Ok(flag(reply, "forget")?)
     }
 
@@ -387,9 +382,7 @@ where
                 Value::from(self.channel(scope)),
             ]
         };
-        let reply = self
-            .eval(Op::Admin, &SCRIPTS.resolve, &|| (self.key(scope), args()))
-            .await?;
+        let reply = self.eval(Op::Admin, &SCRIPTS.resolve, scope, &args).await?;
         match reply {
             Value::Integer(1) => Ok(Resolved::Stored),
             Value::Integer(0) => Ok(Resolved::Absent),
