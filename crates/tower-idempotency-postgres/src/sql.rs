@@ -332,34 +332,36 @@ impl Statements {
              WHERE scope = $1 AND (SELECT free FROM probe) AND NOT EXISTS (SELECT 1 FROM ins)"
         );
         // Transactional mode's new key, prepared once per session (see `reserve_batch`):
-        // $1 scope, $2 fingerprint, $3 token, $4 lease in ms, $5 the session's own
-        // lock_timeout (to restore), $6 idle_in_transaction_session_timeout (NULL: the
-        // session's), $7 the scope's advisory lock key, $8 the token's. The batch bounds
-        // the transaction's lock waits before it sends this (see `reserve_batch`: set in
-        // here, the bound would come too late for the table lock). One plain `INSERT` of
-        // one row, no CTE, no aggregate: the server starts its executor for every
-        // `EXECUTE`, and the CTEs and the `count(*)` this had before cost it about 40 k
-        // instructions per new key (callgrind). What the batch learns is whether it failed:
-        // - an owner holds the scope (the probe of its advisory lock, in the `WHERE`): 1 / 0
+        // $1 scope, $2 fingerprint, $3 token, $4 lease in ms, $5
+        // idle_in_transaction_session_timeout (NULL: the session's), $6 the scope's advisory
+        // lock key, $7 the token's. The batch bounds the transaction's lock waits before it
+        // sends this, and gives the handler the session's `lock_timeout` back after it (see
+        // `reserve_batch`: set in here, the bound would come too late for the table lock).
+        // One plain `INSERT` of one row, no CTE, no aggregate, no `RETURNING`: the server
+        // starts its executor for every `EXECUTE`, and the CTEs and the `count(*)` this had
+        // before cost it about 40 k instructions per new key (callgrind); a `RETURNING`
+        // costs it a projection, and, as the result of an `EXECUTE` in a simple query, a
+        // copy of its whole target list for the row description (together about 30 k). What
+        // the batch learns is whether it failed:
+        // - an owner holds the scope (the probe of its advisory lock): 1 / 0
         //   ([`NOT_RESERVED`]), without waiting on the owner's row;
         // - a row is there (completed, or expired and not purged yet): the primary key
         //   refuses it ([`UNIQUE_VIOLATION`]); an uncommitted one (an owner between its
         //   insert and its lock) is waited for, up to the batch's `lock_timeout`.
-        // Reserved: `RETURNING` bounds a frozen owner's idle transaction, gives the
-        // handler's own queries the session's lock_timeout back, and takes the owner's two
-        // advisory locks, held to the end of the transaction (in that order, as before the
-        // flat statement). Each `set_config` costs the server a few µs per new key (set,
-        // then undone at the end of the transaction), so there are as few as the bounds
-        // need: the long way's custom stash is not one of them here.
+        // The probe passed, the `CASE` (evaluated before the row is inserted, one branch
+        // after the other) takes the owner's two advisory locks, held to the end of the
+        // transaction (the scope's, then the token's), and bounds a frozen owner's idle
+        // transaction. Each `set_config` costs the server a few µs per new key (set, then
+        // undone at the end of the transaction), so there are as few as the bounds need.
         let reserve_body = format!(
-            "(bytea, bytea, bytea, int8, text, text, int8, int8) AS \
+            "(bytea, bytea, bytea, int8, text, int8, int8) AS \
              INSERT INTO {t} {PENDING_ROW} \
-             WHERE 1 / (CASE WHEN pg_try_advisory_lock_shared($7) \
-               THEN pg_advisory_unlock_shared($7)::int4 ELSE 0 END) = 1 \
-             RETURNING CASE WHEN $6 IS NOT NULL THEN \
-                 set_config('idle_in_transaction_session_timeout', $6, true) END, \
-               set_config('lock_timeout', $5, true) \
-                 || pg_advisory_xact_lock($7)::text || pg_advisory_xact_lock($8)::text"
+             WHERE CASE WHEN 1 / (CASE WHEN pg_try_advisory_lock_shared($6) \
+                 THEN pg_advisory_unlock_shared($6)::int4 ELSE 0 END) = 1 \
+               THEN (pg_advisory_xact_lock($6)::text || pg_advisory_xact_lock($7)::text \
+                 || CASE WHEN $5 IS NOT NULL \
+                   THEN set_config('idle_in_transaction_session_timeout', $5, true) ELSE '' END) \
+                 IS NOT NULL END"
         );
         let reserve_name = format!(
             "tower_idempotency_reserve_{:016x}",
@@ -379,21 +381,26 @@ impl Statements {
         // (a replay, or 422 for another payload) in one statement. `found` packs what the
         // store needs of it: the fingerprint (32 bytes, compared by the store), the row's
         // remaining life in ms (8 bytes, big endian: `int8send`) and the record (split by
-        // [`Found::split`]). Without one, the probe of the owner's advisory lock answers
-        // "in flight" (a 409 stays one statement, and a quiet one: the reserve's own probe
-        // would say so by failing, an `ERROR` in the server's log for every 409 and every
-        // poll of a waiter); the session's `lock_timeout` is what a new key's reserve
+        // [`Found::split`]). Only a completed row has a record: a pending one (committed by a
+        // handler that ended the transaction with SQL, or a plain-mode lease) packs to NULL,
+        // so `found` needs no filter on `state` (one qual less to build and run).
+        // Without a row, the probe of the owner's advisory lock answers in its place (one
+        // byte, [`PreRead::parse`]): "in flight" stays one statement, and a quiet one (the
+        // reserve's own probe would say so by failing, an `ERROR` in the server's log for
+        // every 409 and every poll of a waiter). `coalesce` runs the probe only when there
+        // is no row, so a replay does not pay for its two lock calls (about 1.5 k
+        // instructions per replay). The session's `lock_timeout` is what a new key's reserve
         // restores for the handler, the backend's pid which session it is (see
-        // `crate::prepared`). One scalar subquery and no join: under callgrind (pgbench,
-        // a miss) this costs the server about 72 k instructions per execution, the
-        // `LEFT JOIN` form it replaces 82.5 k, the same without the probe 57–62 k.
+        // `crate::prepared`). One scalar subquery and no join: under callgrind (pgbench, a
+        // miss) this cost the server about 72 k instructions per execution, the `LEFT JOIN`
+        // form it replaced 82.5 k, the same without the probe 57–62 k.
         let preread = format!(
             "SELECT pg_backend_pid() AS pid, current_setting('lock_timeout') AS lock_timeout, \
-               (SELECT fingerprint || int8send({TTL_MS}) || record FROM {t} \
-                WHERE scope = $1 AND state = 'completed' AND expires_at > statement_timestamp()) \
-               AS found, \
-               CASE WHEN pg_try_advisory_lock_shared($2) THEN pg_advisory_unlock_shared($2) \
-                 ELSE false END AS free"
+               coalesce((SELECT fingerprint || int8send({TTL_MS}) || record FROM {t} \
+                 WHERE scope = $1 AND expires_at > statement_timestamp()), \
+               CASE WHEN pg_try_advisory_lock_shared($2) THEN \
+                 CASE WHEN pg_advisory_unlock_shared($2) THEN E'\\\\x01'::bytea END \
+               ELSE E'\\\\x00'::bytea END) AS found"
         );
         // $1 scope, $2 token, $3 record, $4 ttl in ms, $5 channel, $6 notify regardless of
         // the row's flag (transactional mode: a waiter in another process told us).
@@ -421,12 +428,13 @@ impl Statements {
         // cost the server about 75 k instructions more per new key (parsing, the
         // parameters' coercion, the CTE and the `count(*)` that stopped the batch before its
         // `COMMIT`, and the empty transaction it left for the pool to end).
+        // No `RETURNING` (a projection and a row to send, about 10 k instructions): the wake-up
+        // rides in the `SET` ([`NOTIFY_COMPLETED`]), the row count says whether it matched.
         let complete_tx = format!(
             "UPDATE {t} SET state = 'completed', record = $3, \
-               completed_at = statement_timestamp(), \
+               completed_at = {NOTIFY_COMPLETED}, \
                expires_at = statement_timestamp() + $4 * interval '1 millisecond' \
-             WHERE scope = $1 AND token = $2 AND state = 'pending' \
-             RETURNING {NOTIFY_COMPLETED}"
+             WHERE scope = $1 AND token = $2 AND state = 'pending'"
         );
         // $1 scope, $2 token.
         let completed_by = format!(
@@ -514,10 +522,12 @@ impl Statements {
     }
 
     /// Transactional mode's reserve in one round trip: a simple-query batch that begins
-    /// the transaction (READ COMMITTED whatever the server's default) and `EXECUTE`s the
-    /// session's prepared reserve: apply the settings, probe the owner's advisory lock,
-    /// insert the pending row with `ON CONFLICT DO NOTHING`, take the scope's and the
-    /// token's advisory locks, restore the session's `lock_timeout` once it holds the row.
+    /// the transaction (READ COMMITTED whatever the server's default), bounds its lock
+    /// waits, and `EXECUTE`s the session's prepared reserve: probe the owner's advisory
+    /// lock, take the scope's and the token's advisory locks, bound the idle transaction,
+    /// insert the pending row. Its last statement gives the handler the session's
+    /// `lock_timeout` back; it runs only when the `EXECUTE` reserved (a failed statement
+    /// ends the batch).
     /// The server parses and plans that statement once per connection, not per request
     /// (as text it cost about 190 µs of server CPU per new key here; as `EXECUTE`, about
     /// 40). A simple query takes no parameters, so the `EXECUTE` arguments are literals:
@@ -537,8 +547,9 @@ impl Statements {
     /// the pre-read), the primary key refuses it ([`UNIQUE_VIOLATION`]). The store then
     /// ends the failed transaction and asks with the statements that return the row.
     /// `lock_timeout` and `idle` are settings as [`crate::store`] formats them (`'250ms'`);
-    /// `session_lock_timeout` the session's own, as the pre-read read it, restored once
-    /// the row is held.
+    /// `session_lock_timeout` the session's own, as the pre-read read it, restored by a
+    /// `SET LOCAL` once the row is held (a utility statement: cheaper for the server than
+    /// a `set_config` in a `RETURNING`, see [`Statements::new`]).
     ///
     /// The transaction's `lock_timeout` is set by a statement of its own, before the
     /// `PREPARE` and the `EXECUTE`: both take the table's lock before any of the reserve's
@@ -580,20 +591,16 @@ impl Statements {
         let _ = write!(
             sql,
             "EXECUTE {name}(E'\\\\x{scope}', E'\\\\x{fingerprint}', E'\\\\x{token}', \
-               {lease_ms}, ",
+               {lease_ms}, {idle}, {key}, {token_key}); SET LOCAL lock_timeout = ",
             name = self.reserve_name,
             scope = scope.to_hex(),
             fingerprint = hex(fingerprint.as_bytes()),
             token = hex(&token.to_bytes()),
-        );
-        push_text_literal(&mut sql, session_lock_timeout);
-        let _ = write!(
-            sql,
-            ", {idle}, {key}, {token_key})",
             idle = idle.unwrap_or("NULL"),
             key = self.lock_key(scope),
             token_key = self.token_lock(token),
         );
+        push_text_literal(&mut sql, session_lock_timeout);
         sql
     }
 
@@ -617,14 +624,44 @@ impl Statements {
     }
 }
 
-/// Transactional mode's wake-up at completion, on the row `u` returns: when a waiter said
-/// it waits (`waiter`) or one was seen (`$6`), `pg_notify` on the channel `$5`.
-const NOTIFY_COMPLETED: &str =
-    "CASE WHEN waiter OR $6 THEN pg_notify($5, 'c' || encode($1, 'hex')) IS NULL END";
+/// Transactional mode's wake-up at completion, as the value of the completed row's
+/// `completed_at`: when a waiter said it waits (`waiter`, the row's value before the
+/// `UPDATE`) or one was seen (`$6`), `pg_notify` on the channel `$5` (delivered at the
+/// `COMMIT`). A `CASE` runs its branches in order, so the notify runs only when one is
+/// due; `pg_notify` returns `void`, never NULL, and the value is
+/// `statement_timestamp()` either way.
+const NOTIFY_COMPLETED: &str = "CASE WHEN NOT (waiter OR $6) THEN statement_timestamp() \
+    WHEN pg_notify($5, 'c' || encode($1, 'hex')) IS NULL THEN NULL \
+    ELSE statement_timestamp() END";
 
 /// Restores the session's `lock_timeout`, stashed by transactional mode's `BEGIN`.
 const RESTORE: &str = "set_config('lock_timeout', coalesce(nullif(current_setting(\
     'tower_idempotency.lock_timeout', true), ''), current_setting('lock_timeout')), true)";
+
+/// What transactional mode's pre-read found, from its one `found` column.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum PreRead {
+    /// A row of the scope with a record (8 bytes and more: a row's pack always holds
+    /// `int8send`'s 8), already split; `None` when too short to be this crate's (the long
+    /// way reads it and says what it is).
+    Row(Option<Found>),
+    /// No row, and an owner holds the scope's advisory lock (`\x00`).
+    Held,
+    /// No row, and no owner (`\x01`; anything else unexpected, too: the reserve probes
+    /// again).
+    Free,
+}
+
+impl PreRead {
+    /// Reads the pre-read's `found`: a row's pack, or the probe's one byte.
+    pub(crate) fn parse(found: Option<Vec<u8>>) -> Self {
+        match found {
+            Some(packed) if packed.len() >= 8 => PreRead::Row(Found::split(packed)),
+            Some(flag) if flag == [0] => PreRead::Held,
+            _ => PreRead::Free,
+        }
+    }
+}
 
 /// A completed row as the pre-read packs it: fingerprint, remaining life, record.
 #[derive(Debug, PartialEq, Eq)]
@@ -776,6 +813,22 @@ mod tests {
     }
 
     #[test]
+    fn the_preread_tells_a_row_from_the_probes_answer() {
+        let mut packed = vec![7u8; 32];
+        packed.extend_from_slice(&9i64.to_be_bytes());
+        assert!(matches!(
+            PreRead::parse(Some(packed)),
+            PreRead::Row(Some(Found { ttl_ms: 9, .. }))
+        ));
+        // A row's pack is never shorter than `int8send`'s 8 bytes; one of 8 to 39 is a row
+        // this crate did not write.
+        assert_eq!(PreRead::parse(Some(vec![0; 8])), PreRead::Row(None));
+        assert_eq!(PreRead::parse(Some(vec![0])), PreRead::Held);
+        assert_eq!(PreRead::parse(Some(vec![1])), PreRead::Free);
+        assert_eq!(PreRead::parse(None), PreRead::Free);
+    }
+
+    #[test]
     fn the_reserve_batch_quotes_the_setting_and_hexes_the_bytes() {
         let s = Statements::new(TableName::parse("idem").unwrap());
         let scope = tower_idempotency_core::ScopeHash::from_bytes([0xab; 32]);
@@ -805,7 +858,12 @@ mod tests {
         for bytes in ["ab".repeat(32), "cd".repeat(32), "01".repeat(16)] {
             assert!(batch.contains(&format!("E'\\\\x{bytes}'")), "{batch}");
         }
-        assert!(batch.contains(", 1500, E'a''b\\\\c', NULL, "), "{batch}");
+        assert!(batch.contains(", 1500, NULL, "), "{batch}");
+        // The session's own lock_timeout comes back last, once the `EXECUTE` reserved.
+        assert!(
+            batch.ends_with("); SET LOCAL lock_timeout = E'a''b\\\\c'"),
+            "{batch}"
+        );
         assert!(!batch.contains("DO $"), "{batch}");
         // Its only quotes are the literals' own: no value can end one early.
         assert_eq!(batch.matches('\'').count(), 2 + 2 * 4 + 2, "{batch}");

@@ -51,7 +51,7 @@ use tower_idempotency_core::{
 use crate::check::CheckReport;
 use crate::error::{within, DisplayChain, PostgresStoreError};
 use crate::round_trip::{Counters, Op, RoundTrips};
-use crate::sql::{Found, Statements, NOT_RESERVED, NO_SUCH_STATEMENT, UNIQUE_VIOLATION};
+use crate::sql::{PreRead, Statements, NOT_RESERVED, NO_SUCH_STATEMENT, UNIQUE_VIOLATION};
 use crate::subscriber::{Hub, PgSubscription};
 use crate::tx::{end_failed, OwnedTx, Registry, Slot, Tx};
 
@@ -478,20 +478,20 @@ impl PostgresStore {
             }
             Err(err) => return Err(err),
         };
-        let found: Option<Vec<u8>> = row.try_get("found")?;
-        // A completed row without a record, or one too short to be this crate's, packs
-        // to NULL or less: the long way reads it and says what it is.
-        if let Some(found) = found.and_then(Found::split) {
-            drop(conn);
-            if found.fingerprint != *fingerprint.as_bytes() {
-                return Ok(Reservation::Mismatch);
+        match PreRead::parse(row.try_get("found")?) {
+            PreRead::Row(Some(found)) => {
+                drop(conn);
+                if found.fingerprint != *fingerprint.as_bytes() {
+                    return Ok(Reservation::Mismatch);
+                }
+                let record = Record::decode(&found.record)?;
+                self.keep_local(scope, fingerprint, &record, sent, Some(found.ttl_ms));
+                return Ok(Reservation::Completed(record));
             }
-            let record = Record::decode(&found.record)?;
-            self.keep_local(scope, fingerprint, &record, sent, Some(found.ttl_ms));
-            return Ok(Reservation::Completed(record));
-        }
-        if !row.try_get::<bool, _>("free")? {
-            return Ok(Reservation::InFlight);
+            PreRead::Held => return Ok(Reservation::InFlight),
+            // A row too short to be this crate's: the batch below fails on it (the primary
+            // key), and the long way reads it and says what it is.
+            PreRead::Row(None) | PreRead::Free => {}
         }
         // A new key, most likely: begin and reserve in one round trip (preparing the
         // statements first on a session not known to hold them; see `crate::prepared`).
@@ -853,9 +853,9 @@ impl PostgresStore {
             .bind(millis(ttl))
             .bind(&*self.channel)
             .bind(notify);
-        match within(self.timeout, query.fetch_optional(&mut *tx)).await {
-            Ok(Some(_)) => {}
-            Ok(None) => {
+        match within(self.timeout, query.execute(&mut *tx)).await {
+            Ok(done) if done.rows_affected() == 1 => {}
+            Ok(_) => {
                 tracing::error!(
                     "the reservation row is gone from the idempotency transaction (did the \
                      handler COMMIT or ROLLBACK it with SQL?); rolling back"
