@@ -1166,6 +1166,61 @@ async fn tx_reserve_is_atomic_over_rounds() {
     assert_eq!(store.open_transactions(), 0);
 }
 
+/// A handler that ends the store's transaction with SQL (`ROLLBACK`, then `BEGIN` and a
+/// write of its own): the record's `UPDATE` finds no reservation row, so the store rolls
+/// back instead of committing; the handler's write after its own `BEGIN` never commits
+/// without a record, the caller gets 503, and the key is free for a retry. One that
+/// `COMMIT`s instead leaves the reservation row committed, and its record is stored.
+#[tokio::test]
+async fn tx_a_handler_that_ends_the_transaction_with_sql() {
+    let store = support::postgres::transactional_store().await;
+    let side = store.schema.table("side");
+    store
+        .exec(&format!("CREATE TABLE {side} (run int8 NOT NULL)"))
+        .await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let (runs, side) = (runs.clone(), side.clone());
+        move |tx: Tx, body: String| {
+            let (runs, side) = (runs.clone(), side.clone());
+            async move {
+                let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                let mut conn = tx.lock().await.unwrap();
+                let end = if body == "commit" {
+                    "COMMIT"
+                } else {
+                    "ROLLBACK; BEGIN"
+                };
+                sqlx::raw_sql(AssertSqlSafe(format!(
+                    "{end}; INSERT INTO {side} (run) VALUES ({run})"
+                )))
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+                StatusCode::CREATED
+            }
+        }
+    };
+    let router = Router::new().route(
+        "/pay",
+        post(handler).layer(IdempotencyLayer::new(store.clone()).global_scope()),
+    );
+    let r = send(&router, request("k", "rollback")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(store.count("side").await, 0, "rolled back, never committed");
+    assert_eq!(store.count("idem").await, 0);
+    let r = send(&router, request("k", "rollback")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "the key was free again");
+    let r = send(&router, request("c", "commit")).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = send(&router, request("c", "commit")).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "stored, then replayed");
+    assert_eq!(store.count("side").await, 1);
+    assert_eq!(store.open_transactions(), 0);
+}
+
 /// A waiter in another process announces itself when it subscribes; the owner's commit
 /// then carries a NOTIFY, which wakes the waiter's subscription.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
