@@ -20,8 +20,8 @@ keep-alive connection, new keys or one key replayed) on a Postgres pool of one c
 / (N2 - N1) cancels what both runs share (the connections and their setup, the schema, the
 store's checks). With the default pool of 40, a connection back in the pool a moment late
 made the next request open another, and the same binary measured 455 k to 546 k per new
-key from run to run; with one, each run opens the same connections (pg-floor's replay
-keeps the default pool, see `run_once`). Counts depend on what ran before on the cluster:
+key from run to run; with one, each run opens the same connections. Counts depend on
+what ran before on the cluster:
 compare them from the same --variants and --cases order. User-space instructions only:
 the kernel's work for a round trip (the socket calls) is not in it, so a change that
 trades instructions for round trips needs a throughput run (`run.py`) too.
@@ -146,12 +146,8 @@ def run_once(cluster: Cluster, bench_http: str, variant: str, case: str, n: int)
     before = cluster.files()
     port = free_port()
     env = dict(os.environ, DATABASE_URL=cluster.url)
-    # One connection, so that both runs open the same ones. Not for pg-floor's replay: it
-    # reads the saved response on the pool while its dropped transaction still holds a
-    # connection, and on a pool of one or two under callgrind its requests fail (broken
-    # pipe, cause not found yet), so it keeps bench-http's default pool and its count is
-    # only as exact as the connections both runs happen to open.
-    pool = ["--pg-pool", "1"] if (variant, case) != ("pg-floor", "replay") else []
+    # One connection, so that both runs open the same ones.
+    pool = ["--pg-pool", "1"]
     app = subprocess.Popen([bench_http, "--variant", variant, "--port", str(port), "--workers", "1"] + pool,
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -921,6 +921,12 @@ async fn pg_floor_layer(
             // Its `ROLLBACK` goes out when the connection returns to the pool, off the
             // request's path, but it is a statement sent all the same: counted.
             drop(tx);
+            // The request's body is read here too, as zero2prod's handler reads its form
+            // before it looks at the key. Left unread, hyper may close the keep-alive
+            // connection after the response when the body's bytes are not in its buffer
+            // yet (a pool of one connection under callgrind, on a loaded machine: the
+            // replay runs of `pg_server_instructions.py` failed with a broken pipe).
+            let _ = axum::body::to_bytes(request.into_body(), FLOOR_MAX_RESPONSE).await;
             floor.count(2);
             floor.stats.pg_floor_reserve.fetch_add(2, Ordering::Relaxed);
             let saved =
