@@ -12,7 +12,7 @@
 -- lease lapsed before it completed), or for a completed record {blob, pttl}: the
 -- record's blob (never parsed here) and, if asked for, its remaining TTL in milliseconds,
 -- so a client may keep it locally no longer than Redis does ({blob} otherwise).
--- One read for every answer: a replay (the common retry) needs no second call.
+-- One round trip for every answer: a replay (the common retry) needs no second call.
 --
 -- A pending record lives as long as its lease (PEXPIRE), unless its reserve keeps lapsed
 -- leases: then it lives `ARGV[5]`, and field `le` holds the end of the lease (Redis
@@ -21,8 +21,14 @@
 -- Answering "in flight" marks the pending record (field `w` = 1): someone may now wait
 -- for it, so its complete or release publishes on the scope's channel. Without the mark
 -- they publish nothing, and a request nobody waits for costs Redis no pub/sub work.
-local h = redis.call('HMGET', KEYS[1], 'st', 'fp', 'rec', 'tok', 'w', 'le')
-local st, fp = h[1], h[2]
+--
+-- The state first, alone: on a new key this answers one nil, where an `HMGET` of every
+-- field the other answers need built a reply table of six (Redis 7.0 under callgrind:
+-- 44.4 k instructions per new-key reserve instead of 50.7 k). A replay then reads the
+-- two fields it answers with (43.8 k instead of 45.2 k); the rare answers, the four they
+-- need. `HMGET`, not `HGET` (1.8 k less): the least-privilege ACL in the crate's docs
+-- allows `HMGET`, and a user set up by it must keep working after an upgrade.
+local st = redis.call('HMGET', KEYS[1], 'st')[1]
 
 -- The two common answers first, before the script builds anything else: every call pays
 -- for each closure, table and number it makes (and the garbage collector after it), so
@@ -34,18 +40,20 @@ if not st and ARGV[5] == '0' then
   return 1
 end
 if st == 'c' then
-  if fp ~= ARGV[1] then
+  local h = redis.call('HMGET', KEYS[1], 'fp', 'rec')
+  if h[1] ~= ARGV[1] then
     return 3
   end
   -- A completed hash always has `rec`; an empty blob would only come from a damaged
   -- hash, and the client then reports a decode error instead of replaying nothing.
   if ARGV[4] == '1' then
-    return {h[3] or '', redis.call('PTTL', KEYS[1])}
+    return {h[2] or '', redis.call('PTTL', KEYS[1])}
   end
-  return {h[3] or ''}
+  return {h[2] or ''}
 end
 
-local tok, w, le = h[4], h[5], h[6]
+local h = redis.call('HMGET', KEYS[1], 'fp', 'tok', 'w', 'le')
+local fp, tok, w, le = h[1], h[2], h[3], h[4]
 local lease = tonumber(ARGV[3])
 local keep = tonumber(ARGV[5])
 
