@@ -346,8 +346,9 @@ impl Statements {
         // - an owner holds the scope (the probe of its advisory lock): 1 / 0
         //   ([`NOT_RESERVED`]), without waiting on the owner's row;
         // - a row is there (completed, or expired and not purged yet): the primary key
-        //   refuses it ([`UNIQUE_VIOLATION`]); an uncommitted one (an owner between its
-        //   insert and its lock) is waited for, up to the batch's `lock_timeout`.
+        //   refuses it ([`UNIQUE_VIOLATION`]); an uncommitted one (an owner of the long way
+        //   between its insert and its lock, or another session's write) is waited for, up
+        //   to the batch's `lock_timeout`.
         // The probe passed, the `CASE` (evaluated before the row is inserted, one branch
         // after the other) takes the owner's two advisory locks, held to the end of the
         // transaction (the scope's, then the token's), and bounds a frozen owner's idle
