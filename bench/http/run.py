@@ -51,9 +51,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 WRK_SCRIPT = HERE / "wrk.lua"
 
-ALL_VARIANTS = ["bare", "memory", "redis", "redis-nolocal", "peer", "floor", "postgres", "postgres-local", "pg-floor"]
+ALL_VARIANTS = ["bare", "memory", "redis", "redis-nolocal", "peer", "floor", "postgres", "postgres-local",
+                "postgres-rf", "pg-floor"]
 # The variants on the PostgreSQL server (skipped together when it does not answer).
-PG_VARIANTS = {"postgres", "postgres-local", "pg-floor"}
+PG_VARIANTS = {"postgres", "postgres-local", "postgres-rf", "pg-floor"}
 REDIS_VARIANTS = {"redis", "redis-nolocal", "peer", "floor"}
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/test"
 # Interleaved: bare and the baselines sit between our variants, and rep 2 runs the list
@@ -86,6 +87,8 @@ TARGETS = [
     ("postgres new key vs pg-floor", "new", "postgres", "pg-floor", 1.00),
     ("postgres replay vs pg-floor", "replay", "postgres", "pg-floor", 2.00),
     ("postgres-local replay vs pg-floor (local tier)", "replay", "postgres-local", "pg-floor", 2.00),
+    # The opt-in `PostgresStore::reserve_first(true)`: a new key without the pre-read.
+    ("postgres-rf new key vs pg-floor (reserve_first)", "new", "postgres-rf", "pg-floor", 1.00),
 ]
 # Ratios reported without a target (issue 10): the transactional Postgres store against
 # bare axum and the Redis floor, as (label, case, variant, baseline).
@@ -865,7 +868,7 @@ def write_report(path: Path, svg: Path, results: Results, args, variants: list[s
             # Three decimals: these ratios sit far below 1, where two say little.
             L.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:.3f}×" for v in vals) + " |")
         L.append("")
-    L.append("`redis` has the store's local replay tier on (the default), `redis-nolocal` has it off; `postgres` has it off (the default), `postgres-local` on.")
+    L.append("`redis` has the store's local replay tier on (the default), `redis-nolocal` has it off; `postgres` has it off (the default), `postgres-local` on; `postgres-rf` is `postgres` with `reserve_first(true)` (no pre-read: a new key is one statement fewer, a replay two more).")
     nolocal = [results.data.get((r, "replay", "redis-nolocal")) for r in range(reps)]
     if any(m is not None and m.cmds_per_req < 0.5 for m in nolocal):
         L.append("**In this run `redis-nolocal` replayed with no Redis command: its local tier was on**, "
@@ -902,7 +905,9 @@ def write_report(path: Path, svg: Path, results: Results, args, variants: list[s
              "(`PostgresStore::round_trips()`, from `GET /stats`: the pre-read `SELECT`, the batch "
              "that begins the transaction and reserves, the record's `UPDATE` and the `COMMIT` for "
              "a new key; the pre-read alone for a replay, none from the local tier of "
-             "`postgres-local`), for `pg-floor` its own count (`BEGIN`, `INSERT`, "
+             "`postgres-local`; for `postgres-rf` the batch, the record's `UPDATE` and the "
+             "`COMMIT` for a new key, the batch, its `ROLLBACK` and the pre-read for a replay), "
+             "for `pg-floor` its own count (`BEGIN`, `INSERT`, "
              "`UPDATE`, `COMMIT` for a new key; `BEGIN`, `INSERT`, the `SELECT` and the dropped "
              "transaction's `ROLLBACK` for a replay), both without the handler's own `INSERT` (one "
              "per new key, in the Checks table). "

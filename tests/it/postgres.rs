@@ -782,10 +782,19 @@ async fn connect_creates_the_table_and_checks() {
 // ---------------------------------------------------------------------------------------
 
 /// 64 concurrent requests with one key whose handler inserts a row in the idempotency
-/// transaction: 1 row, 64 identical answers, one of them the original.
+/// transaction: 1 row, 64 identical answers, one of them the original. With and without
+/// the pre-read ([`PostgresStore::reserve_first`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tx_64_concurrent_requests_write_one_row() {
-    let store = support::postgres::transactional_store().await;
+    for reserve_first in [false, true] {
+        let store = support::postgres::transactional_store()
+            .await
+            .map(|s| s.reserve_first(reserve_first));
+        sixty_four_concurrent_requests_write_one_row(store).await;
+    }
+}
+
+async fn sixty_four_concurrent_requests_write_one_row(store: TestStore) {
     let (app, router) = TxApp::new(store, |l| {
         l.in_flight(InFlight::Wait(Duration::from_secs(20)))
     })
@@ -1010,6 +1019,73 @@ async fn tx_the_handlers_queries_keep_a_sessions_own_lock_timeout() {
         .await
         .unwrap();
     assert_eq!(outside, "7s", "and the session keeps it after the commit");
+    pool.close().await;
+}
+
+/// `reserve_first(true)`: a new key is the batch alone, no pre-read: 3 round trips with
+/// the record's `UPDATE` and the `COMMIT`, 4 on a session's first (its batch finds the
+/// statement unprepared and goes again with the `PREPARE`). A replay or a mismatch is
+/// the batch (refused by the key's row), its `ROLLBACK` and then the pre-read: 3. The
+/// handler's `lock_timeout` is the session's default (here the connection's start-up
+/// option, 3s), not what a `SET` gave the session (7s), which the session keeps.
+#[tokio::test]
+async fn tx_reserve_first_skips_the_pre_read_of_a_new_key() {
+    let schema = TestSchema::create().await;
+    let options = support::postgres::database_url()
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .unwrap()
+        .options([("lock_timeout", "3s")]);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::raw_sql("SET lock_timeout = '7s'")
+                    .execute(&mut *conn)
+                    .await
+                    .map(drop)
+            })
+        })
+        .connect_with(options)
+        .await
+        .unwrap();
+    let store = PostgresStore::new(pool.clone())
+        .table(&schema.table("idem"))
+        .transactional()
+        .local_replays(None)
+        .reserve_first(true);
+    store.migrate().await.unwrap();
+    let router = show_setting(store.clone(), "lock_timeout");
+    let mut last = store.round_trips().total;
+    let mut step = |reply: &Reply, expected: u64, what: &str| {
+        let now = store.round_trips().total;
+        assert_eq!(now - last, expected, "{what}: {reply:?}");
+        last = now;
+    };
+    let first = send(&router, common::app::post("/show", Some("a"), "{}")).await;
+    assert_eq!(
+        (first.status, &*first.body),
+        (StatusCode::CREATED, &b"3s"[..])
+    );
+    step(&first, 4, "a session's first new key");
+    let second = send(&router, common::app::post("/show", Some("b"), "{}")).await;
+    assert_eq!(
+        (second.status, &*second.body),
+        (StatusCode::CREATED, &b"3s"[..])
+    );
+    assert!(!second.replayed());
+    step(&second, 3, "a new key");
+    let replay = send(&router, common::app::post("/show", Some("a"), "{}")).await;
+    assert!(replay.replayed(), "{replay:?}");
+    assert_eq!(replay.body, first.body);
+    step(&replay, 3, "a replay");
+    let mismatch = send(&router, common::app::post("/show", Some("a"), "{\"x\":1}")).await;
+    assert_eq!(mismatch.status, StatusCode::UNPROCESSABLE_ENTITY);
+    step(&mismatch, 3, "a mismatch");
+    let outside: String = sqlx::query_scalar("SHOW lock_timeout")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(outside, "7s", "the session keeps its own after the commit");
     pool.close().await;
 }
 
@@ -1293,12 +1369,21 @@ async fn tx_extractor_without_a_transaction() {
 /// completed row without locking it (`ON CONFLICT DO NOTHING`). Here another transaction
 /// holds a lock on the completed row (as a concurrent replay's `DO UPDATE` used to, until
 /// its rollback): the replay still answers from the row at once, never 409 after the
-/// lock timeout.
+/// lock timeout. Also with [`PostgresStore::reserve_first`], where each replay's batch
+/// fails on the row first, and takes the scope's advisory lock for a moment before: the
+/// other replays' batches then see it held, and still replay, never 409.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tx_a_replay_never_waits_on_a_lock_of_the_completed_row() {
-    let store = support::postgres::transactional_store()
-        .await
-        .map(|s| s.lock_timeout(Duration::from_millis(100)));
+    for reserve_first in [false, true] {
+        let store = support::postgres::transactional_store().await.map(|s| {
+            s.lock_timeout(Duration::from_millis(100))
+                .reserve_first(reserve_first)
+        });
+        a_replay_never_waits_on_a_lock_of_the_completed_row(store).await;
+    }
+}
+
+async fn a_replay_never_waits_on_a_lock_of_the_completed_row(store: TestStore) {
     let (app, router) = TxApp::new(store.clone(), |l| l.in_flight(InFlight::Conflict)).await;
     let first = send(&router, request("hot", "{}")).await;
     assert_eq!(first.status, StatusCode::CREATED);

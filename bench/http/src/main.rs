@@ -2,7 +2,7 @@
 //! wrk over loopback.
 //!
 //! ```text
-//! bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres|postgres-local|pg-floor> --port <p>
+//! bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres|postgres-local|postgres-rf|pg-floor> --port <p>
 //!            [--redis-url <url>] [--database-url <url>] [--workers <n>] [--pg-pool <n>]
 //! ```
 //!
@@ -21,6 +21,7 @@
 //! | `floor` | hand-written: reserve = 1 `EVALSHA`, complete = 1 `EVALSHA`, replay = 1 `EVALSHA` |
 //! | `postgres` | `IdempotencyLayer` on a transactional `PostgresStore`; the handler also `INSERT`s one row through its `Tx` |
 //! | `postgres-local` | the same with the store's opt-in local replay tier on |
+//! | `postgres-rf` | `postgres` with the store's opt-in `reserve_first(true)`: a new key's reserve without the pre-read |
 //! | `pg-floor` | hand-written, zero2prod's pattern: in the handler's transaction `INSERT ... ON CONFLICT DO NOTHING`, the same `INSERT` as `postgres`, `UPDATE` with the response, `COMMIT`; a conflict reads the saved response with one `SELECT` |
 //!
 //! All layers are attached per route (`post(h).route_layer(..)`, or `.layer(..)` for
@@ -75,7 +76,7 @@ const PG_POOL_SIZE: u32 = 40;
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 const USAGE: &str =
-    "usage: bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres|postgres-local|pg-floor> \
+    "usage: bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres|postgres-local|postgres-rf|pg-floor> \
 --port <port> [--redis-url <url>] [--database-url <url>] [--workers <n>] [--pg-pool <n>]";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,11 +89,12 @@ enum Variant {
     Floor,
     Postgres,
     PostgresLocal,
+    PostgresRf,
     PgFloor,
 }
 
 impl Variant {
-    const ALL: [(&'static str, Variant); 9] = [
+    const ALL: [(&'static str, Variant); 10] = [
         ("bare", Variant::Bare),
         ("memory", Variant::Memory),
         ("redis", Variant::Redis),
@@ -101,6 +103,7 @@ impl Variant {
         ("floor", Variant::Floor),
         ("postgres", Variant::Postgres),
         ("postgres-local", Variant::PostgresLocal),
+        ("postgres-rf", Variant::PostgresRf),
         ("pg-floor", Variant::PgFloor),
     ];
 
@@ -118,7 +121,7 @@ impl Variant {
     fn uses_postgres(self) -> bool {
         matches!(
             self,
-            Variant::Postgres | Variant::PostgresLocal | Variant::PgFloor
+            Variant::Postgres | Variant::PostgresLocal | Variant::PostgresRf | Variant::PgFloor
         )
     }
 
@@ -555,16 +558,18 @@ async fn serve_with(args: Args, schema: Option<&PgSchema>) -> Result<(), String>
                     .route_layer(middleware::from_fn_with_state(floor, floor_layer)),
             )
         }
-        (Variant::Postgres | Variant::PostgresLocal, _) => {
+        (Variant::Postgres | Variant::PostgresLocal | Variant::PostgresRf, _) => {
             let schema = schema.ok_or("the postgres variant needs its schema")?;
             // The default transactional settings: lock timeout 250 ms, idle-in-transaction
             // limit = the layer's lease, store timeout 5 s; `postgres-local` turns on the
-            // opt-in local replay tier (the default for Redis).
+            // opt-in local replay tier (the default for Redis), `postgres-rf` the opt-in
+            // reserve without a pre-read.
             let local = (args.variant == Variant::PostgresLocal).then(LocalReplays::default);
             let store = PostgresStore::new(schema.pool.clone())
                 .table(&format!("{}.idempotency", schema.name))
                 .transactional()
-                .local_replays(local);
+                .local_replays(local)
+                .reserve_first(args.variant == Variant::PostgresRf);
             store
                 .migrate()
                 .await

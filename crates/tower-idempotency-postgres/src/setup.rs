@@ -54,6 +54,7 @@ impl PostgresStore {
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
             idle_limit: IdleLimit::Lease,
             pool_checks: false,
+            reserve_first: false,
             invalid_table: None,
             invalid_channel: None,
             local: None,
@@ -264,6 +265,43 @@ impl PostgresStore {
     /// ```
     pub fn pool_acquire_checks(mut self, on: bool) -> Self {
         self.pool_checks = on;
+        self
+    }
+
+    /// In transactional mode, reserve a new key without reading it first: one round trip
+    /// fewer per new key, more for a retry. Default `false`.
+    ///
+    /// By default a request's first statement is a read of its key outside any
+    /// transaction (the pre-read): a replay, a `422` or a `409` is that one statement, and
+    /// a new key is the pre-read and then one batch that begins the transaction and
+    /// reserves. With `reserve_first(true)` every request sends that batch at once:
+    ///
+    /// - a new key costs one round trip fewer (and the server about 70 k instructions
+    ///   fewer: 361 k instead of 434 k per new key under callgrind), for APIs whose
+    ///   traffic is mostly new keys (payments created once, retried rarely);
+    /// - a retry costs more: the batch fails (the key's row is there, or its owner's lock
+    ///   is held), then the store rolls back and reads the key as without this option.
+    ///   Each such failure is an `ERROR` in the server's log (`duplicate key value
+    ///   violates unique constraint`, or `division by zero` for a key in flight), with
+    ///   the batch's text if `log_min_error_statement` says so;
+    /// - the handler's statements run with `lock_timeout` at the session's default (`SET
+    ///   LOCAL lock_timeout TO DEFAULT`: the server's, database's, role's or connection
+    ///   options' value), not at a value a plain `SET lock_timeout` gave the pooled
+    ///   session (the pre-read reads that one; without it the store cannot know it);
+    /// - a session's first reserve finds the statement unprepared and is sent again with
+    ///   its `PREPARE`: one more round trip and one `ERROR` in the log per pooled session.
+    ///
+    /// What is guaranteed does not change: the batch is the same, and it alone decides
+    /// whether this request owns the key (the pre-read only spares the batch).
+    ///
+    /// ```
+    /// # use tower_idempotency_postgres::{sqlx::PgPool, PostgresStore};
+    /// # fn store(pool: PgPool) -> PostgresStore {
+    /// PostgresStore::new(pool).transactional().reserve_first(true)
+    /// # }
+    /// ```
+    pub fn reserve_first(mut self, on: bool) -> Self {
+        self.reserve_first = on;
         self
     }
 

@@ -105,6 +105,9 @@ pub struct PostgresStore {
     /// takes its connection through the pool's checks
     /// ([`pool_acquire_checks`](PostgresStore::pool_acquire_checks)).
     pub(crate) pool_checks: bool,
+    /// Transactional mode reserves a new key without the pre-read
+    /// ([`reserve_first`](PostgresStore::reserve_first)).
+    pub(crate) reserve_first: bool,
     /// Why the last [`table`](PostgresStore::table) or
     /// [`channel`](PostgresStore::channel) name was refused, reported at `init`.
     pub(crate) invalid_table: Option<Arc<PostgresStoreError>>,
@@ -113,6 +116,19 @@ pub struct PostgresStore {
     /// is shared only by clones on the same table.
     pub(crate) local: Option<Arc<LocalTier>>,
     pub(crate) shared: Arc<Shared>,
+}
+
+/// What transactional mode's pre-read found ([`PostgresStore::pre_read`]).
+enum PreReadOutcome {
+    /// The request's answer, in one statement: a replay, a mismatch, in flight.
+    Answered(Reservation),
+    /// No live row (or one this crate did not write): reserve on `conn`, whose session
+    /// is the backend `pid`, with this `lock_timeout` of its own.
+    Free {
+        conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+        pid: i32,
+        lock_timeout: String,
+    },
 }
 
 /// State shared by every clone of a store.
@@ -133,6 +149,7 @@ impl fmt::Debug for PostgresStore {
             .field("transactional", &self.transactional)
             .field("lock_timeout", &self.lock_timeout)
             .field("pool_acquire_checks", &self.pool_checks)
+            .field("reserve_first", &self.reserve_first)
             .field("round_trips", &self.shared.counters.snapshot())
             .field("open_transactions", &self.shared.registry.len())
             .field("local_replays", &self.local)
@@ -445,69 +462,62 @@ impl PostgresStore {
     /// Whatever else the batch did not settle (a key completed since the pre-read, an
     /// expired row, a lock timeout) goes the long way, with the statements that return the
     /// row.
+    ///
+    /// With [`reserve_first`](PostgresStore::reserve_first) the batch goes first; when it
+    /// finds a row, the request starts over with the pre-read (`read_first`), which reads
+    /// a completed row without locking it: the long way's `DO UPDATE` would lock it, and
+    /// concurrent retries of one key would queue on it.
     async fn reserve_in_transaction(
         &self,
         scope: &ScopeHash,
         fingerprint: &Fingerprint,
         token: FencingToken,
         lease: LeaseTerms,
+        read_first: bool,
     ) -> Result<Reservation, PostgresStoreError> {
         if self.shared.registry.get(scope, token).is_some() {
             // A re-sent reserve: this token's transaction holds the scope.
             return Ok(Reservation::Reserved);
         }
         let started = tokio::time::Instant::now();
-        let lock_key = self.sql.lock_key(scope);
-        let preread = || {
-            sqlx::query(AssertSqlSafe(self.sql.preread.clone()))
-                .bind(scope.as_bytes().as_slice())
-                .bind(lock_key)
-        };
-        // The pre-read has no effect: when its untested connection turns out to have died
-        // while idle, it goes again on one the pool tested.
-        let (mut conn, tested) = self.first_connection().await?;
-        self.count(Op::Reserve);
-        let mut sent = tokio::time::Instant::now();
-        let row = match within(self.timeout, preread().fetch_one(&mut *conn)).await {
-            Ok(row) => row,
-            Err(err) if !tested && session_ended(&err) => {
-                conn = self.replace_dead(conn, &err).await?;
-                self.count(Op::Reserve);
-                sent = tokio::time::Instant::now();
-                within(self.timeout, preread().fetch_one(&mut *conn)).await?
-            }
-            Err(err) => return Err(err),
-        };
-        match PreRead::parse(row.try_get("found")?) {
-            PreRead::Row(Some(found)) => {
-                drop(conn);
-                if found.fingerprint != *fingerprint.as_bytes() {
-                    return Ok(Reservation::Mismatch);
+        let prepared = &self.sql.prepared;
+        let (mut conn, mut tested) = self.first_connection().await?;
+        // Without the pre-read (`reserve_first`, while the server prepares statements):
+        // the batch is the first statement, for a session this store does not know.
+        let session = if !read_first && prepared.enabled() {
+            None
+        } else {
+            match self.pre_read(conn, tested, scope, fingerprint).await? {
+                PreReadOutcome::Answered(reservation) => return Ok(reservation),
+                PreReadOutcome::Free {
+                    conn: read_on,
+                    pid,
+                    lock_timeout,
+                } => {
+                    // The pre-read's success says the session is alive.
+                    (conn, tested) = (read_on, true);
+                    Some((pid, lock_timeout))
                 }
-                let record = Record::decode(&found.record)?;
-                self.keep_local(scope, fingerprint, &record, sent, Some(found.ttl_ms));
-                return Ok(Reservation::Completed(record));
             }
-            PreRead::Held => return Ok(Reservation::InFlight),
-            // A row too short to be this crate's: the batch below fails on it (the primary
-            // key), and the long way reads it and says what it is.
-            PreRead::Row(None) | PreRead::Free => {}
-        }
+        };
         // A new key, most likely: begin and reserve in one round trip (preparing the
         // statements first on a session not known to hold them; see `crate::prepared`).
         // The long way when the server refused to prepare them.
-        let prepared = &self.sql.prepared;
-        let session_lock_timeout: String = row.try_get("lock_timeout")?;
         if !prepared.enabled() {
             drop(conn);
             return self
                 .reserve_the_long_way(scope, fingerprint, token, lease, started, None, None)
                 .await;
         }
-        let pid: i32 = row.try_get("pid")?;
+        let pid = session.as_ref().map(|(pid, _)| *pid);
+        let session_lock_timeout = session
+            .as_ref()
+            .map(|(_, lock_timeout)| lock_timeout.as_str());
         let lock_timeout = self.lock_timeout_setting();
         let idle = self.idle_setting(lease);
-        let (mut prepare, mut failed) = (!prepared.has(pid), false);
+        // A session whose statements are not known is sent none: its first batch fails
+        // (26000) and goes again with the `PREPARE`.
+        let (mut prepare, mut failed) = (pid.is_some_and(|pid| !prepared.has(pid)), false);
         let (conn, err) = loop {
             let batch = self.sql.reserve_batch(
                 failed,
@@ -517,13 +527,13 @@ impl PostgresStore {
                 token,
                 millis(lease.duration),
                 &lock_timeout,
-                &session_lock_timeout,
+                session_lock_timeout,
                 idle.as_deref(),
             );
             self.count(Op::Reserve);
             let (back, err) = match OwnedTx::begin(conn, AssertSqlSafe(batch), self.timeout).await {
                 Ok(tx) => {
-                    if prepare {
+                    if let (true, Some(pid)) = (prepare, pid) {
                         prepared.insert(pid);
                     }
                     self.keep_reservation(scope, token, tx);
@@ -532,12 +542,23 @@ impl PostgresStore {
                 Err((None, err)) => return Err(err),
                 Err((Some(back), err)) => (back, err),
             };
+            // Without a pre-read the batch is what finds an idle connection dead (as the
+            // pre-read does otherwise): sent again on a tested one. Its transaction ended
+            // with its session, so nothing of it stays.
+            if !tested && session_ended(&err) {
+                conn = self.replace_dead(back, &err).await?;
+                (tested, prepare, failed) = (true, false, false);
+                continue;
+            }
+            tested = true;
             match err.sqlstate().as_deref() {
                 // The session lost the statements (a new session under a reused process
                 // id, or they were deallocated): once more, preparing them, after the
                 // failed transaction.
                 Some(NO_SUCH_STATEMENT) if !prepare => {
-                    prepared.remove(pid);
+                    if let Some(pid) = pid {
+                        prepared.remove(pid);
+                    }
                     (prepare, failed) = (true, true);
                     conn = back;
                 }
@@ -547,7 +568,7 @@ impl PostgresStore {
                 // ended the prepare itself (parsing the insert takes the table's lock):
                 // this session is not counted as prepared, and its next batch prepares it.
                 Some(NOT_RESERVED | UNIQUE_VIOLATION) => {
-                    if prepare {
+                    if let (true, Some(pid)) = (prepare, pid) {
                         prepared.insert(pid);
                     }
                     break (back, err);
@@ -573,6 +594,22 @@ impl PostgresStore {
             }
         };
         match err.sqlstate().as_deref() {
+            // Without a pre-read: a row is there (most likely a retry of a completed key), or
+            // the scope's advisory lock is held, which another retry's batch also takes
+            // for the moment before its insert fails on the row. Read the key as the
+            // pre-read does, after the failed transaction: a completed row is a replay,
+            // not locked and never 409, and only an owner without a row is in flight.
+            Some(NOT_RESERVED | UNIQUE_VIOLATION) if session.is_none() => {
+                self.end_failed_reserve(conn).await;
+                return Box::pin(self.reserve_in_transaction(
+                    scope,
+                    fingerprint,
+                    token,
+                    lease,
+                    true,
+                ))
+                .await;
+            }
             // An owner took the scope since the pre-read (the reserve's probe of its
             // advisory lock): in flight, as the long way would answer, once the failed
             // transaction ends.
@@ -620,6 +657,57 @@ impl PostgresStore {
             Some(err),
         )
         .await
+    }
+
+    /// Transactional mode's pre-read of `scope` on `conn` (untested if `tested` is false),
+    /// outside any transaction: the answer when it is one (a replay, 422, in flight),
+    /// otherwise what the reserve batch needs of the session.
+    async fn pre_read(
+        &self,
+        mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+        tested: bool,
+        scope: &ScopeHash,
+        fingerprint: &Fingerprint,
+    ) -> Result<PreReadOutcome, PostgresStoreError> {
+        let lock_key = self.sql.lock_key(scope);
+        let preread = || {
+            sqlx::query(AssertSqlSafe(self.sql.preread.clone()))
+                .bind(scope.as_bytes().as_slice())
+                .bind(lock_key)
+        };
+        // The pre-read has no effect: when its untested connection turns out to have died
+        // while idle, it goes again on one the pool tested.
+        self.count(Op::Reserve);
+        let mut sent = tokio::time::Instant::now();
+        let row = match within(self.timeout, preread().fetch_one(&mut *conn)).await {
+            Ok(row) => row,
+            Err(err) if !tested && session_ended(&err) => {
+                conn = self.replace_dead(conn, &err).await?;
+                self.count(Op::Reserve);
+                sent = tokio::time::Instant::now();
+                within(self.timeout, preread().fetch_one(&mut *conn)).await?
+            }
+            Err(err) => return Err(err),
+        };
+        match PreRead::parse(row.try_get("found")?) {
+            PreRead::Row(Some(found)) => {
+                drop(conn);
+                if found.fingerprint != *fingerprint.as_bytes() {
+                    return Ok(PreReadOutcome::Answered(Reservation::Mismatch));
+                }
+                let record = Record::decode(&found.record)?;
+                self.keep_local(scope, fingerprint, &record, sent, Some(found.ttl_ms));
+                Ok(PreReadOutcome::Answered(Reservation::Completed(record)))
+            }
+            PreRead::Held => Ok(PreReadOutcome::Answered(Reservation::InFlight)),
+            // A row too short to be this crate's: the batch fails on it (the primary key),
+            // and the long way reads it and says what it is.
+            PreRead::Row(None) | PreRead::Free => Ok(PreReadOutcome::Free {
+                pid: row.try_get("pid")?,
+                lock_timeout: row.try_get("lock_timeout")?,
+                conn,
+            }),
+        }
     }
 
     /// Ends the failed transaction a reserve batch left on `conn` (its `ROLLBACK` is a
@@ -1112,7 +1200,13 @@ impl Store for PostgresStore {
         // Each call's future boxed (see `within`): kept inline, the kilobytes of sqlx's
         // state would be copied with the layer's future every time it moves.
         let call: BoxFuture<'_, _> = if self.transactional {
-            Box::pin(self.reserve_in_transaction(scope, fingerprint, token, lease))
+            Box::pin(self.reserve_in_transaction(
+                scope,
+                fingerprint,
+                token,
+                lease,
+                !self.reserve_first,
+            ))
         } else {
             Box::pin(self.reserve_plain(scope, fingerprint, token, lease))
         };
