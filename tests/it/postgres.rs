@@ -319,18 +319,19 @@ async fn pg_an_idle_connection_that_died_is_replaced_for_the_reserve() {
         .table(&schema.table("idem"))
         .local_replays(None);
     store.migrate().await.unwrap();
-    an_idle_connection_that_died_is_replaced(&store, &pool, 2).await;
+    an_idle_connection_that_died_is_replaced(&store, &pool, 2, 2).await;
     pool.close().await;
 }
 
 /// The run of both modes' idle-connection tests, on `store` over `pool` (one connection):
 /// a completed key, then that connection terminated before a replay and again before a new
 /// key. Each answers as usual; the replay sends its first statement twice (2 reserve
-/// statements), the new key `new_key_trips` (plain 2, the reserve twice; transactional 3,
-/// the pre-read twice and the batch).
+/// statements, or `replay_trips`), the new key `new_key_trips` (plain 2, the reserve
+/// twice; transactional 3, the pre-read twice and the batch).
 pub(crate) async fn an_idle_connection_that_died_is_replaced(
     store: &PostgresStore,
     pool: &sqlx::PgPool,
+    replay_trips: u64,
     new_key_trips: u64,
 ) {
     let (done, token) = (scope("/done"), FencingToken::generate());
@@ -342,7 +343,7 @@ pub(crate) async fn an_idle_connection_that_died_is_replaced(
     let admin = support::postgres::pool(1).await;
     let (new, owner) = (scope("/new"), FencingToken::generate());
     for (case, expected, trips) in [
-        ("replay", Reservation::Completed(record), 2),
+        ("replay", Reservation::Completed(record), replay_trips),
         ("new key", Reservation::Reserved, new_key_trips),
     ] {
         support::postgres::kill_idle_connection(pool, &admin).await;

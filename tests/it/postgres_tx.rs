@@ -929,7 +929,21 @@ async fn tx_an_idle_connection_that_died_is_replaced_for_the_pre_read() {
     let schema = TestSchema::create().await;
     let pool = support::postgres::pool(1).await;
     let store = tx_store_on(&pool, &schema).await;
-    an_idle_connection_that_died_is_replaced(&store, &pool, 3).await;
+    an_idle_connection_that_died_is_replaced(&store, &pool, 2, 3).await;
+    pool.close().await;
+}
+
+/// The same without the pre-read (`reserve_first`): the batch is the first statement, and
+/// the one that finds the connection dead; it goes again on a tested connection (the dead
+/// session's transaction went with it). On the new session the batch finds its statement
+/// unprepared and goes once more with the `PREPARE`. The replay: the batch three times,
+/// its `ROLLBACK`, the pre-read (5); the new key: the batch three times (3).
+#[tokio::test]
+async fn tx_an_idle_connection_that_died_is_replaced_for_the_first_batch() {
+    let schema = TestSchema::create().await;
+    let pool = support::postgres::pool(1).await;
+    let store = tx_store_on(&pool, &schema).await.reserve_first(true);
+    an_idle_connection_that_died_is_replaced(&store, &pool, 5, 3).await;
     pool.close().await;
 }
 
