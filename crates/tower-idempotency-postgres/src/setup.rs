@@ -277,7 +277,7 @@ impl PostgresStore {
     /// reserves. With `reserve_first(true)` every request sends that batch at once:
     ///
     /// - a new key costs one round trip fewer (and the server about 70 k instructions
-    ///   fewer: 361 k instead of 434 k per new key under callgrind), for APIs whose
+    ///   fewer: 363 k instead of 434 k per new key under callgrind), for APIs whose
     ///   traffic is mostly new keys (payments created once, retried rarely);
     /// - a retry costs more: the batch fails (the key's row is there, or its owner's lock
     ///   is held), then the store rolls back and reads the key as without this option.

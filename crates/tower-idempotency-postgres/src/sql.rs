@@ -555,7 +555,7 @@ impl Statements {
     /// lock_timeout TO DEFAULT`, the session's default. Saving the session's value in the
     /// batch instead (`set_config` from `current_setting`, and back) takes two `SELECT`s,
     /// which cost the server more than the pre-read they would spare (465 k instructions
-    /// per new key under callgrind, against 434 k with the pre-read and 361 k this way).
+    /// per new key under callgrind, against 434 k with the pre-read and 363 k this way).
     ///
     /// The transaction's `lock_timeout` is set by a statement of its own, before the
     /// `PREPARE` and the `EXECUTE`: both take the table's lock before any of the reserve's
