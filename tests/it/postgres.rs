@@ -982,14 +982,12 @@ async fn tx_the_handlers_queries_keep_the_sessions_lock_timeout() {
     assert_eq!(r.body, "0", "the server default, not the store's 250ms");
 }
 
-/// The same for a session whose own `lock_timeout` is not the server's default (set when
-/// the pool connects, as a team would for its API): the handler gets that value back, not
-/// the store's and not the default, on a session's first new key (which prepares the
-/// store's statements) and on its next ones (which only execute them).
-#[tokio::test]
-async fn tx_the_handlers_queries_keep_a_sessions_own_lock_timeout() {
-    let schema = TestSchema::create().await;
-    let pool = sqlx::postgres::PgPoolOptions::new()
+/// A pool of one connection whose session sets its own `lock_timeout` (7s) when it
+/// connects, as a team would for its API.
+async fn pool_with_a_session_lock_timeout(
+    options: sqlx::postgres::PgConnectOptions,
+) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .after_connect(|conn, _| {
             Box::pin(async move {
@@ -999,9 +997,20 @@ async fn tx_the_handlers_queries_keep_a_sessions_own_lock_timeout() {
                     .map(drop)
             })
         })
-        .connect(&support::postgres::database_url())
+        .connect_with(options)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The same for a session whose own `lock_timeout` is not the server's default (set when
+/// the pool connects, as a team would for its API): the handler gets that value back, not
+/// the store's and not the default, on a session's first new key (which prepares the
+/// store's statements) and on its next ones (which only execute them).
+#[tokio::test]
+async fn tx_the_handlers_queries_keep_a_sessions_own_lock_timeout() {
+    let schema = TestSchema::create().await;
+    let options = support::postgres::database_url().parse().unwrap();
+    let pool = pool_with_a_session_lock_timeout(options).await;
     let store = PostgresStore::new(pool.clone())
         .table(&schema.table("idem"))
         .transactional();
@@ -1036,19 +1045,7 @@ async fn tx_reserve_first_skips_the_pre_read_of_a_new_key() {
         .parse::<sqlx::postgres::PgConnectOptions>()
         .unwrap()
         .options([("lock_timeout", "3s")]);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .after_connect(|conn, _| {
-            Box::pin(async move {
-                sqlx::raw_sql("SET lock_timeout = '7s'")
-                    .execute(&mut *conn)
-                    .await
-                    .map(drop)
-            })
-        })
-        .connect_with(options)
-        .await
-        .unwrap();
+    let pool = pool_with_a_session_lock_timeout(options).await;
     let store = PostgresStore::new(pool.clone())
         .table(&schema.table("idem"))
         .transactional()
