@@ -464,9 +464,9 @@ impl PostgresStore {
     /// row.
     ///
     /// With [`reserve_first`](PostgresStore::reserve_first) the batch goes first; when it
-    /// finds a row, the request starts over with the pre-read (`read_first`), which reads
-    /// a completed row without locking it: the long way's `DO UPDATE` would lock it, and
-    /// concurrent retries of one key would queue on it.
+    /// finds a row or a held scope, the request starts over with the pre-read
+    /// (`read_first`), which reads a completed row without locking it: the long way's `DO
+    /// UPDATE` would lock it, and concurrent retries of one key would queue on it.
     async fn reserve_in_transaction(
         &self,
         scope: &ScopeHash,
