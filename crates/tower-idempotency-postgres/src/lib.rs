@@ -146,7 +146,10 @@
 //! `acquire` tested; only when the pool has no idle connection does the store wait in
 //! `acquire`. Plain mode's reserve takes its connection the same way.
 //! [`pool_acquire_checks(true)`](PostgresStore::pool_acquire_checks) takes every
-//! connection through `acquire`. The exactly-once guarantee covers what the
+//! connection through `acquire`. For traffic that is nearly all new keys,
+//! [`reserve_first(true)`](PostgresStore::reserve_first) skips the pre-read: a new request
+//! is 3 round trips, a retry 3 (the batch, refused, its `ROLLBACK`, the pre-read), and the
+//! handler's `lock_timeout` is the session's default. The exactly-once guarantee covers what the
 //! handler writes through [`Tx`] to this database only: a call to a payment provider from
 //! the handler is not undone by a rollback. Use one mode per table.
 //!
