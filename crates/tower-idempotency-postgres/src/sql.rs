@@ -846,17 +846,21 @@ mod tests {
         let scope = tower_idempotency_core::ScopeHash::from_bytes([0xab; 32]);
         let fingerprint = tower_idempotency_core::Fingerprint::from_bytes([0xcd; 32]);
         let token = tower_idempotency_core::FencingToken::from_bytes([0x01; 16]);
-        let batch = s.reserve_batch(
-            false,
-            false,
-            &scope,
-            &fingerprint,
-            token,
-            1500,
-            "'250ms'",
-            Some("a'b\\c"),
-            None,
-        );
+        // Every batch here: lease 1500 ms, no idle limit.
+        let batch_with = |failed, prepare, lock_timeout, session| {
+            s.reserve_batch(
+                failed,
+                prepare,
+                &scope,
+                &fingerprint,
+                token,
+                1500,
+                lock_timeout,
+                session,
+                None,
+            )
+        };
+        let batch = batch_with(false, false, "'250ms'", Some("a'b\\c"));
         assert!(
             batch.starts_with(
                 "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = '250ms'; "
@@ -879,31 +883,11 @@ mod tests {
         assert!(!batch.contains("DO $"), "{batch}");
         // Its only quotes are the literals' own: no value can end one early.
         assert_eq!(batch.matches('\'').count(), 2 + 2 * 4 + 2, "{batch}");
-        let prepared = s.reserve_batch(
-            true,
-            true,
-            &scope,
-            &fingerprint,
-            token,
-            1500,
-            "'1ms'",
-            Some("0"),
-            None,
-        );
+        let prepared = batch_with(true, true, "'1ms'", Some("0"));
         assert!(prepared.starts_with("ROLLBACK; BEGIN "), "{prepared}");
         assert!(prepared.contains(&*s.prepare), "{prepared}");
         // Without a pre-read (`reserve_first`), the session's default comes back.
-        let first = s.reserve_batch(
-            false,
-            false,
-            &scope,
-            &fingerprint,
-            token,
-            1500,
-            "'250ms'",
-            None,
-            None,
-        );
+        let first = batch_with(false, false, "'250ms'", None);
         assert!(
             first.ends_with("); SET LOCAL lock_timeout TO DEFAULT"),
             "{first}"
