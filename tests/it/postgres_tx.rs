@@ -1029,11 +1029,34 @@ async fn tx_a_server_that_refuses_to_prepare_still_reserves() {
     let pool = sqlx::PgPool::connect(&as_role).await.unwrap();
     let refused = sqlx::raw_sql("DO $$ BEGIN END $$").execute(&pool).await;
     assert!(refused.is_err(), "the role must not be able to run DO here");
-    let store = PostgresStore::new(pool.clone())
-        .table("app.idem")
-        .transactional();
-    store.migrate().await.unwrap();
+    // With and without the pre-read: without it the first batch finds the statement
+    // unprepared (26000) and the second is refused its `DO`; the same round trips.
+    for reserve_first in [false, true] {
+        let store = PostgresStore::new(pool.clone())
+            .table("app.idem")
+            .transactional()
+            .reserve_first(reserve_first);
+        store.migrate().await.unwrap();
+        refusing_server_reserves(&store, reserve_first).await;
+    }
+    pool.close().await;
+    for sql in [
+        format!("DROP DATABASE {db} WITH (FORCE)"),
+        format!("DROP ROLE {role}"),
+    ] {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await;
+}
+
+/// The store part of [`tx_a_server_that_refuses_to_prepare_still_reserves`], on a store
+/// that has not yet tried to prepare.
+async fn refusing_server_reserves(store: &PostgresStore, reserve_first: bool) {
     for (name, reserve_trips) in [("/first", 4), ("/second", 3)] {
+        let name = &format!("{name}-{reserve_first}");
         let (s, token) = (scope(name), FencingToken::generate());
         let before = store.round_trips();
         let reserved = store.reserve(&s, &FP, token, LEASE.into()).await.unwrap();
@@ -1058,18 +1081,6 @@ async fn tx_a_server_that_refuses_to_prepare_still_reserves() {
             "{name}"
         );
     }
-    drop(store);
-    pool.close().await;
-    for sql in [
-        format!("DROP DATABASE {db} WITH (FORCE)"),
-        format!("DROP ROLE {role}"),
-    ] {
-        sqlx::raw_sql(AssertSqlSafe(sql))
-            .execute(&admin)
-            .await
-            .unwrap();
-    }
-    admin.close().await;
 }
 
 /// A handler that ends the idempotency transaction with its own SQL (`ROLLBACK`, which the
