@@ -1087,6 +1087,60 @@ async fn tx_reserve_first_skips_the_pre_read_of_a_new_key() {
     pool.close().await;
 }
 
+/// A `reserve_first` batch refused by the key's row ends its transaction and reads the key
+/// on the same connection: one connection taken from the pool and given back once per
+/// replay or mismatch. Given back in between, it could go to a request queued for one (a
+/// new key holds its connection for the handler's whole transaction), and the replay would
+/// queue behind that request. Counted with the pool's `after_release` hook.
+#[tokio::test]
+async fn tx_reserve_first_reads_a_refused_key_on_the_same_connection() {
+    let schema = TestSchema::create().await;
+    let released = Arc::new(AtomicUsize::new(0));
+    let counter = released.clone();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .after_release(move |_, _| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(true) })
+        })
+        .connect(&support::postgres::database_url())
+        .await
+        .unwrap();
+    let store = PostgresStore::new(pool.clone())
+        .table(&schema.table("idem"))
+        .transactional()
+        .local_replays(None)
+        .reserve_first(true);
+    store.migrate().await.unwrap();
+    let router = show_setting(store, "lock_timeout");
+    // A connection goes back to the pool after the response: read the count once every
+    // connection is idle again.
+    let settled = || async {
+        for _ in 0..200 {
+            if pool.num_idle() == pool.size() as usize {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        released.load(Ordering::SeqCst)
+    };
+    let first = send(&router, common::app::post("/show", Some("a"), "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let before = settled().await;
+    let replay = send(&router, common::app::post("/show", Some("a"), "{}")).await;
+    assert!(replay.replayed(), "{replay:?}");
+    let after_replay = settled().await;
+    assert_eq!(
+        after_replay - before,
+        1,
+        "a replay: one connection, given back once"
+    );
+    let mismatch = send(&router, common::app::post("/show", Some("a"), "{\"x\":1}")).await;
+    assert_eq!(mismatch.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(settled().await - after_replay, 1, "a mismatch: the same");
+    pool.close().await;
+}
+
 /// A frozen owner (its handler idle in the transaction past the idle timeout) loses its
 /// transaction: Postgres ends the session; a waiting retry becomes the owner and runs;
 /// the frozen owner's caller gets 503, and only the retry's row exists.

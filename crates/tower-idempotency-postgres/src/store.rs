@@ -131,6 +131,17 @@ enum PreReadOutcome {
     },
 }
 
+/// What transactional mode's reserve sends first.
+enum Start {
+    /// The pre-read, on a connection of the pool (the default).
+    PreRead,
+    /// The batch that begins the transaction and reserves ([`PostgresStore::reserve_first`]).
+    Batch,
+    /// The pre-read, on this connection: the one a refused `reserve_first` batch ran on,
+    /// its transaction ended.
+    PreReadOn(sqlx::pool::PoolConnection<sqlx::Postgres>),
+}
+
 /// State shared by every clone of a store.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -473,7 +484,7 @@ impl PostgresStore {
         fingerprint: &Fingerprint,
         token: FencingToken,
         lease: LeaseTerms,
-        read_first: bool,
+        start: Start,
     ) -> Result<Reservation, PostgresStoreError> {
         if self.shared.registry.get(scope, token).is_some() {
             // A re-sent reserve: this token's transaction holds the scope.
@@ -481,7 +492,12 @@ impl PostgresStore {
         }
         let started = tokio::time::Instant::now();
         let prepared = &self.sql.prepared;
-        let (mut conn, mut tested) = self.first_connection().await?;
+        let (read_first, (mut conn, mut tested)) = match start {
+            Start::PreRead => (true, self.first_connection().await?),
+            Start::Batch => (false, self.first_connection().await?),
+            // It has just answered the `ROLLBACK`: alive.
+            Start::PreReadOn(conn) => (true, (conn, true)),
+        };
         // Without the pre-read (`reserve_first`, while the server prepares statements):
         // the batch is the first statement, for a session this store does not know.
         let session = if !read_first && prepared.enabled() {
@@ -599,14 +615,19 @@ impl PostgresStore {
             // for the moment before its insert fails on the row. Read the key as the
             // pre-read does, after the failed transaction: a completed row is a replay,
             // not locked and never 409, and only an owner without a row is in flight.
+            // On the same connection: given back to the pool between the two, it could
+            // go to a request queued for one, and this replay would queue behind it.
             Some(NOT_RESERVED | UNIQUE_VIOLATION) if session.is_none() => {
-                self.end_failed_reserve(conn).await;
+                let start = match self.end_failed_reserve(conn).await {
+                    Some(conn) => Start::PreReadOn(conn),
+                    None => Start::PreRead,
+                };
                 return Box::pin(self.reserve_in_transaction(
                     scope,
                     fingerprint,
                     token,
                     lease,
-                    true,
+                    start,
                 ))
                 .await;
             }
@@ -711,10 +732,14 @@ impl PostgresStore {
     }
 
     /// Ends the failed transaction a reserve batch left on `conn` (its `ROLLBACK` is a
-    /// round trip of the reserve, counted as one).
-    async fn end_failed_reserve(&self, conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {
+    /// round trip of the reserve, counted as one). The connection, idle again, unless the
+    /// `ROLLBACK` failed (it is then closed); dropping it gives it back to the pool.
+    async fn end_failed_reserve(
+        &self,
+        conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    ) -> Option<sqlx::pool::PoolConnection<sqlx::Postgres>> {
         self.count(Op::Reserve);
-        end_failed(conn, self.timeout).await;
+        end_failed(conn, self.timeout).await
     }
 
     /// The reserve that returns the row, looping while the reserving insert waits past
@@ -844,7 +869,7 @@ impl PostgresStore {
             Ok(tx) => tx,
             Err((Some(conn), err)) => {
                 if !session_ended(&err) {
-                    end_failed(conn, self.timeout).await;
+                    self.end_failed_reserve(conn).await;
                 }
                 return Err(err);
             }
@@ -1200,13 +1225,12 @@ impl Store for PostgresStore {
         // Each call's future boxed (see `within`): kept inline, the kilobytes of sqlx's
         // state would be copied with the layer's future every time it moves.
         let call: BoxFuture<'_, _> = if self.transactional {
-            Box::pin(self.reserve_in_transaction(
-                scope,
-                fingerprint,
-                token,
-                lease,
-                !self.reserve_first,
-            ))
+            let start = if self.reserve_first {
+                Start::Batch
+            } else {
+                Start::PreRead
+            };
+            Box::pin(self.reserve_in_transaction(scope, fingerprint, token, lease, start))
         } else {
             Box::pin(self.reserve_plain(scope, fingerprint, token, lease))
         };

@@ -109,10 +109,16 @@ impl OwnedTx {
 /// Ends the transaction a failed [`OwnedTx::begin`] batch may have left open (failed) on
 /// `conn`, so that the connection goes back to the pool idle; one that cannot say so is
 /// closed instead.
-pub(crate) async fn end_failed(mut conn: PoolConnection<Postgres>, timeout: Duration) {
+pub(crate) async fn end_failed(
+    mut conn: PoolConnection<Postgres>,
+    timeout: Duration,
+) -> Option<PoolConnection<Postgres>> {
     let rollback = sqlx::raw_sql("ROLLBACK").execute(&mut *conn);
-    if !matches!(tokio::time::timeout(timeout, rollback).await, Ok(Ok(_))) {
+    if matches!(tokio::time::timeout(timeout, rollback).await, Ok(Ok(_))) {
+        Some(conn)
+    } else {
         conn.close_on_drop();
+        None
     }
 }
 
