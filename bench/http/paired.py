@@ -43,15 +43,7 @@ def slice_rps(exe: Path, variant: str, case: str, valkey: run.Valkey, args, logd
         cookie = run.login(server) if variant == "peer" else "session=" + "x" * 22
         slice_id = f"{tag}-{secrets.token_hex(4)}"
         run.replay_check(server, cookie, f"check-{slice_id}")
-        env = {"BENCH_BODY": run.BODY, "BENCH_COOKIE": cookie, "BENCH_MODE": case}
-        warm, measured = dict(env), dict(env)
-        if case == "new":
-            warm["BENCH_KEY_PREFIX"] = f"w-{slice_id}-"
-            measured["BENCH_KEY_PREFIX"] = f"m-{slice_id}-"
-        else:
-            key = f"replay-{slice_id}"
-            run.replay_check(server, cookie, key)
-            warm["BENCH_KEY"] = measured["BENCH_KEY"] = key
+        warm, measured = run.case_env(server, case, cookie, slice_id)
         if args.warmup > 0:
             run.run_wrk(server.port, warm, args.warmup, args)
         res = run.run_wrk(server.port, measured, args.seconds, args)

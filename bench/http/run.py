@@ -548,6 +548,22 @@ def replay_check(server: Server, cookie: str | None, key: str) -> tuple[str, str
     return b1, b2
 
 
+def case_env(server: Server, case: str, cookie: str, run_id: str) -> tuple[dict[str, str], dict[str, str]]:
+    """wrk's environment for a case's warm-up and for its measured run. New keys: each run
+    gets its own key prefix, so the measured run never meets a key of its warm-up. Replay:
+    both send one key, stored (and its replay checked) here first."""
+    env = {"BENCH_BODY": BODY, "BENCH_COOKIE": cookie, "BENCH_MODE": case}
+    warm, measured = dict(env), dict(env)
+    if case == "new":
+        warm["BENCH_KEY_PREFIX"] = f"w-{run_id}-"
+        measured["BENCH_KEY_PREFIX"] = f"m-{run_id}-"
+    else:
+        key = f"replay-{run_id}"
+        replay_check(server, cookie, key)
+        warm["BENCH_KEY"] = measured["BENCH_KEY"] = key
+    return warm, measured
+
+
 def login(server: Server) -> str:
     status, headers, body = http(server.port, "POST", "/login")
     cookie = headers.get("set-cookie", "")
@@ -574,17 +590,7 @@ def measure_variant(exe: Path, variant: str, rep: int, valkey: Valkey, args, log
         b1, b2 = replay_check(server, cookie, f"check-{run_id}")
         log(f"  {variant}: smoke check ok (first {b1}, retry {b2})")
         for case in CASES:
-            env = {"BENCH_BODY": BODY, "BENCH_COOKIE": cookie, "BENCH_MODE": case}
-            # Every wrk run gets its own key prefix, so the measured run never meets a key
-            # of its warm-up.
-            warm, measured = dict(env), dict(env)
-            if case == "new":
-                warm["BENCH_KEY_PREFIX"] = f"w-{run_id}-"
-                measured["BENCH_KEY_PREFIX"] = f"m-{run_id}-"
-            else:
-                key = f"replay-{run_id}"
-                replay_check(server, cookie, key)  # stores the key (and checks the replay)
-                warm["BENCH_KEY"] = measured["BENCH_KEY"] = key
+            warm, measured = case_env(server, case, cookie, run_id)
             if args.warmup > 0:
                 run_wrk(server.port, warm, args.warmup, args)
             stats0 = server.stats()

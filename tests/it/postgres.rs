@@ -1032,6 +1032,18 @@ async fn tx_the_handlers_queries_keep_a_sessions_own_lock_timeout() {
     pool.close().await;
 }
 
+/// A transactional store on `pool` with `reserve_first(true)` and no local tier (every
+/// replay reaches the database), its table made.
+async fn reserve_first_store(pool: &sqlx::PgPool, schema: &TestSchema) -> PostgresStore {
+    let store = PostgresStore::new(pool.clone())
+        .table(&schema.table("idem"))
+        .transactional()
+        .local_replays(None)
+        .reserve_first(true);
+    store.migrate().await.unwrap();
+    store
+}
+
 /// `reserve_first(true)`: a new key is the batch alone, no pre-read: 3 round trips with
 /// the record's `UPDATE` and the `COMMIT`, 4 on a session's first (its batch finds the
 /// statement unprepared and goes again with the `PREPARE`). A replay or a mismatch is
@@ -1046,12 +1058,7 @@ async fn tx_reserve_first_skips_the_pre_read_of_a_new_key() {
         .unwrap()
         .options([("lock_timeout", "3s")]);
     let pool = pool_with_a_session_lock_timeout(options).await;
-    let store = PostgresStore::new(pool.clone())
-        .table(&schema.table("idem"))
-        .transactional()
-        .local_replays(None)
-        .reserve_first(true);
-    store.migrate().await.unwrap();
+    let store = reserve_first_store(&pool, &schema).await;
     let router = show_setting(store.clone(), "lock_timeout");
     let mut last = store.round_trips().total;
     let mut step = |reply: &Reply, expected: u64, what: &str| {
@@ -1106,13 +1113,7 @@ async fn tx_reserve_first_reads_a_refused_key_on_the_same_connection() {
         .connect(&support::postgres::database_url())
         .await
         .unwrap();
-    let store = PostgresStore::new(pool.clone())
-        .table(&schema.table("idem"))
-        .transactional()
-        .local_replays(None)
-        .reserve_first(true);
-    store.migrate().await.unwrap();
-    let router = show_setting(store, "lock_timeout");
+    let router = show_setting(reserve_first_store(&pool, &schema).await, "lock_timeout");
     // A connection goes back to the pool after the response: read the count once every
     // connection is idle again.
     let settled = || async {
