@@ -157,23 +157,32 @@ struct Shard {
     entries: HashMap<ScopeHash, Entry, ScopeHasher>,
     /// A lower bound of the expiries in `entries`, exact after a sweep; `None` when the
     /// shard held no entry at its last sweep and none was inserted since.
-    earliest: Option<Instant>,
+    earliest: Option<Tick>,
     /// One `Notify` per scope someone waits on, shared by its subscriptions and outliving
     /// the scope's entries; the last subscription to drop removes it.
     waiters: HashMap<ScopeHash, Weak<Notify>, ScopeHasher>,
     inserts: usize,
 }
 
+/// An instant as nanoseconds since the store's epoch ([`Inner::ticks`]): 8 bytes where an
+/// [`Instant`] takes 16, in every entry of the table.
+type Tick = u64;
+
+/// A table entry. Its slot is what every key costs whatever its record (the part of
+/// [`ENTRY_OVERHEAD_BYTES`] the byte budget counts, and the memory a growing table
+/// touches and copies), so it is kept small: instants as [`Tick`]s, and the token as its
+/// bytes (a `u128` would align the slot to 16 bytes). 168 bytes with its key on 64-bit
+/// targets, where `Instant`s and the `u128` made it 192.
 #[derive(Debug)]
 struct Entry {
     fingerprint: Fingerprint,
-    token: FencingToken,
+    token: [u8; 16],
     state: State,
     /// When the entry goes: the end of the lease (or of the time a lapsed lease is kept),
     /// or of the record's TTL.
-    expires: Instant,
+    expires: Tick,
     /// When the entry took its state: the reservation, or the completion.
-    since: Instant,
+    since: Tick,
     /// What this entry counts against the byte budget; given back when it goes.
     bytes: usize,
 }
@@ -183,15 +192,20 @@ enum State {
     /// A lease. `lease_until` is set when a lapsed lease is kept as uncertain (it then
     /// ends before `expires`); otherwise the lease ends with the entry.
     Pending {
-        lease_until: Option<Instant>,
+        lease_until: Option<Tick>,
     },
     Completed(Record),
 }
 
 impl Entry {
     /// Whether this is a pending entry whose lease lapsed (kept as uncertain).
-    fn lapsed(&self, now: Instant) -> bool {
+    fn lapsed(&self, now: Tick) -> bool {
         matches!(self.state, State::Pending { lease_until: Some(until) } if until <= now)
+    }
+
+    /// Whether `token` holds this entry.
+    fn held_by(&self, token: FencingToken) -> bool {
+        self.token == token.to_bytes()
     }
 }
 
@@ -276,7 +290,7 @@ impl MemoryStore {
     /// Removes every expired entry now. Also done automatically, shard by shard, every
     /// 1024 insertions into a shard and when the store is full.
     pub fn sweep(&self) {
-        self.inner.sweep_due(Instant::now());
+        self.inner.sweep_due(self.inner.now());
     }
 
     fn shard(&self, scope: &ScopeHash) -> MutexGuard<'_, Shard> {
@@ -345,10 +359,13 @@ impl fmt::Debug for Inner {
 
 /// `now + d`, saturating far in the future instead of overflowing: the trait accepts
 /// any `Duration`, and a store must not panic on one.
-fn deadline(now: Instant, d: Duration) -> Instant {
-    now.checked_add(d)
-        .or_else(|| now.checked_add(crate::policy::MAX_TTL))
-        .unwrap_or(now)
+fn deadline(now: Tick, d: Duration) -> Tick {
+    now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The time from `now` until `later` (zero if it has passed).
+fn until(now: Tick, later: Tick) -> Duration {
+    Duration::from_nanos(later.saturating_sub(now))
 }
 
 /// A poisoned shard only means a panic happened while it was locked; every mutation
@@ -390,11 +407,11 @@ fn wake(waiters: &HashMap<ScopeHash, Weak<Notify>, ScopeHasher>, scope: &ScopeHa
 
 impl Shard {
     /// Whether an entry of this shard may have expired by `now`.
-    fn due(&self, now: Instant) -> bool {
+    fn due(&self, now: Tick) -> bool {
         self.earliest.is_some_and(|earliest| earliest <= now)
     }
 
-    fn note_expiry(&mut self, expires: Instant) {
+    fn note_expiry(&mut self, expires: Tick) {
         self.earliest = Some(self.earliest.map_or(expires, |e| e.min(expires)));
     }
 }
@@ -418,23 +435,27 @@ impl Inner {
     /// `t` as nanoseconds since `epoch`. Monotonic, so comparing ticks never says
     /// "not expired" where comparing instants would say "expired"; an instant before the
     /// epoch (a store built on another clock) counts as 0, which only sweeps sooner.
-    fn ticks(&self, t: Instant) -> u64 {
+    fn ticks(&self, t: Instant) -> Tick {
         u64::try_from(t.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The current instant as a [`Tick`].
+    fn now(&self) -> Tick {
+        self.ticks(Instant::now())
     }
 
     /// Keeps `earliest` a lower bound after an entry's expiry was set to `expires`. Called
     /// under the entry's shard lock, which orders it against a sweep's reset (see
     /// [`Inner::sweep_due`]). Most expiries are later than the bound: a load, no write.
-    fn note_expiry(&self, expires: Instant) {
-        let ticks = self.ticks(expires);
-        if ticks < self.earliest.load(Ordering::Relaxed) {
-            self.earliest.fetch_min(ticks, Ordering::Relaxed);
+    fn note_expiry(&self, expires: Tick) {
+        if expires < self.earliest.load(Ordering::Relaxed) {
+            self.earliest.fetch_min(expires, Ordering::Relaxed);
         }
     }
 
     /// Whether any entry may have expired by `now`.
-    fn may_have_expired(&self, now: Instant) -> bool {
-        self.earliest.load(Ordering::Relaxed) <= self.ticks(now)
+    fn may_have_expired(&self, now: Tick) -> bool {
+        self.earliest.load(Ordering::Relaxed) <= now
     }
 
     /// Sweeps every shard whose earliest expiry has passed and rebuilds `earliest`.
@@ -444,7 +465,7 @@ impl Inner {
     /// shard is in that shard's bound; one after it lowers the reset value itself. So once
     /// every shard is folded in, the bound is valid again; while a sweep runs it may be too
     /// high, which only makes a concurrent full store refuse instead of sweeping too.
-    fn sweep_due(&self, now: Instant) {
+    fn sweep_due(&self, now: Tick) {
         #[cfg(test)]
         self.sweep_passes.fetch_add(1, Ordering::Relaxed);
         self.earliest.store(u64::MAX, Ordering::Relaxed);
@@ -460,7 +481,7 @@ impl Inner {
     }
 
     /// Removes the shard's expired entries, waking their waiters, and makes its bound exact.
-    fn sweep_shard(&self, shard: &mut Shard, now: Instant) {
+    fn sweep_shard(&self, shard: &mut Shard, now: Tick) {
         #[cfg(test)]
         self.shard_sweeps.fetch_add(1, Ordering::Relaxed);
         let Shard {
@@ -470,7 +491,7 @@ impl Inner {
             ..
         } = shard;
         let (mut freed, mut freed_bytes) = (0, 0);
-        let mut next: Option<Instant> = None;
+        let mut next: Option<Tick> = None;
         entries.retain(|scope, entry| {
             if entry.expires > now {
                 next = Some(next.map_or(entry.expires, |n| n.min(entry.expires)));
@@ -556,7 +577,7 @@ impl MemoryStore {
         fingerprint: &Fingerprint,
         token: FencingToken,
         lease: LeaseTerms,
-        now: Instant,
+        now: Tick,
     ) -> Option<Reservation> {
         let mut shard = self.shard(scope);
         if let Some(entry) = shard.entries.get(scope) {
@@ -567,7 +588,7 @@ impl MemoryStore {
                 let pending = matches!(entry.state, State::Pending { .. });
                 // The same token again: a re-sent reserve (SPEC section 6). The lease it
                 // took is its own, and it keeps its expiry.
-                if pending && entry.token == token && entry.fingerprint == *fingerprint {
+                if pending && entry.held_by(token) && entry.fingerprint == *fingerprint {
                     return Some(Reservation::Reserved);
                 }
                 if entry.fingerprint != *fingerprint {
@@ -607,7 +628,7 @@ impl MemoryStore {
             *scope,
             Entry {
                 fingerprint: *fingerprint,
-                token,
+                token: token.to_bytes(),
                 state: State::Pending { lease_until },
                 expires,
                 since: now,
@@ -634,7 +655,7 @@ impl Store for MemoryStore {
         token: FencingToken,
         lease: LeaseTerms,
     ) -> Result<Reservation, StoreError> {
-        let now = Instant::now();
+        let now = self.inner.now();
         if let Some(answer) = self.reserve_now(scope, fingerprint, token, lease, now) {
             return Ok(answer);
         }
@@ -662,11 +683,11 @@ impl Store for MemoryStore {
         token: FencingToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let now = Instant::now();
+        let now = self.inner.now();
         let mut shard = self.shard(scope);
         let Shard { entries, .. } = &mut *shard;
         let renewed = match entries.get_mut(scope) {
-            Some(entry) if entry.token == token && entry.expires > now => match &mut entry.state {
+            Some(entry) if entry.held_by(token) && entry.expires > now => match &mut entry.state {
                 // A kept lease: its end moves, and the entry lives at least as long.
                 State::Pending {
                     lease_until: Some(until),
@@ -698,13 +719,13 @@ impl Store for MemoryStore {
         record: &Record,
         ttl: Duration,
     ) -> Result<Completion, StoreError> {
-        let now = Instant::now();
+        let now = self.inner.now();
         let mut shard = self.shard(scope);
         let Shard {
             entries, waiters, ..
         } = &mut *shard;
         let stored = match entries.get_mut(scope) {
-            Some(entry) if entry.token == token && entry.expires > now => {
+            Some(entry) if entry.held_by(token) && entry.expires > now => {
                 if !matches!(entry.state, State::Pending { .. }) {
                     // Already stored by this token: a retry after a lost reply.
                     return Ok(Completion::Stored);
@@ -731,11 +752,11 @@ impl Store for MemoryStore {
     }
 
     async fn release(&self, scope: &ScopeHash, token: FencingToken) -> Result<bool, StoreError> {
-        let now = Instant::now();
+        let now = self.inner.now();
         let mut shard = self.shard(scope);
         let held = matches!(
             shard.entries.get(scope),
-            Some(entry) if entry.token == token
+            Some(entry) if entry.held_by(token)
                 && entry.expires > now
                 && matches!(entry.state, State::Pending { .. })
         );
@@ -766,34 +787,35 @@ impl Store for MemoryStore {
     }
 
     async fn inspect(&self, scope: &ScopeHash) -> Result<KeyState, StoreError> {
-        let now = Instant::now();
+        let now = self.inner.now();
         let shard = self.shard(scope);
         let Some(entry) = shard.entries.get(scope).filter(|e| e.expires > now) else {
             return Ok(KeyState::Absent);
         };
-        let expires_in = entry.expires - now;
+        let expires_in = until(now, entry.expires);
+        let owner = FencingToken::from_bytes(entry.token);
         Ok(match &entry.state {
             State::Pending {
-                lease_until: Some(until),
-            } if *until <= now => KeyState::Uncertain {
-                owner: entry.token,
-                lapsed_for: Some(now - *until),
+                lease_until: Some(lapsed),
+            } if *lapsed <= now => KeyState::Uncertain {
+                owner,
+                lapsed_for: Some(until(*lapsed, now)),
                 expires_in,
             },
             State::Pending { lease_until } => KeyState::InFlight {
-                owner: Some(entry.token),
-                lease_remaining: Some(lease_until.unwrap_or(entry.expires) - now),
+                owner: Some(owner),
+                lease_remaining: Some(until(now, lease_until.unwrap_or(entry.expires))),
             },
             State::Completed(record) => KeyState::Completed {
                 record: record.clone(),
-                age: Some(now - entry.since),
+                age: Some(until(entry.since, now)),
                 expires_in,
             },
         })
     }
 
     async fn forget(&self, scope: &ScopeHash) -> Result<bool, StoreError> {
-        let now = Instant::now();
+        let now = self.inner.now();
         let mut shard = self.shard(scope);
         let Some(entry) = shard.entries.remove(scope) else {
             return Ok(false);
@@ -809,7 +831,7 @@ impl Store for MemoryStore {
         record: &Record,
         ttl: Duration,
     ) -> Result<Resolved, StoreError> {
-        let now = Instant::now();
+        let now = self.inner.now();
         let mut shard = self.shard(scope);
         let Shard {
             entries, waiters, ..
@@ -828,7 +850,7 @@ impl Store for MemoryStore {
                 entry.state = State::Completed(record.clone());
                 // A token nobody holds: the owner of a lapsed lease, alive after all,
                 // cannot overwrite the operator's answer.
-                entry.token = FencingToken::generate();
+                entry.token = FencingToken::generate().to_bytes();
                 entry.since = now;
                 entry.expires = deadline(now, ttl);
                 entry.bytes = entry.bytes.saturating_sub(before).saturating_add(after);
@@ -1502,6 +1524,50 @@ mod tests {
         store.sweep();
         assert_eq!((store.len(), store.bytes()), (0, 0));
         assert_eq!(store.inner.earliest.load(Ordering::Relaxed), u64::MAX);
+    }
+
+    /// Every key costs its table slot whatever its record: an `Instant` (16 bytes) or a
+    /// `u128` field (which aligns the slot to 16) would grow it back to 192 bytes, and the
+    /// default budget would hold 12 % fewer keys.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn an_entry_slot_stays_168_bytes() {
+        assert!(size_of::<(ScopeHash, Entry)>() <= 168);
+        assert!(ENTRY_OVERHEAD_BYTES <= 387);
+    }
+
+    /// A TTL or lease as long as `Duration` allows: no panic, the entry lives (it is not
+    /// swept), and `inspect` reports a remaining time, not an overflow.
+    #[tokio::test]
+    async fn the_longest_durations_saturate() {
+        let store = MemoryStore::default();
+        let token = FencingToken::generate();
+        let lease = LeaseTerms::from(Duration::MAX);
+        assert_eq!(
+            store.reserve(&scope(9), &FP, token, lease).await.unwrap(),
+            Reservation::Reserved
+        );
+        assert!(store.renew(&scope(9), token, Duration::MAX).await.unwrap());
+        let rec = Record::NotReplayable;
+        assert_eq!(
+            store
+                .complete(&scope(9), token, &rec, Duration::MAX)
+                .await
+                .unwrap(),
+            Completion::Stored
+        );
+        store.sweep();
+        match store.inspect(&scope(9)).await.unwrap() {
+            KeyState::Completed { expires_in, .. } => {
+                assert!(expires_in > Duration::from_secs(100 * 365 * 24 * 3600));
+            }
+            other => panic!("{other:?}"),
+        }
+        let replay = store
+            .reserve(&scope(9), &FP, FencingToken::generate(), lease)
+            .await
+            .unwrap();
+        assert_eq!(replay, Reservation::Completed(rec));
     }
 
     #[tokio::test]
