@@ -1532,8 +1532,9 @@ mod tests {
     #[cfg(target_pointer_width = "64")]
     #[test]
     fn an_entry_slot_stays_168_bytes() {
-        assert!(size_of::<(ScopeHash, Entry)>() <= 168);
-        assert!(ENTRY_OVERHEAD_BYTES <= 387);
+        let (slot, overhead) = (size_of::<(ScopeHash, Entry)>(), ENTRY_OVERHEAD_BYTES);
+        assert!(slot <= 168, "{slot}");
+        assert!(overhead <= 387, "{overhead}");
     }
 
     /// A TTL or lease as long as `Duration` allows: no panic, the entry lives (it is not
