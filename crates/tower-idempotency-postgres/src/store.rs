@@ -474,10 +474,11 @@ impl PostgresStore {
     /// expired row, a lock timeout) goes the long way, with the statements that return the
     /// row.
     ///
-    /// With [`reserve_first`](PostgresStore::reserve_first) the batch goes first; when it
-    /// finds a row or a held scope, the request starts over with the pre-read
-    /// (`read_first`), which reads a completed row without locking it: the long way's `DO
-    /// UPDATE` would lock it, and concurrent retries of one key would queue on it.
+    /// With [`reserve_first`](PostgresStore::reserve_first) the batch goes first
+    /// ([`Start::Batch`]); when it finds a row or a held scope, the request starts over
+    /// with the pre-read on the same connection ([`Start::PreReadOn`]), which reads a
+    /// completed row without locking it: the long way's `DO UPDATE` would lock it, and
+    /// concurrent retries of one key would queue on it.
     async fn reserve_in_transaction(
         &self,
         scope: &ScopeHash,

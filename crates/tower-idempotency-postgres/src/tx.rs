@@ -107,8 +107,8 @@ impl OwnedTx {
 }
 
 /// Ends the transaction a failed [`OwnedTx::begin`] batch may have left open (failed) on
-/// `conn`, so that the connection goes back to the pool idle; one that cannot say so is
-/// closed instead.
+/// `conn`, and returns the connection, idle again, for the caller to use or drop (back to
+/// the pool). One that cannot say so is closed instead, and `None` returned.
 pub(crate) async fn end_failed(
     mut conn: PoolConnection<Postgres>,
     timeout: Duration,
