@@ -363,9 +363,9 @@ fn deadline(now: Tick, d: Duration) -> Tick {
     now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// The time from `now` until `later` (zero if it has passed).
-fn until(now: Tick, later: Tick) -> Duration {
-    Duration::from_nanos(later.saturating_sub(now))
+/// The time from `from` to `to`, zero if `to` is earlier.
+fn span(from: Tick, to: Tick) -> Duration {
+    Duration::from_nanos(to.saturating_sub(from))
 }
 
 /// A poisoned shard only means a panic happened while it was locked; every mutation
@@ -792,23 +792,23 @@ impl Store for MemoryStore {
         let Some(entry) = shard.entries.get(scope).filter(|e| e.expires > now) else {
             return Ok(KeyState::Absent);
         };
-        let expires_in = until(now, entry.expires);
+        let expires_in = span(now, entry.expires);
         let owner = FencingToken::from_bytes(entry.token);
         Ok(match &entry.state {
             State::Pending {
                 lease_until: Some(lapsed),
             } if *lapsed <= now => KeyState::Uncertain {
                 owner,
-                lapsed_for: Some(until(*lapsed, now)),
+                lapsed_for: Some(span(*lapsed, now)),
                 expires_in,
             },
             State::Pending { lease_until } => KeyState::InFlight {
                 owner: Some(owner),
-                lease_remaining: Some(until(now, lease_until.unwrap_or(entry.expires))),
+                lease_remaining: Some(span(now, lease_until.unwrap_or(entry.expires))),
             },
             State::Completed(record) => KeyState::Completed {
                 record: record.clone(),
-                age: Some(until(entry.since, now)),
+                age: Some(span(entry.since, now)),
                 expires_in,
             },
         })
