@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import os
 import shutil
 import socket
 import subprocess
@@ -40,6 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import Resp  # noqa: E402  (run.py's RESP client)
+
 LUA = Path(__file__).resolve().parent.parent.parent / "crates" / "tower-idempotency-redis" / "lua"
 # bench-http's floor (src/main.rs, FLOOR_RESERVE and FLOOR_COMPLETE).
 FLOOR_RESERVE = ("local v = redis.call('GET', KEYS[1]) if v then return v end "
@@ -47,58 +49,6 @@ FLOOR_RESERVE = ("local v = redis.call('GET', KEYS[1]) if v then return v end "
 FLOOR_COMPLETE = "redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1"
 PREFILL = 20_000
 WARM = 200
-
-
-def resp(args: list) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        a = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
-
-
-class Conn:
-    """A minimal RESP client: pipelines of commands, replies parsed (errors raise)."""
-
-    def __init__(self, port: int):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=120)
-        self.buf = b""
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("redis-server closed the connection")
-        self.buf += chunk
-
-    def _line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            self._fill()
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def _reply(self):
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b"-":
-            raise RuntimeError(rest.decode(errors="replace"))
-        if kind in (b"+", b":"):
-            return rest
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            while len(self.buf) < n + 2:
-                self._fill()
-            value, self.buf = self.buf[:n], self.buf[n + 2:]
-            return value
-        if kind == b"*":
-            n = int(rest)
-            return None if n < 0 else [self._reply() for _ in range(n)]
-        raise RuntimeError(f"unexpected reply {line!r}")
-
-    def pipe(self, commands: list[list]) -> list:
-        self.sock.sendall(b"".join(resp(c) for c in commands))
-        return [self._reply() for _ in commands]
 
 
 def main() -> int:
@@ -126,7 +76,7 @@ def main() -> int:
         deadline = time.monotonic() + 60
         while True:
             try:
-                conn = Conn(port)
+                conn = Resp(port, timeout=120)
                 conn.pipe([["PING"]])
                 break
             except OSError:

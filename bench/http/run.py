@@ -131,7 +131,8 @@ def free_port() -> int:
 
 
 # --------------------------------------------------------------------------------------
-# A minimal RESP client (PING, INFO, SHUTDOWN) for the throwaway Valkey server.
+# A minimal RESP client: PING, INFO and SHUTDOWN for the throwaway Valkey server here,
+# pipelines of script calls for redis_server_instructions.py.
 
 
 class Resp:
@@ -177,13 +178,23 @@ class Resp:
             return None if n < 0 else [self._reply() for _ in range(n)]
         raise RuntimeError(f"unexpected reply {line!r}")
 
-    def command(self, *args: str):
+    @staticmethod
+    def _encode(args) -> bytes:
         out = [f"*{len(args)}\r\n".encode()]
         for a in args:
-            b = str(a).encode()
+            b = a if isinstance(a, bytes) else str(a).encode()
             out.append(f"${len(b)}\r\n".encode() + b + b"\r\n")
-        self.sock.sendall(b"".join(out))
+        return b"".join(out)
+
+    def command(self, *args):
+        self.sock.sendall(self._encode(args))
         return self._reply()
+
+    def pipe(self, commands: list[list]) -> list:
+        """Sends `commands` at once and returns their replies, in order (an error reply
+        raises)."""
+        self.sock.sendall(b"".join(self._encode(c) for c in commands))
+        return [self._reply() for _ in commands]
 
 
 def commandstats(port: int) -> dict[str, int]:
