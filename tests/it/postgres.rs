@@ -1002,6 +1002,14 @@ async fn pool_with_a_session_lock_timeout(
         .unwrap()
 }
 
+/// `lock_timeout` as the pool's (one) session has it now, outside any transaction.
+async fn pooled_lock_timeout(pool: &sqlx::PgPool) -> String {
+    sqlx::query_scalar("SHOW lock_timeout")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 /// The same for a session whose own `lock_timeout` is not the server's default (set when
 /// the pool connects, as a team would for its API): the handler gets that value back, not
 /// the store's and not the default, on a session's first new key (which prepares the
@@ -1024,11 +1032,11 @@ async fn tx_the_handlers_queries_keep_a_sessions_own_lock_timeout() {
             "{key}: the session's own, not the store's 250ms"
         );
     }
-    let outside: String = sqlx::query_scalar("SHOW lock_timeout")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(outside, "7s", "and the session keeps it after the commit");
+    assert_eq!(
+        pooled_lock_timeout(&pool).await,
+        "7s",
+        "and the session keeps it after the commit"
+    );
     pool.close().await;
 }
 
@@ -1086,11 +1094,11 @@ async fn tx_reserve_first_skips_the_pre_read_of_a_new_key() {
     let mismatch = send(&router, common::app::post("/show", Some("a"), "{\"x\":1}")).await;
     assert_eq!(mismatch.status, StatusCode::UNPROCESSABLE_ENTITY);
     step(&mismatch, 3, "a mismatch");
-    let outside: String = sqlx::query_scalar("SHOW lock_timeout")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(outside, "7s", "the session keeps its own after the commit");
+    assert_eq!(
+        pooled_lock_timeout(&pool).await,
+        "7s",
+        "the session keeps its own after the commit"
+    );
     pool.close().await;
 }
 

@@ -999,15 +999,19 @@ async fn tx_a_server_that_refuses_to_prepare_still_reserves() {
     let role = format!("{}_noplpgsql", suffix.name);
     let admin = support::postgres::pool(1).await;
     // One statement per call: CREATE and DROP DATABASE refuse a multi-statement batch.
-    for sql in [
+    let each = |statements: [String; 2]| async {
+        for sql in statements {
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(&admin)
+                .await
+                .unwrap();
+        }
+    };
+    each([
         format!("CREATE DATABASE {db}"),
         format!("CREATE ROLE {role} LOGIN"),
-    ] {
-        sqlx::raw_sql(AssertSqlSafe(sql))
-            .execute(&admin)
-            .await
-            .unwrap();
-    }
+    ])
+    .await;
     let url = support::postgres::database_url();
     let (base, rest) = url.rsplit_once('/').expect("a database URL");
     let query = rest
@@ -1040,15 +1044,11 @@ async fn tx_a_server_that_refuses_to_prepare_still_reserves() {
         refusing_server_reserves(&store, reserve_first).await;
     }
     pool.close().await;
-    for sql in [
+    each([
         format!("DROP DATABASE {db} WITH (FORCE)"),
         format!("DROP ROLE {role}"),
-    ] {
-        sqlx::raw_sql(AssertSqlSafe(sql))
-            .execute(&admin)
-            .await
-            .unwrap();
-    }
+    ])
+    .await;
     admin.close().await;
 }
 
