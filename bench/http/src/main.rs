@@ -2,7 +2,7 @@
 //! wrk over loopback.
 //!
 //! ```text
-//! bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres|postgres-local|postgres-rf|pg-floor> --port <p>
+//! bench-http --variant <bare|memory|mem-floor|redis|redis-nolocal|peer|floor|postgres|postgres-local|postgres-rf|pg-floor> --port <p>
 //!            [--redis-url <url>] [--database-url <url>] [--workers <n>] [--pg-pool <n>]
 //! ```
 //!
@@ -15,6 +15,7 @@
 //! | --- | --- |
 //! | `bare` | nothing |
 //! | `memory` | `IdempotencyLayer` on a `MemoryStore` (budgets 4 times the defaults) |
+//! | `mem-floor` | hand-written: one `HashMap` behind one `Mutex`; claim the key, run the handler, store status and body |
 //! | `redis` | `IdempotencyLayer` on a `RedisStore` (local replay tier on) |
 //! | `redis-nolocal` | the same with the local replay tier off |
 //! | `peer` | axum-idempotent 0.6 in direct-key mode, in a ruts 0.13 Redis session (plus `POST /login`) |
@@ -76,7 +77,7 @@ const PG_POOL_SIZE: u32 = 40;
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 const USAGE: &str =
-    "usage: bench-http --variant <bare|memory|redis|redis-nolocal|peer|floor|postgres|postgres-local|postgres-rf|pg-floor> \
+    "usage: bench-http --variant <bare|memory|mem-floor|redis|redis-nolocal|peer|floor|postgres|postgres-local|postgres-rf|pg-floor> \
 --port <port> [--redis-url <url>] [--database-url <url>] [--workers <n>] [--pg-pool <n>]";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,10 +92,11 @@ enum Variant {
     PostgresLocal,
     PostgresRf,
     PgFloor,
+    MemFloor,
 }
 
 impl Variant {
-    const ALL: [(&'static str, Variant); 10] = [
+    const ALL: [(&'static str, Variant); 11] = [
         ("bare", Variant::Bare),
         ("memory", Variant::Memory),
         ("redis", Variant::Redis),
@@ -105,6 +107,7 @@ impl Variant {
         ("postgres-local", Variant::PostgresLocal),
         ("postgres-rf", Variant::PostgresRf),
         ("pg-floor", Variant::PgFloor),
+        ("mem-floor", Variant::MemFloor),
     ];
 
     fn parse(name: &str) -> Option<Variant> {
@@ -550,6 +553,13 @@ async fn serve_with(args: Args, schema: Option<&PgSchema>) -> Result<(), String>
             Router::new().route("/payments", payments(stats.clone()).route_layer(layer))
         }
         (Variant::Peer, Some(client)) => peer(stats.clone(), client).await?,
+        (Variant::MemFloor, _) => Router::new().route(
+            "/payments",
+            payments(stats.clone()).route_layer(middleware::from_fn_with_state(
+                MemFloor::default(),
+                mem_floor_layer,
+            )),
+        ),
         (Variant::Floor, Some(client)) => {
             let floor = Floor::new(client, prefix, stats.clone()).await?;
             Router::new().route(
@@ -792,6 +802,55 @@ async fn floor_layer(State(floor): State<Floor>, request: Request, next: Next) -
     if floor.eval(&floor.complete, &key, args).await.is_err() {
         return plain(StatusCode::SERVICE_UNAVAILABLE);
     }
+    Response::from_parts(parts, Body::from(body))
+}
+
+/// The mem-floor: what a hand-written in-memory idempotency middleware does at the least:
+/// one map behind one lock, the key claimed before the handler runs (409 while it has no
+/// response) and the response stored after; no fingerprint, no scope beyond the key, no
+/// TTL, no bound, no lease, no wake-ups.
+#[derive(Clone, Default)]
+struct MemFloor(Arc<std::sync::Mutex<std::collections::HashMap<String, Option<Bytes>>>>);
+
+async fn mem_floor_layer(State(floor): State<MemFloor>, request: Request, next: Next) -> Response {
+    let Some(key) = request
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+    else {
+        return plain(StatusCode::BAD_REQUEST);
+    };
+    let key = key.to_owned();
+    {
+        let Ok(mut map) = floor.0.lock() else {
+            return plain(StatusCode::INTERNAL_SERVER_ERROR);
+        };
+        match map.entry(key.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                return match e.get() {
+                    None => plain(StatusCode::CONFLICT),
+                    Some(stored) => replay(stored.clone()),
+                };
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(None);
+            }
+        }
+    }
+    let response = next.run(request).await;
+    let (parts, body) = response.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, FLOOR_MAX_RESPONSE).await else {
+        return plain(StatusCode::INTERNAL_SERVER_ERROR);
+    };
+    let mut stored = Vec::with_capacity(3 + body.len());
+    stored.extend_from_slice(parts.status.as_str().as_bytes());
+    stored.extend_from_slice(&body);
+    let Ok(mut map) = floor.0.lock() else {
+        return plain(StatusCode::INTERNAL_SERVER_ERROR);
+    };
+    map.insert(key, Some(Bytes::from(stored)));
+    drop(map);
     Response::from_parts(parts, Body::from(body))
 }
 
