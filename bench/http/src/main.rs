@@ -31,6 +31,8 @@
 //! created at start and dropped (`CASCADE`) when the server stops. The server listens on 127.0.0.1 only and stops on SIGTERM or
 //! Ctrl-C, printing its counters as one JSON line on stderr.
 
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -773,13 +775,31 @@ fn plain(status: StatusCode) -> Response {
     status.into_response()
 }
 
-async fn floor_layer(State(floor): State<Floor>, request: Request, next: Next) -> Response {
-    let Some(key) = request
+/// The `Idempotency-Key` of a floor's request, as the floors accept it.
+fn floor_key(request: &Request) -> Option<&str> {
+    request
         .headers()
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .filter(|k| !k.is_empty() && k.len() <= 255)
-    else {
+}
+
+/// Runs the handler and reads its response for a floor to store: the response to send,
+/// and what `replay` reads back (the status's three digits, then the body).
+async fn floor_run(request: Request, next: Next) -> Result<(Response, Vec<u8>), Response> {
+    let response = next.run(request).await;
+    let (parts, body) = response.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, FLOOR_MAX_RESPONSE).await else {
+        return Err(plain(StatusCode::INTERNAL_SERVER_ERROR));
+    };
+    let mut stored = Vec::with_capacity(3 + body.len());
+    stored.extend_from_slice(parts.status.as_str().as_bytes());
+    stored.extend_from_slice(&body);
+    Ok((Response::from_parts(parts, Body::from(body)), stored))
+}
+
+async fn floor_layer(State(floor): State<Floor>, request: Request, next: Next) -> Response {
+    let Some(key) = floor_key(&request) else {
         return plain(StatusCode::BAD_REQUEST);
     };
     let key = format!("{}{key}", floor.prefix);
@@ -790,19 +810,15 @@ async fn floor_layer(State(floor): State<Floor>, request: Request, next: Next) -
         Ok(Some(stored)) if stored.is_empty() => return plain(StatusCode::CONFLICT),
         Ok(Some(stored)) => return replay(stored),
     }
-    let response = next.run(request).await;
-    let (parts, body) = response.into_parts();
-    let Ok(body) = axum::body::to_bytes(body, FLOOR_MAX_RESPONSE).await else {
-        return plain(StatusCode::INTERNAL_SERVER_ERROR);
+    let (response, stored) = match floor_run(request, next).await {
+        Ok(ran) => ran,
+        Err(failed) => return failed,
     };
-    let mut stored = Vec::with_capacity(3 + body.len());
-    stored.extend_from_slice(parts.status.as_str().as_bytes());
-    stored.extend_from_slice(&body);
     let args = vec![Value::Bytes(stored.into()), ttl];
     if floor.eval(&floor.complete, &key, args).await.is_err() {
         return plain(StatusCode::SERVICE_UNAVAILABLE);
     }
-    Response::from_parts(parts, Body::from(body))
+    response
 }
 
 /// The mem-floor: what a hand-written in-memory idempotency middleware does at the least:
@@ -810,48 +826,40 @@ async fn floor_layer(State(floor): State<Floor>, request: Request, next: Next) -
 /// response) and the response stored after; no fingerprint, no scope beyond the key, no
 /// TTL, no bound, no lease, no wake-ups.
 #[derive(Clone, Default)]
-struct MemFloor(Arc<std::sync::Mutex<std::collections::HashMap<String, Option<Bytes>>>>);
+struct MemFloor(Arc<std::sync::Mutex<HashMap<String, Option<Bytes>>>>);
 
 async fn mem_floor_layer(State(floor): State<MemFloor>, request: Request, next: Next) -> Response {
-    let Some(key) = request
-        .headers()
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .filter(|k| !k.is_empty() && k.len() <= 255)
-    else {
+    let Some(key) = floor_key(&request).map(str::to_owned) else {
         return plain(StatusCode::BAD_REQUEST);
     };
-    let key = key.to_owned();
-    {
-        let Ok(mut map) = floor.0.lock() else {
-            return plain(StatusCode::INTERNAL_SERVER_ERROR);
-        };
-        match map.entry(key.clone()) {
-            std::collections::hash_map::Entry::Occupied(e) => {
-                return match e.get() {
-                    None => plain(StatusCode::CONFLICT),
-                    Some(stored) => replay(stored.clone()),
-                };
-            }
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(None);
-            }
+    // A poisoned lock only means a panic while it was held; the map is still whole.
+    let lock = || {
+        floor
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    };
+    match lock().entry(key.clone()) {
+        Entry::Occupied(e) => {
+            return match e.get() {
+                None => plain(StatusCode::CONFLICT),
+                Some(stored) => replay(stored.clone()),
+            };
+        }
+        Entry::Vacant(v) => {
+            v.insert(None);
         }
     }
-    let response = next.run(request).await;
-    let (parts, body) = response.into_parts();
-    let Ok(body) = axum::body::to_bytes(body, FLOOR_MAX_RESPONSE).await else {
-        return plain(StatusCode::INTERNAL_SERVER_ERROR);
-    };
-    let mut stored = Vec::with_capacity(3 + body.len());
-    stored.extend_from_slice(parts.status.as_str().as_bytes());
-    stored.extend_from_slice(&body);
-    let Ok(mut map) = floor.0.lock() else {
-        return plain(StatusCode::INTERNAL_SERVER_ERROR);
-    };
-    map.insert(key, Some(Bytes::from(stored)));
-    drop(map);
-    Response::from_parts(parts, Body::from(body))
+    match floor_run(request, next).await {
+        Ok((response, stored)) => {
+            lock().insert(key, Some(Bytes::from(stored)));
+            response
+        }
+        Err(failed) => {
+            lock().remove(&key);
+            failed
+        }
+    }
 }
 
 /// The stored response: every handler answer here is JSON, so only the status and the
