@@ -1125,12 +1125,7 @@ async fn tx_reserve_first_reads_a_refused_key_on_the_same_connection() {
     // A connection goes back to the pool after the response: read the count once every
     // connection is idle again.
     let settled = || async {
-        for _ in 0..200 {
-            if pool.num_idle() == pool.size() as usize {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        support::postgres::until_idle(&pool).await;
         released.load(Ordering::SeqCst)
     };
     let first = send(&router, common::app::post("/show", Some("a"), "{}")).await;

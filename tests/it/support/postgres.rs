@@ -31,14 +31,15 @@ pub fn database_url() -> String {
     pg_server::database_url()
 }
 
-/// Waits (at most 5 s) until the one connection of `pool` is idle in it again: sqlx
-/// gives a connection back on a task of its own, after a ping.
+/// Waits (at most 5 s) until every connection of `pool` (at least one) is idle in it
+/// again: sqlx gives a connection back on a task of its own, after a ping and the pool's
+/// `after_release` hook.
 pub async fn until_idle(pool: &PgPool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while pool.num_idle() != 1 {
+    while pool.size() == 0 || pool.num_idle() != pool.size() as usize {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the pool's connection did not come back within 5 s"
+            "the pool's connections did not come back within 5 s"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
