@@ -1145,6 +1145,48 @@ async fn tx_reserve_first_reads_a_refused_key_on_the_same_connection() {
     pool.close().await;
 }
 
+/// A refused `reserve_first` batch whose `ROLLBACK` fails: the server ended the session
+/// while it sat in the failed transaction. That connection is closed, not used for the
+/// re-read, and the key is read on a new one: a replay like any other. The session's own
+/// `idle_in_transaction_session_timeout` (150 ms, set once the session has prepared its
+/// statement; the store's own idle limit is a `SET LOCAL` of the batch, undone when the
+/// batch fails) ends it while the fault proxy holds the batch's error reply for 600 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_reserve_first_rereads_on_a_new_connection_when_the_rollback_fails() {
+    use support::proxy::FaultProxy;
+    let schema = TestSchema::create().await;
+    let proxy = FaultProxy::start(support::postgres::server_addr()).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&support::postgres::database_url_via(proxy.addr()))
+        .await
+        .unwrap();
+    // Every reply through the proxy is late below: room for the new connection's.
+    let store = reserve_first_store(&pool, &schema)
+        .await
+        .command_timeout(Duration::from_secs(20));
+    let router = show_setting(store, "lock_timeout");
+    let first = send(&router, common::app::post("/show", Some("a"), "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    sqlx::raw_sql("SET idle_in_transaction_session_timeout = '150ms'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    support::postgres::until_idle(&pool).await;
+    let accepted = proxy.connections_accepted();
+    proxy.delay_replies(Duration::from_millis(600));
+    let replay = send(&router, common::app::post("/show", Some("a"), "{}")).await;
+    proxy.pass();
+    assert!(replay.replayed(), "{replay:?}");
+    assert_eq!(replay.body, first.body);
+    assert_eq!(
+        proxy.connections_accepted(),
+        accepted + 1,
+        "the session that failed its ROLLBACK was closed; the re-read opened another"
+    );
+    pool.close().await;
+}
+
 /// A frozen owner (its handler idle in the transaction past the idle timeout) loses its
 /// transaction: Postgres ends the session; a waiting retry becomes the owner and runs;
 /// the frozen owner's caller gets 503, and only the retry's row exists.
