@@ -19,9 +19,10 @@ server's user-space work for the commands (reading them, the script, the reply),
 kernel's socket work.
 
 The requests are shaped as the store sends them: a key `{bench:}{<64 hex>}`, a 32-byte
-fingerprint, a 16-byte token, a lease of 30 s, the wake-up channel, and a record blob of
-`--record-bytes` (default 120: about what bench-http's handler answer encodes to). The
-floor's key is short (`fl:<n>`) and its record the status and body, as in bench-http.
+fingerprint, a 16-byte token, a lease of 30 s, and a record blob of `--record-bytes`
+(default 120: about what bench-http's handler answer encodes to); no wake-up channel (the
+scripts build it from the key). The floor's key is short (`fl:<n>`) and its record the
+status and body, as in bench-http.
 
 Needs: valgrind (callgrind_control), redis-server on PATH (or --redis-server). Python 3.11
 standard library only. Takes about a minute.
@@ -102,7 +103,7 @@ def main() -> int:
         cases = {
             "store new key": lambda i: [
                 reserve(i),
-                ["EVALSHA", sha["complete"], 1, key(i), token, record, 600_000, "{bench:}done:{%064x}" % i]],
+                ["EVALSHA", sha["complete"], 1, key(i), token, record, 600_000]],
             "store replay": lambda i: [reserve(i)],
             "floor new key": lambda i: [
                 ["EVALSHA", sha["floor_reserve"], 1, f"fl:{i}", 600_000],

@@ -1182,6 +1182,59 @@ async fn publishes_only_when_a_waiter_was_seen() {
     );
 }
 
+/// An operator's forget and resolve wake the scope's waiters on another app server, once
+/// each. The scripts build the channel's name from the key; the waiter listens on
+/// `RedisStore::channel`, and a store-level subscription never polls, so only a publish on
+/// that very channel wakes it within the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_and_resolve_wake_waiters_on_another_app_server() {
+    let server = RedisServer::start();
+    let port = server.port();
+    let (a, b) = two_stores(&server.url(), "operator-wake").await;
+
+    // forget: a live lease on A, a waiter on B.
+    let s = scope();
+    let owner = FencingToken::generate();
+    assert_eq!(reserve(&a, &s, owner).await, Reservation::Reserved);
+    let mut woken = waiter(&b, &s).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(200), woken.changed()).await;
+    assert!(quiet.is_err(), "woken before anything happened");
+    let before = publishes(port);
+    assert!(a.forget(&s).await.unwrap());
+    tokio::time::timeout(WAKE, woken.changed())
+        .await
+        .expect("B's waiter woken by A's forget");
+    assert_eq!(publishes(port) - before, 1, "exactly one SPUBLISH");
+    drop(woken);
+
+    // resolve: a kept lease that lapsed (waited on while it was live), resolved by an
+    // operator on A.
+    let s = scope();
+    let lease = Duration::from_millis(500);
+    let terms = LeaseTerms::new(lease).keep_lapsed(Duration::from_secs(60));
+    let owner = FencingToken::generate();
+    let reserved = a.reserve(&s, &FP, owner, terms).await.unwrap();
+    assert_eq!(reserved, Reservation::Reserved);
+    let mut woken = waiter(&b, &s).await;
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    let lapsed = b.reserve(&s, &FP, FencingToken::generate(), terms).await;
+    assert_eq!(lapsed.unwrap(), Reservation::Uncertain);
+    let before = publishes(port);
+    let answer = response("resolved by an operator");
+    assert_eq!(
+        a.resolve(&s, &answer, TTL).await.unwrap(),
+        tower_idempotency::store::Resolved::Stored
+    );
+    tokio::time::timeout(WAKE, woken.changed())
+        .await
+        .expect("B's waiter woken by A's resolve");
+    assert_eq!(publishes(port) - before, 1, "exactly one SPUBLISH");
+    assert_eq!(
+        reserve(&b, &s, FencingToken::generate()).await,
+        Reservation::Completed(answer)
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // An ACL user without channel permissions (the Redis 7 default for new users)
 // ---------------------------------------------------------------------------------------

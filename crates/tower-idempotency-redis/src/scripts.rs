@@ -2,7 +2,8 @@
 //!
 //! Each script touches only `KEYS[1]`, the scope's hash, and complete and release publish
 //! (sharded) on a channel that carries the same hash tag, so every script runs unchanged
-//! on Redis Cluster. They publish only when reserve marked the record (a waiter was
+//! on Redis Cluster. They build the channel's name from `KEYS[1]` (no argument to send
+//! on every complete) and publish only when reserve marked the record (a waiter was
 //! seen), and best effort (`redis.pcall`), so a refused publish never fails a script
 //! after it wrote. The sources live in `lua/` next to this crate's `Cargo.toml`.
 

@@ -85,7 +85,7 @@ impl<C> RedisStore<C> {
     }
 
     /// The wake-up channel of a scope: `{prefix}done:{<scope hex>}` (same hash tag as
-    /// [`key`](Self::key)).
+    /// [`key`](Self::key)). The scripts that publish build the same name from the key.
     pub fn channel(&self, scope: &ScopeHash) -> String {
         tagged(&self.prefix, "done:", scope)
     }
@@ -316,7 +316,6 @@ where
                 bytes(&token.to_bytes()),
                 Value::Bytes(record.encode()),
                 millis(ttl),
-                Value::from(self.channel(scope)),
             ]
         };
         let reply = match &self.replication {
@@ -343,7 +342,7 @@ where
     }
 
     async fn release(&self, scope: &ScopeHash, token: FencingToken) -> Result<bool, StoreError> {
-        let args = || vec![bytes(&token.to_bytes()), Value::from(self.channel(scope))];
+        let args = || vec![bytes(&token.to_bytes())];
         let reply = self
             .eval(Op::Release, &SCRIPTS.release, scope, &args)
             .await?;
@@ -361,8 +360,9 @@ where
         if let Some(local) = &self.local {
             local.forget(scope);
         }
-        let args = || vec![Value::from(self.channel(scope))];
-        let reply = self.eval(Op::Admin, &SCRIPTS.forget, scope, &args).await?;
+        let reply = self
+            .eval(Op::Admin, &SCRIPTS.forget, scope, &Vec::new)
+            .await?;
         Ok(flag(reply, "forget")?)
     }
 
@@ -375,13 +375,7 @@ where
         if let Some(local) = &self.local {
             local.forget(scope);
         }
-        let args = || {
-            vec![
-                Value::Bytes(record.encode()),
-                millis(ttl),
-                Value::from(self.channel(scope)),
-            ]
-        };
+        let args = || vec![Value::Bytes(record.encode()), millis(ttl)];
         let reply = self.eval(Op::Admin, &SCRIPTS.resolve, scope, &args).await?;
         match reply {
             Value::Integer(1) => Ok(Resolved::Stored),
@@ -431,6 +425,45 @@ mod tests {
         // reference: it formats each byte with `{:02x}`).
         let scope = ScopeHash::from_bytes(std::array::from_fn(|i| (i as u8) * 7 + 1));
         assert_eq!(store.key(&scope), format!("app:{{{scope}}}"));
+    }
+
+    /// The scripts that publish build the channel from their key (`lua/complete.lua`):
+    /// the key's head, `done:`, then its last 66 bytes, the hash tag. That must be the
+    /// name [`RedisStore::channel`] gives the subscriber, for every prefix.
+    #[test]
+    fn scripts_build_the_channel_the_subscriber_listens_on() {
+        const CHANNEL: &str = "string.sub(KEYS[1], 1, -67) .. 'done:' .. string.sub(KEYS[1], -66)";
+        for lua in [
+            &SCRIPTS.complete,
+            &SCRIPTS.release,
+            &SCRIPTS.forget,
+            &SCRIPTS.resolve,
+        ] {
+            let publishes = lua.source.matches("redis.pcall('SPUBLISH', ").count();
+            let built = lua
+                .source
+                .matches(&format!("redis.pcall('SPUBLISH', {CHANNEL}, "))
+                .count();
+            assert!(publishes > 0, "{} publishes nothing", lua.name);
+            assert_eq!(
+                publishes, built,
+                "{}: a channel not built from the key",
+                lua.name
+            );
+        }
+        for prefix in ["", "app:", "idem:", "a.b:c-d/"] {
+            let store = RedisStore::new(Client::default()).prefix(prefix);
+            let scope =
+                ScopeHash::from_bytes(std::array::from_fn(|i| (i as u8).wrapping_mul(13) ^ 5));
+            let key = store.key(&scope);
+            // string.sub(key, 1, -67) and string.sub(key, -66), in bytes as Lua counts.
+            let (head, tag) = key.split_at(key.len() - 66);
+            assert_eq!(
+                format!("{head}done:{tag}"),
+                store.channel(&scope),
+                "{prefix:?}"
+            );
+        }
     }
 
     #[tokio::test]
