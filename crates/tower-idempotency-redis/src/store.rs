@@ -451,7 +451,7 @@ mod tests {
                 lua.name
             );
         }
-        for prefix in ["", "app:", "idem:", "a.b:c-d/"] {
+        for prefix in ["", "app:", "idem:", "a.b:c-d/", "zahlungen-ü:"] {
             let store = RedisStore::new(Client::default()).prefix(prefix);
             let scope =
                 ScopeHash::from_bytes(std::array::from_fn(|i| (i as u8).wrapping_mul(13) ^ 5));
