@@ -1208,15 +1208,16 @@ async fn forget_and_resolve_wake_waiters_on_another_app_server() {
     drop(woken);
 
     // resolve: a kept lease that lapsed (waited on while it was live), resolved by an
-    // operator on A.
+    // operator on A. The lease leaves the waiter's subscribe and reserve a second and a
+    // half, so a slow machine still finds it live (a lapsed one would be taken over).
     let s = scope();
-    let lease = Duration::from_millis(500);
+    let lease = Duration::from_millis(1500);
     let terms = LeaseTerms::new(lease).keep_lapsed(Duration::from_secs(60));
     let owner = FencingToken::generate();
     let reserved = a.reserve(&s, &FP, owner, terms).await.unwrap();
     assert_eq!(reserved, Reservation::Reserved);
     let mut woken = waiter(&b, &s).await;
-    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
     let lapsed = b.reserve(&s, &FP, FencingToken::generate(), terms).await;
     assert_eq!(lapsed.unwrap(), Reservation::Uncertain);
     let before = publishes(port);
