@@ -93,7 +93,8 @@ def slice_rps(exe: Path, variant: str, case: str, valkey: run.Valkey, args, logd
               tag: str) -> tuple[float, dict[str, float | None]]:
     """One slice: a fresh server, the smoke check, a warm-up, then `args.seconds` of wrk.
     Returns the requests per second and, with `--cpu`, the µs of CPU per request of each
-    of [`CPU_GROUPS`] over the measured run (`None` for a group with no process)."""
+    of `CPU_GROUPS` over the measured run (`None` for a group with no process; all `None`
+    without `--cpu`, which reads no /proc and so runs on any system run.py runs on)."""
     server = run.Server(exe, variant, valkey.url, args.database_url, args.workers, logdir, tag)
     try:
         cookie = run.login(server) if variant == "peer" else "session=" + "x" * 22
@@ -102,11 +103,16 @@ def slice_rps(exe: Path, variant: str, case: str, valkey: run.Valkey, args, logd
         warm, measured = run.case_env(server, case, cookie, slice_id)
         if args.warmup > 0:
             run.run_wrk(server.port, warm, args.warmup, args)
-        before = (cpu_ticks(server.proc.pid), store_ticks(variant, valkey), children_seconds())
+        def sample() -> tuple[int, int | None, float]:
+            return cpu_ticks(server.proc.pid), store_ticks(variant, valkey), children_seconds()
+
+        before = sample() if args.cpu else None
         res = run.run_wrk(server.port, measured, args.seconds, args)
-        after = (cpu_ticks(server.proc.pid), store_ticks(variant, valkey), children_seconds())
+        after = sample() if args.cpu else None
         if res["errors"] or res["status_errors"]:
             run.log(f"  !! {variant}: {res['status_errors']} non-2xx, {res['errors']} socket errors")
+        if before is None or after is None:
+            return res["rps"], dict.fromkeys(CPU_GROUPS)
         per_request = 1e6 / max(res["requests"], 1)
         cpu: dict[str, float | None] = {
             "app": (after[0] - before[0]) / TICK * per_request,
