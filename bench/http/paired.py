@@ -103,6 +103,7 @@ def slice_rps(exe: Path, variant: str, case: str, valkey: run.Valkey, args, logd
         warm, measured = run.case_env(server, case, cookie, slice_id)
         if args.warmup > 0:
             run.run_wrk(server.port, warm, args.warmup, args)
+
         def sample() -> tuple[int, int | None, float]:
             return cpu_ticks(server.proc.pid), store_ticks(variant, valkey), children_seconds()
 
