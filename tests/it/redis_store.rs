@@ -23,10 +23,10 @@ use tower_idempotency::redis::fred::prelude::*;
 use tower_idempotency::redis::fred::types::{ClusterHash, CustomCommand};
 use tower_idempotency::redis::{RedisStore, RedisStoreError};
 use tower_idempotency::store::{
-    Completion, DecodeError, FencingToken, Fingerprint, LeaseTerms, Record, Reservation, ScopeHash,
-    StoreError, StoredResponse, Subscription,
+    Completion, DecodeError, FencingToken, Fingerprint, KeyState, LeaseTerms, Record, Reservation,
+    Resolved, ScopeHash, StoreError, StoredResponse, Subscription,
 };
-use tower_idempotency::{IdempotencyLayer, InFlight, Store};
+use tower_idempotency::{IdempotencyLayer, InFlight, Store, Uncertain};
 
 use support::cluster::RedisCluster;
 use support::redis::{client_commands, redis_cli, redis_url, RedisServer};
@@ -1222,10 +1222,7 @@ async fn forget_and_resolve_wake_waiters_on_another_app_server() {
     assert_eq!(lapsed.unwrap(), Reservation::Uncertain);
     let before = publishes(port);
     let answer = response("resolved by an operator");
-    assert_eq!(
-        a.resolve(&s, &answer, TTL).await.unwrap(),
-        tower_idempotency::store::Resolved::Stored
-    );
+    assert_eq!(a.resolve(&s, &answer, TTL).await.unwrap(), Resolved::Stored);
     tokio::time::timeout(WAKE, woken.changed())
         .await
         .expect("B's waiter woken by A's resolve");
@@ -1447,14 +1444,19 @@ async fn acl_user_without_channel_permissions() {
 }
 
 /// The least-privilege user the crate docs show (`lib.rs`, "ACL users") is enough for
-/// everything: the check passes, requests run and replay, and waiters are woken by the
-/// publish.
+/// everything: the check passes, requests run and replay on a route that runs a lapsed
+/// key again and on one that refuses it (a kept lease: `TIME` in the reserve, `HDEL` in
+/// the complete), waiters are woken by the publish, and the operator's calls (inspect,
+/// resolve, forget) and a kept lease's renewal run. Every command any script runs is
+/// reached, so a rule missing from the docs fails here: Redis checks a script's
+/// commands against the user too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_privilege_acl_user_from_the_docs() {
     let server = RedisServer::start();
     let port = server.port();
-    let rules = "on >secret ~idem:* &idem:* +@scripting +hmget +hset +pexpire +pttl +del \
-                 +spublish +ssubscribe +sunsubscribe +ping +info +config|get +client|id";
+    let rules = "on >secret ~idem:* &idem:* +@scripting +hmget +hset +hdel +pexpire +pttl \
+                 +del +time +spublish +ssubscribe +sunsubscribe +ping +info +config|get \
+                 +client|id";
     let mut args = vec!["ACL", "SETUSER", "app"];
     args.extend(rules.split(' '));
     assert_eq!(redis_cli(port, &args).trim(), "OK");
@@ -1481,6 +1483,50 @@ async fn least_privilege_acl_user_from_the_docs() {
         .await
         .expect("woken by the publish");
     assert_eq!(b.round_trips().subscribe, 1);
+
+    // A route that refuses uncertain keys keeps every lease past its lapse.
+    let refusing = IdempotencyLayer::new(a.clone())
+        .global_scope()
+        .uncertain(Uncertain::Refuse);
+    let (router, runs) = app(refusing);
+    let (status, replayed, body) = pay(&router, "refusing", 0).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false), "{body:?}");
+    let replay = pay(&router, "refusing", 0).await;
+    assert_eq!(replay, (StatusCode::CREATED, true, body));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // A kept lease: renewed, inspected, completed; the record corrected and forgotten.
+    let s = scope();
+    let owner = FencingToken::generate();
+    let kept = LeaseTerms::new(LEASE).keep_lapsed(TTL);
+    let reserved = a.reserve(&s, &FP, owner, kept).await.unwrap();
+    assert_eq!(reserved, Reservation::Reserved);
+    assert!(a.renew(&s, owner, LEASE).await.unwrap());
+    let state = a.inspect(&s).await.unwrap();
+    assert!(matches!(state, KeyState::InFlight { .. }), "{state:?}");
+    let done = a.complete(&s, owner, &response("paid"), TTL).await;
+    assert_eq!(done.unwrap(), Completion::Stored);
+    let state = a.inspect(&s).await.unwrap();
+    assert!(matches!(state, KeyState::Completed { .. }), "{state:?}");
+    let answer = response("corrected by an operator");
+    assert_eq!(a.resolve(&s, &answer, TTL).await.unwrap(), Resolved::Stored);
+    assert!(a.forget(&s).await.unwrap());
+    assert_eq!(a.inspect(&s).await.unwrap(), KeyState::Absent);
+    // A kept lease that lapsed: uncertain, then resolved by an operator.
+    let s = scope();
+    let lease = Duration::from_millis(300);
+    let kept = LeaseTerms::new(lease).keep_lapsed(TTL);
+    let reserved = a.reserve(&s, &FP, owner, kept).await.unwrap();
+    assert_eq!(reserved, Reservation::Reserved);
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    let state = a.inspect(&s).await.unwrap();
+    assert!(matches!(state, KeyState::Uncertain { .. }), "{state:?}");
+    assert_eq!(a.resolve(&s, &answer, TTL).await.unwrap(), Resolved::Stored);
+    assert_eq!(
+        reserve(&b, &s, FencingToken::generate()).await,
+        Reservation::Completed(answer)
+    );
+
     let errors = redis_cli(port, &["INFO", "errorstats"]);
     let log = redis_cli(port, &["ACL", "LOG"]);
     assert!(!errors.contains("errorstat_"), "{errors}\n{log}");

@@ -135,15 +135,16 @@
 //! # ACL users
 //!
 //! The store's user needs its keys (`~{prefix}*`), the scripts and the commands they run
-//! (Redis checks those too), `PING`, `INFO` and `CONFIG GET` for
-//! [`check`](RedisStore::check), `CLIENT ID` (fred asks on connect), `WAIT` with
-//! [`wait_replicas`](RedisStore::wait_replicas), and, for waiters to be woken rather than
-//! poll, its channels (`&{prefix}*`, `SPUBLISH`, `SSUBSCRIBE`, `SUNSUBSCRIBE`). With the
-//! default prefix (a test runs exactly this line):
+//! (Redis checks those too; `TIME` and `HDEL` run only for a kept lease, on a route that
+//! refuses uncertain keys, so a user without them fails there alone), `PING`, `INFO` and
+//! `CONFIG GET` for [`check`](RedisStore::check), `CLIENT ID` (fred asks on connect),
+//! `WAIT` with [`wait_replicas`](RedisStore::wait_replicas), and, for waiters to be woken
+//! rather than poll, its channels (`&{prefix}*`, `SPUBLISH`, `SSUBSCRIBE`,
+//! `SUNSUBSCRIBE`). With the default prefix (a test runs exactly this line):
 //!
 //! ```text
-//! ACL SETUSER app on >secret ~idem:* &idem:* +@scripting +hmget +hset +pexpire +pttl +del
-//!     +spublish +ssubscribe +sunsubscribe +ping +info +config|get +client|id
+//! ACL SETUSER app on >secret ~idem:* &idem:* +@scripting +hmget +hset +hdel +pexpire +pttl
+//!     +del +time +spublish +ssubscribe +sunsubscribe +ping +info +config|get +client|id
 //! ```
 //!
 //! A Redis 7 user created without channel rules (`acl-pubsub-default resetchannels`, the
