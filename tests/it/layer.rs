@@ -198,6 +198,42 @@ async fn service_error_releases_the_key() {
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 
+/// A service that panics in `call` itself, before it returns a future (a `service_fn`
+/// closure, a `map_request` closure of a layer inside this one), is a handler that
+/// panicked: that caller gets the 500 problem and the key is released, so the retry runs
+/// (not 409 for a lease nobody holds, or an uncertain key on a refusing route).
+#[tokio::test]
+async fn a_service_that_panics_in_call_releases_the_key() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let inner = service_fn(move |_req: Request<RequestBody<Body>>| {
+        if r.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("panicked in call, before any future");
+        }
+        async move { Ok::<_, Infallible>(axum::response::Response::new(Body::from("ok"))) }
+    });
+    let refusing = layer().uncertain(tower_idempotency::Uncertain::Refuse);
+    let svc = refusing.layer(inner);
+    let first = svc
+        .clone()
+        .oneshot(req(Method::POST, "/x", Some("k")))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body = http_body_util::BodyExt::collect(first.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("#handler-failed\""), "{body}");
+    let retry = svc
+        .oneshot(req(Method::POST, "/x", Some("k")))
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), StatusCode::OK, "released: the retry ran");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
 /// The layer's service fits axum's `Router::layer` bounds (Clone, Send, Sync, Infallible).
 #[allow(dead_code)]
 fn bounds_hold() {

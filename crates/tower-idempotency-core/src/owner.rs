@@ -65,8 +65,13 @@ where
         .store
         .owner_extensions(&scope, token, request.extensions_mut());
     // Boxed: the inner service's future (axum's holds the request until its first poll)
-    // would otherwise sit in this future for its whole life, copied on every move.
-    let call = Box::pin(AssertUnwindSafe(inner.call(request)).catch_unwind());
+    // would otherwise sit in this future for its whole life, copied on every move. A
+    // service that panics in `call` itself (a `service_fn` or `map_request` closure runs
+    // there) is a handler that panicked too: caught here, it releases the key like one,
+    // where the panic would otherwise leave the lease to lapse (409s meanwhile, and an
+    // uncertain key on a route that refuses them).
+    let call = std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request)))
+        .map(|future| Box::pin(AssertUnwindSafe(future).catch_unwind()));
     async move {
         let policy = &shared.policy;
         let mut lease = Lease::new(&shared.store, &scope, token, policy, &observer, reserved_at);
@@ -75,7 +80,11 @@ where
         // a release is boxed with its answer (a handler that failed is not the common
         // path), and what is kept is used in place, not destructured into locals that
         // would each take room of their own.
-        let kept = match settle(lease.hold_while(call).await, &shared) {
+        let called = match call {
+            Ok(call) => lease.hold_while(call).await,
+            Err(panic) => Err(panic),
+        };
+        let kept = match settle(called, &shared) {
             Ok(kept) => kept,
             Err(answer) => return Box::pin(released(&mut lease, *answer)).await,
         };
