@@ -778,6 +778,59 @@ async fn tx_a_lock_wait_in_the_prepare_does_not_count_the_session_as_prepared() 
     pool.close().await;
 }
 
+/// A reserve whose caller stops waiting while its batch waits in the server (a waiter's
+/// deadline, any `timeout` around the store) does not give its connection back to the
+/// pool: the batch goes on once the lock goes, and would leave that session inside its
+/// transaction, holding the key for nobody, with the next borrower's statements run in
+/// it. sqlx's own guard does nothing for a `BEGIN` that has not answered yet. The
+/// connection is closed instead, and the server rolls the batch back: the pool's next
+/// session is in no transaction, and the key is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_a_reserve_dropped_mid_batch_leaves_no_transaction_in_the_pool() {
+    let schema = TestSchema::create().await;
+    // One connection: whatever the cut reserve's session became, the pool hands it on.
+    let pool = support::postgres::pool(1).await;
+    let store = tx_store_on(&pool, &schema)
+        .await
+        .lock_timeout(Duration::from_secs(5))
+        .command_timeout(Duration::from_secs(10));
+    let admin = support::postgres::pool(1).await;
+    let mut ddl = admin.begin().await.unwrap();
+    let lock = format!("LOCK TABLE {} IN SHARE MODE", schema.table("idem"));
+    sqlx::raw_sql(AssertSqlSafe(lock))
+        .execute(&mut *ddl)
+        .await
+        .unwrap();
+    let s = scope("/cut");
+    let reserve = store.reserve(&s, &FP, FencingToken::generate(), LEASE.into());
+    let cut = tokio::time::timeout(Duration::from_millis(500), reserve).await;
+    assert!(cut.is_err(), "answered while the table was locked: {cut:?}");
+    let waiters = format!(
+        "SELECT count(*) FROM pg_locks WHERE relation = '{}'::regclass AND NOT granted",
+        schema.table("idem")
+    );
+    let waiting: i64 = sqlx::query_scalar(AssertSqlSafe(waiters))
+        .fetch_one(&mut *ddl)
+        .await
+        .unwrap();
+    assert_eq!(waiting, 1, "the cut batch waits in the server");
+    ddl.rollback().await.unwrap();
+    let xid: Option<String> = sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned()::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        xid, None,
+        "the pool's session is inside the cut batch's transaction"
+    );
+    let token = FencingToken::generate();
+    let again = store.reserve(&s, &FP, token, LEASE.into()).await;
+    assert_eq!(again.unwrap(), Reservation::Reserved);
+    assert!(store.release(&s, token).await.unwrap());
+    admin.close().await;
+    pool.close().await;
+}
+
 /// The reserve each session prepares once (see the store's `prepared` module) is a belief
 /// the store checks, never trusts: a session that lost it (deallocated) gets it prepared
 /// again; a second store on the same table prepares nothing twice. A new key costs 2

@@ -75,21 +75,24 @@ impl OwnedTx {
     /// Runs `statement` (a simple-query batch that starts with `BEGIN`) on `conn`, within
     /// `timeout`. On an error the connection comes back: the batch may have left it in a
     /// failed transaction, which the caller ends ([`end_failed`]). A batch that did not
-    /// answer in time may still run: its connection is closed, never returned to the pool
-    /// in a transaction nobody owns (the server rolls back when it goes).
+    /// answer in time, or whose future is dropped before it answered, may still run: its
+    /// connection is closed, never returned to the pool in a transaction nobody owns (the
+    /// server rolls back when it goes; [`CloseIfCut`]).
     pub(crate) async fn begin(
-        mut conn: PoolConnection<Postgres>,
+        conn: PoolConnection<Postgres>,
         statement: impl SqlSafeStr,
         timeout: Duration,
     ) -> Result<OwnedTx, (Option<PoolConnection<Postgres>>, PostgresStoreError)> {
+        let mut conn = CloseIfCut::new(conn);
         let begin = PgTransactionManager::begin(&mut conn, Some(statement.into_sql_str()));
         match tokio::time::timeout(timeout, begin).await {
-            Ok(Ok(())) => Ok(OwnedTx { conn, open: true }),
-            Ok(Err(err)) => Err((Some(conn), err.into())),
-            Err(_) => {
-                conn.close_on_drop();
-                Err((None, PostgresStoreError::Timeout(timeout)))
-            }
+            Ok(Ok(())) => Ok(OwnedTx {
+                conn: conn.keep(),
+                open: true,
+            }),
+            Ok(Err(err)) => Err((Some(conn.keep()), err.into())),
+            // Dropped: closed.
+            Err(_) => Err((None, PostgresStoreError::Timeout(timeout))),
         }
     }
 
@@ -110,15 +113,68 @@ impl OwnedTx {
 /// `conn`, and returns the connection, idle again, for the caller to use or drop (back to
 /// the pool). One that cannot say so is closed instead, and `None` returned.
 pub(crate) async fn end_failed(
-    mut conn: PoolConnection<Postgres>,
+    conn: PoolConnection<Postgres>,
     timeout: Duration,
 ) -> Option<PoolConnection<Postgres>> {
-    let rollback = sqlx::raw_sql("ROLLBACK").execute(&mut *conn);
+    let mut conn = CloseIfCut::new(conn);
+    let rollback = sqlx::raw_sql("ROLLBACK").execute(&mut **conn);
     if matches!(tokio::time::timeout(timeout, rollback).await, Ok(Ok(_))) {
-        Some(conn)
+        Some(conn.keep())
     } else {
-        conn.close_on_drop();
         None
+    }
+}
+
+/// A connection whose batch may still be running in the server, closed if it is dropped
+/// before [`keep`](CloseIfCut::keep): when the store gives up on the batch (its timeout),
+/// and when its caller drops the future that waits for it (a waiter's deadline, a
+/// `timeout` around the store). Given back to the pool instead, the session would go on
+/// to finish the batch there: a `BEGIN` batch would leave it inside a transaction that
+/// nobody owns, holding the key it reserved, with the next borrower's statements run in
+/// it. sqlx's own guard ends only a transaction whose `BEGIN` has answered, and the pool
+/// tests a returned connection with a ping, which waits for the batch but not for the
+/// transaction to end. Closed, the session goes and the server rolls the batch back.
+struct CloseIfCut(Option<PoolConnection<Postgres>>);
+
+impl CloseIfCut {
+    fn new(conn: PoolConnection<Postgres>) -> Self {
+        CloseIfCut(Some(conn))
+    }
+
+    /// The connection, no longer closed on drop: its batch answered.
+    fn keep(mut self) -> PoolConnection<Postgres> {
+        match self.0.take() {
+            Some(conn) => conn,
+            None => unreachable!("kept once, by value"),
+        }
+    }
+}
+
+impl Deref for CloseIfCut {
+    type Target = PoolConnection<Postgres>;
+
+    fn deref(&self) -> &PoolConnection<Postgres> {
+        match &self.0 {
+            Some(conn) => conn,
+            None => unreachable!("taken only by `keep`, which consumes the guard"),
+        }
+    }
+}
+
+impl DerefMut for CloseIfCut {
+    fn deref_mut(&mut self) -> &mut PoolConnection<Postgres> {
+        match &mut self.0 {
+            Some(conn) => conn,
+            None => unreachable!("taken only by `keep`, which consumes the guard"),
+        }
+    }
+}
+
+impl Drop for CloseIfCut {
+    fn drop(&mut self) {
+        if let Some(conn) = &mut self.0 {
+            conn.close_on_drop();
+        }
     }
 }
 
