@@ -518,6 +518,62 @@ fn max_stored_response_beyond_the_record_encoding_panics() {
         post(|| async {}).layer(layer().max_stored_response(usize::MAX));
 }
 
+/// A release the store fails is retried (with back-off, the lease renewed meanwhile)
+/// before the response goes: the corrected retry sent right after a 400 runs, even on a
+/// route that keeps lapsed leases, where a release left to the lease would have made the
+/// key `operation-uncertain` for a request that changed nothing.
+#[tokio::test(start_paused = true)]
+async fn a_failed_release_is_retried_before_the_response() {
+    use common::app::{post as post_json, with_header, Harness};
+    use common::faults::{Fault, Faults, Op};
+    let store = Faults::new(MemoryStore::default())
+        .fail(Op::Release, |n, _| (n < 3).then_some(Fault::Backend));
+    let h = Harness::new(
+        IdempotencyLayer::new(store.clone())
+            .global_scope()
+            .uncertain(tower_idempotency::Uncertain::Refuse),
+    );
+    let req = || with_header(post_json("/pay", Some("k"), "{}"), "x-fail-first", "400");
+    let refused = send(&h.router, req()).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(store.calls(Op::Release), 4, "three failures, then released");
+    let corrected = send(&h.router, req()).await;
+    assert_eq!(
+        corrected.status,
+        StatusCode::CREATED,
+        "released: the retry ran"
+    );
+    assert_eq!(h.runs(), 2);
+}
+
+/// A release that fails past the `complete_retry` bound gives up (the key then waits for
+/// its lease) rather than holding the response for good.
+#[tokio::test(start_paused = true)]
+async fn a_release_that_keeps_failing_gives_up_at_the_bound() {
+    use common::app::{post as post_json, with_header, Harness};
+    use common::faults::{Fault, Faults, Op};
+    use std::time::Duration;
+    let store = Faults::new(MemoryStore::default()).fail(Op::Release, |_, _| Some(Fault::Backend));
+    let h = Harness::new(
+        IdempotencyLayer::new(store.clone())
+            .global_scope()
+            .complete_retry(Duration::from_secs(5)),
+    );
+    let req = || with_header(post_json("/pay", Some("k"), "{}"), "x-fail-first", "400");
+    let start = tokio::time::Instant::now();
+    let refused = send(&h.router, req()).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    let took = start.elapsed();
+    assert!(
+        took <= Duration::from_secs(5),
+        "held past the bound: {took:?}"
+    );
+    assert!(store.calls(Op::Release) > 3, "{}", store.calls(Op::Release));
+    let meanwhile = send(&h.router, req()).await;
+    assert_problem(&meanwhile, StatusCode::CONFLICT, "request-in-flight");
+    assert_eq!(h.runs(), 1);
+}
+
 /// Lease 15 s, a handler of 19 s, then 12 s of body collection, and one failed renewal:
 /// with one renewal schedule across the whole ownership (due one interval after the last
 /// success, a failure retried quickly), the lease never lapses and the handler runs once.

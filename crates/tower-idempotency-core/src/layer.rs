@@ -459,8 +459,9 @@ impl<St: Store> IdempotencyLayer<St> {
         self.with(|p| p.stream_when = Some(predicate))
     }
 
-    /// How long storing a completed record is retried while the store fails (the lease is
-    /// renewed meanwhile). Default 60 s.
+    /// How long storing a completed record, or releasing the key (a response the store
+    /// policy does not keep, a handler that failed), is retried while the store fails
+    /// (the lease is renewed meanwhile; the response waits for it). Default 60 s.
     pub fn complete_retry(self, bound: Duration) -> Self {
         self.with(|p| p.complete_retry = bound)
     }

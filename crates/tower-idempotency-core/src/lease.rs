@@ -192,23 +192,60 @@ impl<'a, St: Store> Lease<'a, St> {
         self.hold_while(retrying)
     }
 
-    /// Deletes the lease so a retry may run; a failure leaves it to expire. Returns once
-    /// the store answered, so a corrected retry sent right after the response runs.
+    /// Deletes the lease so a retry may run. Returns once the store answered, so a
+    /// corrected retry sent right after the response runs. While the store fails, the
+    /// release is retried with back-off, the lease renewed meanwhile, up to the policy's
+    /// `complete_retry` bound, as [`complete`] is: left to expire, a lease whose answer
+    /// the layer knows would answer 409 until then, and on a route that keeps lapsed
+    /// leases `operation-uncertain`, for a request that changed nothing. The first attempt
+    /// runs without the schedule: a renewal sent beside it could reach the store after it
+    /// and report a lost lease that was only released.
+    ///
+    /// [`complete`]: Lease::complete
     pub(crate) async fn release(&mut self) {
+        let (store, scope, token, policy, observer) = (
+            self.store,
+            self.scope,
+            self.token,
+            self.policy,
+            self.observer,
+        );
+        let once = || async move {
+            let sent = Instant::now();
+            let released = store.release(scope, token).await;
+            observer.store_answered(store, StoreOp::Release, sent, &released);
+            released
+        };
+        let started = Instant::now();
+        let mut failed = match once().await {
+            Ok(true) => return,
+            Ok(false) => return tracing::debug!("lease already gone at release"),
+            Err(err) => err,
+        };
+        let retrying = async move {
+            let mut backoff = COMPLETE_RETRY_MIN;
+            loop {
+                if started.elapsed() + backoff > policy.complete_retry {
+                    return tracing::error!(
+                        error = %DisplayChain(&failed),
+                        bound = ?policy.complete_retry,
+                        lease = ?policy.lease(),
+                        "idempotency release failed; giving up: the key stays in flight until \
+                         its lease expires"
+                    );
+                }
+                tracing::warn!(error = %DisplayChain(&failed), "idempotency release failed; retrying");
+                Box::pin(tokio::time::sleep(backoff)).await;
+                backoff = (backoff * 2).min(COMPLETE_RETRY_MAX);
+                failed = match once().await {
+                    Ok(true) => return,
+                    Ok(false) => return tracing::debug!("lease already gone at release"),
+                    Err(err) => err,
+                };
+            }
+        };
+        self.hold_while(retrying).await;
         self.due = None;
-        let sent = Instant::now();
-        let released = self.store.release(self.scope, self.token).await;
-        self.observer
-            .store_answered(self.store, StoreOp::Release, sent, &released);
-        match released {
-            Ok(true) => {}
-            Ok(false) => tracing::debug!("lease already gone at release"),
-            Err(err) => tracing::warn!(
-                error = %DisplayChain(&err),
-                lease = ?self.policy.lease(),
-                "idempotency release failed; the key stays in flight until its lease expires"
-            ),
-        }
     }
 }
 
