@@ -1443,6 +1443,30 @@ async fn acl_user_without_channel_permissions() {
     assert!(logged[0].contains("polling"), "{logged:?}");
 }
 
+/// Durations past what Redis accepts, given through the `Store` API (the layer caps its
+/// own at `MAX_TTL`): a lease and a TTL of `Duration::MAX` are cut to `MAX_TTL`, never an
+/// expiry Redis refuses after the script wrote (a completed record left under the lease's
+/// expiry, and an error for a record that was stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durations_past_redis_are_cut_to_the_longest_ttl() {
+    let store = store(&redis_url().await, &support::unique_prefix("huge")).await;
+    let s = scope();
+    let token = FencingToken::generate();
+    let huge = LeaseTerms::new(Duration::MAX).keep_lapsed(Duration::MAX);
+    let reserved = store.reserve(&s, &FP, token, huge).await.unwrap();
+    assert_eq!(reserved, Reservation::Reserved);
+    assert!(store.renew(&s, token, Duration::MAX).await.unwrap());
+    let done = store
+        .complete(&s, token, &response("paid"), Duration::MAX)
+        .await;
+    assert_eq!(done.unwrap(), Completion::Stored);
+    let life: i64 = store.client().pttl(store.key(&s)).await.unwrap();
+    let longest = i64::try_from(tower_idempotency::MAX_TTL.as_millis()).unwrap();
+    assert!(life > longest - 60_000 && life <= longest, "{life}");
+    let replay = reserve(&store, &s, FencingToken::generate()).await;
+    assert_eq!(replay, Reservation::Completed(response("paid")));
+}
+
 /// The least-privilege user the crate docs show (`lib.rs`, "ACL users") is enough for
 /// everything: the check passes, requests run and replay on a route that runs a lapsed
 /// key again and on one that refuses it (a kept lease: `TIME` in the reserve, `HDEL` in

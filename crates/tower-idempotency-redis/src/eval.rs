@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fred::interfaces::LuaInterface;
 use fred::types::Value;
+use tower_idempotency_core::policy::MAX_TTL;
 
 use crate::error::{within, RedisStoreError};
 use crate::round_trip::{Counters, Op};
@@ -48,10 +49,14 @@ pub(crate) async fn eval_on<L: LuaInterface>(
 }
 
 /// A duration for `PEXPIRE`, in milliseconds: at least 1 (`PEXPIRE 0` would delete the
-/// key at once), saturating far beyond any TTL.
+/// key at once), at most [`MAX_TTL`], the layer's own bound. Redis refuses an expiry
+/// whose end overflows its clock ("invalid expire time"), and a script stops there with
+/// what it wrote before kept: a complete given `Duration::MAX` through the `Store` API
+/// would leave its record completed under the lease's expiry, and answer an error.
 pub(crate) fn millis(duration: Duration) -> Value {
+    let max = MAX_TTL.as_millis();
     Value::Integer(
-        i64::try_from(duration.as_millis())
+        i64::try_from(duration.as_millis().min(max))
             .unwrap_or(i64::MAX)
             .max(1),
     )
@@ -84,6 +89,8 @@ mod tests {
     fn durations_become_at_least_one_millisecond() {
         assert_eq!(millis(Duration::from_secs(30)), Value::Integer(30_000));
         assert_eq!(millis(Duration::ZERO), Value::Integer(1));
-        assert_eq!(millis(Duration::MAX), Value::Integer(i64::MAX));
+        let max = i64::try_from(MAX_TTL.as_millis()).unwrap();
+        assert_eq!(millis(Duration::MAX), Value::Integer(max));
+        assert_eq!(millis(MAX_TTL), Value::Integer(max));
     }
 }
