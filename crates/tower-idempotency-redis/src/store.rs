@@ -89,6 +89,16 @@ impl<C> RedisStore<C> {
     pub fn channel(&self, scope: &ScopeHash) -> String {
         tagged(&self.prefix, "done:", scope)
     }
+
+    /// Drops this process's local replay of `scope`, for an operator's forget or resolve:
+    /// before the script, and again after it answered (or failed), because a reserve
+    /// that Redis ran just before the script may bring the old record back into the tier
+    /// while the script is under way.
+    fn forget_locally(&self, scope: &ScopeHash) {
+        if let Some(local) = &self.local {
+            local.forget(scope);
+        }
+    }
 }
 
 /// `{prefix}{infix}{<scope hex>}`, built in one allocation of the exact size: every
@@ -357,13 +367,12 @@ where
     }
 
     async fn forget(&self, scope: &ScopeHash) -> Result<bool, StoreError> {
-        if let Some(local) = &self.local {
-            local.forget(scope);
-        }
+        self.forget_locally(scope);
         let reply = self
             .eval(Op::Admin, &SCRIPTS.forget, scope, &Vec::new)
-            .await?;
-        Ok(flag(reply, "forget")?)
+            .await;
+        self.forget_locally(scope);
+        Ok(flag(reply?, "forget")?)
     }
 
     async fn resolve(
@@ -372,12 +381,11 @@ where
         record: &Record,
         ttl: Duration,
     ) -> Result<Resolved, StoreError> {
-        if let Some(local) = &self.local {
-            local.forget(scope);
-        }
+        self.forget_locally(scope);
         let args = || vec![Value::Bytes(record.encode()), millis(ttl)];
-        let reply = self.eval(Op::Admin, &SCRIPTS.resolve, scope, &args).await?;
-        match reply {
+        let reply = self.eval(Op::Admin, &SCRIPTS.resolve, scope, &args).await;
+        self.forget_locally(scope);
+        match reply? {
             Value::Integer(1) => Ok(Resolved::Stored),
             Value::Integer(0) => Ok(Resolved::Absent),
             Value::Integer(2) => Ok(Resolved::InFlight),
