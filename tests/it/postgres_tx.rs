@@ -285,6 +285,24 @@ async fn tx_a_completed_row_without_a_record_is_503() {
     assert_eq!(app.runs(), 1);
 }
 
+/// The same row under a fail-open policy: still 503, never a pass-through (SPEC section
+/// 6: only an unavailable store may let a request through; this one answered, with a
+/// row this crate never writes, and the key may be in use).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_a_completed_row_without_a_record_is_503_even_when_failing_open() {
+    let store = support::postgres::transactional_store().await;
+    let (app, router) = TxApp::new(store.clone(), |l| l.fail_open()).await;
+    let first = send(&router, request("hand-edited", "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+    let table = store.schema.table("idem");
+    store
+        .exec(&format!("UPDATE {table} SET record = NULL"))
+        .await;
+    let r = send(&router, request("hand-edited", "{}")).await;
+    assert_problem(&r, StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+    assert_eq!(app.runs(), 1, "passed through to the handler");
+}
+
 /// `idle_in_transaction_timeout(Duration::ZERO)` means what 0 means to Postgres: no
 /// limit (not "cut at once", which would fail every request).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

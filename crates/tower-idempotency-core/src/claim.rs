@@ -144,8 +144,10 @@ pub(crate) fn claim<'a, St: Store>(
                         release_in_case_it_ran(&c, token);
                     }
                     match error {
-                        // Waiting cannot make a record readable.
-                        StoreError::Decode(_) => {
+                        // Waiting cannot make a record readable, nor an answer this
+                        // version does not know a safe one; and a store that answered is
+                        // not unavailable (SPEC section 6: fail open is narrow).
+                        StoreError::Decode(_) | StoreError::Unexpected(_) => {
                             return Claim::Unavailable {
                                 error,
                                 may_pass: false,

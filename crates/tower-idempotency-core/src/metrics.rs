@@ -39,8 +39,9 @@
 //!   `release`, `subscribe`, `unsubscribe`, `wait`; Postgres `reserve`, `renew`, `complete`,
 //!   `release`, `notify`, `purge`.
 //! - `error`: `backend` (unreachable, timed out, or an error answer), `full` (a bounded
-//!   store refused a new reservation) or `decode` (a record this version cannot read, e.g.
-//!   written by a newer one during a rolling upgrade).
+//!   store refused a new reservation), `decode` (a record this version cannot read, e.g.
+//!   written by a newer one during a rolling upgrade) or `unexpected` (an answer this
+//!   version cannot act on safely: a row it never writes, a deadlock on the key).
 //! - `via`: `notification` or `poll`.
 //! - `ended`: how a wait ended: `completed` (the first request's response, replayed),
 //!   `reserved` (the first request released its key, or its lease lapsed, and this waiter
@@ -67,7 +68,7 @@
 //! | `fenced` | the handler's | the lease was lost before completion: the response went to this caller and was not stored |
 //! | `complete_failed` | the handler's | storing the response failed past `complete_retry` |
 //! | `rolled_back` | 503 `store-unavailable` | transactional Postgres: the commit of the handler's writes and the record failed, so neither happened |
-//! | `store_error` | 503 `store-unavailable` | the store was unreachable, full, or could not decode the record (fail closed) |
+//! | `store_error` | 503 `store-unavailable` | the store was unreachable, full, could not decode the record, or answered unexpectedly (fail closed) |
 //! | `fail_open` | the handler's | the store was unavailable and the policy fails open: the request ran without idempotency |
 //! | `handler_failed` | 500 `handler-failed`, or the service's error | the handler panicked or failed; the key was released |
 //! | `rejected` | 400 `idempotency-key-missing` / `-invalid`, 500 `scope-not-configured` | the key was missing (required) or malformed, or no tenant was found |
@@ -240,7 +241,7 @@ pub const ALL: &[Metric] = &[
         Kind::Counter,
         Unit::Count,
         &["store", "op", "error"],
-        "Idempotency store calls that failed, by error: backend, full or decode.",
+        "Idempotency store calls that failed, by error: backend, full, decode or unexpected.",
     ),
     metric(
         STORE_COMMANDS_TOTAL,

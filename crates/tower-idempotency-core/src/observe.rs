@@ -376,6 +376,7 @@ fn error_label(error: &StoreError) -> &'static str {
     match error {
         StoreError::Full { .. } => "full",
         StoreError::Decode(_) => "decode",
+        StoreError::Unexpected(_) => "unexpected",
         // `Backend`, and whatever a later version adds.
         _ => "backend",
     }

@@ -230,6 +230,13 @@ pub enum StoreError {
     /// A stored record could not be decoded.
     #[error("stored record could not be decoded")]
     Decode(#[from] DecodeError),
+    /// The store answered, but with something this version cannot act on safely: a row
+    /// or reply it never writes (a table edited by hand, another writer), or a conflict
+    /// with other transactions on the key (a deadlock, the row changing under every
+    /// retry). Like [`Decode`](StoreError::Decode), never a pass-through under a fail-open
+    /// policy: the key may be in use. The layer answers 503.
+    #[error("store answered unexpectedly")]
+    Unexpected(#[source] Box<dyn StdError + Send + Sync>),
     /// The store does not offer this operation (an operator's
     /// [`inspect`](Store::inspect), [`forget`](Store::forget) or
     /// [`resolve`](Store::resolve) on a store that does not implement them).

@@ -7,9 +7,12 @@ use tower_idempotency_core::{DecodeError, StoreError};
 /// An error from [`PostgresStore`](crate::PostgresStore).
 ///
 /// When it crosses the [`Store`](tower_idempotency_core::Store) trait, a record that
-/// cannot be decoded becomes [`StoreError::Decode`] (the layer answers 503 and never
-/// passes the request through), everything else [`StoreError::Backend`] (503
-/// `store-unavailable`, or a pass-through under a fail-open policy on the first reserve).
+/// cannot be decoded becomes [`StoreError::Decode`], a row this crate never writes or a
+/// conflict with other transactions on the key (SQLSTATE class 40: a deadlock, a
+/// serialization failure) [`StoreError::Unexpected`] (for both the layer answers 503 and
+/// never passes the request through: the key may be in use), everything else
+/// [`StoreError::Backend`] (503 `store-unavailable`, or a pass-through under a fail-open
+/// policy on the first reserve).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PostgresStoreError {
@@ -58,6 +61,10 @@ impl From<PostgresStoreError> for StoreError {
     fn from(err: PostgresStoreError) -> Self {
         match err {
             PostgresStoreError::Decode(err) => StoreError::Decode(err),
+            err @ PostgresStoreError::UnexpectedRow(_) => StoreError::Unexpected(Box::new(err)),
+            err if err.sqlstate().is_some_and(|code| code.starts_with("40")) => {
+                StoreError::Unexpected(Box::new(err))
+            }
             other => StoreError::backend(other),
         }
     }
@@ -114,5 +121,7 @@ mod tests {
         assert!(matches!(err, StoreError::Decode(_)), "{err:?}");
         let err: StoreError = PostgresStoreError::Timeout(Duration::from_secs(1)).into();
         assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+        let err: StoreError = PostgresStoreError::UnexpectedRow("state x".into()).into();
+        assert!(matches!(err, StoreError::Unexpected(_)), "{err:?}");
     }
 }

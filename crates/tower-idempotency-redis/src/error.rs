@@ -6,9 +6,10 @@ use tower_idempotency_core::StoreError;
 
 /// An error from [`RedisStore`](crate::RedisStore).
 ///
-/// Every variant becomes [`StoreError::Backend`] when it crosses the
-/// [`Store`](tower_idempotency_core::Store) trait, so the layer answers 503
-/// `store-unavailable` (or passes through under a fail-open policy).
+/// When it crosses the [`Store`](tower_idempotency_core::Store) trait, an unexpected reply
+/// becomes [`StoreError::Unexpected`] (503, never a pass-through), every other variant
+/// [`StoreError::Backend`] (503 `store-unavailable`, or a pass-through under a fail-open
+/// policy on the first reserve).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RedisStoreError {
@@ -31,7 +32,10 @@ pub enum RedisStoreError {
 
 impl From<RedisStoreError> for StoreError {
     fn from(err: RedisStoreError) -> Self {
-        StoreError::backend(err)
+        match err {
+            err @ RedisStoreError::UnexpectedReply(_) => StoreError::Unexpected(Box::new(err)),
+            err => StoreError::backend(err),
+        }
     }
 }
 
@@ -53,3 +57,16 @@ where
 /// Displays an error with its sources, `a: b: c`, for log fields and report lines: the
 /// core's, so the layer's logs and the store's read alike.
 pub(crate) use tower_idempotency_core::DisplayChain;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unexpected_reply_is_never_a_pass_through() {
+        let err: StoreError = RedisStoreError::UnexpectedReply("reserve answered 7".into()).into();
+        assert!(matches!(err, StoreError::Unexpected(_)), "{err:?}");
+        let err: StoreError = RedisStoreError::Timeout(Duration::from_secs(1)).into();
+        assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+    }
+}
