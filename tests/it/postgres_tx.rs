@@ -285,6 +285,44 @@ async fn tx_a_completed_row_without_a_record_is_503() {
     assert_eq!(app.runs(), 1);
 }
 
+/// A renewal that comes due while the owner commits (the transaction is out of its slot,
+/// in the `COMMIT`) answers that the owner holds the scope: a slow commit (here a
+/// deferred constraint trigger that sleeps) is not a lost lease, so no `error!` and no
+/// `idempotency_lease_lost_total` for a record that commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tx_a_renewal_during_a_slow_commit_is_not_a_lost_lease() {
+    let store = support::postgres::transactional_store().await;
+    let (schema, table) = (&store.schema.name, store.schema.table("idem"));
+    store
+        .exec(&format!(
+            "CREATE FUNCTION {schema}.slow() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN PERFORM pg_sleep(0.4); RETURN NULL; END $$; \
+             CREATE CONSTRAINT TRIGGER slow AFTER INSERT OR UPDATE ON {table} \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {schema}.slow()"
+        ))
+        .await;
+    let (s, token) = (scope("/slow-commit"), FencingToken::generate());
+    let reserved = store.reserve(&s, &FP, token, LEASE.into()).await.unwrap();
+    assert_eq!(reserved, Reservation::Reserved);
+    let completing = {
+        let (store, s) = (store.clone(), s);
+        tokio::spawn(async move {
+            let record = Record::NotReplayable;
+            store.complete(&s, token, &record, LEASE).await
+        })
+    };
+    // The commit runs the trigger twice (the reserve's insert, the record's update).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!completing.is_finished(), "the commit was not slow");
+    let renewed = store.renew(&s, token, LEASE).await.unwrap();
+    assert!(renewed, "a renewal during the commit reported a lost lease");
+    assert_eq!(completing.await.unwrap().unwrap(), Completion::Stored);
+    assert!(
+        !store.renew(&s, token, LEASE).await.unwrap(),
+        "after it, the slot is gone"
+    );
+}
+
 /// The same row under a fail-open policy: still 503, never a pass-through (SPEC section
 /// 6: only an unavailable store may let a request through; this one answered, with a
 /// row this crate never writes, and the key may be in use).

@@ -1129,7 +1129,11 @@ impl PostgresStore {
             return within(self.timeout, query.fetch_one(&self.pool)).await;
         };
         let Some(tx) = guard.as_mut() else {
-            return Ok(false); // committed or rolled back meanwhile
+            // Taken by the owner's complete or release, which unregisters the slot only
+            // once its `COMMIT` or `ROLLBACK` is over: until then the transaction still
+            // holds the row, and a renewal that came due meanwhile (a slow commit) must
+            // not report a lost lease.
+            return Ok(true);
         };
         match within(
             self.timeout,
