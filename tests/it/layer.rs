@@ -518,6 +518,31 @@ fn max_stored_response_beyond_the_record_encoding_panics() {
         post(|| async {}).layer(layer().max_stored_response(usize::MAX));
 }
 
+/// A short lease (150 ms, renewed every 50 ms) survives one failed renewal: the retry
+/// comes within the interval, not after the 100 ms floor longer leases use, which would
+/// land after the lease had lapsed. The handler (600 ms) runs once and its answer is
+/// stored.
+#[tokio::test(start_paused = true)]
+async fn a_short_lease_survives_one_failed_renewal() {
+    use common::app::{delayed, post as post_json, Harness};
+    use common::faults::{Fault, Faults, Op};
+    use std::time::Duration;
+    let store = Faults::new(MemoryStore::default())
+        .fail(Op::Renew, |n, _| (n == 0).then_some(Fault::Backend));
+    let h = Harness::new(
+        IdempotencyLayer::new(store.clone())
+            .global_scope()
+            .lease(Duration::from_millis(150)),
+    );
+    let req = || delayed(post_json("/pay", Some("k"), "{}"), 600);
+    let first = send(&h.router, req()).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(store.calls(Op::Renew) > 10, "{}", store.calls(Op::Renew));
+    let retry = send(&h.router, req()).await;
+    assert!(retry.replayed(), "the lease lapsed: {retry:?}");
+    assert_eq!(h.runs(), 1);
+}
+
 /// A release the store fails is retried (with back-off, the lease renewed meanwhile)
 /// before the response goes: the corrected retry sent right after a 400 runs, even on a
 /// route that keeps lapsed leases, where a release left to the lease would have made the

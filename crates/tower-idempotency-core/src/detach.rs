@@ -161,9 +161,16 @@ impl<T: 'static> DetachOnDrop<T> {
 
 /// Spawns the rest of `work` as tracked detached work. The output has no one to go to;
 /// the work's effects (the handler's run, the stored record, the released key) are what
-/// must happen.
+/// must happen. A panic that escapes it is logged: no caller is left to get a 500.
 fn detach<T: 'static>(detached: &DetachedWork, work: Work<T>) {
-    detached.spawn(AssertUnwindSafe(work).catch_unwind().map(drop));
+    detached.spawn(AssertUnwindSafe(work).catch_unwind().map(|done| {
+        if let Err(panic) = done {
+            tracing::error!(
+                panic = crate::owner::panic_message(&*panic),
+                "detached idempotency work panicked"
+            );
+        }
+    }));
 }
 
 impl<T> Future for DetachOnDrop<T> {

@@ -22,7 +22,8 @@ use crate::record::Record;
 use crate::store::{Completion, Store};
 use crate::token::FencingToken;
 
-/// First retry of a failed renewal; doubled per failure up to half the interval.
+/// First retry of a failed renewal (or half the interval, if that is shorter); doubled
+/// per failure up to half the interval.
 const RENEW_RETRY_MIN: Duration = Duration::from_millis(100);
 /// Back-off between attempts to store a completed record while the store is down.
 const COMPLETE_RETRY_MIN: Duration = Duration::from_millis(50);
@@ -92,7 +93,10 @@ impl<'a, St: Store> Lease<'a, St> {
             return;
         };
         let lease = self.policy.lease();
-        let mut retry = RENEW_RETRY_MIN;
+        // A lease of a few hundred ms renews every few dozen: its first retry must come
+        // within the interval too, or one failed renewal would lose it.
+        let first_retry = RENEW_RETRY_MIN.min(every / 2).max(Duration::from_millis(1));
+        let mut retry = first_retry;
         while let Some(due) = self.due {
             // Boxed, as the retry's sleep in `complete`: a timer is 112 bytes, and this
             // future sits inside the owner's (see `HoldWhile`).
@@ -105,7 +109,7 @@ impl<'a, St: Store> Lease<'a, St> {
                 Ok(true) => {
                     // The store extended the lease to (at least) `sent + lease`.
                     self.due = Some(sent + every);
-                    retry = RENEW_RETRY_MIN;
+                    retry = first_retry;
                 }
                 Ok(false) => {
                     tracing::error!(
@@ -120,7 +124,7 @@ impl<'a, St: Store> Lease<'a, St> {
                     // plus the lease, and the store itself answers `false` once it is gone.
                     tracing::warn!(error = %DisplayChain(&err), retry_in = ?retry, "idempotency lease renewal failed; retrying");
                     self.due = Some(Instant::now() + retry);
-                    retry = (retry * 2).min((every / 2).max(RENEW_RETRY_MIN));
+                    retry = (retry * 2).min((every / 2).max(first_retry));
                 }
             }
         }
