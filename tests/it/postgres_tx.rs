@@ -800,12 +800,7 @@ async fn tx_a_lock_wait_in_the_prepare_does_not_count_the_session_as_prepared() 
         .lock_timeout(Duration::from_millis(100))
         .command_timeout(Duration::from_secs(1));
     let admin = support::postgres::pool(1).await;
-    let mut ddl = admin.begin().await.unwrap();
-    let lock = format!("LOCK TABLE {} IN SHARE MODE", schema.table("idem"));
-    sqlx::raw_sql(AssertSqlSafe(lock))
-        .execute(&mut *ddl)
-        .await
-        .unwrap();
+    let ddl = share_lock(&admin, &schema).await;
     let locked = scope("/locked");
     let answer = store.reserve(&locked, &FP, FencingToken::generate(), LEASE.into());
     assert!(answer.await.is_err(), "reserved past a table lock");
@@ -834,6 +829,21 @@ async fn tx_a_lock_wait_in_the_prepare_does_not_count_the_session_as_prepared() 
     pool.close().await;
 }
 
+/// A transaction on `admin` holding the table `idem` of `schema` in SHARE mode: reads go
+/// on, a reserve's `INSERT` waits.
+async fn share_lock(
+    admin: &sqlx::PgPool,
+    schema: &TestSchema,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut ddl = admin.begin().await.unwrap();
+    let lock = format!("LOCK TABLE {} IN SHARE MODE", schema.table("idem"));
+    sqlx::raw_sql(AssertSqlSafe(lock))
+        .execute(&mut *ddl)
+        .await
+        .unwrap();
+    ddl
+}
+
 /// A reserve whose caller stops waiting while its batch waits in the server (a waiter's
 /// deadline, any `timeout` around the store) does not give its connection back to the
 /// pool: the batch goes on once the lock goes, and would leave that session inside its
@@ -851,12 +861,7 @@ async fn tx_a_reserve_dropped_mid_batch_leaves_no_transaction_in_the_pool() {
         .lock_timeout(Duration::from_secs(5))
         .command_timeout(Duration::from_secs(10));
     let admin = support::postgres::pool(1).await;
-    let mut ddl = admin.begin().await.unwrap();
-    let lock = format!("LOCK TABLE {} IN SHARE MODE", schema.table("idem"));
-    sqlx::raw_sql(AssertSqlSafe(lock))
-        .execute(&mut *ddl)
-        .await
-        .unwrap();
+    let mut ddl = share_lock(&admin, &schema).await;
     let s = scope("/cut");
     let reserve = store.reserve(&s, &FP, FencingToken::generate(), LEASE.into());
     let cut = tokio::time::timeout(Duration::from_millis(500), reserve).await;
