@@ -140,7 +140,9 @@ pub(crate) fn claim<'a, St: Store>(
                 Ok(Reservation::Uncertain) => return Claim::Uncertain,
                 Ok(Reservation::InFlight) => None,
                 Err(error) => {
-                    if matches!(error, StoreError::Backend(_)) {
+                    // An unexpected answer may be a reserve that ran and whose reply was
+                    // rewritten on the way (a proxy): released too, fenced by the token.
+                    if matches!(error, StoreError::Backend(_) | StoreError::Unexpected(_)) {
                         release_in_case_it_ran(&c, token);
                     }
                     match error {
@@ -227,8 +229,9 @@ fn give_up(error: Option<StoreError>) -> Claim {
 }
 
 /// A reserve that failed with a backend error may have run in the store (its reply was
-/// lost, or it timed out here after it was sent): release `token`'s lease, if it took
-/// one, as tracked detached work. Fenced, so it never touches anyone else's lease.
+/// lost, or it timed out here after it was sent), and so may one answered unexpectedly:
+/// release `token`'s lease, if it took one, as tracked detached work. Fenced, so it never
+/// touches anyone else's lease.
 fn release_in_case_it_ran<St: Store>(c: &Claimant<'_, St>, token: FencingToken) {
     let (store, scope, observer) = (c.store.clone(), *c.scope, c.observer.clone());
     c.detached.spawn(async move {
