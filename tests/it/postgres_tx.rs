@@ -800,7 +800,7 @@ async fn tx_a_lock_wait_in_the_prepare_does_not_count_the_session_as_prepared() 
         .lock_timeout(Duration::from_millis(100))
         .command_timeout(Duration::from_secs(1));
     let admin = support::postgres::pool(1).await;
-    let ddl = share_lock(&admin, &schema).await;
+    let ddl = schema.lock_table(&admin, "idem").await;
     let locked = scope("/locked");
     let answer = store.reserve(&locked, &FP, FencingToken::generate(), LEASE.into());
     assert!(answer.await.is_err(), "reserved past a table lock");
@@ -829,21 +829,6 @@ async fn tx_a_lock_wait_in_the_prepare_does_not_count_the_session_as_prepared() 
     pool.close().await;
 }
 
-/// A transaction on `admin` holding the table `idem` of `schema` in SHARE mode: reads go
-/// on, a reserve's `INSERT` waits.
-async fn share_lock(
-    admin: &sqlx::PgPool,
-    schema: &TestSchema,
-) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut ddl = admin.begin().await.unwrap();
-    let lock = format!("LOCK TABLE {} IN SHARE MODE", schema.table("idem"));
-    sqlx::raw_sql(AssertSqlSafe(lock))
-        .execute(&mut *ddl)
-        .await
-        .unwrap();
-    ddl
-}
-
 /// A reserve whose caller stops waiting while its batch waits in the server (a waiter's
 /// deadline, any `timeout` around the store) does not give its connection back to the
 /// pool: the batch goes on once the lock goes, and would leave that session inside its
@@ -861,19 +846,12 @@ async fn tx_a_reserve_dropped_mid_batch_leaves_no_transaction_in_the_pool() {
         .lock_timeout(Duration::from_secs(5))
         .command_timeout(Duration::from_secs(10));
     let admin = support::postgres::pool(1).await;
-    let mut ddl = share_lock(&admin, &schema).await;
+    let mut ddl = schema.lock_table(&admin, "idem").await;
     let s = scope("/cut");
     let reserve = store.reserve(&s, &FP, FencingToken::generate(), LEASE.into());
     let cut = tokio::time::timeout(Duration::from_millis(500), reserve).await;
     assert!(cut.is_err(), "answered while the table was locked: {cut:?}");
-    let waiters = format!(
-        "SELECT count(*) FROM pg_locks WHERE relation = '{}'::regclass AND NOT granted",
-        schema.table("idem")
-    );
-    let waiting: i64 = sqlx::query_scalar(AssertSqlSafe(waiters))
-        .fetch_one(&mut *ddl)
-        .await
-        .unwrap();
+    let waiting = schema.lock_waiters(&mut ddl, "idem").await;
     assert_eq!(waiting, 1, "the cut batch waits in the server");
     ddl.rollback().await.unwrap();
     let xid: Option<String> = sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned()::text")

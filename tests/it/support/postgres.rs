@@ -123,6 +123,34 @@ impl TestSchema {
     pub fn table(&self, table: &str) -> String {
         format!("{}.{table}", self.name)
     }
+
+    /// A transaction on `pool` holding `table` of this schema in SHARE mode: reads go on,
+    /// a reserve's `INSERT` waits.
+    pub async fn lock_table(
+        &self,
+        pool: &PgPool,
+        table: &str,
+    ) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut tx = pool.begin().await.expect("begin");
+        let sql = format!("LOCK TABLE {} IN SHARE MODE", self.table(table));
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(&mut *tx)
+            .await
+            .expect("LOCK TABLE");
+        tx
+    }
+
+    /// How many lock requests on `table` of this schema wait now, asked on `conn`.
+    pub async fn lock_waiters(&self, conn: &mut PgConnection, table: &str) -> i64 {
+        let sql = format!(
+            "SELECT count(*) FROM pg_locks WHERE relation = '{}'::regclass AND NOT granted",
+            self.table(table)
+        );
+        sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_one(conn)
+            .await
+            .expect("pg_locks")
+    }
 }
 
 impl Drop for TestSchema {
@@ -211,25 +239,12 @@ impl TestStore {
     /// A transaction on the store's pool that holds `table` of the test schema `IN SHARE
     /// MODE` (as DDL or `LOCK TABLE` would: every insert waits), until it ends.
     pub async fn lock_table(&self, table: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
-        let mut tx = self.store.pool().begin().await.expect("begin");
-        let sql = format!("LOCK TABLE {} IN SHARE MODE", self.schema.table(table));
-        sqlx::raw_sql(AssertSqlSafe(sql))
-            .execute(&mut *tx)
-            .await
-            .expect("LOCK TABLE");
-        tx
+        self.schema.lock_table(self.store.pool(), table).await
     }
 
     /// How many lock requests on `table` of the test schema wait now, asked on `conn`.
     pub async fn lock_waiters(&self, conn: &mut PgConnection, table: &str) -> i64 {
-        let sql = format!(
-            "SELECT count(*) FROM pg_locks WHERE relation = '{}'::regclass AND NOT granted",
-            self.schema.table(table)
-        );
-        sqlx::query_scalar(AssertSqlSafe(sql))
-            .fetch_one(conn)
-            .await
-            .expect("pg_locks")
+        self.schema.lock_waiters(conn, table).await
     }
 }
 
